@@ -1,0 +1,55 @@
+"""Multi-label tag head: one independent binary decision per label."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from waterdrop.model.head import Head, check_range, pooled
+from waterdrop.registry import register_head
+
+
+@register_head
+class MultiLabelHead(Head):
+    """Per-label sigmoid outputs with binary cross-entropy.
+
+    A label listed under ``missing`` in a manifest line is unknown for that image: it is
+    masked out of the loss instead of being taken as a negative.
+
+    Args:
+        dropout: dropout before the classifier, in [0, 1).
+    """
+
+    kind = "multilabel"
+
+    def __init__(self, in_channels, labels, negative_label, *, dropout: float = 0.0):
+        super().__init__(in_channels, labels, negative_label)
+        self.dropout = nn.Dropout(check_range("dropout", dropout, 0.0, 0.99))
+        self.fc = nn.Linear(in_channels[-1], len(labels))
+
+    def forward(self, feats):
+        return {"logits": self.fc(self.dropout(pooled(feats[-1])))}
+
+    def loss(self, outputs, target):
+        known = (target >= 0).float()
+        per_label = F.binary_cross_entropy_with_logits(outputs["logits"], target.clamp(min=0), reduction="none")
+        return {"loss_cls": (per_label * known).sum() / known.sum().clamp(min=1)}
+
+    def predict(self, outputs):
+        return {"prob": torch.sigmoid(outputs["logits"])}
+
+    def encode_target(self, names, missing):
+        self._check_known(names, self.labels)
+        self._check_known(missing, self.labels)
+        both = sorted(set(names) & set(missing))
+        if both:
+            raise ValueError(f"labels {both} are listed both as present and as missing")
+        target = np.zeros(len(self.labels), dtype=np.float32)
+        target[[self.labels.index(n) for n in names]] = 1
+        target[[self.labels.index(n) for n in missing]] = -1
+        return target
+
+    def score_and_truth(self, predictions, target):
+        return predictions["prob"], target.astype(np.int64)

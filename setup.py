@@ -1,0 +1,47 @@
+"""Install waterdrop and its head plugins.
+
+The folder ``heads/`` is installed as the sub-package ``waterdrop.heads`` so that no
+generic top-level name such as ``heads`` is claimed in site-packages.
+"""
+
+from setuptools import setup
+
+TORCH_STACK = [
+    # A matching pair: torch 2.13 from a CPU-only wheel breaks torchvision (and so timm).
+    "torch==2.14.0",
+    "torchvision==0.29.0",
+    "timm==1.0.31",
+    "mmengine==0.10.7",
+    "onnx==1.23.2",
+    "onnxscript==0.7.2",
+    "matplotlib>=3.8",
+    "tensorboard>=2.15",
+]
+
+RUNTIME = [
+    "numpy>=1.26,<2.6",
+    "pyyaml>=6.0",
+    # mmengine requires opencv-python; a second (headless) build would share its cv2/ folder.
+    "opencv-python==5.0.0.93",
+    # The GPU build runs the CPU provider where no GPU is present; never install both.
+    "onnxruntime-gpu==1.31.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    "onnxruntime==1.31.1; platform_system != 'Linux' or platform_machine != 'x86_64'",
+]
+
+setup(
+    name="waterdrop",
+    version="0.1.0",
+    description="Multi-task image-quality and content-moderation models: one trunk, many tasks, one ONNX file.",
+    python_requires=">=3.10",
+    packages=[
+        "waterdrop",
+        "waterdrop.model",
+        "waterdrop.data",
+        "waterdrop.engine",
+        "waterdrop.evaluation",
+        "waterdrop.heads",
+    ],
+    package_dir={"waterdrop.heads": "heads"},
+    install_requires=RUNTIME + TORCH_STACK,
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+)

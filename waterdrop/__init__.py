@@ -1,0 +1,7 @@
+"""waterdrop: many image-quality and moderation tasks on one shared model, shipped as one ONNX file.
+
+Importing this package loads no torch: ``waterdrop.runtime`` serves exported models with
+onnxruntime, numpy and OpenCV alone. Training code lives in the sub-packages.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,352 @@
+"""Load ``registry.yaml`` and ``tasks/*.yaml`` into validated config objects.
+
+Every error names the file, the key, the value found and what was expected. Unknown keys
+are errors too: a typo such as ``loss_wieght`` must not silently fall back to a default.
+Relative data paths are resolved against the folder of ``registry.yaml``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_REQUIRED = object()
+
+CBAM_MODES = ("none", "blocks", "stages")
+SAMPLING_POLICIES = ("size", "uniform", "weights")
+OPTIMIZERS = ("AdamW", "SGD")
+TARGET_METRICS = ("recall", "precision")
+
+
+class ConfigError(ValueError):
+    """A config file holds a bad or missing value."""
+
+    def __init__(self, file: str | Path, key: str, problem: str):
+        self.file, self.key = str(file), key
+        super().__init__(f"{file}: key '{key}': {problem}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str
+    pretrained: Path | None
+    cbam: str
+    task_bn_stages: list[int]
+    input_size: int
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    num_workers: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    warmup_epochs: float
+    amp: str
+    sampling_policy: str
+    sampling_weights: dict[str, float]
+    seed: int
+    log_interval: int
+
+
+@dataclass
+class DeployConfig:
+    prevalence: float | None
+    target_metric: str
+    target_value: float
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: tuple[float, float]
+    hflip: bool
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    file: Path
+    head_type: str
+    head_args: dict[str, Any]
+    labels: list[str]
+    negative_label: str
+    train: Path
+    val: Path
+    unlabeled: Path | None
+    sampler: str
+    loss_weight: float
+    deploy: DeployConfig
+    augment: AugmentConfig
+
+
+@dataclass
+class RegistryConfig:
+    file: Path
+    root: Path
+    demo_data: Path | None
+    model: ModelConfig
+    train: TrainConfig
+    tasks: list[TaskConfig] = field(default_factory=list)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+class _Section:
+    """One mapping of a YAML file, read key by key with type checks."""
+
+    def __init__(self, data: Any, file: Path, prefix: str = ""):
+        if not isinstance(data, dict):
+            raise ConfigError(file, prefix or "(top level)", f"got {_describe(data)}; expected a mapping")
+        self.data, self.file, self.prefix = data, file, prefix
+        self._read: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(self.file, self.path(key), f"got {_describe(value)}; expected {expected}")
+
+    def raw(self, key: str, default: Any = _REQUIRED) -> Any:
+        self._read.add(key)
+        if key not in self.data or self.data[key] is None and default is not _REQUIRED:
+            if default is _REQUIRED:
+                raise ConfigError(self.file, self.path(key), "missing (required)")
+            return default
+        return self.data[key]
+
+    def string(self, key: str, default: Any = _REQUIRED, choices: tuple[str, ...] = ()) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not _REQUIRED:
+            return value
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, value, "a non-empty string")
+        if choices and value not in choices:
+            raise self.fail(key, value, "one of " + ", ".join(choices))
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED, kind: type = float, low: float | None = None,
+               high: float | None = None, low_open: bool = False) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not _REQUIRED:
+            return value
+        ok_types = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_types):
+            raise self.fail(key, value, "an integer" if kind is int else "a number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"<= {high}"
+            raise self.fail(key, value, "a number " + " and ".join(p for p in (lo, hi) if p))
+        return kind(value)
+
+    def boolean(self, key: str, default: Any = _REQUIRED) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, value, "true or false")
+        return value
+
+    def section(self, key: str, required: bool = False) -> _Section:
+        return _Section(self.raw(key, _REQUIRED if required else {}), self.file, self.path(key))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self._read)
+        if unknown:
+            raise ConfigError(self.file, self.path(unknown[0]),
+                              "unknown key; allowed here: " + ", ".join(sorted(self._read)))
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse one YAML file safely; a missing file or bad syntax names the file."""
+    if not path.is_file():
+        raise ConfigError(path, "(file)", "file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(path, "(syntax)", f"not valid YAML: {err}") from err
+
+
+def _resolve(root: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _load_model(sec: _Section, root: Path) -> ModelConfig:
+    stages = sec.raw("task_bn_stages", [-1])
+    if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
+        raise sec.fail("task_bn_stages", stages, "a list of feature-level indices such as [-1]")
+    mean, std = sec.raw("mean", [0.485, 0.456, 0.406]), sec.raw("std", [0.229, 0.224, 0.225])
+    for key, value in (("mean", mean), ("std", std)):
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in value)):
+            raise sec.fail(key, value, "three RGB numbers in 0..1")
+    if any(s == 0 for s in std):
+        raise sec.fail("std", std, "non-zero values")
+    pretrained = sec.string("pretrained", None)
+    if pretrained is not None:
+        pretrained = _resolve(root, pretrained)
+        if not pretrained.is_file():
+            raise sec.fail("pretrained", str(pretrained), "an existing local weights file (nothing is downloaded)")
+    model = ModelConfig(
+        backbone=sec.string("backbone"),
+        pretrained=pretrained,
+        cbam=sec.string("cbam", "none", CBAM_MODES),
+        task_bn_stages=stages,
+        input_size=sec.number("input_size", 224, int, low=32),
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+    )
+    sec.finish()
+    return model
+
+
+def _load_train(sec: _Section) -> TrainConfig:
+    opt = sec.section("optimizer")
+    sampling = sec.section("task_sampling")
+    weights = sampling.raw("weights", {})
+    if not isinstance(weights, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in weights.values()):
+        raise sampling.fail("weights", weights, "a mapping of task name to a weight >= 0")
+    amp = sec.raw("amp", "auto")
+    if amp not in ("auto", True, False):
+        raise sec.fail("amp", amp, "auto, true or false")
+    train = TrainConfig(
+        epochs=sec.number("epochs", 10, int, low=1),
+        batch_size=sec.number("batch_size", 32, int, low=1),
+        num_workers=sec.number("num_workers", 2, int, low=0),
+        optimizer=opt.string("type", "AdamW", OPTIMIZERS),
+        lr=opt.number("lr", 1e-3, low=0, low_open=True),
+        weight_decay=opt.number("weight_decay", 0.05, low=0),
+        momentum=opt.number("momentum", 0.9, low=0, high=1),
+        warmup_epochs=sec.number("warmup_epochs", 1, low=0),
+        amp={True: "on", False: "off"}.get(amp, "auto"),
+        sampling_policy=sampling.string("policy", "size", SAMPLING_POLICIES),
+        sampling_weights={str(k): float(v) for k, v in weights.items()},
+        seed=sec.number("seed", 0, int, low=0),
+        log_interval=sec.number("log_interval", 10, int, low=1),
+    )
+    for s in (opt, sampling, sec):
+        s.finish()
+    return train
+
+
+def _load_labels(sec: _Section, task_dir: Path) -> list[str]:
+    value = sec.raw("labels")
+    if isinstance(value, str):
+        label_file = _resolve(task_dir, value)
+        if not label_file.is_file():
+            raise sec.fail("labels", value, "a list of label names or an existing .txt file, one label a line")
+        value = [ln.strip() for ln in label_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise sec.fail("labels", value, "a non-empty list of label names")
+    duplicates = sorted({v for v in value if value.count(v) > 1})
+    if duplicates:
+        raise sec.fail("labels", duplicates, "unique label names")
+    return value
+
+
+def _load_deploy(sec: _Section) -> DeployConfig:
+    target = sec.section("target")
+    metrics = [m for m in TARGET_METRICS if m in target.data]
+    if len(metrics) != 1 or len(target.data) != 1:
+        raise target.fail("(keys)", sorted(target.data), "exactly one of: recall, precision (e.g. {recall: 0.95})")
+    deploy = DeployConfig(
+        prevalence=sec.number("prevalence", None, low=0, high=1, low_open=True),
+        target_metric=metrics[0],
+        target_value=target.number(metrics[0], low=0, high=1, low_open=True),
+    )
+    sec.finish()
+    return deploy
+
+
+def _check_head(sec: _Section, head_type: str, args: dict[str, Any]) -> None:
+    from waterdrop.registry import registered_heads
+
+    heads = registered_heads()
+    if head_type not in heads:
+        raise sec.fail("type", head_type, "a registered head: " + ", ".join(sorted(heads)))
+    accepted = heads[head_type].config_args()
+    for key in args:
+        if key not in accepted:
+            raise ConfigError(sec.file, sec.path(key), f"unknown argument of {head_type}; it accepts: "
+                              + (", ".join(accepted) or "no arguments"))
+
+
+def load_task(path: Path, root: Path) -> TaskConfig:
+    """Read one task YAML; data paths are resolved against ``root``."""
+    sec = _Section(read_yaml(path), path)
+    head = sec.section("head", required=True)
+    head_type = head.string("type")
+    head_args = {k: v for k, v in head.data.items() if k != "type"}
+    _check_head(head, head_type, head_args)
+    data = sec.section("data", required=True)
+    unlabeled = data.string("unlabeled", None)
+    augment = sec.section("augment")
+    scale = augment.raw("crop_scale", [0.6, 1.0])
+    if (not isinstance(scale, list) or len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale)
+            or not 0 < scale[0] <= scale[1] <= 1):
+        raise augment.fail("crop_scale", scale, "[min, max] area fractions with 0 < min <= max <= 1")
+    task = TaskConfig(
+        name=sec.string("name"),
+        file=path,
+        head_type=head_type,
+        head_args=head_args,
+        labels=_load_labels(sec, path.parent),
+        negative_label=sec.string("negative_label", "normal"),
+        train=_resolve(root, data.string("train")),
+        val=_resolve(root, data.string("val")),
+        unlabeled=_resolve(root, unlabeled) if unlabeled else None,
+        sampler=sec.string("sampler", "plain", ("plain",)),
+        loss_weight=sec.number("loss_weight", 1.0, low=0),
+        deploy=_load_deploy(sec.section("deploy")),
+        augment=AugmentConfig(crop_scale=(float(scale[0]), float(scale[1])),
+                              hflip=augment.boolean("hflip", True)),
+    )
+    if not task.name.replace("_", "").isalnum():
+        raise sec.fail("name", task.name, "letters, digits and underscores (it names ONNX outputs)")
+    if task.negative_label in task.labels:
+        raise sec.fail("negative_label", task.negative_label, "a name that is not also in labels")
+    for s in (augment, data, sec):
+        s.finish()
+    return task
+
+
+def load_registry(path: str | Path) -> RegistryConfig:
+    """Read ``registry.yaml`` and every task file it lists."""
+    path = Path(path).resolve()
+    root = path.parent
+    sec = _Section(read_yaml(path), path)
+    demo = sec.string("demo_data", None)
+    model = _load_model(sec.section("model", required=True), root)
+    train = _load_train(sec.section("train"))
+    task_files = sec.raw("tasks")
+    if not isinstance(task_files, list) or not task_files or not all(isinstance(t, str) for t in task_files):
+        raise sec.fail("tasks", task_files, "a non-empty list of task YAML paths")
+    sec.finish()
+    tasks = [load_task(_resolve(root, t), root) for t in task_files]
+    names = [t.name for t in tasks]
+    for task in tasks:
+        if names.count(task.name) > 1:
+            raise ConfigError(task.file, "name", f"task name '{task.name}' is used by more than one task file")
+    for name in train.sampling_weights:
+        if name not in names:
+            raise ConfigError(path, "train.task_sampling.weights", f"unknown task '{name}'; tasks: {', '.join(names)}")
+    if train.sampling_policy == "weights" and not any(train.sampling_weights.get(n, 0) > 0 for n in names):
+        raise ConfigError(path, "train.task_sampling.weights", "policy 'weights' needs a weight > 0 for some task")
+    return RegistryConfig(file=path, root=root, demo_data=_resolve(root, demo) if demo else None,
+                          model=model, train=train, tasks=tasks)

@@ -1,0 +1,1 @@
+"""Training on mmengine: model wrapper, metric, hooks, runner assembly, checkpoints."""

@@ -1,0 +1,105 @@
+"""The run's own bookkeeping: readable progress, skipped images, results.csv, summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from mmengine.hooks import Hook
+
+from waterdrop import __version__
+
+
+def _memory() -> str:
+    if torch.cuda.is_available():
+        return f"gpu {torch.cuda.max_memory_allocated() / 2**30:.2f}G"
+    return f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}G"
+
+
+class WaterdropHook(Hook):
+    """Prints a progress line every ``log_interval`` iterations (epoch, each loss term,
+    learning rate, images/s, memory), counts undecodable images per epoch, writes
+    ``results.csv`` (one row per epoch) and ``summary.json``, and records the registry
+    in every checkpoint so eval and export can rebuild the model from it alone."""
+
+    priority = "NORMAL"
+
+    def __init__(self, registry_file: Path, task_names: list[str], log_interval: int, printer=print):
+        self.registry_file, self.task_names = str(registry_file), task_names
+        self.log_interval, self.print = log_interval, printer
+        self.skipped: dict[str, set[str]] = defaultdict(set)
+        self.rows: list[dict] = []
+
+    def before_train(self, runner) -> None:
+        # On resume, keep the rows of the epochs already done.
+        results = Path(runner.work_dir) / "results.csv"
+        if runner.epoch > 0 and results.is_file():
+            with open(results, newline="") as f:
+                self.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= runner.epoch]
+
+    def before_train_epoch(self, runner) -> None:
+        self._epoch_skipped = 0
+        self._sums, self._counts = defaultdict(float), defaultdict(int)
+        self._start, self._images = time.perf_counter(), 0
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        for task, path in data_batch.get("skipped", []):
+            self._epoch_skipped += 1
+            self.skipped[task].add(path)
+        self._images += len(data_batch["inputs"])
+        for key, value in (outputs or {}).items():
+            self._sums[key] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            self._counts[key] += 1
+        iters = len(runner.train_dataloader)
+        if (batch_idx + 1) % self.log_interval == 0 or batch_idx + 1 == iters:
+            losses = "  ".join(f"{k} {self._sums[k] / self._counts[k]:.4f}" for k in sorted(self._sums))
+            speed = self._images / max(time.perf_counter() - self._start, 1e-9)
+            lr = runner.optim_wrapper.get_lr()["lr"][0]
+            self.print(f"epoch {runner.epoch + 1}/{runner.max_epochs}  iter {batch_idx + 1}/{iters}  {losses}  "
+                       f"lr {lr:.2e}  {speed:.1f} img/s  {_memory()}", flush=True)
+
+    def after_train_epoch(self, runner) -> None:
+        row = {"epoch": runner.epoch + 1, "lr": runner.optim_wrapper.get_lr()["lr"][0],
+               "skipped_images": self._epoch_skipped, "nonfinite_batches": runner.model.nonfinite_batches}
+        row.update({k: self._sums[k] / self._counts[k] for k in sorted(self._sums)})
+        self.rows.append(row)
+        if self._epoch_skipped:
+            runner.logger.warning(f"epoch {runner.epoch}: skipped {self._epoch_skipped} undecodable images")
+            self.print(f"epoch {runner.epoch}: skipped {self._epoch_skipped} undecodable images "
+                       f"({sum(len(v) for v in self.skipped.values())} distinct so far)", flush=True)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if metrics:
+            self.print("  val  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if self.rows and metrics:
+            self.rows[-1].update(metrics)
+        self._write_results(Path(runner.work_dir))
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint.setdefault("meta", {})["waterdrop"] = {
+            "registry": self.registry_file, "task_names": self.task_names, "version": __version__}
+
+    def after_train(self, runner) -> None:
+        self._write_results(Path(runner.work_dir))
+        summary = {
+            "epochs": runner.epoch,
+            "nonfinite_batches_skipped": runner.model.nonfinite_batches,
+            "skipped_images": {task: sorted(paths) for task, paths in self.skipped.items()},
+            "skipped_image_count": sum(len(p) for p in self.skipped.values()),
+            "last_epoch": self.rows[-1] if self.rows else {},
+        }
+        (Path(runner.work_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def _write_results(self, work_dir: Path) -> None:
+        if not self.rows:
+            return
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        with open(work_dir / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(self.rows)

@@ -1,0 +1,126 @@
+"""Assemble data, model and mmengine's Runner from a registry, and train."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+from mmengine.dataset import DefaultSampler
+from mmengine.dist import get_dist_info, init_dist
+from mmengine.evaluator import Evaluator
+from mmengine.logging import MMLogger
+from mmengine.runner import Runner
+from torch.utils.data import DataLoader
+
+from waterdrop.config import RegistryConfig
+from waterdrop.data.dataset import EvalTransform, MultiTaskDataset, TaskDataset, TrainTransform, collate, read_records
+from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
+from waterdrop.engine.checkpoint import allow_mmengine_checkpoints
+from waterdrop.engine.hooks import WaterdropHook
+from waterdrop.engine.metric import TaskMetric
+from waterdrop.engine.model import WaterdropModel
+from waterdrop.model.multitask import MultiTaskNet
+
+
+def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiTaskDataset:
+    """One TaskDataset per task for ``split`` ("train" or "val"), labels checked by each head."""
+    datasets = []
+    for t, task in enumerate(cfg.tasks):
+        source = getattr(task, split)
+        head = net.heads[task.name]
+        transform = (TrainTransform(cfg.model.input_size, task.augment.crop_scale, task.augment.hflip)
+                     if split == "train" else EvalTransform(cfg.model.input_size))
+        known = [task.negative_label, *task.labels]
+        datasets.append(TaskDataset(t, read_records(source, known), head.encode_target, transform, source))
+    return MultiTaskDataset(datasets)
+
+
+def val_loader(cfg: RegistryConfig, net: MultiTaskNet, distributed: bool = False) -> DataLoader:
+    dataset = build_datasets(cfg, net, "val")
+    sampler = DefaultSampler(dataset, shuffle=False) if distributed else None
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
+                      collate_fn=partial(collate, task_names=cfg.task_names))
+
+
+def _log_details_to_file_only(logger: MMLogger) -> None:
+    """mmengine logs ~180 lines of environment and config per run. The Runner is built at
+    WARNING level to keep them off the console; from then on the log file gets INFO."""
+    logger.setLevel(logging.INFO)
+    for handler in logger.handlers:
+        handler.setLevel(logging.INFO if isinstance(handler, logging.FileHandler) else logging.WARNING)
+
+
+def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
+                 launcher: str = "none", printer=print) -> Runner:
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    allow_mmengine_checkpoints()
+    if launcher != "none":
+        init_dist(launcher)
+    rank, world_size = get_dist_info()
+    train = cfg.train
+    epochs = epochs or train.epochs
+    torch.manual_seed(train.seed)
+    model = WaterdropModel(cfg)
+    train_set = build_datasets(cfg, model.net, "train")
+    weights = task_weights(train.sampling_policy, train_set.sizes, cfg.task_names, train.sampling_weights)
+    batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed, rank, world_size)
+    train_loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=train.num_workers,
+                              collate_fn=partial(collate, task_names=cfg.task_names),
+                              persistent_workers=train.num_workers > 0)
+    amp = train.amp == "on" or (train.amp == "auto" and torch.cuda.is_available())
+    optimizer = {"type": train.optimizer, "lr": train.lr, "weight_decay": train.weight_decay}
+    if train.optimizer == "SGD":
+        optimizer["momentum"] = train.momentum
+    warmup = min(train.warmup_epochs, epochs)
+    schedulers = []
+    if warmup > 0:
+        schedulers.append({"type": "LinearLR", "start_factor": 0.01, "by_epoch": True, "begin": 0, "end": warmup,
+                           "convert_to_iter_based": True})
+    if epochs > warmup:
+        schedulers.append({"type": "CosineAnnealingLR", "by_epoch": True, "begin": warmup, "end": epochs,
+                           "T_max": epochs - warmup, "eta_min": train.lr * 0.01, "convert_to_iter_based": True})
+    hook = WaterdropHook(cfg.file, cfg.task_names, train.log_interval, printer)
+    kinds = {name: head.kind for name, head in model.net.heads.items()}
+    runner = Runner(
+        model=model,
+        work_dir=str(work_dir),
+        train_dataloader=train_loader,
+        val_dataloader=val_loader(cfg, model.net, world_size > 1),
+        val_evaluator=Evaluator(TaskMetric(kinds)),
+        train_cfg={"by_epoch": True, "max_epochs": epochs, "val_interval": 1},
+        val_cfg={},
+        optim_wrapper={"type": "AmpOptimWrapper" if amp else "OptimWrapper", "optimizer": optimizer,
+                       "clip_grad": {"max_norm": 10.0}},
+        param_scheduler=schedulers,
+        default_hooks={
+            "checkpoint": {"type": "CheckpointHook", "interval": 1, "save_best": "val/score", "rule": "greater",
+                           "max_keep_ckpts": 2},
+            "logger": {"type": "LoggerHook", "interval": train.log_interval},
+        },
+        custom_hooks=[hook],
+        visualizer={"type": "Visualizer", "vis_backends": [{"type": "LocalVisBackend"},
+                                                           {"type": "TensorboardVisBackend"}]},
+        launcher=launcher,
+        # Tasks absent from a batch leave their BN branches and heads without gradients.
+        cfg={"model_wrapper_cfg": {"type": "MMDistributedDataParallel", "find_unused_parameters": True}},
+        randomness={"seed": train.seed},
+        resume=resume,
+        log_level="WARNING",
+    )
+    _log_details_to_file_only(runner.logger)
+    return runner
+
+
+def best_checkpoint(work_dir: str | Path) -> Path:
+    """The best checkpoint of a run, else its last one."""
+    work_dir = Path(work_dir)
+    best = sorted(work_dir.glob("best_*.pth"))
+    if best:
+        return best[-1]
+    last = work_dir / "last_checkpoint"
+    if last.is_file():
+        return Path(last.read_text().strip())
+    raise FileNotFoundError(f"{work_dir}: no checkpoint found")

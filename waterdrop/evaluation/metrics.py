@@ -1,0 +1,156 @@
+"""Binary and multi-label metrics in numpy, including metrics at the deploy prevalence.
+
+A validation set is usually far richer in positives than the online pool. Re-weighting
+every negative by ``w = (1 - pi) / pi * P / N`` (pi the deploy prevalence, P and N the
+validation positives and negatives) gives the precision a threshold will have online:
+at 1:200 a 1:1 validation precision of 0.94 at recall 0.98 is worth about 0.07.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_POSITIVES_FOR_THRESHOLD = 5
+DEFAULT_THRESHOLD = 0.5
+
+
+def negative_weight(truth: np.ndarray, prevalence: float | None) -> float:
+    """Weight of one negative so that the set has the given positive prevalence."""
+    positives, negatives = int((truth == 1).sum()), int((truth == 0).sum())
+    if prevalence is None or positives == 0 or negatives == 0:
+        return 1.0
+    return (1 - prevalence) / prevalence * positives / negatives
+
+
+def pr_curve(scores: np.ndarray, truth: np.ndarray, neg_weight: float = 1.0):
+    """Precision, recall and threshold at every distinct score, highest threshold first.
+
+    Predicting positive means ``score >= threshold``.
+    """
+    order = np.argsort(-scores, kind="stable")
+    scores, truth = scores[order], truth[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    true_pos = np.cumsum(truth == 1)[last_of_tie].astype(float)
+    false_pos = np.cumsum(truth == 0)[last_of_tie] * neg_weight
+    precision = true_pos / np.maximum(true_pos + false_pos, 1e-12)
+    recall = true_pos / max(int((truth == 1).sum()), 1)
+    return precision, recall, scores[last_of_tie]
+
+
+def average_precision(scores: np.ndarray, truth: np.ndarray, neg_weight: float = 1.0) -> float:
+    """Area under the step PR curve (sum of precision times recall increments)."""
+    if not (truth == 1).any():
+        return float("nan")
+    precision, recall, _ = pr_curve(scores, truth, neg_weight)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    positives, negatives = int((truth == 1).sum()), int((truth == 0).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average rank within ties
+    unique, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[truth == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def choose_threshold(scores: np.ndarray, truth: np.ndarray, metric: str, value: float,
+                     neg_weight: float = 1.0) -> tuple[float, bool]:
+    """Threshold meeting a target: the highest one with recall >= value, or the lowest one
+    with precision >= value (precision computed with ``neg_weight``). Returns (threshold,
+    target met); when no threshold meets the target, the closest one is returned."""
+    precision, recall, thresholds = pr_curve(scores, truth, neg_weight)
+    if metric == "recall":
+        meets = np.nonzero(recall >= value)[0]
+        return (float(thresholds[meets[0]]), True) if len(meets) else (float(thresholds[-1]), False)
+    meets = np.nonzero(precision >= value)[0]
+    if len(meets):
+        return float(thresholds[meets[-1]]), True
+    return float(thresholds[int(np.argmax(precision))]), False
+
+
+def at_threshold(scores: np.ndarray, truth: np.ndarray, threshold: float, neg_weight: float = 1.0) -> dict:
+    """Confusion counts, precision, recall and F1 at one threshold."""
+    predicted = scores >= threshold
+    tp, fp = int((predicted & (truth == 1)).sum()), int((predicted & (truth == 0)).sum())
+    fn, tn = int((~predicted & (truth == 1)).sum()), int((~predicted & (truth == 0)).sum())
+    weighted_fp = fp * neg_weight
+    precision = tp / (tp + weighted_fp) if tp + weighted_fp > 0 else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def binary_report(scores: np.ndarray, truth: np.ndarray, prevalence: float | None, target_metric: str,
+                  target_value: float) -> dict:
+    """Everything eval reports for one binary task.
+
+    The threshold is chosen for the target; a precision target is judged at the deploy
+    prevalence, since that is the precision users will see.
+    """
+    weight = negative_weight(truth, prevalence)
+    threshold, met = choose_threshold(scores, truth, target_metric, target_value,
+                                      weight if target_metric == "precision" else 1.0)
+    val_mix = at_threshold(scores, truth, threshold)
+    deploy = at_threshold(scores, truth, threshold, weight)
+    return {
+        "count": int(len(truth)),
+        "positives": int((truth == 1).sum()),
+        "ap": average_precision(scores, truth),
+        "roc_auc": roc_auc(scores, truth),
+        "threshold": threshold,
+        "target": {target_metric: target_value, "met": met},
+        "at_threshold": val_mix,
+        "deploy": {
+            "prevalence": prevalence,
+            "ap": average_precision(scores, truth, weight),
+            "precision": deploy["precision"],
+            "recall": deploy["recall"],
+            "f1": deploy["f1"],
+        },
+    }
+
+
+def multilabel_report(scores: np.ndarray, truth: np.ndarray, labels: list[str], target_metric: str,
+                      target_value: float) -> dict:
+    """Per-label AP, AUC and threshold for the target; mAP over labels with positives.
+
+    Entries of ``truth`` equal to -1 (label not annotated) are left out per label. Labels
+    with fewer than MIN_POSITIVES_FOR_THRESHOLD validation positives keep the default
+    threshold and are listed under ``fallback_labels``.
+    """
+    per_label, thresholds, fallback = {}, {}, []
+    for j, label in enumerate(labels):
+        known = truth[:, j] >= 0
+        s, t = scores[known, j], truth[known, j]
+        if int((t == 1).sum()) >= MIN_POSITIVES_FOR_THRESHOLD:
+            threshold, met = choose_threshold(s, t, target_metric, target_value)
+        else:
+            threshold, met = DEFAULT_THRESHOLD, False
+            fallback.append(label)
+        thresholds[label] = threshold
+        per_label[label] = {"positives": int((t == 1).sum()), "ap": average_precision(s, t), "roc_auc": roc_auc(s, t),
+                            "threshold": threshold, "target_met": met, **at_threshold(s, t, threshold)}
+    aps = [v["ap"] for v in per_label.values() if not np.isnan(v["ap"])]
+    predicted = scores >= np.array([thresholds[label] for label in labels])
+    known = truth >= 0
+    tp = int((predicted & (truth == 1)).sum())
+    fp, fn = int((predicted & (truth == 0) & known).sum()), int((~predicted & (truth == 1)).sum())
+    micro_p = tp / (tp + fp) if tp + fp else 0.0
+    micro_r = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "count": int(len(truth)),
+        "map": float(np.mean(aps)) if aps else float("nan"),
+        "micro": {"precision": micro_p, "recall": micro_r,
+                  "f1": 2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r else 0.0},
+        "target": {target_metric: target_value},
+        "thresholds": thresholds,
+        "fallback_labels": fallback,
+        "labels": per_label,
+    }

@@ -1,0 +1,1 @@
+"""Model assembly: timm trunk cut into feature levels, CBAM, per-task BatchNorm, heads."""

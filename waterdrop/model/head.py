@@ -1,0 +1,83 @@
+"""The one small interface every head implements."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from torch import nn
+
+_BUILT_IN_ARGS = ("self", "in_channels", "labels", "negative_label")
+
+
+class Head(nn.Module):
+    """Base of all heads.
+
+    A head reads the trunk's feature maps of one task and owns everything task-specific:
+    how labels become targets, its loss terms and its deploy outputs.
+
+    Args:
+        in_channels: channels of every trunk feature level, shallow to deep.
+        labels: the task's label names from its YAML.
+        negative_label: the name normal images carry in the task's data.
+
+    Subclasses take their YAML arguments as keyword-only parameters of ``__init__`` and
+    validate them there (raise ``ValueError`` with the argument's name).
+    """
+
+    #: How evaluation and the runtime read the predictions: "binary" or "multilabel".
+    kind: str = ""
+
+    def __init__(self, in_channels: list[int], labels: list[str], negative_label: str):
+        super().__init__()
+        self.in_channels = list(in_channels)
+        self.labels = list(labels)
+        self.negative_label = negative_label
+
+    @classmethod
+    def config_args(cls) -> list[str]:
+        """Names of the arguments a task YAML may set under ``head:``."""
+        params = inspect.signature(cls.__init__).parameters
+        return [n for n, p in params.items() if n not in _BUILT_IN_ARGS and p.kind is p.KEYWORD_ONLY]
+
+    def forward(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Raw outputs (logits) from the feature levels of this task's samples."""
+        raise NotImplementedError
+
+    def loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms, keyed by term name (e.g. ``loss_cls``)."""
+        raise NotImplementedError
+
+    def predict(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Deploy outputs; each key becomes the ONNX output ``<task>.<key>``."""
+        raise NotImplementedError
+
+    def encode_target(self, names: list[str], missing: list[str]) -> np.ndarray:
+        """Turn a sample's label names into this head's target array.
+
+        Raises:
+            ValueError: for an unknown or ill-formed label list; the caller adds file and line.
+        """
+        raise NotImplementedError
+
+    def score_and_truth(self, predictions: dict[str, np.ndarray], target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ground truth for evaluation: (N,) for binary, (N, L) with -1 = unknown for multi-label."""
+        raise NotImplementedError
+
+    def _check_known(self, names: list[str], allowed: list[str]) -> None:
+        for name in names:
+            if name not in allowed:
+                raise ValueError(f"unknown label '{name}'; known labels: {', '.join(allowed)}")
+
+
+def check_range(name: str, value: float, low: float, high: float) -> float:
+    """Validate one numeric head argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def pooled(feature: torch.Tensor) -> torch.Tensor:
+    """Global average pool of one feature map to (N, C)."""
+    return feature.mean(dim=(2, 3))

@@ -1,0 +1,79 @@
+"""The shared trunk: a timm CNN cut into feature levels that run one after another."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import EfficientNetFeatures, FeatureListNet, MobileNetV3Features
+from torch import nn
+
+from waterdrop.model.cbam import CBAM
+
+
+def _ordered_children(features: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
+    """Children in execution order, and the position after which each feature level is taken."""
+    if isinstance(features, FeatureListNet):
+        children = list(features.items())
+        names = [name for name, _ in children]
+        return children, [names.index(n) for n in features.return_layers]
+    if isinstance(features, (EfficientNetFeatures, MobileNetV3Features)):
+        stem = [(n, getattr(features, n)) for n in ("conv_stem", "bn1", "act1") if hasattr(features, n)]
+        blocks = [(f"blocks_{i}", b) for i, b in enumerate(features.blocks)]
+        # _stage_out_idx: 0 is the stem's output, i + 1 the output of block i.
+        ends = [len(stem) - 1 + i for i in sorted(features._stage_out_idx)]
+        return stem + blocks, ends
+    raise ValueError(f"{type(features).__name__} feature extractors are not supported; use a CNN that timm "
+                     "builds as FeatureListNet or EfficientNetFeatures (resnet, resnext, densenet, mobilenet, "
+                     "efficientnet)")
+
+
+class Trunk(nn.Module):
+    """A timm CNN as a list of feature levels (level 0 is the stem, the last is the deepest).
+
+    This builder owns the backbone choices in one place:
+
+    * ``pretrained`` is a local weights file for the full timm model (classifier weights are
+      ignored); nothing is ever downloaded.
+    * ``cbam="blocks"`` puts CBAM inside every residual block (timm ResNet-family only);
+      ``cbam="stages"`` puts one CBAM after every level but the stem; ``"none"`` adds nothing.
+
+    Args:
+        backbone: timm model name.
+        pretrained: local weights file, or None for random initialisation.
+        cbam: "none", "blocks" or "stages".
+    """
+
+    def __init__(self, backbone: str, pretrained: Path | None = None, cbam: str = "none"):
+        super().__init__()
+        if backbone not in timm.list_models():
+            raise ValueError(f"unknown timm backbone '{backbone}'")
+        kwargs: dict = {"features_only": True}
+        if cbam == "blocks":
+            if not backbone.startswith(("resnet", "resnext", "seresnext", "test_resnet")):
+                raise ValueError(f"cbam: blocks needs a ResNet-family backbone, not '{backbone}'; use cbam: stages")
+            kwargs["block_args"] = {"attn_layer": CBAM}
+        if pretrained is not None:
+            # CBAM weights are not in a plain ImageNet file, so they may be missing there.
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)},
+                          pretrained_strict=cbam != "blocks")
+        try:
+            features = timm.create_model(backbone, **kwargs)
+        except RuntimeError as err:
+            raise ValueError(f"could not load pretrained weights from {pretrained}: {err}") from err
+        children, ends = _ordered_children(features)
+        self.channels: list[int] = features.feature_info.channels()
+        self.reductions: list[int] = features.feature_info.reduction()
+        levels, start = [], 0
+        for end in ends:
+            level = OrderedDict((name.replace(".", "_"), child) for name, child in children[start:end + 1])
+            levels.append(nn.Sequential(level))
+            start = end + 1
+        self.levels = nn.ModuleList(levels)
+        self.attention = nn.ModuleList(
+            CBAM(c) if cbam == "stages" and i > 0 else nn.Identity() for i, c in enumerate(self.channels))
+
+    def run_level(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.attention[index](self.levels[index](x))
