@@ -15,14 +15,22 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from waterdrop.config import RegistryConfig, load_registry
 from waterdrop.model.multitask import MultiTaskNet
 
-_ALLOWED = [HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct if hasattr(np, "core") else None,
-            type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64)),
-            np.float64, np.float32, np.int64]
+# HistoryBuffer pickles its statistics methods as getattr(HistoryBuffer, "min"), hence
+# getattr. The weights-only unpickler still refuses to call anything getattr returns unless
+# that is allow-listed too, so this opens no way to run code.
+_ALLOWED = [
+    HistoryBuffer,
+    getattr,
+    np.ndarray,
+    np.dtype,
+    np._core.multiarray._reconstruct,
+    np._core.multiarray.scalar,
+    *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)),
+]
 
 
 def allow_mmengine_checkpoints() -> None:
-    torch.serialization.add_safe_globals([g for g in _ALLOWED if g is not None]
-                                         + [np._core.multiarray._reconstruct, np._core.multiarray.scalar])
+    torch.serialization.add_safe_globals(_ALLOWED)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import subprocess
 from functools import partial
 from pathlib import Path
 
 import torch
 from mmengine.dataset import DefaultSampler
-from mmengine.dist import get_dist_info, init_dist
+from mmengine.dist import barrier, get_dist_info, init_dist, is_distributed
 from mmengine.evaluator import Evaluator
 from mmengine.logging import MMLogger
 from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
-from waterdrop.config import RegistryConfig
+from waterdrop import __version__
+from waterdrop.config import RegistryConfig, load_registry
+from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.dataset import EvalTransform, MultiTaskDataset, TaskDataset, TrainTransform, collate, read_records
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
-from waterdrop.engine.checkpoint import allow_mmengine_checkpoints
+from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
+from waterdrop.evaluation.evaluate import evaluate, format_report
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -57,7 +63,7 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     allow_mmengine_checkpoints()
-    if launcher != "none":
+    if launcher != "none" and not is_distributed():
         init_dist(launcher)
     rank, world_size = get_dist_info()
     train = cfg.train
@@ -115,8 +121,10 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
 
 
 def best_checkpoint(work_dir: str | Path) -> Path:
-    """The best checkpoint of a run, else its last one."""
+    """The best checkpoint of a run, else its last one; a checkpoint file is returned as is."""
     work_dir = Path(work_dir)
+    if work_dir.is_file():
+        return work_dir
     best = sorted(work_dir.glob("best_*.pth"))
     if best:
         return best[-1]
@@ -124,3 +132,47 @@ def best_checkpoint(work_dir: str | Path) -> Path:
     if last.is_file():
         return Path(last.read_text().strip())
     raise FileNotFoundError(f"{work_dir}: no checkpoint found")
+
+
+def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:
+    """Copy the registry and task files and note the code version, so a run can be
+    understood later."""
+    config_dir = work_dir / "config"
+    (config_dir / "tasks").mkdir(parents=True, exist_ok=True)
+    shutil.copy(cfg.file, config_dir / cfg.file.name)
+    for task in cfg.tasks:
+        shutil.copy(task.file, config_dir / "tasks" / task.file.name)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    run = {"waterdrop_version": __version__, "git_commit": commit, "registry": str(cfg.file),
+           "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    (work_dir / "run.json").write_text(json.dumps(run, indent=2))
+
+
+def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
+                 launcher: str = "none", printer=print) -> dict | None:
+    """Train all tasks of ``registry`` jointly, then evaluate the best checkpoint into
+    ``work_dir/eval``. Returns the evaluation report (None on ranks other than 0)."""
+    cfg = load_registry(registry)
+    work_dir = Path(work_dir)
+    if launcher != "none":
+        init_dist(launcher)
+    rank, _ = get_dist_info()
+    if cfg.demo_data is not None and rank == 0 and ensure_demo_data(cfg.demo_data):
+        printer(f"generated the demo data in {cfg.demo_data}")
+    if is_distributed():
+        barrier()
+    runner = build_runner(cfg, work_dir, epochs, resume, launcher, printer)
+    if rank == 0:
+        _record_run(cfg, work_dir)
+    runner.train()
+    if rank != 0:
+        return None
+    checkpoint = best_checkpoint(work_dir)
+    net, cfg, _ = load_net(checkpoint)
+    report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu")
+    printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
+    return report

@@ -1,0 +1,33 @@
+"""Evaluate a checkpoint on every task's validation set: metrics JSON, thresholds, PR curves.
+
+    python tools/eval.py CHECKPOINT_OR_RUN_FOLDER [--registry REGISTRY] [--out DIR]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from waterdrop.engine.checkpoint import load_net
+from waterdrop.engine.train import best_checkpoint
+from waterdrop.evaluation.evaluate import evaluate, format_report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
+    parser.add_argument("--registry", help="registry YAML (default: the one recorded in the checkpoint)")
+    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
+    args = parser.parse_args()
+    checkpoint = best_checkpoint(args.checkpoint)
+    net, cfg, _ = load_net(checkpoint, args.registry)
+    out = Path(args.out) if args.out else checkpoint.parent / "eval"
+    report = evaluate(net, cfg, out, "cuda" if torch.cuda.is_available() else "cpu")
+    print(format_report(report))
+    print(f"metrics, thresholds and plots: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Export a checkpoint to one ONNX file (all tasks, dynamic batch, metadata) and check parity.
+
+    python tools/export.py CHECKPOINT_OR_RUN_FOLDER [-o model.onnx] [--thresholds FILE]
+
+Thresholds default to <checkpoint folder>/eval/thresholds.json; if that is missing the
+checkpoint is evaluated first to choose them.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from waterdrop.engine.checkpoint import load_net
+from waterdrop.engine.train import best_checkpoint
+from waterdrop.evaluation.evaluate import evaluate
+from waterdrop.export import PARITY_TOLERANCE, export_onnx
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
+    parser.add_argument("-o", "--output", help="ONNX file (default: <checkpoint folder>/model.onnx)")
+    parser.add_argument("--registry", help="registry YAML (default: the one recorded in the checkpoint)")
+    parser.add_argument("--thresholds", help="thresholds JSON written by tools/eval.py")
+    parser.add_argument("--opset", type=int, default=18)
+    args = parser.parse_args()
+    checkpoint = best_checkpoint(args.checkpoint)
+    net, cfg, _ = load_net(checkpoint, args.registry)
+    thresholds_file = Path(args.thresholds) if args.thresholds else checkpoint.parent / "eval" / "thresholds.json"
+    if not thresholds_file.is_file():
+        print(f"{thresholds_file} not found: evaluating {checkpoint.name} to choose thresholds")
+        evaluate(net, cfg, thresholds_file.parent)
+    output = Path(args.output) if args.output else checkpoint.parent / "model.onnx"
+    parity = export_onnx(net, cfg, json.loads(thresholds_file.read_text()), output, args.opset)
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    print(f"parity with PyTorch at batch 1 and 3 (max abs diff, limit {PARITY_TOLERANCE}):")
+    for name, diff in parity.items():
+        print(f"  {name}: {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Metrics (numpy only), plots and the evaluation of a trained model."""

@@ -1,0 +1,103 @@
+"""Evaluate a MultiTaskNet on every task's validation set and write the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from waterdrop.config import RegistryConfig
+from waterdrop.evaluation import plots
+from waterdrop.evaluation.metrics import binary_report, multilabel_report
+from waterdrop.model.multitask import MultiTaskNet
+
+
+@torch.no_grad()
+def predict_val(net: MultiTaskNet, cfg: RegistryConfig, device: str = "cpu") -> tuple[dict, dict]:
+    """Scores and truth per task over its validation set, and the skipped (undecodable) paths."""
+    from waterdrop.engine.train import val_loader
+
+    net.eval().to(device)
+    scores, truth, skipped = defaultdict(list), defaultdict(list), defaultdict(set)
+    for batch in val_loader(cfg, net):
+        outputs = net.forward_tasks(batch["inputs"].to(device), batch["task_index"].to(device))
+        for name, out in outputs.items():
+            head = net.heads[name]
+            predictions = {k: v.float().cpu().numpy() for k, v in head.predict(out).items()}
+            s, t = head.score_and_truth(predictions, batch["targets"][name].numpy())
+            scores[name].append(s)
+            truth[name].append(t)
+        for task, path in batch["skipped"]:
+            skipped[task].add(path)
+    data = {name: (np.concatenate(scores[name]), np.concatenate(truth[name])) for name in scores}
+    return data, {task: sorted(paths) for task, paths in skipped.items()}
+
+
+def _clean(value):
+    """NaN -> None so the JSON stays standard."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device: str = "cpu") -> dict:
+    """Write ``metrics.json``, ``thresholds.json`` and PNG plots under ``out_dir``; return the metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, skipped = predict_val(net, cfg, device)
+    report, thresholds = {}, {}
+    for task in cfg.tasks:
+        if task.name not in data:
+            raise ValueError(f"task {task.name}: no validation image could be decoded")
+        scores, truth = data[task.name]
+        deploy = task.deploy
+        if net.heads[task.name].kind == "binary":
+            result = binary_report(scores, truth, deploy.prevalence, deploy.target_metric, deploy.target_value)
+            thresholds[task.name] = result["threshold"]
+            plots.binary_pr(out_dir / f"{task.name}_pr.png", task.name, scores, truth, deploy.prevalence,
+                            result["threshold"])
+            plots.confusion(out_dir / f"{task.name}_confusion.png", task.name, result["at_threshold"],
+                            result["threshold"])
+        else:
+            result = multilabel_report(scores, truth, task.labels, deploy.target_metric, deploy.target_value)
+            thresholds[task.name] = result["thresholds"]
+            plots.multilabel_pr_grid(out_dir / f"{task.name}_pr.png", task.name, scores, truth, task.labels,
+                                     result["thresholds"])
+        result["skipped_images"] = skipped.get(task.name, [])
+        report[task.name] = result
+    (out_dir / "metrics.json").write_text(json.dumps(_clean(report), indent=2))
+    (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A short human-readable summary, one block per task."""
+    lines = []
+    for task, r in report.items():
+        if "ap" in r:
+            at, dep = r["at_threshold"], r["deploy"]
+            lines.append(f"{task}: AP {r['ap']:.3f}  ROC-AUC {r['roc_auc']:.3f}  threshold {r['threshold']:.3f} "
+                         f"(target {r['target']})")
+            lines.append(f"  validation mix ({r['positives']}/{r['count']} positive): P {at['precision']:.3f}  "
+                         f"R {at['recall']:.3f}  F1 {at['f1']:.3f}")
+            if dep["prevalence"]:
+                lines.append(f"  at deploy prevalence {dep['prevalence']:g}: P {dep['precision']:.3f}  "
+                             f"R {dep['recall']:.3f}  AP {dep['ap']:.3f}")
+        else:
+            micro = r["micro"]
+            lines.append(f"{task}: mAP {r['map']:.3f}  micro P {micro['precision']:.3f}  R {micro['recall']:.3f}  "
+                         f"F1 {micro['f1']:.3f} at per-label thresholds (target {r['target']})")
+            lines.append("  " + "  ".join(f"{k} {v['ap']:.2f}" for k, v in r["labels"].items()))
+            if r["fallback_labels"]:
+                lines.append(f"  default threshold (too few positives): {', '.join(r['fallback_labels'])}")
+        if r["skipped_images"]:
+            lines.append(f"  skipped {len(r['skipped_images'])} undecodable validation images")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Export a MultiTaskNet to one self-describing ONNX file and check it against PyTorch.
+
+One named output per task output (``<task>.<key>``), a dynamic batch axis, and a JSON
+metadata entry (``waterdrop``) with labels, thresholds, preprocessing and output names,
+so the file alone is enough to serve it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from waterdrop import __version__
+from waterdrop.config import RegistryConfig
+from waterdrop.model.multitask import MultiTaskNet
+
+METADATA_KEY = "waterdrop"
+PARITY_TOLERANCE = 1e-4
+
+
+class _AllTasks(nn.Module):
+    def __init__(self, net: MultiTaskNet, output_names: list[str]):
+        super().__init__()
+        self.net, self.output_names = net, output_names
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.net.forward_all(image)
+        return tuple(outputs[name] for name in self.output_names)
+
+
+def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, output_names: list[str]) -> dict:
+    tasks = []
+    for task in cfg.tasks:
+        head = net.heads[task.name]
+        entry = {
+            "name": task.name,
+            "kind": head.kind,
+            "head": task.head_type,
+            "labels": task.labels,
+            "negative_label": task.negative_label,
+            "outputs": {n.split(".", 1)[1]: n for n in output_names if n.split(".", 1)[0] == task.name},
+            "deploy": {"prevalence": task.deploy.prevalence, task.deploy.target_metric: task.deploy.target_value},
+        }
+        if task.name not in thresholds:
+            raise ValueError(f"no threshold for task '{task.name}'; run tools/eval.py first")
+        entry["threshold" if head.kind == "binary" else "thresholds"] = thresholds[task.name]
+        tasks.append(entry)
+    return {
+        "format": 1,
+        "waterdrop_version": __version__,
+        "backbone": cfg.model.backbone,
+        "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 255],
+                  "size": cfg.model.input_size, "resize": "stretch to size x size",
+                  "normalization": {"mean": cfg.model.mean, "std": cfg.model.std, "applied": "inside the model"}},
+        "tasks": tasks,
+    }
+
+
+def _check_dynamic_batch(model: onnx.ModelProto) -> None:
+    """The exporter can silently fix the batch size; refuse such a file."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.dim_param:
+            raise RuntimeError(f"ONNX {value.name}: batch axis was fixed to {dim.dim_value} during export")
+
+
+def check_parity(path: Path, net: MultiTaskNet, size: int, batch_sizes=(1, 3), seed: int = 0) -> dict[str, float]:
+    """Max abs difference between onnxruntime and PyTorch for every output at each batch size."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(seed)
+    worst = {name: 0.0 for name in names}
+    for batch in batch_sizes:
+        image = rng.integers(0, 256, (batch, 3, size, size)).astype(np.float32)
+        with torch.no_grad():
+            expected = net.forward_all(torch.from_numpy(image))
+        got = session.run(names, {"image": image})
+        for name, value in zip(names, got):
+            if value.shape != tuple(expected[name].shape):
+                raise RuntimeError(f"{name}: ONNX shape {value.shape} != PyTorch {tuple(expected[name].shape)}")
+            worst[name] = max(worst[name], float(np.abs(value - expected[name].numpy()).max()))
+    return worst
+
+
+def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: str | Path,
+                opset: int = 18) -> dict[str, float]:
+    """Write the ONNX file, check it, and return the max abs difference per output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = net.eval().cpu()
+    size = cfg.model.input_size
+    example = torch.zeros(2, 3, size, size)
+    with torch.no_grad():
+        output_names = list(net.forward_all(example))
+    torch.onnx.export(
+        _AllTasks(net, output_names), (example,), str(path), input_names=["image"], output_names=output_names,
+        dynamic_shapes={"image": {0: torch.export.Dim.DYNAMIC}}, opset_version=opset, dynamo=True,
+        external_data=False, verbose=False)
+    model = onnx.load(str(path))
+    _check_dynamic_batch(model)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(build_metadata(net, cfg, thresholds, output_names))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    parity = check_parity(path, net, size)
+    bad = {k: v for k, v in parity.items() if not v <= PARITY_TOLERANCE}
+    if bad:
+        raise RuntimeError(f"ONNX and PyTorch disagree by more than {PARITY_TOLERANCE}: {bad}")
+    return parity

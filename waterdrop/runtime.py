@@ -1,0 +1,113 @@
+"""Serve an exported waterdrop model with onnxruntime, numpy and OpenCV only (no torch).
+
+    from waterdrop.runtime import Predictor
+    predictor = Predictor("model.onnx")
+    for result in predictor.predict_paths(["a.jpg", "folder/"]):
+        print(result)
+
+Each result is a plain dict: ``{"image": path, "tasks": {task: {...}}}``, or
+``{"image": path, "error": why}`` for a file that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+
+METADATA_KEY = "waterdrop"
+
+
+def _binary(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
+    score = float(outputs["prob"][row])
+    result = {"score": round(score, 6), "threshold": task["threshold"], "positive": score >= task["threshold"]}
+    if "subclass_prob" in outputs:
+        probs = outputs["subclass_prob"][row]
+        result["subclass"] = task["labels"][int(np.argmax(probs))]
+        result["subclass_scores"] = {label: round(float(p), 6) for label, p in zip(task["labels"], probs)}
+    return result
+
+
+def _multilabel(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
+    probs = outputs["prob"][row]
+    scores = {label: round(float(p), 6) for label, p in zip(task["labels"], probs)}
+    tags = [label for label, p in zip(task["labels"], probs) if p >= task["thresholds"][label]]
+    return {"tags": tags, "scores": scores}
+
+
+POSTPROCESS = {"binary": _binary, "multilabel": _multilabel}
+
+
+class Predictor:
+    """One exported model, ready to score images.
+
+    Args:
+        model_path: the .onnx file written by ``tools/export.py``.
+        device: "cpu" or "cuda". With "cuda" the CUDA provider must really be used;
+            a silent fall-back to CPU is an error.
+        threads: intra-op threads for the CPU provider (None: onnxruntime's default).
+    """
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # finds the pip-installed CUDA libraries
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"CUDA was requested but onnxruntime runs on {self.session.get_providers()}")
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{model_path}: no '{METADATA_KEY}' metadata; export it with tools/export.py")
+        self.meta = json.loads(raw)
+        self.size = int(self.meta["input"]["size"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def tasks(self) -> list[dict]:
+        return self.meta["tasks"]
+
+    def predict_images(self, images: list[np.ndarray]) -> list[dict]:
+        """Decisions for RGB uint8 images of any size, one dict of tasks per image."""
+        if not images:
+            return []
+        values = self.session.run(self.output_names, {"image": to_model_input(images, self.size)})
+        outputs = dict(zip(self.output_names, values))
+        results = []
+        for row in range(len(images)):
+            per_task = {}
+            for task in self.tasks:
+                task_outputs = {key: outputs[name] for key, name in task["outputs"].items()}
+                per_task[task["name"]] = POSTPROCESS[task["kind"]](task, task_outputs, row)
+            results.append(per_task)
+        return results
+
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16) -> Iterator[dict]:
+        """Files or folders (searched recursively), in order; a bad image yields an error entry."""
+        batch_paths, batch_images = [], []
+        for path in (p for given in paths for p in list_images(given)):
+            try:
+                batch_images.append(read_image(path))
+                batch_paths.append(path)
+            except ImageDecodeError as err:
+                yield from self._flush(batch_paths, batch_images)
+                batch_paths, batch_images = [], []
+                yield {"image": str(path), "error": str(err)}
+                continue
+            if len(batch_images) == batch_size:
+                yield from self._flush(batch_paths, batch_images)
+                batch_paths, batch_images = [], []
+        yield from self._flush(batch_paths, batch_images)
+
+    def _flush(self, paths: list, images: list) -> Iterator[dict]:
+        for path, tasks in zip(paths, self.predict_images(images)):
+            yield {"image": str(path), "tasks": tasks}
