@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny generated demo dataset and a registry with a tiny backbone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from waterdrop.data.demo import generate
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(2)
+
+
+def write_registry(folder: Path, data_root: Path, **model_overrides) -> Path:
+    """A registry with the repository's task files, pointed at ``data_root``, on test_resnet at 64 px."""
+    registry = yaml.safe_load((REPO / "registry.yaml").read_text())
+    registry["demo_data"] = None
+    registry["model"].update({"backbone": "test_resnet", "input_size": 64, **model_overrides})
+    registry["train"].update({"epochs": 1, "batch_size": 16, "num_workers": 0, "log_interval": 5})
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    for task_file in registry["tasks"]:
+        task = yaml.safe_load((REPO / task_file).read_text())
+        task_name = task["name"]
+        task["data"] = {"train": str(data_root / task_name / "train.jsonl"),
+                        "val": str(data_root / task_name / "val.jsonl")}
+        (folder / task_file).write_text(yaml.safe_dump(task))
+    path = folder / "registry.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("demo"), seed=0, scale=0.04)
+
+
+@pytest.fixture
+def registry_file(tmp_path, demo_root) -> Path:
+    return write_registry(tmp_path, demo_root)
+
+
+@pytest.fixture
+def copy_demo(tmp_path, demo_root):
+    """A private copy of the demo data that a test may damage."""
+    def make() -> Path:
+        target = tmp_path / "demo_copy"
+        shutil.copytree(demo_root, target)
+        return target
+    return make

@@ -1,0 +1,92 @@
+"""Config validation: every error names the file, the key and what was expected."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from waterdrop.config import ConfigError, load_registry
+from waterdrop.registry import registered_heads
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _edit(path: Path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_repository_registry_and_every_task_yaml_load():
+    cfg = load_registry(REPO / "registry.yaml")
+    assert cfg.task_names == ["disgusting", "scene_tags"]
+    task_files = sorted((REPO / "tasks").glob("*.yaml"))
+    assert {t.file for t in cfg.tasks} == set(task_files)
+    assert cfg.tasks[0].deploy.prevalence == 0.005
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "key", "words"),
+    [
+        (lambda r: r["train"].update(epochs="ten"), "registry", "train.epochs", "expected an integer"),
+        (lambda r: r["train"].update(epoch=3), "registry", "train.epoch", "unknown key"),
+        (lambda r: r["model"].pop("backbone"), "registry", "model.backbone", "missing"),
+        (lambda r: r["model"].update(cbam="yes"), "registry", "model.cbam", "none, blocks, stages"),
+        (lambda r: r["model"].update(pretrained="nowhere.pth"), "registry", "model.pretrained", "local weights"),
+        (lambda r: r["train"]["optimizer"].update(lr=0), "registry", "train.optimizer.lr", "> 0"),
+        (lambda r: r["train"]["task_sampling"].update(weights={"nope": 1}), "registry",
+         "train.task_sampling.weights", "unknown task 'nope'"),
+        (lambda t: t["head"].update(type="NoSuchHead"), "task", "head.type", "BinaryHead"),
+        (lambda t: t["head"].update(gamma=2), "task", "head.gamma", "accepts: dropout, label_smoothing"),
+        (lambda t: t.update(loss_wieght=2), "task", "loss_wieght", "unknown key"),
+        (lambda t: t.update(labels=["a", "a"]), "task", "labels", "unique"),
+        (lambda t: t["deploy"].update(target={"recall": 0.9, "precision": 0.5}), "task", "deploy.target",
+         "exactly one"),
+        (lambda t: t["deploy"].update(prevalence=2), "task", "deploy.prevalence", "<= 1"),
+        (lambda t: t.update(name="bad name"), "task", "name", "underscores"),
+    ],
+)
+def test_bad_values_name_file_key_and_expectation(registry_file, change, where, key, words):
+    target = registry_file if where == "registry" else registry_file.parent / "tasks" / "disgusting.yaml"
+    _edit(target, change)
+    with pytest.raises(ConfigError) as err:
+        load_registry(registry_file)
+    assert err.value.file == str(target.resolve()) or err.value.file == str(target)
+    assert err.value.key == key
+    assert words in str(err.value)
+
+
+def test_duplicate_task_names_rejected(registry_file):
+    _edit(registry_file.parent / "tasks" / "scene_tags.yaml", lambda t: t.update(name="disgusting"))
+    with pytest.raises(ConfigError, match="used by more than one task file"):
+        load_registry(registry_file)
+
+
+def test_missing_task_file_and_bad_yaml_syntax(registry_file):
+    _edit(registry_file, lambda r: r["tasks"].append("tasks/absent.yaml"))
+    with pytest.raises(ConfigError, match="absent.yaml: key '\\(file\\)': file not found"):
+        load_registry(registry_file)
+    registry_file.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_registry(registry_file)
+
+
+def test_labels_from_text_file(registry_file):
+    tasks = registry_file.parent / "tasks"
+    (tasks / "tags.txt").write_text("sky\ncloud\n\ngrass\n")
+    _edit(tasks / "scene_tags.yaml", lambda t: t.update(labels="tags.txt"))
+    assert load_registry(registry_file).tasks[1].labels == ["sky", "cloud", "grass"]
+
+
+def test_new_task_is_yaml_only(registry_file, demo_root):
+    """A third task = one YAML file + one registry line, no Python."""
+    tasks = registry_file.parent / "tasks"
+    task = yaml.safe_load((tasks / "disgusting.yaml").read_text())
+    task.update(name="thriller", labels=["gore"])
+    (tasks / "thriller.yaml").write_text(yaml.safe_dump(task))
+    _edit(registry_file, lambda r: r["tasks"].append("tasks/thriller.yaml"))
+    assert load_registry(registry_file).task_names == ["disgusting", "scene_tags", "thriller"]
+
+
+def test_heads_are_registered_by_their_modules():
+    assert {"BinaryHead", "MultiLabelHead"} <= set(registered_heads())

@@ -1,0 +1,127 @@
+"""Decoding bad files, counted skips, manifests with bad labels, the multi-task sampler."""
+
+import json
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from waterdrop.config import load_registry
+from waterdrop.data.dataset import DataError, collate
+from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
+from waterdrop.engine.train import build_datasets
+from waterdrop.imageio import ImageDecodeError, read_image
+from waterdrop.model.multitask import MultiTaskNet
+from tests.conftest import write_registry
+
+
+def _jpeg(path, image):
+    ok, data = cv2.imencode(".jpg", image)
+    path.write_bytes(data.tobytes())
+    return data.tobytes()
+
+
+def _png_header_only(path, width, height):
+    """A PNG claiming width x height whose pixel data is cut off."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)))
+
+
+def test_decoder_handles_every_kind_of_odd_file(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    full = _jpeg(tmp_path / "ok.jpg", rgb)
+    (tmp_path / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "corrupt.jpg").write_bytes(b"not an image at all" * 10)
+    _png_header_only(tmp_path / "enormous.png", 20000, 20000)
+    cv2.imwrite(str(tmp_path / "gray.png"), rgb[:, :, 0])
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([rgb, np.full((40, 50), 128, np.uint8)]))
+    cv2.imwrite(str(tmp_path / "deep.png"), rgb.astype(np.uint16) * 257)
+    for name in ("truncated.jpg", "empty.jpg", "corrupt.jpg", "enormous.png", "absent.jpg"):
+        with pytest.raises(ImageDecodeError, match=name):
+            read_image(tmp_path / name)
+    for name in ("ok.jpg", "gray.png", "rgba.png", "deep.png"):
+        image = read_image(tmp_path / name)
+        assert image.shape == (40, 50, 3) and image.dtype == np.uint8
+    assert np.array_equal(read_image(tmp_path / "deep.png"), rgb[:, :, ::-1])
+
+
+def test_cmyk_jpeg_decodes_to_rgb(tmp_path):
+    pil_image = pytest.importorskip("PIL.Image")
+    pil_image.new("CMYK", (24, 24), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)  # pure red
+    image = read_image(tmp_path / "cmyk.jpg")
+    assert image.shape == (24, 24, 3)
+    red, green, blue = image.reshape(-1, 3).mean(0)
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_undecodable_images_are_skipped_counted_and_named(tmp_path, copy_demo):
+    root = copy_demo()
+    manifest = root / "disgusting" / "train.jsonl"
+    first = json.loads(manifest.read_text().splitlines()[0])["image"]
+    (manifest.parent / first).write_bytes(b"")
+    cfg = load_registry(write_registry(tmp_path, root))
+    dataset = build_datasets(cfg, MultiTaskNet(cfg), "train")
+    sample = dataset[0]
+    assert sample["skipped"] == [str(manifest.parent / first)]
+    assert sample["image"].shape == (3, 64, 64)
+    batch = collate([sample, dataset[1]], cfg.task_names)
+    assert batch["skipped"] == [["disgusting", str(manifest.parent / first)]]
+    assert batch["inputs"].shape == (2, 3, 64, 64)
+
+
+def test_unknown_label_in_manifest_names_file_and_line(tmp_path, copy_demo):
+    root = copy_demo()
+    manifest = root / "scene_tags" / "val.jsonl"
+    lines = manifest.read_text().splitlines()
+    lines[2] = json.dumps({"image": "val/00002.jpg", "labels": ["sky", "unicorn"]})
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = load_registry(write_registry(tmp_path, root))
+    with pytest.raises(DataError, match=r"val.jsonl: line 3: unknown label 'unicorn'"):
+        build_datasets(cfg, MultiTaskNet(cfg), "val")
+    lines[2] = "{broken json"
+    manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"val.jsonl:3:"):
+        build_datasets(cfg, MultiTaskNet(cfg), "val")
+
+
+def test_folder_per_class_data(tmp_path, demo_root):
+    folders = tmp_path / "folders"
+    for label in ("normal", "insects"):
+        (folders / label).mkdir(parents=True)
+        for i in range(3):
+            _jpeg(folders / label / f"{i}.jpg", np.full((20, 20, 3), 40 * i, np.uint8))
+    registry = write_registry(tmp_path, demo_root)
+    task_file = registry.parent / "tasks" / "disgusting.yaml"
+    task_file.write_text(task_file.read_text().replace(str(demo_root / "disgusting" / "train.jsonl"), str(folders)))
+    cfg = load_registry(registry)
+    dataset = build_datasets(cfg, MultiTaskNet(cfg), "train").datasets[0]
+    assert sorted(int(t) for t in dataset.targets) == [0, 0, 0, 1, 1, 1]
+    (folders / "spiders").mkdir()
+    with pytest.raises(DataError, match="folder name 'spiders' is not a label"):
+        build_datasets(cfg, MultiTaskNet(cfg), "train")
+
+
+def test_sampler_mixes_tasks_by_policy_and_shards_under_ddp():
+    sizes = [300, 100]
+    weights = task_weights("size", sizes, ["a", "b"], {})
+    assert weights.tolist() == [0.75, 0.25]
+    assert task_weights("weights", sizes, ["a", "b"], {"b": 2.0}).tolist() == [0.0, 1.0]
+    sampler = MultiTaskBatchSampler(sizes, 20, weights, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 20
+    flat = np.concatenate(batches)
+    assert 0.65 < (flat < 300).mean() < 0.85
+    assert batches == list(MultiTaskBatchSampler(sizes, 20, weights, seed=3))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    ranks = [list(MultiTaskBatchSampler(sizes, 20, weights, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 10 and ranks[0] != ranks[1]
+    # every image of the small task is seen before any repeats
+    b_only = MultiTaskBatchSampler([5, 100], 10, np.array([1.0, 0.0]), seed=0)
+    first_pass = next(iter(b_only))[:5]
+    assert sorted(first_pass) == [0, 1, 2, 3, 4]

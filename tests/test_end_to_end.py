@@ -1,0 +1,73 @@
+"""The whole path through the command-line tools on tiny data, resume, and NaN losses."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.optim import OptimWrapper
+
+from waterdrop.config import load_registry
+from waterdrop.engine.model import WaterdropModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool(name, *args, timeout=600):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path):
+    work = tmp_path / "run"
+    out = _tool("train.py", registry_file, "--work-dir", work, "--epochs", "1")
+    assert "epoch 1/1" in out and "disgusting: AP" in out and "scene_tags: mAP" in out
+    for produced in ("results.csv", "summary.json", "run.json", "eval/metrics.json", "eval/thresholds.json",
+                     "eval/disgusting_pr.png", "eval/disgusting_confusion.png", "eval/scene_tags_pr.png",
+                     "config/registry.yaml"):
+        assert (work / produced).is_file(), produced
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["disgusting"]["ap"] <= 1 and metrics["disgusting"]["deploy"]["prevalence"] == 0.005
+
+    out = _tool("train.py", registry_file, "--work-dir", work, "--epochs", "2", "--resume")
+    assert "epoch 2/2" in out and "epoch 1/2" not in out
+    with open(work / "results.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+    out = _tool("eval.py", work, "--out", tmp_path / "eval2")
+    assert "disgusting: AP" in out and (tmp_path / "eval2" / "metrics.json").is_file()
+    out = _tool("export.py", work, "-o", tmp_path / "model.onnx")
+    assert "disgusting.prob" in out and "scene_tags.prob" in out
+    image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
+    out = _tool("predict.py", tmp_path / "model.onnx", image)
+    result = json.loads(out.splitlines()[0])
+    assert set(result["tasks"]) == {"disgusting", "scene_tags"}
+
+
+def test_train_reports_config_errors_cleanly(registry_file, tmp_path):
+    registry_file.write_text(registry_file.read_text().replace("backbone: test_resnet", "backbone: 5"))
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
+                           str(tmp_path / "w")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "registry.yaml: key 'model.backbone': got 5 (int); expected a non-empty string" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_nonfinite_loss_skips_the_step_and_stops_when_it_persists(registry_file):
+    model = WaterdropModel(load_registry(registry_file), max_nonfinite_streak=3)
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k}
+    batch = {"inputs": torch.full((4, 3, 64, 64), float("nan")), "task_index": torch.tensor([0, 0, 1, 1]),
+             "targets": {"disgusting": torch.tensor([0, 1]), "scene_tags": torch.zeros(2, 10)}}
+    for _ in range(2):
+        assert model.train_step(batch, wrapper) == {"nonfinite_skipped": torch.tensor(1.0)}
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.nonfinite_batches == 2
+    with pytest.raises(FloatingPointError, match="3 batches in a row.*disgusting.loss_cls"):
+        model.train_step(batch, wrapper)

@@ -1,0 +1,99 @@
+"""ONNX export (all outputs, dynamic batch, metadata, parity) and the torch-free runtime."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from waterdrop.config import load_registry
+from waterdrop.export import METADATA_KEY, check_parity, export_onnx
+from waterdrop.model.multitask import MultiTaskNet
+
+REPO = Path(__file__).resolve().parents[1]
+THRESHOLDS = {"disgusting": 0.4, "scene_tags": {t: 0.5 for t in
+                                                ["sky", "cloud", "grass", "water", "boat", "tree", "forest",
+                                                 "building", "glasses", "ball"]}}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, demo_root):
+    from tests.conftest import write_registry
+
+    folder = tmp_path_factory.mktemp("export")
+    cfg = load_registry(write_registry(folder, demo_root))
+    torch.manual_seed(0)
+    net = MultiTaskNet(cfg).eval()
+    path = folder / "model.onnx"
+    parity = export_onnx(net, cfg, THRESHOLDS, path)
+    return net, cfg, path, parity
+
+
+def test_every_output_matches_pytorch_at_two_batch_sizes(exported):
+    net, cfg, path, parity = exported
+    assert set(parity) == {"disgusting.prob", "disgusting.subclass_prob", "scene_tags.prob"}
+    assert max(parity.values()) <= 1e-4
+    assert check_parity(path, net, cfg.model.input_size, batch_sizes=(5,)) == pytest.approx(
+        {k: 0.0 for k in parity}, abs=1e-4)
+
+
+def test_file_is_single_self_describing_and_batch_is_dynamic(exported):
+    _, cfg, path, _ = exported
+    assert not Path(str(path) + ".data").exists()
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
+    assert meta["input"]["size"] == 64 and meta["input"]["color"] == "RGB"
+    tasks = {t["name"]: t for t in meta["tasks"]}
+    assert tasks["disgusting"]["threshold"] == 0.4
+    assert tasks["disgusting"]["labels"][0] == "insects"
+    assert tasks["scene_tags"]["outputs"] == {"prob": "scene_tags.prob"}
+
+
+def test_runtime_matches_torch_on_real_images(exported, demo_root):
+    from waterdrop.imageio import read_image, to_model_input
+    from waterdrop.runtime import Predictor
+
+    net, cfg, path, _ = exported
+    files = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[:3]
+    results = list(Predictor(path).predict_paths(files))
+    with torch.no_grad():
+        expected = net.forward_all(torch.from_numpy(to_model_input([read_image(f) for f in files], 64)))
+    for row, result in enumerate(results):
+        disgusting = result["tasks"]["disgusting"]
+        assert disgusting["score"] == pytest.approx(float(expected["disgusting.prob"][row]), abs=1e-4)
+        assert disgusting["positive"] == (disgusting["score"] >= 0.4)
+        tags = result["tasks"]["scene_tags"]
+        assert tags["tags"] == [k for k, v in tags["scores"].items() if v >= 0.5]
+
+
+def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_root, tmp_path):
+    """torch is made unimportable; predict.py must still score images and report the bad one."""
+    _, _, path, _ = exported
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    good = sorted((demo_root / "scene_tags" / "val").glob("*.jpg"))[:2]
+    env = {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin"}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked" in probe.stderr
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), str(path), str(good[0]), str(bad),
+                           str(good[1])], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [Path(x["image"]).name for x in lines] == [good[0].name, "bad.jpg", good[1].name]
+    assert "error" in lines[1] and "tasks" in lines[0] and "tasks" in lines[2]
+    assert set(lines[0]["tasks"]) == {"disgusting", "scene_tags"}
+    assert isinstance(np.float64(lines[0]["tasks"]["disgusting"]["score"]), np.floating)

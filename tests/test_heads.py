@@ -1,0 +1,66 @@
+"""Every registered head through the same interface: forward, loss, backward, predict, targets."""
+
+import numpy as np
+import pytest
+import torch
+
+from waterdrop.registry import registered_heads
+
+CHANNELS = [8, 16, 32]
+LABELS = ["a", "b", "c"]
+
+
+def _feats(n):
+    return [torch.randn(n, c, 8 // (i + 1), 8 // (i + 1)) for i, c in enumerate(CHANNELS)]
+
+
+@pytest.mark.parametrize("name", sorted(registered_heads()))
+def test_every_head_forward_backward_predict(name):
+    head_class = registered_heads()[name]
+    head = head_class(CHANNELS, LABELS, "normal")
+    names = [[], ["a"], ["b", "c"], ["c"]] if head.kind == "multilabel" else [["normal"], ["a"], ["b"], ["c"]]
+    target = torch.from_numpy(np.stack([head.encode_target(n, []) for n in names]))
+    feats = _feats(len(names))
+    outputs = head(feats)
+    losses = head.loss(outputs, target)
+    total = sum(losses.values())
+    assert total.ndim == 0 and torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for p in head.parameters())
+    predictions = head.predict(outputs)
+    assert predictions["prob"].shape[0] == len(names)
+    assert all(((v >= 0) & (v <= 1)).all() for v in predictions.values())
+    scores, truth = head.score_and_truth({k: v.detach().numpy() for k, v in predictions.items()}, target.numpy())
+    assert len(scores) == len(truth) == len(names)
+
+
+@pytest.mark.parametrize("name", sorted(registered_heads()))
+def test_every_head_rejects_unknown_labels_and_bad_args(name):
+    head_class = registered_heads()[name]
+    head = head_class(CHANNELS, LABELS, "normal")
+    with pytest.raises(ValueError, match="unknown label 'zebra'"):
+        head.encode_target(["zebra"], [])
+    if "dropout" in head_class.config_args():
+        with pytest.raises(ValueError, match="dropout"):
+            head_class(CHANNELS, LABELS, "normal", dropout=1.5)
+
+
+def test_binary_head_probability_is_one_minus_normal():
+    head = registered_heads()["BinaryHead"](CHANNELS, LABELS, "normal")
+    predictions = head.predict(head(_feats(4)))
+    assert torch.allclose(predictions["prob"], predictions["subclass_prob"].sum(1), atol=1e-6)
+    assert head.encode_target(["normal"], []) == 0 and head.encode_target(["c"], []) == 3
+    with pytest.raises(ValueError, match="exactly one label"):
+        head.encode_target(["a", "b"], [])
+
+
+def test_multilabel_missing_labels_are_masked_out_of_the_loss():
+    head = registered_heads()["MultiLabelHead"](CHANNELS, LABELS, "none")
+    target = torch.from_numpy(head.encode_target(["a"], ["b"]))[None]
+    assert target.tolist() == [[1, -1, 0]]
+    outputs = {"logits": torch.tensor([[0.0, 50.0, 0.0]], requires_grad=True)}
+    loss = head.loss(outputs, target)["loss_cls"]
+    loss.backward()
+    # the confident "b" logit would cost a lot as a negative; masked, it costs nothing
+    assert outputs["logits"].grad[0, 1] == 0
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-5)

@@ -1,0 +1,106 @@
+"""Trunk levels, per-task BN branching and its isolation, CBAM, and both forward paths."""
+
+import pytest
+import torch
+
+from waterdrop.config import ConfigError, load_registry
+from waterdrop.model.cbam import CBAM
+from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.model.task_bn import TaskBatchNorm
+from tests.conftest import write_registry
+
+
+def _images(n, size=64, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed)).float()
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnext50_32x4d", "mobilenetv2_100", "densenet121"])
+def test_required_backbones_build_and_run_every_task(tmp_path, demo_root, backbone):
+    net = MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone=backbone))).eval()
+    assert sum(isinstance(m, TaskBatchNorm) for m in net.trunk.levels[-1].modules()) > 0
+    with torch.no_grad():
+        out = net.forward_all(_images(2))
+    assert out["disgusting.prob"].shape == (2,)
+    assert out["disgusting.subclass_prob"].shape == (2, 7)
+    assert out["scene_tags.prob"].shape == (2, 10)
+
+
+def test_stacked_inference_equals_per_sample_routing(registry_file):
+    net = MultiTaskNet(load_registry(registry_file)).eval()
+    images = _images(3)
+    with torch.no_grad():
+        stacked = net.forward_all(images)
+        for t, name in enumerate(net.task_names):
+            head = net.heads[name]
+            routed = head.predict(net.forward_tasks(images, torch.full((3,), t))[name])
+            for key, value in routed.items():
+                torch.testing.assert_close(stacked[f"{name}.{key}"], value, atol=1e-5, rtol=1e-5)
+
+
+def test_training_on_task_a_leaves_task_b_batchnorm_untouched(registry_file):
+    net = MultiTaskNet(load_registry(registry_file)).train()
+    state = {k: v.clone() for k, v in net.state_dict().items() if ".branches." in k}
+    assert state, "the last level must hold per-task BatchNorms"
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(3):
+        out = net.forward_tasks(_images(6, seed=step), torch.zeros(6, dtype=torch.long))
+        loss = net.heads["disgusting"].loss(out["disgusting"], torch.tensor([0, 1, 2, 0, 3, 1]))["loss_cls"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = net.state_dict()
+    task_a = [k for k in state if ".branches.0." in k]
+    task_b = [k for k in state if ".branches.1." in k]
+    for key in task_b:
+        assert torch.equal(after[key], state[key]), f"task B's {key} changed"
+    changed_a = [k for k in task_a if not torch.equal(after[k], state[k])]
+    assert any("running_mean" in k for k in changed_a) and any(k.endswith(".weight") for k in changed_a)
+
+
+def test_mixed_batch_uses_each_samples_own_branch(registry_file):
+    net = MultiTaskNet(load_registry(registry_file)).eval()
+    images = _images(4)
+    mixed = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        out = net.forward_tasks(images, mixed)
+        alone = net.forward_tasks(images[[1, 2]], torch.tensor([1, 1]))
+    torch.testing.assert_close(out["scene_tags"]["logits"], alone["scene_tags"]["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_cbam_blocks_and_stages(tmp_path, demo_root):
+    for mode, where in (("blocks", "levels"), ("stages", "attention")):
+        folder = tmp_path / mode
+        folder.mkdir()
+        net = MultiTaskNet(load_registry(write_registry(folder, demo_root, cbam=mode)))
+        cbams = [n for n, m in net.trunk.named_modules() if isinstance(m, CBAM)]
+        assert cbams and all(n.startswith(where) for n in cbams)
+        net.train()
+        out = net.forward_tasks(_images(4), torch.tensor([0, 0, 1, 1]))
+        sum(o["logits"].sum() for o in out.values()).backward()
+        grads = [p.grad for n, p in net.trunk.named_parameters() if "spatial" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_cbam_attention_keeps_shape_and_only_scales_down():
+    x = torch.rand(2, 32, 8, 8)
+    y = CBAM(32)(x)
+    assert y.shape == x.shape and (y <= x + 1e-6).all() and (y >= 0).all()
+
+
+def test_bad_stage_index_and_unknown_backbone_are_config_errors(tmp_path, demo_root):
+    with pytest.raises(ConfigError, match="task_bn_stages.*feature levels 0..4"):
+        MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, task_bn_stages=[7])))
+    with pytest.raises(ConfigError, match="unknown timm backbone 'resnet_nope'"):
+        MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone="resnet_nope")))
+    with pytest.raises(ConfigError, match="cbam: blocks needs a ResNet-family"):
+        MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone="mobilenetv2_100", cbam="blocks")))
+
+
+def test_local_pretrained_file_is_loaded(tmp_path, demo_root):
+    import timm
+
+    reference = timm.create_model("test_resnet")
+    weights = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), weights)
+    net = MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, pretrained=str(weights))))
+    torch.testing.assert_close(net.trunk.levels[1].layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
