@@ -45,8 +45,9 @@ def test_threshold_for_recall_and_precision_targets():
     assert choose_threshold(scores, truth, "recall", 1.0) == (0.4, True)
     assert choose_threshold(scores, truth, "precision", 1.0) == (0.9, True)
     assert choose_threshold(scores, truth, "precision", 0.8) == (0.4, True)
-    threshold, met = choose_threshold(scores, truth, "precision", 0.99, neg_weight=100)
-    assert not met and threshold == 0.9
+    # unreachable target: the closest threshold (highest precision) is returned, flagged as not met
+    unreachable = choose_threshold(np.array([0.9, 0.8, 0.7]), np.array([0, 1, 1]), "precision", 0.99, 100)
+    assert unreachable == (0.7, False)
 
 
 def test_binary_report_fields():

@@ -74,6 +74,11 @@ def test_cbam_blocks_and_stages(tmp_path, demo_root):
         net = MultiTaskNet(load_registry(write_registry(folder, demo_root, cbam=mode)))
         cbams = [n for n, m in net.trunk.named_modules() if isinstance(m, CBAM)]
         assert cbams and all(n.startswith(where) for n in cbams)
+        # timm's zero_init_last starts each block's last BN at weight 0, so a CBAM inside the
+        # block sees zeros and gets no gradient on the very first step; give the BNs weight 1.
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(module.weight)
         net.train()
         out = net.forward_tasks(_images(4), torch.tensor([0, 0, 1, 1]))
         sum(o["logits"].sum() for o in out.values()).backward()

@@ -264,7 +264,7 @@ def _load_deploy(sec: _Section) -> DeployConfig:
     target = sec.section("target")
     metrics = [m for m in TARGET_METRICS if m in target.data]
     if len(metrics) != 1 or len(target.data) != 1:
-        raise target.fail("(keys)", sorted(target.data), "exactly one of: recall, precision (e.g. {recall: 0.95})")
+        raise sec.fail("target", target.data, "exactly one of: recall, precision (e.g. {recall: 0.95})")
     deploy = DeployConfig(
         prevalence=sec.number("prevalence", None, low=0, high=1, low_open=True),
         target_metric=metrics[0],

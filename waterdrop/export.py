@@ -100,7 +100,7 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
     with torch.no_grad():
         output_names = list(net.forward_all(example))
     torch.onnx.export(
-        _AllTasks(net, output_names), (example,), str(path), input_names=["image"], output_names=output_names,
+        _AllTasks(net, output_names).eval(), (example,), str(path), input_names=["image"], output_names=output_names,
         dynamic_shapes={"image": {0: torch.export.Dim.DYNAMIC}}, opset_version=opset, dynamo=True,
         external_data=False, verbose=False)
     model = onnx.load(str(path))

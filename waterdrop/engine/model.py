@@ -13,7 +13,8 @@ class WaterdropModel(BaseModel):
     """Losses come back as ``{"<task>.<term>": value}`` (already times the task's loss
     weight) so logs and TensorBoard show every term.
 
-    A batch whose loss is NaN or infinite is skipped (no optimizer step) and counted in
+    A batch whose loss is NaN or infinite is skipped (no optimizer step, and the BatchNorm
+    running statistics its forward pass touched are restored) and counted in
     ``nonfinite_batches``; ``max_nonfinite_streak`` such batches in a row stop training
     with an error naming the terms.
     """
@@ -48,6 +49,9 @@ class WaterdropModel(BaseModel):
         return samples
 
     def train_step(self, data, optim_wrapper):
+        # BN statistics are updated by the forward pass itself; a NaN batch would poison them.
+        buffers = list(self.net.buffers())
+        saved = [b.detach().clone() for b in buffers]
         with optim_wrapper.optim_context(self):
             data = self.data_preprocessor(data, True)
             losses = self._run_forward(data, mode="loss")
@@ -64,4 +68,7 @@ class WaterdropModel(BaseModel):
                 f"loss was NaN or infinite for {self._nonfinite_streak} batches in a row (terms: {', '.join(bad)}); "
                 "lower train.optimizer.lr, check the task's data, or turn amp off")
         optim_wrapper.zero_grad()
+        with torch.no_grad():
+            for buffer, copy in zip(buffers, saved):
+                buffer.copy_(copy)
         return {"nonfinite_skipped": torch.tensor(1.0)}
