@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.conftest import write_registry
 from waterdrop.config import load_registry
 from waterdrop.data.dataset import DataError, collate
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
 from waterdrop.engine.train import build_datasets
 from waterdrop.imageio import ImageDecodeError, read_image
 from waterdrop.model.multitask import MultiTaskNet
-from tests.conftest import write_registry
 
 
 def _jpeg(path, image):

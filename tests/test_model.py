@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from tests.conftest import write_registry
 from waterdrop.config import ConfigError, load_registry
 from waterdrop.model.cbam import CBAM
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.task_bn import TaskBatchNorm
-from tests.conftest import write_registry
 
 
 def _images(n, size=64, seed=0):

@@ -7,7 +7,6 @@ Relative data paths are resolved against the folder of ``registry.yaml``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

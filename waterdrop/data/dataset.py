@@ -10,9 +10,9 @@ from __future__ import annotations
 import bisect
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np

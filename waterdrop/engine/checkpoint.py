@@ -38,7 +38,8 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_net(checkpoint_path: str | Path, registry: str | Path | None = None) -> tuple[MultiTaskNet, RegistryConfig, dict]:
+def load_net(checkpoint_path: str | Path,
+             registry: str | Path | None = None) -> tuple[MultiTaskNet, RegistryConfig, dict]:
     """Rebuild the network of a training checkpoint; the registry defaults to the one it was trained with."""
     checkpoint = load_checkpoint(checkpoint_path)
     meta = checkpoint.get("meta", {}).get("waterdrop", {})

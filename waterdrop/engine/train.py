@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from waterdrop import __version__
 from waterdrop.config import RegistryConfig, load_registry
-from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.dataset import EvalTransform, MultiTaskDataset, TaskDataset, TrainTransform, collate, read_records
+from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
 from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net
 from waterdrop.engine.hooks import WaterdropHook
