@@ -28,7 +28,7 @@ def build(backbone: str, size: int, tasks: int, folder: Path) -> MultiTaskNet:
     names = []
     for t in range(tasks):
         task = {"name": f"task{t}", "head": {"type": "BinaryHead"}, "labels": ["positive"],
-                "data": {"train": "unused.jsonl", "val": "unused.jsonl"}}
+                "data": {"train": "unused.jsonl", "val": "unused.jsonl"}, "deploy": {"target": {"recall": 0.9}}}
         (folder / f"task{t}.yaml").write_text(yaml.safe_dump(task))
         names.append(f"task{t}.yaml")
     registry = {"model": {"backbone": backbone, "input_size": size, "task_bn_stages": [-1]}, "tasks": names}
