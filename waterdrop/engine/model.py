@@ -40,13 +40,9 @@ class WaterdropModel(BaseModel):
         return outputs
 
     def _per_sample(self, outputs, targets) -> list[dict]:
-        samples = []
-        for name, out in outputs.items():
-            head = self.net.heads[name]
-            predictions = {k: v.float().cpu().numpy() for k, v in head.predict(out).items()}
-            scores, truth = head.score_and_truth(predictions, targets[name].cpu().numpy())
-            samples += [{"task": name, "score": s, "truth": t} for s, t in zip(scores, truth)]
-        return samples
+        return [{"task": name, "score": s, "truth": t}
+                for name, (scores, truth) in self.net.scores_and_truth(outputs, targets).items()
+                for s, t in zip(scores, truth)]
 
     def train_step(self, data, optim_wrapper):
         # BN statistics are updated by the forward pass itself; a NaN batch would poison them.

@@ -25,10 +25,7 @@ def predict_val(net: MultiTaskNet, cfg: RegistryConfig, device: str = "cpu") -> 
     scores, truth, skipped = defaultdict(list), defaultdict(list), defaultdict(set)
     for batch in val_loader(cfg, net):
         outputs = net.forward_tasks(batch["inputs"].to(device), batch["task_index"].to(device))
-        for name, out in outputs.items():
-            head = net.heads[name]
-            predictions = {k: v.float().cpu().numpy() for k, v in head.predict(out).items()}
-            s, t = head.score_and_truth(predictions, batch["targets"][name].numpy())
+        for name, (s, t) in net.scores_and_truth(outputs, batch["targets"]).items():
             scores[name].append(s)
             truth[name].append(t)
         for task, path in batch["skipped"]:

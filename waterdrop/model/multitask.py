@@ -78,6 +78,16 @@ class MultiTaskNet(nn.Module):
                 outputs[name] = self.heads[name]([f[rows] for f in feats])
         return outputs
 
+    def scores_and_truth(self, outputs: dict[str, dict[str, torch.Tensor]],
+                         targets: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        """Evaluation arrays per task (see ``Head.score_and_truth``) from ``forward_tasks`` outputs."""
+        arrays = {}
+        for name, out in outputs.items():
+            head = self.heads[name]
+            predictions = {k: v.detach().float().cpu().numpy() for k, v in head.predict(out).items()}
+            arrays[name] = head.score_and_truth(predictions, targets[name].cpu().numpy())
+        return arrays
+
     def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Deploy outputs of every task for every image."""
         feats = self.forward_features(images, None)
