@@ -35,7 +35,7 @@ class MultiLabelHead(Head):
     def loss(self, outputs, target):
         known = (target >= 0).float()
         per_label = F.binary_cross_entropy_with_logits(outputs["logits"], target.clamp(min=0), reduction="none")
-        return {"loss_cls": (per_label * known).sum() / known.sum().clamp(min=1)}
+        return {"loss_cls": (per_label * known).sum(dim=1) / known.sum(dim=1).clamp(min=1)}
 
     def predict(self, outputs):
         return {"prob": torch.sigmoid(outputs["logits"])}

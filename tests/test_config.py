@@ -19,7 +19,7 @@ def _edit(path: Path, change) -> None:
 
 def test_repository_registry_and_every_task_yaml_load():
     cfg = load_registry(REPO / "registry.yaml")
-    assert cfg.task_names == ["disgusting", "scene_tags"]
+    assert cfg.task_names == ["disgusting", "thriller", "scene_tags"]
     task_files = sorted((REPO / "tasks").glob("*.yaml"))
     assert {t.file for t in cfg.tasks} == set(task_files)
     assert cfg.tasks[0].deploy.prevalence == 0.005
@@ -37,7 +37,7 @@ def test_repository_registry_and_every_task_yaml_load():
         (lambda r: r["train"]["task_sampling"].update(weights={"nope": 1}), "registry",
          "train.task_sampling.weights", "unknown task 'nope'"),
         (lambda t: t["head"].update(type="NoSuchHead"), "task", "head.type", "BinaryHead"),
-        (lambda t: t["head"].update(gamma=2), "task", "head.gamma", "accepts: dropout, label_smoothing"),
+        (lambda t: t["head"].update(gama=2), "task", "head.gama", "accepts: loss, alpha, gamma, dropout"),
         (lambda t: t.update(loss_wieght=2), "task", "loss_wieght", "unknown key"),
         (lambda t: t.update(labels=["a", "a"]), "task", "labels", "unique"),
         (lambda t: t["deploy"].update(target={"recall": 0.9, "precision": 0.5}), "task", "deploy.target",
@@ -75,17 +75,17 @@ def test_labels_from_text_file(registry_file):
     tasks = registry_file.parent / "tasks"
     (tasks / "tags.txt").write_text("sky\ncloud\n\ngrass\n")
     _edit(tasks / "scene_tags.yaml", lambda t: t.update(labels="tags.txt"))
-    assert load_registry(registry_file).tasks[1].labels == ["sky", "cloud", "grass"]
+    assert load_registry(registry_file).tasks[-1].labels == ["sky", "cloud", "grass"]
 
 
 def test_new_task_is_yaml_only(registry_file, demo_root):
     """A third task = one YAML file + one registry line, no Python."""
     tasks = registry_file.parent / "tasks"
     task = yaml.safe_load((tasks / "disgusting.yaml").read_text())
-    task.update(name="thriller", labels=["gore"])
-    (tasks / "thriller.yaml").write_text(yaml.safe_dump(task))
-    _edit(registry_file, lambda r: r["tasks"].append("tasks/thriller.yaml"))
-    assert load_registry(registry_file).task_names == ["disgusting", "scene_tags", "thriller"]
+    task.update(name="violence", labels=["weapons"])
+    (tasks / "violence.yaml").write_text(yaml.safe_dump(task))
+    _edit(registry_file, lambda r: r["tasks"].append("tasks/violence.yaml"))
+    assert load_registry(registry_file).task_names == ["disgusting", "thriller", "scene_tags", "violence"]
 
 
 def test_heads_are_registered_by_their_modules():

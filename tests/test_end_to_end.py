@@ -46,7 +46,7 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
     out = _tool("predict.py", tmp_path / "model.onnx", image)
     result = json.loads(out.splitlines()[0])
-    assert set(result["tasks"]) == {"disgusting", "scene_tags"}
+    assert set(result["tasks"]) == {"disgusting", "thriller", "scene_tags"}
 
 
 def test_train_reports_config_errors_cleanly(registry_file, tmp_path):
@@ -62,7 +62,7 @@ def test_nonfinite_loss_skips_the_step_and_stops_when_it_persists(registry_file)
     model = WaterdropModel(load_registry(registry_file), max_nonfinite_streak=3)
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = {"inputs": torch.full((4, 3, 64, 64), float("nan")), "task_index": torch.tensor([0, 0, 1, 1]),
+    batch = {"inputs": torch.full((4, 3, 64, 64), float("nan")), "task_index": torch.tensor([0, 0, 2, 2]),
              "targets": {"disgusting": torch.tensor([0, 1]), "scene_tags": torch.zeros(2, 10)}}
     for _ in range(2):
         assert model.train_step(batch, wrapper) == {"nonfinite_skipped": torch.tensor(1.0)}
@@ -70,5 +70,5 @@ def test_nonfinite_loss_skips_the_step_and_stops_when_it_persists(registry_file)
     changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
     assert not changed, f"a skipped NaN batch changed {changed[:3]}"
     assert model.nonfinite_batches == 2
-    with pytest.raises(FloatingPointError, match="3 batches in a row.*disgusting.loss_cls"):
+    with pytest.raises(FloatingPointError, match="3 batches in a row.*disgusting.loss_focal"):
         model.train_step(batch, wrapper)

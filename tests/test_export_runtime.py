@@ -9,13 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 
 from waterdrop.config import load_registry
-from waterdrop.export import METADATA_KEY, check_parity, export_onnx
+from waterdrop.export import METADATA_KEY, DeployGraph, check_parity, export_onnx
 from waterdrop.model.multitask import MultiTaskNet
 
 REPO = Path(__file__).resolve().parents[1]
-THRESHOLDS = {"disgusting": 0.4, "scene_tags": {t: 0.5 for t in
+THRESHOLDS = {"disgusting": 0.4, "thriller": 0.3, "scene_tags": {t: 0.5 for t in
                                                 ["sky", "cloud", "grass", "water", "boat", "tree", "forest",
                                                  "building", "glasses", "ball"]}}
 
@@ -25,7 +26,13 @@ def exported(tmp_path_factory, demo_root):
     from tests.conftest import write_registry
 
     folder = tmp_path_factory.mktemp("export")
-    cfg = load_registry(write_registry(folder, demo_root))
+    registry = write_registry(folder, demo_root)
+    # Export every deploy feature: PCB parts on disgusting, an OHEM cascade on thriller.
+    for name, change in (("disgusting", {"head": {"type": "BinaryHead", "pcb": {"size": 1, "stride": 1}}}),
+                         ("thriller", {"cascade": {"backbone": "test_resnet", "hard_per_batch": 2}})):
+        task_file = folder / "tasks" / f"{name}.yaml"
+        task_file.write_text(yaml.safe_dump({**yaml.safe_load(task_file.read_text()), **change}))
+    cfg = load_registry(registry)
     torch.manual_seed(0)
     net = MultiTaskNet(cfg).eval()
     path = folder / "model.onnx"
@@ -35,10 +42,25 @@ def exported(tmp_path_factory, demo_root):
 
 def test_every_output_matches_pytorch_at_two_batch_sizes(exported):
     net, cfg, path, parity = exported
-    assert set(parity) == {"disgusting.prob", "disgusting.subclass_prob", "scene_tags.prob"}
+    assert set(parity) == {"disgusting.prob", "disgusting.subclass_prob", "thriller.prob", "thriller.subclass_prob",
+                           "thriller.stage1_prob", "thriller.stage2_prob", "thriller.decision", "scene_tags.prob"}
     assert max(parity.values()) <= 1e-4
-    assert check_parity(path, net, cfg.model.input_size, batch_sizes=(5,)) == pytest.approx(
+    graph = DeployGraph(net, THRESHOLDS).eval()
+    assert check_parity(path, graph, cfg.model.input_size, batch_sizes=(5,)) == pytest.approx(
         {k: 0.0 for k in parity}, abs=1e-4)
+
+
+def test_cascade_decision_is_the_and_of_both_networks(exported):
+    net, _, path, _ = exported
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(1).integers(0, 256, (6, 3, 64, 64)).astype(np.float32)
+    names = ["thriller.stage1_prob", "thriller.stage2_prob", "thriller.prob", "thriller.decision"]
+    first, second, prob, decision = session.run(names, {"image": image})
+    assert decision.dtype == bool
+    np.testing.assert_allclose(prob, np.minimum(first, second), atol=1e-6)
+    np.testing.assert_array_equal(decision, (first >= 0.3) & (second >= 0.3))
 
 
 def test_file_is_single_self_describing_and_batch_is_dynamic(exported):
@@ -52,6 +74,8 @@ def test_file_is_single_self_describing_and_batch_is_dynamic(exported):
     assert tasks["disgusting"]["threshold"] == 0.4
     assert tasks["disgusting"]["labels"][0] == "insects"
     assert tasks["scene_tags"]["outputs"] == {"prob": "scene_tags.prob"}
+    assert tasks["thriller"]["outputs"]["decision"] == "thriller.decision" and "AND" not in tasks["thriller"]["cascade"]
+    assert "stage2_prob >= threshold" in tasks["thriller"]["cascade"]["rule"]
 
 
 def test_runtime_matches_torch_on_real_images(exported, demo_root):
@@ -67,6 +91,8 @@ def test_runtime_matches_torch_on_real_images(exported, demo_root):
         disgusting = result["tasks"]["disgusting"]
         assert disgusting["score"] == pytest.approx(float(expected["disgusting.prob"][row]), abs=1e-4)
         assert disgusting["positive"] == (disgusting["score"] >= 0.4)
+        thriller = result["tasks"]["thriller"]
+        assert thriller["positive"] == (min(thriller["stage_scores"]) >= 0.3)
         tags = result["tasks"]["scene_tags"]
         assert tags["tags"] == [k for k, v in tags["scores"].items() if v >= 0.5]
 
@@ -95,5 +121,5 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [Path(x["image"]).name for x in lines] == [good[0].name, "bad.jpg", good[1].name]
     assert "error" in lines[1] and "tasks" in lines[0] and "tasks" in lines[2]
-    assert set(lines[0]["tasks"]) == {"disgusting", "scene_tags"}
+    assert set(lines[0]["tasks"]) == {"disgusting", "thriller", "scene_tags"}
     assert isinstance(np.float64(lines[0]["tasks"]["disgusting"]["score"]), np.floating)

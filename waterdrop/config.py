@@ -19,6 +19,7 @@ CBAM_MODES = ("none", "blocks", "stages")
 SAMPLING_POLICIES = ("size", "uniform", "weights")
 OPTIMIZERS = ("AdamW", "SGD")
 TARGET_METRICS = ("recall", "precision")
+SAMPLERS = ("plain", "balanced")
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,31 @@ class DeployConfig:
 class AugmentConfig:
     crop_scale: tuple[float, float]
     hflip: bool
+    rotation: float = 0.0
+    color: float = 0.0
+    erasing: float = 0.0
+    cutmix: float = 0.0
+
+
+@dataclass
+class SamplerConfig:
+    type: str = "plain"
+    normal_fraction: float = 0.5
+
+
+@dataclass
+class CascadeConfig:
+    backbone: str
+    hard_per_batch: int
+    loss_weight: float
+
+
+@dataclass
+class MeanTeacherConfig:
+    ema_decay: float
+    consistency_weight: float
+    rampup_epochs: float
+    unlabeled_fraction: float
 
 
 @dataclass
@@ -81,10 +107,12 @@ class TaskConfig:
     train: Path
     val: Path
     unlabeled: Path | None
-    sampler: str
+    sampler: SamplerConfig
     loss_weight: float
     deploy: DeployConfig
     augment: AugmentConfig
+    cascade: CascadeConfig | None = None
+    mean_teacher: MeanTeacherConfig | None = None
 
 
 @dataclass
@@ -161,6 +189,10 @@ class _Section:
 
     def section(self, key: str, required: bool = False) -> _Section:
         return _Section(self.raw(key, _REQUIRED if required else {}), self.file, self.path(key))
+
+    def optional_section(self, key: str) -> _Section | None:
+        """A mapping that switches a feature on; null or absent leaves it off."""
+        return None if self.raw(key, None) is None else self.section(key)
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self._read)
@@ -286,6 +318,54 @@ def _check_head(sec: _Section, head_type: str, args: dict[str, Any]) -> None:
                               + (", ".join(accepted) or "no arguments"))
 
 
+def _load_augment(sec: _Section) -> AugmentConfig:
+    scale = sec.raw("crop_scale", [0.6, 1.0])
+    if (not isinstance(scale, list) or len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale)
+            or not 0 < scale[0] <= scale[1] <= 1):
+        raise sec.fail("crop_scale", scale, "[min, max] area fractions with 0 < min <= max <= 1")
+    augment = AugmentConfig(
+        crop_scale=(float(scale[0]), float(scale[1])),
+        hflip=sec.boolean("hflip", True),
+        rotation=sec.number("rotation", 0.0, low=0, high=180),
+        color=sec.number("color", 0.0, low=0, high=1),
+        erasing=sec.number("erasing", 0.0, low=0, high=1),
+        cutmix=sec.number("cutmix", 0.0, low=0, high=1),
+    )
+    sec.finish()
+    return augment
+
+
+def _load_sampler(sec: _Section) -> SamplerConfig:
+    if isinstance(sec.raw("sampler", "plain"), str):
+        return SamplerConfig(type=sec.string("sampler", "plain", SAMPLERS))
+    sampler = sec.section("sampler")
+    config = SamplerConfig(type=sampler.string("type", "plain", SAMPLERS),
+                           normal_fraction=sampler.number("normal_fraction", 0.5, low=0, high=1))
+    sampler.finish()
+    return config
+
+
+def _load_cascade(sec: _Section | None) -> CascadeConfig | None:
+    if sec is None:
+        return None
+    cascade = CascadeConfig(backbone=sec.string("backbone"),
+                            hard_per_batch=sec.number("hard_per_batch", 8, int, low=1),
+                            loss_weight=sec.number("loss_weight", 1.0, low=0))
+    sec.finish()
+    return cascade
+
+
+def _load_mean_teacher(sec: _Section | None) -> MeanTeacherConfig | None:
+    if sec is None:
+        return None
+    teacher = MeanTeacherConfig(ema_decay=sec.number("ema_decay", 0.99, low=0, high=1, low_open=True),
+                                consistency_weight=sec.number("consistency_weight", 10.0, low=0),
+                                rampup_epochs=sec.number("rampup_epochs", 3.0, low=0),
+                                unlabeled_fraction=sec.number("unlabeled_fraction", 0.5, low=0, high=0.95))
+    sec.finish()
+    return teacher
+
+
 def load_task(path: Path, root: Path) -> TaskConfig:
     """Read one task YAML; data paths are resolved against ``root``."""
     sec = _Section(read_yaml(path), path)
@@ -295,11 +375,6 @@ def load_task(path: Path, root: Path) -> TaskConfig:
     _check_head(head, head_type, head_args)
     data = sec.section("data", required=True)
     unlabeled = data.string("unlabeled", None)
-    augment = sec.section("augment")
-    scale = augment.raw("crop_scale", [0.6, 1.0])
-    if (not isinstance(scale, list) or len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale)
-            or not 0 < scale[0] <= scale[1] <= 1):
-        raise augment.fail("crop_scale", scale, "[min, max] area fractions with 0 < min <= max <= 1")
     task = TaskConfig(
         name=sec.string("name"),
         file=path,
@@ -310,17 +385,24 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         train=_resolve(root, data.string("train")),
         val=_resolve(root, data.string("val")),
         unlabeled=_resolve(root, unlabeled) if unlabeled else None,
-        sampler=sec.string("sampler", "plain", ("plain",)),
+        sampler=_load_sampler(sec),
         loss_weight=sec.number("loss_weight", 1.0, low=0),
         deploy=_load_deploy(sec.section("deploy")),
-        augment=AugmentConfig(crop_scale=(float(scale[0]), float(scale[1])),
-                              hflip=augment.boolean("hflip", True)),
+        augment=_load_augment(sec.section("augment")),
+        cascade=_load_cascade(sec.optional_section("cascade")),
+        mean_teacher=_load_mean_teacher(sec.optional_section("mean_teacher")),
     )
     if not task.name.replace("_", "").isalnum():
         raise sec.fail("name", task.name, "letters, digits and underscores (it names ONNX outputs)")
     if task.negative_label in task.labels:
         raise sec.fail("negative_label", task.negative_label, "a name that is not also in labels")
-    for s in (augment, data, sec):
+    if task.unlabeled is not None and task.mean_teacher is None:
+        raise ConfigError(path, "data.unlabeled", "unlabeled images are only used by mean_teacher; "
+                          "set mean_teacher or set data.unlabeled to null")
+    if task.mean_teacher is not None and task.augment.cutmix > 0:
+        raise ConfigError(path, "augment.cutmix", "cutmix cannot be combined with mean_teacher in one task (the "
+                          "teacher's consistency target would be the unmixed image); set one of them off")
+    for s in (data, sec):
         s.finish()
     return task
 
@@ -347,5 +429,9 @@ def load_registry(path: str | Path) -> RegistryConfig:
             raise ConfigError(path, "train.task_sampling.weights", f"unknown task '{name}'; tasks: {', '.join(names)}")
     if train.sampling_policy == "weights" and not any(train.sampling_weights.get(n, 0) > 0 for n in names):
         raise ConfigError(path, "train.task_sampling.weights", "policy 'weights' needs a weight > 0 for some task")
+    decays = {t.mean_teacher.ema_decay for t in tasks if t.mean_teacher}
+    if len(decays) > 1:
+        raise ConfigError(path, "tasks", f"mean_teacher.ema_decay differs between tasks ({sorted(decays)}); the "
+                          "teacher is one copy of the shared model, so they must agree")
     return RegistryConfig(file=path, root=root, demo_data=_resolve(root, demo) if demo else None,
                           model=model, train=train, tasks=tasks)

@@ -23,13 +23,30 @@ METADATA_KEY = "waterdrop"
 PARITY_TOLERANCE = 1e-4
 
 
-class _AllTasks(nn.Module):
-    def __init__(self, net: MultiTaskNet, output_names: list[str]):
+class DeployGraph(nn.Module):
+    """Every task's deploy outputs, plus ``<task>.decision`` (bool) for cascade tasks: both
+    networks at or above the task's threshold, decided inside the graph."""
+
+    def __init__(self, net: MultiTaskNet, thresholds: dict):
         super().__init__()
-        self.net, self.output_names = net, output_names
+        self.net = net
+        self.decision_thresholds = {name: float(thresholds[name]) for name in net.cascades}
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.net.forward_all(image)
+        for name, threshold in self.decision_thresholds.items():
+            outputs[f"{name}.decision"] = outputs[f"{name}.prob"] >= threshold
+        return outputs
+
+
+class _Ordered(nn.Module):
+    # The attribute must not be called "graph": torch.export's FX module owns that name.
+    def __init__(self, deploy: DeployGraph, output_names: list[str]):
+        super().__init__()
+        self.deploy, self.output_names = deploy, output_names
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.net.forward_all(image)
+        outputs = self.deploy(image)
         return tuple(outputs[name] for name in self.output_names)
 
 
@@ -46,8 +63,10 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
             "outputs": {n.split(".", 1)[1]: n for n in output_names if n.split(".", 1)[0] == task.name},
             "deploy": {"prevalence": task.deploy.prevalence, task.deploy.target_metric: task.deploy.target_value},
         }
-        if task.name not in thresholds:
-            raise ValueError(f"no threshold for task '{task.name}'; run tools/eval.py first")
+        if task.name in net.cascades:
+            entry["cascade"] = {"backbone": task.cascade.backbone,
+                                "rule": "decision = stage1_prob >= threshold and stage2_prob >= threshold; "
+                                        "prob = min(stage1_prob, stage2_prob)"}
         entry["threshold" if head.kind == "binary" else "thresholds"] = thresholds[task.name]
         tasks.append(entry)
     return {
@@ -69,8 +88,9 @@ def _check_dynamic_batch(model: onnx.ModelProto) -> None:
             raise RuntimeError(f"ONNX {value.name}: batch axis was fixed to {dim.dim_value} during export")
 
 
-def check_parity(path: Path, net: MultiTaskNet, size: int, batch_sizes=(1, 3), seed: int = 0) -> dict[str, float]:
-    """Max abs difference between onnxruntime and PyTorch for every output at each batch size."""
+def check_parity(path: Path, graph: DeployGraph, size: int, batch_sizes=(1, 3), seed: int = 0) -> dict[str, float]:
+    """Max abs difference between onnxruntime and PyTorch for every output at each batch size
+    (for boolean outputs: the fraction of disagreeing entries)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -80,12 +100,14 @@ def check_parity(path: Path, net: MultiTaskNet, size: int, batch_sizes=(1, 3), s
     for batch in batch_sizes:
         image = rng.integers(0, 256, (batch, 3, size, size)).astype(np.float32)
         with torch.no_grad():
-            expected = net.forward_all(torch.from_numpy(image))
+            expected = graph(torch.from_numpy(image))
         got = session.run(names, {"image": image})
         for name, value in zip(names, got):
             if value.shape != tuple(expected[name].shape):
                 raise RuntimeError(f"{name}: ONNX shape {value.shape} != PyTorch {tuple(expected[name].shape)}")
-            worst[name] = max(worst[name], float(np.abs(value - expected[name].numpy()).max()))
+            reference = expected[name].numpy()
+            diff = (value != reference).mean() if value.dtype == bool else np.abs(value - reference).max()
+            worst[name] = max(worst[name], float(diff))
     return worst
 
 
@@ -97,10 +119,14 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
     net = net.eval().cpu()
     size = cfg.model.input_size
     example = torch.zeros(2, 3, size, size)
+    missing = [t.name for t in cfg.tasks if t.name not in thresholds]
+    if missing:
+        raise ValueError(f"no threshold for tasks {missing}; run tools/eval.py first")
+    graph = DeployGraph(net, thresholds).eval()
     with torch.no_grad():
-        output_names = list(net.forward_all(example))
+        output_names = list(graph(example))
     torch.onnx.export(
-        _AllTasks(net, output_names).eval(), (example,), str(path), input_names=["image"], output_names=output_names,
+        _Ordered(graph, output_names).eval(), (example,), str(path), input_names=["image"], output_names=output_names,
         dynamic_shapes={"image": {0: torch.export.Dim.DYNAMIC}}, opset_version=opset, dynamo=True,
         external_data=False, verbose=False)
     model = onnx.load(str(path))
@@ -109,7 +135,7 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
     entry.key, entry.value = METADATA_KEY, json.dumps(build_metadata(net, cfg, thresholds, output_names))
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
-    parity = check_parity(path, net, size)
+    parity = check_parity(path, graph, size)
     bad = {k: v for k, v in parity.items() if not v <= PARITY_TOLERANCE}
     if bad:
         raise RuntimeError(f"ONNX and PyTorch disagree by more than {PARITY_TOLERANCE}: {bad}")

@@ -26,6 +26,9 @@ METADATA_KEY = "waterdrop"
 def _binary(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
     score = float(outputs["prob"][row])
     result = {"score": round(score, 6), "threshold": task["threshold"], "positive": score >= task["threshold"]}
+    if "decision" in outputs:  # cascade: the AND of both networks, decided in the graph
+        result["positive"] = bool(outputs["decision"][row])
+        result["stage_scores"] = [round(float(outputs[k][row]), 6) for k in ("stage1_prob", "stage2_prob")]
     if "subclass_prob" in outputs:
         probs = outputs["subclass_prob"][row]
         result["subclass"] = task["labels"][int(np.argmax(probs))]

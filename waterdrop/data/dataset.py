@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from waterdrop.imageio import IMAGE_SUFFIXES, ImageDecodeError, read_image, resize
+from waterdrop.config import AugmentConfig
+from waterdrop.imageio import IMAGE_SUFFIXES, ImageDecodeError, list_images, read_image, resize
 
 
 class DataError(ValueError):
@@ -76,6 +77,26 @@ def read_folders(root: Path, known: list[str]) -> list[Record]:
     return records
 
 
+def read_unlabeled(source: Path) -> list[Record]:
+    """Unlabeled images: a folder (searched recursively) or a JSONL manifest whose labels are ignored."""
+    if source.is_file() and source.suffix == ".jsonl":
+        paths = []
+        with open(source, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        paths.append(source.parent / json.loads(line)["image"])
+                    except (ValueError, KeyError, TypeError) as err:
+                        raise DataError(f"{source}:{lineno}: expected an object with an 'image' path") from err
+    elif source.is_dir():
+        paths = list_images(source)
+    else:
+        raise DataError(f"{source}: expected a folder of images or a .jsonl manifest")
+    if not paths:
+        raise DataError(f"{source}: no images found")
+    return [Record(path=p, labels=[]) for p in paths]
+
+
 def read_records(source: Path, known: list[str]) -> list[Record]:
     if source.is_dir():
         records = read_folders(source, known)
@@ -89,22 +110,74 @@ def read_records(source: Path, known: list[str]) -> list[Record]:
 
 
 class TrainTransform:
-    """RandomResizedCrop (area fraction in ``crop_scale``, aspect 3/4..4/3) and horizontal flip."""
+    """The training augmentations of a task, in this order:
 
-    def __init__(self, size: int, crop_scale: tuple[float, float], hflip: bool):
-        self.size, self.crop_scale, self.hflip = size, crop_scale, hflip
+    RandomResizedCrop (area fraction in ``crop_scale``, aspect 3/4..4/3), horizontal flip,
+    rotation by up to +-``rotation`` degrees, colour distortion of strength ``color``
+    (brightness, contrast and saturation factors in 1 +- color, hue shifted by up to
+    color x 18 degrees), and random erasing with probability ``erasing`` (a rectangle of
+    2-33 % of the area, aspect 0.3-3.3, filled with noise; Zhong et al., 2020).
+    """
+
+    def __init__(self, size: int, augment: AugmentConfig):
+        self.size, self.augment = size, augment
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        aug = self.augment
         height, width = image.shape[:2]
-        area = height * width * random.uniform(*self.crop_scale)
+        area = height * width * random.uniform(*aug.crop_scale)
         aspect = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
-        crop_w = int(min(width, round(np.sqrt(area * aspect))))
-        crop_h = int(min(height, round(np.sqrt(area / aspect))))
+        crop_w = int(min(width, max(1, round(np.sqrt(area * aspect)))))
+        crop_h = int(min(height, max(1, round(np.sqrt(area / aspect)))))
         top, left = random.randint(0, height - crop_h), random.randint(0, width - crop_w)
         image = resize(image[top:top + crop_h, left:left + crop_w], self.size)
-        if self.hflip and random.random() < 0.5:
+        if aug.hflip and random.random() < 0.5:
             image = cv2.flip(image, 1)
+        if aug.rotation:
+            image = rotate(image, random.uniform(-aug.rotation, aug.rotation))
+        if aug.color:
+            image = distort_color(image, aug.color)
+        if aug.erasing and random.random() < aug.erasing:
+            image = erase_random_rectangle(image)
         return image
+
+
+def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate about the centre, keeping the size; borders are mirrored so no black corners appear."""
+    height, width = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def distort_color(image: np.ndarray, strength: float) -> np.ndarray:
+    """Random brightness, contrast, saturation and hue of an RGB uint8 image."""
+    def factor() -> float:
+        return random.uniform(1 - strength, 1 + strength)
+
+    out = image.astype(np.float32) * factor()
+    out = (out - out.mean()) * factor() + out.mean()
+    gray = out.mean(axis=2, keepdims=True)
+    out = np.clip((out - gray) * factor() + gray, 0, 255).astype(np.uint8)
+    hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)
+    shift = int(round(random.uniform(-strength, strength) * 9))  # OpenCV hue runs 0..179 (2 degrees a step)
+    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def erase_random_rectangle(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape[:2]
+    for _ in range(10):
+        area = height * width * random.uniform(0.02, 0.33)
+        aspect = np.exp(random.uniform(np.log(0.3), np.log(1 / 0.3)))
+        h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < h < height and 0 < w < width:
+            top, left = random.randint(0, height - h), random.randint(0, width - w)
+            image = image.copy()
+            # Seeded from `random`, which DataLoader workers seed each; numpy's global state they share.
+            noise = np.random.default_rng(random.getrandbits(32)).integers(0, 256, (h, w, image.shape[2]))
+            image[top:top + h, left:left + w] = noise.astype(np.uint8)
+            return image
+    return image
 
 
 class EvalTransform:
@@ -126,11 +199,13 @@ class TaskDataset(Dataset):
         encode: the head's ``encode_target``.
         transform: image -> image at model size.
         source: the manifest or folder, for error messages.
+        unlabeled: records without labels, appended after the labeled ones (mean teacher).
+        second_view: also return a second, independently augmented view (mean teacher).
     """
 
     def __init__(self, task_index: int, records: list[Record], encode: Callable, transform: Callable,
-                 source: Path):
-        self.task_index, self.records, self.transform = task_index, records, transform
+                 source: Path, unlabeled: list[Record] = (), second_view: bool = False):
+        self.task_index, self.transform, self.second_view = task_index, transform, second_view
         self.targets = []
         for i, record in enumerate(records):
             try:
@@ -138,6 +213,10 @@ class TaskDataset(Dataset):
             except ValueError as err:
                 where = f"line {i + 1}" if source.suffix == ".jsonl" else str(record.path)
                 raise DataError(f"{source}: {where}: {err}") from err
+        self.labeled_count = len(records)
+        # Unlabeled samples carry a placeholder target; they are masked out of supervised losses.
+        self.targets += [np.zeros_like(self.targets[0])] * len(unlabeled)
+        self.records = list(records) + list(unlabeled)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -145,16 +224,22 @@ class TaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         skipped = []
         for step in range(len(self.records)):
-            record = self.records[(index + step) % len(self.records)]
+            position = (index + step) % len(self.records)
+            record = self.records[position]
             try:
                 image = read_image(record.path)
             except ImageDecodeError:
                 skipped.append(str(record.path))
                 continue
-            return {"image": np.ascontiguousarray(self.transform(image).transpose(2, 0, 1)),
-                    "task": self.task_index, "target": self.targets[(index + step) % len(self.records)],
-                    "skipped": skipped}
+            sample = {"image": self._view(image), "task": self.task_index, "target": self.targets[position],
+                      "labeled": position < self.labeled_count, "skipped": skipped}
+            if self.second_view:
+                sample["image2"] = self._view(image)
+            return sample
         raise RuntimeError(f"task {self.task_index}: none of its {len(self.records)} images can be decoded")
+
+    def _view(self, image: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.transform(image).transpose(2, 0, 1))
 
 
 class MultiTaskDataset(Dataset):
@@ -181,15 +266,24 @@ class MultiTaskDataset(Dataset):
 
 
 def collate(samples: list[dict], task_names: list[str]) -> dict:
-    """Stack a mixed batch; targets are grouped per task in batch order."""
-    targets = {}
+    """Stack a mixed batch; targets and labeled masks are grouped per task in batch order.
+
+    ``inputs2`` (second views) is present when some sample has one; samples without a
+    second view repeat their first.
+    """
+    targets, labeled = {}, {}
     for t, name in enumerate(task_names):
-        rows = [s["target"] for s in samples if s["task"] == t]
+        rows = [s for s in samples if s["task"] == t]
         if rows:
-            targets[name] = torch.from_numpy(np.stack(rows))
-    return {
+            targets[name] = torch.from_numpy(np.stack([s["target"] for s in rows]))
+            labeled[name] = torch.tensor([s.get("labeled", True) for s in rows])
+    batch = {
         "inputs": torch.from_numpy(np.stack([s["image"] for s in samples])),
         "task_index": torch.tensor([s["task"] for s in samples], dtype=torch.long),
         "targets": targets,
+        "labeled": labeled,
         "skipped": [[task_names[s["task"]], path] for s in samples for path in s["skipped"]],
     }
+    if any("image2" in s for s in samples):
+        batch["inputs2"] = torch.from_numpy(np.stack([s.get("image2", s["image"]) for s in samples]))
+    return batch

@@ -1,12 +1,15 @@
 """Built-in demo data: deterministic synthetic images, generated locally (no downloads).
 
-Two tasks, learnable but not trivial:
+Three tasks, learnable but not trivial:
 
 * ``disgusting``: binary moderation with seven sub-classes. A positive is a textured patch
   (insects, scales, blotched skin, marbled meat, dense holes, dirt, slime) covering a part
   of the image; normal images carry look-alike patches of the same colours without the
-  texture (hard negatives) plus background clutter.
-* ``scene_tags``: ten tags with a long tail of frequencies. Some tags imply others
+  texture (hard negatives) plus background clutter. ``disgusting/unlabeled/`` holds
+  unlabeled images of the same mix for mean-teacher training.
+* ``thriller``: binary with five sub-classes (monster faces, blood splatter, sick tissue,
+  dense creatures, shadow figures); its hard negatives are made-up faces (red lips, dark
+  eye shadow), plain red shapes and plain tissue-coloured patches.* ``scene_tags``: ten tags with a long tail of frequencies. Some tags imply others
   (forest -> tree, boat -> water, cloud -> sky) and two are small objects (glasses, ball)
   whose boxes are written into the manifest.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 IMAGE_SIZE = 128
 
 DISGUSTING_SUBCLASSES = ["insects", "reptiles", "skin_and_body", "organs_and_raw_meat", "dense_clusters",
@@ -28,7 +31,11 @@ SCENE_TAGS = ["sky", "cloud", "grass", "water", "boat", "tree", "forest", "build
 SMALL_OBJECTS = ["glasses", "ball"]
 IMPLIES = {"forest": ["tree"], "boat": ["water"], "cloud": ["sky"]}
 
-SPLITS = {"train": (1400, 0.5), "val": (800, 0.25)}  # images, fraction of positives (disgusting)
+THRILLER_SUBCLASSES = ["horror_makeup_and_monsters", "gore_and_blood", "sick_tissue_and_organs",
+                       "dense_insects_frogs_snakes", "other"]
+# images, fraction of positives
+SPLITS = {"train": (1400, 0.5), "val": (800, 0.25), "unlabeled": (600, 0.25)}
+THRILLER_SPLITS = {"train": (1000, 0.5), "val": (600, 0.25)}
 TAG_SPLITS = {"train": 1400, "val": 600}
 
 
@@ -54,7 +61,9 @@ def _background(rng) -> np.ndarray:
     return image
 
 
-def _region(rng, low=0.28, high=0.5):
+def _region(rng, low=0.28, high=0.5, hard=False):
+    if hard:  # the offending part is a small corner of the image
+        low, high = 0.16, 0.28
     side = int(IMAGE_SIZE * rng.uniform(low, high))
     x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE - side, 2))
     return x, y, side
@@ -128,13 +137,97 @@ PAINTERS = {"insects": _insects, "reptiles": _reptiles, "skin_and_body": _skin, 
 LOOKALIKE_COLORS = [(70, 110, 50), (215, 170, 140), (150, 20, 30), (190, 160, 120), (200, 200, 195)]
 
 
-def disgusting_image(rng, label: str) -> np.ndarray:
+def disgusting_image(rng, label: str, hard: bool = False) -> np.ndarray:
     image = _background(rng)
     if label == "normal":
-        if rng.random() < 0.6:  # hard negative: same colour as a positive patch, no texture
-            _patch(image, rng, LOOKALIKE_COLORS[rng.integers(len(LOOKALIKE_COLORS))], *_region(rng))
+        for _ in range(2 if hard else 1):
+            if rng.random() < (0.9 if hard else 0.6):  # hard negative: a positive's colour without its texture
+                _patch(image, rng, LOOKALIKE_COLORS[rng.integers(len(LOOKALIKE_COLORS))], *_region(rng, hard=hard))
     else:
-        PAINTERS[label](image, rng, *_region(rng))
+        PAINTERS[label](image, rng, *_region(rng, hard=hard))
+    return image
+
+
+def _face(image, rng, x, y, side, skin):
+    cx, cy = x + side // 2, y + side // 2
+    cv2.ellipse(image, (cx, cy), (int(side * 0.4), side // 2), 0, 0, 360, _color(rng, skin, 12), -1)
+    return cx, cy
+
+
+def _monster(image, rng, x, y, side):
+    cx, cy = _face(image, rng, x, y, side, (225, 230, 220))
+    eye = max(2, side // 8)
+    for dx in (-side // 5, side // 5):
+        cv2.circle(image, (cx + dx, cy - side // 8), eye, (10, 10, 10), -1)
+        cv2.line(image, (cx + dx, cy - side // 8), (cx + dx, cy + side // 6), (110, 10, 10), 1)
+    xs = np.linspace(cx - side // 4, cx + side // 4, 7)
+    teeth = np.stack([xs, cy + side // 4 + np.tile([0, 4], 4)[:7]], 1).astype(np.int32)
+    cv2.polylines(image, [teeth], False, (10, 10, 10), 2)
+
+
+def _gore(image, rng, x, y, side):
+    for _ in range(rng.integers(8, 16)):
+        cx, cy = x + int(rng.integers(0, side)), y + int(rng.integers(0, side))
+        red = _color(rng, (140, 10, 10), 25)
+        cv2.circle(image, (cx, cy), int(rng.integers(1, max(2, side // 6))), red, -1)
+        if rng.random() < 0.5:
+            cv2.line(image, (cx, cy), (cx, cy + int(rng.integers(4, side // 2 + 5))), red, 1)
+
+
+def _sick_tissue(image, rng, x, y, side):
+    _patch(image, rng, (180, 110, 150), x, y, side)
+    for _ in range(rng.integers(2, 5)):
+        steps = rng.normal(0, 3, (8, 2)).cumsum(0) + (x + side / 2, y + side / 2)
+        cv2.polylines(image, [steps.astype(np.int32)], False, (90, 30, 80), 1)
+    for _ in range(rng.integers(4, 9)):
+        cx, cy = x + int(rng.integers(4, side - 4)), y + int(rng.integers(4, side - 4))
+        cv2.circle(image, (cx, cy), int(rng.integers(1, 4)), _color(rng, (220, 200, 80), 15), -1)
+
+
+def _dense_creatures(image, rng, x, y, side):
+    for _ in range(rng.integers(15, 30)):
+        cx, cy = x + int(rng.integers(3, side - 3)), y + int(rng.integers(3, side - 3))
+        cv2.ellipse(image, (cx, cy), (4, 3), float(rng.uniform(0, 180)), 0, 360, _color(rng, (80, 120, 40), 25), -1)
+        cv2.circle(image, (cx + 1, cy - 1), 1, (10, 10, 10), -1)
+
+
+def _shadow(image, rng, x, y, side):
+    dark = _color(rng, (15, 15, 20), 8)
+    cx = x + side // 2
+    cv2.circle(image, (cx, y + side // 4), side // 5, dark, -1)
+    cv2.rectangle(image, (cx - side // 4, y + side // 3), (cx + side // 4, y + side), dark, -1)
+    for dx in (-side // 12 - 1, side // 12 + 1):
+        cv2.circle(image, (cx + dx, y + side // 4), 1, (240, 30, 30), -1)
+
+
+THRILLER_PAINTERS = {"horror_makeup_and_monsters": _monster, "gore_and_blood": _gore,
+                     "sick_tissue_and_organs": _sick_tissue, "dense_insects_frogs_snakes": _dense_creatures,
+                     "other": _shadow}
+
+
+def _made_up_face(image, rng, x, y, side):
+    cx, cy = _face(image, rng, x, y, side, (215, 170, 140))
+    for dx in (-side // 5, side // 5):
+        cv2.ellipse(image, (cx + dx, cy - side // 8), (max(2, side // 7), max(1, side // 12)), 0, 0, 360,
+                    _color(rng, (60, 40, 70), 15), -1)
+    cv2.ellipse(image, (cx, cy + side // 4), (side // 6, max(1, side // 14)), 0, 0, 360, _color(rng, (190, 20, 40)), -1)
+
+
+def _thriller_lookalike(image, rng, x, y, side):
+    kind = rng.integers(3)
+    if kind == 0:
+        _made_up_face(image, rng, x, y, side)
+    else:
+        _patch(image, rng, (140, 10, 10) if kind == 1 else (180, 110, 150), x, y, side)
+
+
+def thriller_image(rng, label: str, hard: bool = False) -> np.ndarray:
+    image = _background(rng)
+    if label == "normal":
+        if rng.random() < (0.9 if hard else 0.6):
+            _thriller_lookalike(image, rng, *_region(rng, hard=hard))
+    else:
+        THRILLER_PAINTERS[label](image, rng, *_region(rng, hard=hard))
     return image
 
 
@@ -219,22 +312,30 @@ def _write(path: Path, image_rgb: np.ndarray) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
 
 
-def generate(root: str | Path, seed: int = 0, scale: float = 1.0) -> Path:
-    """Write both demo tasks under ``root`` (JSONL manifests + JPEGs). ``scale`` shrinks the
-    image counts (tests use small sets)."""
-    root = Path(root)
-    for split_index, (split, (count, positive_fraction)) in enumerate(SPLITS.items()):
-        rng = np.random.default_rng([seed, 1, split_index])
-        folder = root / "disgusting" / split
+def _binary_task(root: Path, name: str, splits: dict, subclasses: list[str], paint, seed: int, task_id: int,
+                 scale: float, hard: bool) -> None:
+    for split_index, (split, (count, positive_fraction)) in enumerate(splits.items()):
+        rng = np.random.default_rng([seed, task_id, split_index])
+        folder = root / name / split
         folder.mkdir(parents=True, exist_ok=True)
         count = max(16, int(count * scale))
         positives = int(count * positive_fraction)
-        labels = ["normal"] * (count - positives) + [DISGUSTING_SUBCLASSES[i % 7] for i in range(positives)]
+        labels = ["normal"] * (count - positives) + [subclasses[i % len(subclasses)] for i in range(positives)]
         lines = []
         for i, label in enumerate(rng.permutation(labels)):
-            _write(folder / f"{i:05d}.jpg", disgusting_image(rng, str(label)))
+            _write(folder / f"{i:05d}.jpg", paint(rng, str(label), hard))
             lines.append(json.dumps({"image": f"{split}/{i:05d}.jpg", "labels": [str(label)]}))
-        (root / "disgusting" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        (root / name / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def generate(root: str | Path, seed: int = 0, scale: float = 1.0, hard: bool = False) -> Path:
+    """Write the demo tasks under ``root`` (JSONL manifests + JPEGs). ``scale`` shrinks the
+    image counts (tests use small sets). ``hard`` makes the moderation positives small
+    (16-28 % of the image side) and nearly every normal image carry look-alikes, so that
+    recipes can be told apart (``benchmarks/moderation_ablation.py``)."""
+    root = Path(root)
+    _binary_task(root, "disgusting", SPLITS, DISGUSTING_SUBCLASSES, disgusting_image, seed, 1, scale, hard)
+    _binary_task(root, "thriller", THRILLER_SPLITS, THRILLER_SUBCLASSES, thriller_image, seed, 3, scale, hard)
     for split_index, (split, count) in enumerate(TAG_SPLITS.items()):
         rng = np.random.default_rng([seed, 2, split_index])
         folder = root / "scene_tags" / split
@@ -245,7 +346,7 @@ def generate(root: str | Path, seed: int = 0, scale: float = 1.0) -> Path:
             _write(folder / f"{i:05d}.jpg", image)
             lines.append(json.dumps({"image": f"{split}/{i:05d}.jpg", "labels": tags, "boxes": boxes}))
         (root / "scene_tags" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "COMPLETE").write_text(f"{GENERATOR_VERSION} {seed} {scale}\n")
+    (root / "COMPLETE").write_text(f"{GENERATOR_VERSION} {seed} {scale} {hard}\n")
     return root
 
 
@@ -253,7 +354,7 @@ def ensure_demo_data(root: str | Path, seed: int = 0) -> bool:
     """Generate the demo data unless a complete copy of this generator version is there.
     Returns True when it generated."""
     marker = Path(root) / "COMPLETE"
-    if marker.is_file() and marker.read_text().split() == [GENERATOR_VERSION, str(seed), "1.0"]:
+    if marker.is_file() and marker.read_text().split() == [GENERATOR_VERSION, str(seed), "1.0", "False"]:
         return False
     generate(root, seed)
     return True

@@ -1,9 +1,10 @@
-"""The multi-task batch sampler: every batch mixes tasks by the configured policy."""
+"""Batch sampling: every batch mixes tasks by the configured policy, and each task fills its
+slots from its own stream (plain, balanced, and unlabeled images for mean teacher)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -23,19 +24,82 @@ def task_weights(policy: str, sizes: list[int], names: list[str], weights: dict[
     return raw / raw.sum()
 
 
+def stochastic_round(value: float, rng: np.random.Generator) -> int:
+    """floor(value), plus one with probability equal to the fractional part."""
+    whole = math.floor(value)
+    return whole + int(rng.random() < value - whole)
+
+
+class PlainStream:
+    """Reshuffled passes over a set of indices; a pass ends, the next one starts."""
+
+    def __init__(self, indices, rng: np.random.Generator):
+        self.indices, self.rng = np.asarray(indices, dtype=np.int64), rng
+        self.queue: list[int] = []
+
+    def take(self, count: int) -> list[int]:
+        taken = []
+        for _ in range(count):
+            if not self.queue:
+                self.queue = self.rng.permutation(self.indices).tolist()
+            taken.append(self.queue.pop())
+        return taken
+
+
+class BalancedStream:
+    """A fixed fraction of normal images (class 0), the rest spread evenly over the
+    sub-classes (1..K) present; a rare sub-class repeats, reshuffled on every pass.
+
+    ``normal_fraction`` of the task's slots in a batch are normal (stochastically rounded,
+    so fractions such as 2/3 hold on average); sub-classes take turns in a shuffled cycle.
+    """
+
+    def __init__(self, classes: np.ndarray, normal_fraction: float, rng: np.random.Generator):
+        self.rng = rng
+        self.pools = {int(c): PlainStream(np.nonzero(classes == c)[0], rng) for c in np.unique(classes)}
+        self.subclasses = sorted(c for c in self.pools if c != 0)
+        self.normal_fraction = normal_fraction if 0 in self.pools and self.subclasses else float(0 in self.pools)
+        self.turns: list[int] = []
+
+    def take(self, count: int) -> list[int]:
+        normals = min(count, stochastic_round(count * self.normal_fraction, self.rng))
+        taken = self.pools[0].take(normals) if normals else []
+        for _ in range(count - normals):
+            if not self.turns:
+                self.turns = self.rng.permutation(self.subclasses).tolist()
+            taken += self.pools[self.turns.pop()].take(1)
+        return taken
+
+
+class WithUnlabeled:
+    """A labeled stream plus a pool of unlabeled images taking ``fraction`` of the slots."""
+
+    def __init__(self, labeled, unlabeled_indices, fraction: float, rng: np.random.Generator):
+        self.labeled, self.unlabeled = labeled, PlainStream(unlabeled_indices, rng)
+        self.fraction, self.rng = fraction, rng
+
+    def take(self, count: int) -> list[int]:
+        unlabeled = min(count, stochastic_round(count * self.fraction, self.rng))
+        return self.labeled.take(count - unlabeled) + self.unlabeled.take(unlabeled)
+
+
+StreamFactory = Callable[[np.random.Generator], object]
+
+
 class MultiTaskBatchSampler:
     """Yields batches of global indices into a MultiTaskDataset.
 
-    Each slot of a batch draws its task from ``weights``; each task walks through its own
-    stream of reshuffled passes, so small tasks repeat rather than run dry. One epoch is
-    as many samples as all training sets hold. Under DDP every rank draws the same global
-    sequence and keeps every ``world_size``-th batch.
+    Each slot of a batch draws its task from ``weights``; each task then fills its slots
+    from its stream (built anew each epoch by ``streams[task](rng)``, returning local
+    indices). One epoch is as many samples as all training sets hold. Under DDP every rank
+    draws the same global sequence and keeps every ``world_size``-th batch.
     """
 
     def __init__(self, sizes: list[int], batch_size: int, weights: np.ndarray, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 streams: list[StreamFactory] | None = None, rank: int = 0, world_size: int = 1):
         self.sizes, self.offsets = sizes, np.cumsum([0] + list(sizes))[:-1]
         self.batch_size, self.weights, self.seed = batch_size, weights, seed
+        self.streams = streams or [lambda rng, n=n: PlainStream(np.arange(n), rng) for n in sizes]
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -52,13 +116,11 @@ class MultiTaskBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        streams = [[] for _ in self.sizes]
+        streams = [make(rng) for make in self.streams]
         for batch_number in range(len(self) * self.world_size):
-            tasks = rng.choice(len(self.sizes), size=self.batch_size, p=self.weights)
-            batch = []
-            for task in tasks:
-                if not streams[task]:
-                    streams[task] = rng.permutation(self.sizes[task]).tolist()
-                batch.append(int(self.offsets[task] + streams[task].pop()))
+            counts = np.bincount(rng.choice(len(self.sizes), size=self.batch_size, p=self.weights),
+                                 minlength=len(self.sizes))
+            batch = [int(self.offsets[t] + i) for t, count in enumerate(counts) if count
+                     for i in streams[t].take(int(count))]
             if batch_number % self.world_size == self.rank:
                 yield batch

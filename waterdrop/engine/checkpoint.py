@@ -51,6 +51,8 @@ def load_net(checkpoint_path: str | Path,
         raise ValueError(f"{checkpoint_path} was trained on tasks {meta['task_names']}, but {registry} "
                          f"lists {cfg.task_names}")
     net = MultiTaskNet(cfg)
-    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
+    # With mean teacher the checkpoint holds student and teacher; the teacher is deployed.
+    prefix = "teacher." if any(k.startswith("teacher.") for k in checkpoint["state_dict"]) else "net."
+    state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state)
     return net.eval(), cfg, meta

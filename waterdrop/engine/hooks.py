@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 
 from waterdrop import __version__
 
@@ -35,6 +36,10 @@ class WaterdropHook(Hook):
         self.skipped: dict[str, set[str]] = defaultdict(set)
         self.rows: list[dict] = []
 
+    @staticmethod
+    def _model(runner):
+        return runner.model.module if is_model_wrapper(runner.model) else runner.model
+
     def before_train(self, runner) -> None:
         # On resume, keep the rows of the epochs already done.
         results = Path(runner.work_dir) / "results.csv"
@@ -46,6 +51,9 @@ class WaterdropHook(Hook):
         self._epoch_skipped = 0
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._start, self._images = time.perf_counter(), 0
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._model(runner).epoch_progress = runner.epoch + batch_idx / len(runner.train_dataloader)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         for task, path in data_batch.get("skipped", []):
@@ -65,7 +73,7 @@ class WaterdropHook(Hook):
 
     def after_train_epoch(self, runner) -> None:
         row = {"epoch": runner.epoch + 1, "lr": runner.optim_wrapper.get_lr()["lr"][0],
-               "skipped_images": self._epoch_skipped, "nonfinite_batches": runner.model.nonfinite_batches}
+               "skipped_images": self._epoch_skipped, "nonfinite_batches": self._model(runner).nonfinite_batches}
         row.update({k: self._sums[k] / self._counts[k] for k in sorted(self._sums)})
         self.rows.append(row)
         if self._epoch_skipped:
@@ -88,7 +96,7 @@ class WaterdropHook(Hook):
         self._write_results(Path(runner.work_dir))
         summary = {
             "epochs": runner.epoch,
-            "nonfinite_batches_skipped": runner.model.nonfinite_batches,
+            "nonfinite_batches_skipped": self._model(runner).nonfinite_batches,
             "skipped_images": {task: sorted(paths) for task, paths in self.skipped.items()},
             "skipped_image_count": sum(len(p) for p in self.skipped.values()),
             "last_epoch": self.rows[-1] if self.rows else {},

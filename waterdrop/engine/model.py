@@ -1,20 +1,56 @@
-"""mmengine wrapper around MultiTaskNet: losses per task, predictions for the metric."""
+"""mmengine wrapper around MultiTaskNet: the training recipe of every task (losses, cutmix,
+OHEM cascade, mean teacher) and predictions for the validation metric."""
 
 from __future__ import annotations
+
+import copy
+import math
 
 import torch
 from mmengine.model import BaseModel
 
 from waterdrop.config import RegistryConfig
+from waterdrop.model.head import Head
 from waterdrop.model.multitask import MultiTaskNet
+
+
+def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per_sample * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _task_terms(head: Head, outputs: dict, target: torch.Tensor, mix) -> dict[str, torch.Tensor]:
+    """Per-sample loss terms; under cutmix ``mix = (second_target, lam)`` weighs both targets."""
+    terms = head.loss(outputs, target)
+    if mix is None:
+        return terms
+    second_target, lam = mix
+    second = head.loss(outputs, second_target)
+    return {k: lam * v + (1 - lam) * second[k] for k, v in terms.items()}
+
+
+def rampup(progress_epochs: float, rampup_epochs: float) -> float:
+    """Sigmoid-shaped ramp from ~0 to 1 over ``rampup_epochs`` (Laine & Aila, 2017)."""
+    if rampup_epochs <= 0:
+        return 1.0
+    t = min(max(progress_epochs / rampup_epochs, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 class WaterdropModel(BaseModel):
     """Losses come back as ``{"<task>.<term>": value}`` (already times the task's loss
-    weight) so logs and TensorBoard show every term.
+    weight) so logs and TensorBoard show every term. Per task, as its YAML says:
 
-    A batch whose loss is NaN or infinite is skipped (no optimizer step, and the BatchNorm
-    running statistics its forward pass touched are restored) and counted in
+    * cutmix: a rectangle of another same-task image is pasted in; the loss mixes both
+      targets by area.
+    * cascade: the second network is trained on the ``hard_per_batch`` samples with the
+      highest first-network loss in the batch (OHEM); term ``cascade_<term>``.
+    * mean_teacher: an EMA copy of the whole network (``teacher``) sees a second view of
+      the task's images, labeled and unlabeled; ``loss_consistency`` is the MSE between
+      student and teacher probabilities, ramped up. Unlabeled samples are left out of the
+      supervised terms. Validation, eval and export use the teacher.
+
+    A batch whose loss is NaN or infinite is skipped (no optimizer step, and the buffers
+    its forward pass touched, BatchNorm statistics included, are restored) and counted in
     ``nonfinite_batches``; ``max_nonfinite_streak`` such batches in a row stop training
     with an error naming the terms.
     """
@@ -22,31 +58,115 @@ class WaterdropModel(BaseModel):
     def __init__(self, cfg: RegistryConfig, max_nonfinite_streak: int = 20):
         super().__init__()
         self.net = MultiTaskNet(cfg)
-        self.loss_weights = {t.name: t.loss_weight for t in cfg.tasks}
+        self.tasks = {t.name: t for t in cfg.tasks}
         self.max_nonfinite_streak = max_nonfinite_streak
         self.nonfinite_batches = 0
         self._nonfinite_streak = 0
+        self.epoch_progress = 0.0  # epochs done, fractional; set by WaterdropHook before each iteration
+        teaching = [t.mean_teacher for t in cfg.tasks if t.mean_teacher]
+        self.teacher = None
+        if teaching:
+            self.teacher = copy.deepcopy(self.net).requires_grad_(False)
+            self.ema_decay = teaching[0].ema_decay
+            self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
 
-    def forward(self, inputs, task_index, targets=None, mode="tensor", **unused):
-        outputs = self.net.forward_tasks(inputs, task_index)
+    @property
+    def deployed(self) -> MultiTaskNet:
+        """The network that is validated, evaluated and exported."""
+        return self.teacher if self.teacher is not None else self.net
+
+    def forward(self, inputs, task_index, targets=None, mode="tensor", labeled=None, inputs2=None, **unused):
         if mode == "loss":
-            losses = {}
-            for name, out in outputs.items():
-                for term, value in self.net.heads[name].loss(out, targets[name]).items():
-                    losses[f"{name}.{term}"] = value * self.loss_weights[name]
-            return losses
+            return self._losses(inputs, task_index, targets, labeled or {}, inputs2)
+        outputs = self.deployed.forward_tasks(inputs, task_index)
         if mode == "predict":
-            return self._per_sample(outputs, targets)
+            return [{"task": name, "score": s, "truth": t}
+                    for name, (scores, truth) in self.deployed.scores_and_truth(outputs, targets).items()
+                    for s, t in zip(scores, truth)]
         return outputs
 
-    def _per_sample(self, outputs, targets) -> list[dict]:
-        return [{"task": name, "score": s, "truth": t}
-                for name, (scores, truth) in self.net.scores_and_truth(outputs, targets).items()
-                for s, t in zip(scores, truth)]
+    def _losses(self, images, task_index, targets, labeled, images2) -> dict[str, torch.Tensor]:
+        images, mixes = self._cutmix(images, task_index, targets)
+        outputs = self.net.forward_tasks(images, task_index, with_cascade=False)
+        losses = {}
+        for t, name in enumerate(self.net.task_names):
+            if name not in outputs:
+                continue
+            task, head, target = self.tasks[name], self.net.heads[name], targets[name]
+            mask = labeled.get(name, torch.ones(len(target), dtype=torch.bool, device=target.device))
+            mask = mask.to(target.device)
+            terms = _task_terms(head, outputs[name], target, mixes.get(name))
+            for term, per_sample in terms.items():
+                losses[f"{name}.{term}"] = _masked_mean(per_sample, mask) * task.loss_weight
+            if task.cascade is not None and mask.any():
+                rows = (task_index == t).nonzero(as_tuple=True)[0]
+                hardness = sum(terms.values()).detach().masked_fill(~mask, -math.inf)
+                hard = hardness.topk(min(task.cascade.hard_per_batch, int(mask.sum()))).indices
+                mix = mixes.get(name)
+                second = _task_terms(self.net.cascades[name].head, self.net.run_cascade(name, images[rows[hard]]),
+                                     target[hard], None if mix is None else (mix[0][hard], mix[1]))
+                weight = task.loss_weight * task.cascade.loss_weight
+                for term, per_sample in second.items():
+                    losses[f"{name}.cascade_{term}"] = per_sample.mean() * weight
+        if self.teacher is not None:
+            losses.update(self._consistency(outputs, images if images2 is None else images2, task_index))
+        return losses
+
+    def _cutmix(self, images, task_index, targets):
+        """Paste a random rectangle of another image of the same task (Yun et al., 2019)."""
+        mixes, copied = {}, False
+        height, width = images.shape[-2:]
+        for t, name in enumerate(self.net.task_names):
+            prob = self.tasks[name].augment.cutmix
+            rows = (task_index == t).nonzero(as_tuple=True)[0]
+            if not prob or len(rows) < 2 or float(torch.rand(())) >= prob:
+                continue
+            order = torch.randperm(len(rows), device=rows.device)
+            side = math.sqrt(1 - float(torch.rand(())))  # area fraction ~ Beta(1, 1)
+            cut_h, cut_w = int(height * side), int(width * side)
+            top = int(torch.randint(0, height - cut_h + 1, ()))
+            left = int(torch.randint(0, width - cut_w + 1, ()))
+            if not copied:
+                images, copied = images.clone(), True
+            images[rows, :, top:top + cut_h, left:left + cut_w] = images[rows[order], :, top:top + cut_h,
+                                                                          left:left + cut_w]
+            mixes[name] = (targets[name][order], 1 - cut_h * cut_w / (height * width))
+        return images, mixes
+
+    def _consistency(self, student_outputs, views, task_index) -> dict[str, torch.Tensor]:
+        taught = [t for t, name in enumerate(self.net.task_names)
+                  if self.tasks[name].mean_teacher is not None and name in student_outputs]
+        if not taught:
+            return {}
+        rows = torch.isin(task_index, torch.tensor(taught, device=task_index.device))
+        with torch.no_grad():
+            teacher_outputs = self.teacher.forward_tasks(views[rows], task_index[rows], with_cascade=False)
+        losses = {}
+        for t in taught:
+            name = self.net.task_names[t]
+            student = self.net.task_predictions(name, student_outputs[name])
+            teacher = self.teacher.task_predictions(name, teacher_outputs[name])
+            mse = torch.stack([(student[k].float() - teacher[k].float()).pow(2).mean() for k in student]).mean()
+            settings = self.tasks[name].mean_teacher
+            weight = settings.consistency_weight * rampup(self.epoch_progress, settings.rampup_epochs)
+            losses[f"{name}.loss_consistency"] = mse * weight * self.tasks[name].loss_weight
+        return losses
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """EMA of the student's weights; BatchNorm statistics are copied. The decay starts
+        low so the teacher does not average in the random initialisation for long."""
+        self.ema_steps += 1
+        steps = int(self.ema_steps)
+        decay = min(self.ema_decay, (1 + steps) / (10 + steps))
+        for teacher, student in zip(self.teacher.parameters(), self.net.parameters()):
+            teacher.lerp_(student.detach(), 1 - decay)
+        for teacher, student in zip(self.teacher.buffers(), self.net.buffers()):
+            teacher.copy_(student)
 
     def train_step(self, data, optim_wrapper):
         # BN statistics are updated by the forward pass itself; a NaN batch would poison them.
-        buffers = list(self.net.buffers())
+        buffers = list(self.buffers())
         saved = [b.detach().clone() for b in buffers]
         with optim_wrapper.optim_context(self):
             data = self.data_preprocessor(data, True)
@@ -55,6 +175,8 @@ class WaterdropModel(BaseModel):
         if torch.isfinite(loss):
             self._nonfinite_streak = 0
             optim_wrapper.update_params(loss)
+            if self.teacher is not None:
+                self.update_teacher()
             return log_vars
         self.nonfinite_batches += 1
         self._nonfinite_streak += 1
@@ -65,6 +187,6 @@ class WaterdropModel(BaseModel):
                 "lower train.optimizer.lr, check the task's data, or turn amp off")
         optim_wrapper.zero_grad()
         with torch.no_grad():
-            for buffer, copy in zip(buffers, saved):
-                buffer.copy_(copy)
+            for buffer, copy_ in zip(buffers, saved):
+                buffer.copy_(copy_)
         return {"nonfinite_skipped": torch.tensor(1.0)}

@@ -9,6 +9,7 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from mmengine.dataset import DefaultSampler
 from mmengine.dist import barrier, get_dist_info, init_dist, is_distributed
@@ -18,10 +19,18 @@ from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
 from waterdrop import __version__
-from waterdrop.config import RegistryConfig, load_registry
-from waterdrop.data.dataset import EvalTransform, MultiTaskDataset, TaskDataset, TrainTransform, collate, read_records
+from waterdrop.config import ConfigError, RegistryConfig, load_registry
+from waterdrop.data.dataset import (
+    EvalTransform,
+    MultiTaskDataset,
+    TaskDataset,
+    TrainTransform,
+    collate,
+    read_records,
+    read_unlabeled,
+)
 from waterdrop.data.demo import ensure_demo_data
-from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
+from waterdrop.data.sampler import BalancedStream, MultiTaskBatchSampler, PlainStream, WithUnlabeled, task_weights
 from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
@@ -31,16 +40,45 @@ from waterdrop.model.multitask import MultiTaskNet
 
 
 def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiTaskDataset:
-    """One TaskDataset per task for ``split`` ("train" or "val"), labels checked by each head."""
+    """One TaskDataset per task for ``split`` ("train" or "val"), labels checked by each head.
+    Training sets of mean-teacher tasks also hold the unlabeled images and give two views."""
     datasets = []
     for t, task in enumerate(cfg.tasks):
         source = getattr(task, split)
         head = net.heads[task.name]
-        transform = (TrainTransform(cfg.model.input_size, task.augment.crop_scale, task.augment.hflip)
-                     if split == "train" else EvalTransform(cfg.model.input_size))
         known = [task.negative_label, *task.labels]
-        datasets.append(TaskDataset(t, read_records(source, known), head.encode_target, transform, source))
+        records = read_records(source, known)
+        if split == "train":
+            teaching = task.mean_teacher is not None
+            unlabeled = read_unlabeled(task.unlabeled) if task.unlabeled else []
+            datasets.append(TaskDataset(t, records, head.encode_target,
+                                        TrainTransform(cfg.model.input_size, task.augment), source, unlabeled,
+                                        second_view=teaching))
+        else:
+            datasets.append(TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source))
     return MultiTaskDataset(datasets)
+
+
+def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTaskNet) -> list:
+    """Per task, how its batch slots are filled (see ``waterdrop.data.sampler``)."""
+    streams = []
+    for task, dataset in zip(cfg.tasks, train_set.datasets):
+        labeled = np.arange(dataset.labeled_count)
+        if task.sampler.type == "balanced":
+            if net.heads[task.name].kind != "binary":
+                raise ConfigError(task.file, "sampler.type", "balanced needs a binary head (normal vs sub-classes)")
+            classes = np.asarray(dataset.targets[:dataset.labeled_count], dtype=np.int64)
+            labeled_stream = partial(BalancedStream, classes, task.sampler.normal_fraction)
+        else:
+            labeled_stream = partial(PlainStream, labeled)
+        if len(dataset) > dataset.labeled_count:
+            fraction = task.mean_teacher.unlabeled_fraction
+            unlabeled = np.arange(dataset.labeled_count, len(dataset))
+            streams.append(lambda rng, make=labeled_stream, u=unlabeled, f=fraction: WithUnlabeled(make(rng=rng), u,
+                                                                                                    f, rng))
+        else:
+            streams.append(lambda rng, make=labeled_stream: make(rng=rng))
+    return streams
 
 
 def val_loader(cfg: RegistryConfig, net: MultiTaskNet, distributed: bool = False) -> DataLoader:
@@ -72,7 +110,8 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     model = WaterdropModel(cfg)
     train_set = build_datasets(cfg, model.net, "train")
     weights = task_weights(train.sampling_policy, train_set.sizes, cfg.task_names, train.sampling_weights)
-    batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed, rank, world_size)
+    batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
+                                          task_streams(cfg, train_set, model.net), rank, world_size)
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=train.num_workers,
                               collate_fn=partial(collate, task_names=cfg.task_names),
                               persistent_workers=train.num_workers > 0)

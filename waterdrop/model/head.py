@@ -46,7 +46,11 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Loss terms, keyed by term name (e.g. ``loss_cls``)."""
+        """Loss terms per sample, keyed by term name (e.g. ``loss_cls``), each of shape (N,).
+
+        The caller averages them; per-sample values let it mix targets (cutmix), leave out
+        unlabeled samples and rank samples by loss (OHEM).
+        """
         raise NotImplementedError
 
     def predict(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,9 +6,31 @@ import torch
 from torch import nn
 
 from waterdrop.config import ConfigError, RegistryConfig
+from waterdrop.model.head import Head
 from waterdrop.model.task_bn import TaskRouting, branch_norms
 from waterdrop.model.trunk import Trunk
 from waterdrop.registry import registered_heads
+
+
+class CascadeNet(nn.Module):
+    """The second network of an OHEM cascade: its own trunk and a head of the task's type.
+
+    It is trained only on the first network's hardest samples of each batch; at inference
+    a task's decision is the AND of both networks (see ``MultiTaskNet.task_predictions``).
+    """
+
+    def __init__(self, backbone: str, head_class: type[Head], labels: list[str], negative_label: str,
+                 head_args: dict):
+        super().__init__()
+        self.trunk = Trunk(backbone)
+        self.head = head_class(self.trunk.channels, labels, negative_label, **head_args)
+
+    def forward(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, x = [], normalized
+        for level in range(len(self.trunk.levels)):
+            x = self.trunk.run_level(level, x)
+            feats.append(x)
+        return self.head(feats)
 
 
 class MultiTaskNet(nn.Module):
@@ -23,6 +45,8 @@ class MultiTaskNet(nn.Module):
       (training and validation); returns raw head outputs per task present in the batch.
     * ``forward_all(images)``: every image through every task in one graph (inference and
       ONNX export); returns the deploy outputs as ``{"<task>.<key>": tensor}``.
+
+    A task with ``cascade`` in its YAML also has a ``CascadeNet`` in ``cascades``.
     """
 
     def __init__(self, cfg: RegistryConfig):
@@ -54,12 +78,27 @@ class MultiTaskNet(nn.Module):
             except (ValueError, TypeError) as err:
                 raise ConfigError(task.file, "head", str(err)) from err
         self.heads = nn.ModuleDict(heads)
+        self.cascades = nn.ModuleDict()
+        for task in cfg.tasks:
+            if task.cascade is None:
+                continue
+            if heads[task.name].kind != "binary":
+                raise ConfigError(task.file, "cascade", f"needs a binary head; {task.head_type} is "
+                                  f"{heads[task.name].kind}")
+            try:
+                self.cascades[task.name] = CascadeNet(task.cascade.backbone, head_classes[task.head_type],
+                                                      task.labels, task.negative_label, task.head_args)
+            except ValueError as err:
+                raise ConfigError(task.file, "cascade.backbone", str(err)) from err
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
     def forward_features(self, images: torch.Tensor, task_index: torch.Tensor | None) -> list[torch.Tensor]:
         """Feature maps of every level. With ``task_index`` None the levels from the first
         branched one on hold ``num_tasks`` stacked copies of the batch."""
         self.routing.task_index = task_index
-        x = (images.float() - self.mean) / self.std
+        x = self.normalize(images)
         feats = []
         for level in range(len(self.trunk.levels)):
             if level == self.first_branched and task_index is None:
@@ -68,24 +107,42 @@ class MultiTaskNet(nn.Module):
             feats.append(x)
         return feats
 
-    def forward_tasks(self, images: torch.Tensor, task_index: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """Raw outputs per task, rows in batch order of that task's samples."""
+    def forward_tasks(self, images: torch.Tensor, task_index: torch.Tensor,
+                      with_cascade: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Raw outputs per task, rows in batch order of that task's samples. A cascade
+        task's outputs hold its second network's outputs under ``cascade`` (unless
+        ``with_cascade`` is False: training runs it on the hard samples only)."""
         feats = self.forward_features(images, task_index)
         outputs = {}
         for t, name in enumerate(self.task_names):
             rows = (task_index == t).nonzero(as_tuple=True)[0]
             if rows.numel():
                 outputs[name] = self.heads[name]([f[rows] for f in feats])
+                if with_cascade and name in self.cascades:
+                    outputs[name]["cascade"] = self.run_cascade(name, images[rows])
         return outputs
+
+    def run_cascade(self, name: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.cascades[name](self.normalize(images))
+
+    def task_predictions(self, name: str, outputs: dict) -> dict[str, torch.Tensor]:
+        """Deploy outputs of one task. With a cascade, ``prob`` is the minimum of both
+        networks' P(positive), so ``prob >= threshold`` is the AND of both decisions;
+        ``stage1_prob`` and ``stage2_prob`` are kept for inspection."""
+        predictions = self.heads[name].predict(outputs)
+        if "cascade" in outputs:
+            second = self.cascades[name].head.predict(outputs["cascade"])["prob"]
+            predictions.update(stage1_prob=predictions["prob"], stage2_prob=second,
+                               prob=torch.minimum(predictions["prob"], second))
+        return predictions
 
     def scores_and_truth(self, outputs: dict[str, dict[str, torch.Tensor]],
                          targets: dict[str, torch.Tensor]) -> dict[str, tuple]:
         """Evaluation arrays per task (see ``Head.score_and_truth``) from ``forward_tasks`` outputs."""
         arrays = {}
         for name, out in outputs.items():
-            head = self.heads[name]
-            predictions = {k: v.detach().float().cpu().numpy() for k, v in head.predict(out).items()}
-            arrays[name] = head.score_and_truth(predictions, targets[name].cpu().numpy())
+            predictions = {k: v.detach().float().cpu().numpy() for k, v in self.task_predictions(name, out).items()}
+            arrays[name] = self.heads[name].score_and_truth(predictions, targets[name].cpu().numpy())
         return arrays
 
     def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -95,7 +152,9 @@ class MultiTaskNet(nn.Module):
         for t, name in enumerate(self.task_names):
             task_feats = [f if level < self.first_branched else f.unflatten(0, (len(self.task_names), -1))[t]
                           for level, f in enumerate(feats)]
-            head = self.heads[name]
-            for key, value in head.predict(head(task_feats)).items():
+            outputs = self.heads[name](task_feats)
+            if name in self.cascades:
+                outputs["cascade"] = self.run_cascade(name, images)
+            for key, value in self.task_predictions(name, outputs).items():
                 results[f"{name}.{key}"] = value
         return results
