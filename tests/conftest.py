@@ -34,6 +34,18 @@ def write_registry(folder: Path, data_root: Path, **model_overrides) -> Path:
     return path
 
 
+def edit_task(registry_file: Path, name: str, **changes) -> None:
+    """Change top-level keys of a task YAML written by ``write_registry``; mappings are updated."""
+    path = registry_file.parent / "tasks" / f"{name}.yaml"
+    task = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(task.get(key), dict):
+            task[key].update(value)
+        else:
+            task[key] = value
+    path.write_text(yaml.safe_dump(task))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("demo"), seed=0, scale=0.04)

@@ -10,8 +10,12 @@ import pytest
 import torch
 from mmengine.optim import OptimWrapper
 
+from tests.conftest import edit_task
 from waterdrop.config import load_registry
+from waterdrop.engine.checkpoint import load_net
 from waterdrop.engine.model import WaterdropModel
+from waterdrop.engine.train import best_checkpoint, run_training
+from waterdrop.export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +76,21 @@ def test_nonfinite_loss_skips_the_step_and_stops_when_it_persists(registry_file)
     assert model.nonfinite_batches == 2
     with pytest.raises(FloatingPointError, match="3 batches in a row.*disgusting.loss_focal"):
         model.train_step(batch, wrapper)
+
+
+def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_root, tmp_path):
+    edit_task(registry_file, "disgusting", data={"unlabeled": str(demo_root / "disgusting" / "unlabeled")},
+              mean_teacher={"rampup_epochs": 0.5}, head={"pcb": {"size": 1, "stride": 1}})
+    edit_task(registry_file, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 4},
+              augment={"cutmix": 0.5}, sampler={"type": "balanced", "normal_fraction": 0.67})
+    printed = []
+    report = run_training(registry_file, tmp_path / "run", printer=lambda *text, **_: printed.extend(text))
+    with open(tmp_path / "run" / "results.csv") as f:
+        columns = next(csv.reader(f))
+    for term in ("disgusting.loss_consistency", "disgusting.loss_focal", "thriller.cascade_loss_focal"):
+        assert term in columns, columns
+    assert 0 <= report["thriller"]["ap"] <= 1 and 0 <= report["disgusting"]["deploy"]["precision"] <= 1
+    net, cfg, _ = load_net(best_checkpoint(tmp_path / "run"))
+    thresholds = json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
+    parity = export_onnx(net, cfg, thresholds, tmp_path / "model.onnx")
+    assert "thriller.decision" in parity and max(parity.values()) <= 1e-4

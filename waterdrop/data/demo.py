@@ -9,7 +9,8 @@ Three tasks, learnable but not trivial:
   unlabeled images of the same mix for mean-teacher training.
 * ``thriller``: binary with five sub-classes (monster faces, blood splatter, sick tissue,
   dense creatures, shadow figures); its hard negatives are made-up faces (red lips, dark
-  eye shadow), plain red shapes and plain tissue-coloured patches.* ``scene_tags``: ten tags with a long tail of frequencies. Some tags imply others
+  eye shadow), plain red shapes and plain tissue-coloured patches.
+* ``scene_tags``: ten tags with a long tail of frequencies. Some tags imply others
   (forest -> tree, boat -> water, cloud -> sky) and two are small objects (glasses, ball)
   whose boxes are written into the manifest.
 """
@@ -63,7 +64,7 @@ def _background(rng) -> np.ndarray:
 
 def _region(rng, low=0.28, high=0.5, hard=False):
     if hard:  # the offending part is a small corner of the image
-        low, high = 0.16, 0.28
+        low, high = 0.2, 0.34
     side = int(IMAGE_SIZE * rng.uniform(low, high))
     x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE - side, 2))
     return x, y, side
@@ -331,7 +332,7 @@ def _binary_task(root: Path, name: str, splits: dict, subclasses: list[str], pai
 def generate(root: str | Path, seed: int = 0, scale: float = 1.0, hard: bool = False) -> Path:
     """Write the demo tasks under ``root`` (JSONL manifests + JPEGs). ``scale`` shrinks the
     image counts (tests use small sets). ``hard`` makes the moderation positives small
-    (16-28 % of the image side) and nearly every normal image carry look-alikes, so that
+    (20-34 % of the image side) and nearly every normal image carry look-alikes, so that
     recipes can be told apart (``benchmarks/moderation_ablation.py``)."""
     root = Path(root)
     _binary_task(root, "disgusting", SPLITS, DISGUSTING_SUBCLASSES, disgusting_image, seed, 1, scale, hard)
