@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from waterdrop.model.head import Head, check_range, pooled
+from waterdrop.model.losses import sigmoid_focal
 from waterdrop.registry import register_head
 
 
 @register_head
 class MultiLabelHead(Head):
-    """Per-label sigmoid outputs with binary cross-entropy.
+    """Per-label sigmoid outputs with binary cross-entropy or focal loss.
 
     A label listed under ``missing`` in a manifest line is unknown for that image: it is
     masked out of the loss instead of being taken as a negative.
 
     Args:
+        loss: ``bce`` or ``focal`` (sigmoid focal loss, which down-weights the many easy
+            negatives of rare labels).
+        gamma: focal exponent, used with ``loss: focal``.
         dropout: dropout before the classifier, in [0, 1).
     """
 
     kind = "multilabel"
 
-    def __init__(self, in_channels, labels, negative_label, *, dropout: float = 0.0):
+    def __init__(self, in_channels, labels, negative_label, *, loss: str = "bce", gamma: float = 2.0,
+                 dropout: float = 0.0):
         super().__init__(in_channels, labels, negative_label)
+        if loss not in ("bce", "focal"):
+            raise ValueError(f"loss must be bce or focal, got {loss!r}")
+        self.gamma = check_range("gamma", gamma, 0.0, 10.0) if loss == "focal" else 0.0
         self.dropout = nn.Dropout(check_range("dropout", dropout, 0.0, 0.99))
         self.fc = nn.Linear(in_channels[-1], len(labels))
 
@@ -34,7 +41,7 @@ class MultiLabelHead(Head):
 
     def loss(self, outputs, target):
         known = (target >= 0).float()
-        per_label = F.binary_cross_entropy_with_logits(outputs["logits"], target.clamp(min=0), reduction="none")
+        per_label = sigmoid_focal(outputs["logits"], target.clamp(min=0), self.gamma)
         return {"loss_cls": (per_label * known).sum(dim=1) / known.sum(dim=1).clamp(min=1)}
 
     def predict(self, outputs):

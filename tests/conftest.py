@@ -23,6 +23,8 @@ def write_registry(folder: Path, data_root: Path, **model_overrides) -> Path:
     registry["model"].update({"backbone": "test_resnet", "input_size": 64, **model_overrides})
     registry["train"].update({"epochs": 1, "batch_size": 16, "num_workers": 0, "log_interval": 5})
     (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    for extra in (REPO / "tasks").glob("*_relations.yaml"):
+        shutil.copy(extra, folder / "tasks" / extra.name)
     for task_file in registry["tasks"]:
         task = yaml.safe_load((REPO / task_file).read_text())
         task_name = task["name"]

@@ -13,13 +13,16 @@ from typing import Any
 
 import yaml
 
+from waterdrop.relations import RelationError, RelationGraph
+
 _REQUIRED = object()
 
 CBAM_MODES = ("none", "blocks", "stages")
 SAMPLING_POLICIES = ("size", "uniform", "weights")
 OPTIMIZERS = ("AdamW", "SGD")
 TARGET_METRICS = ("recall", "precision")
-SAMPLERS = ("plain", "balanced")
+SAMPLERS = ("plain", "balanced", "repeat_factor")
+REPEAT_FUNCTIONS = ("sqrt", "uniform")
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,11 @@ class DeployConfig:
     prevalence: float | None
     target_metric: str
     target_value: float
+    label_targets: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def target_for(self, label: str) -> tuple[str, float]:
+        """(metric, value) for one label: its override, else the task's target."""
+        return self.label_targets.get(label, (self.target_metric, self.target_value))
 
 
 @dataclass
@@ -79,6 +87,8 @@ class AugmentConfig:
 class SamplerConfig:
     type: str = "plain"
     normal_fraction: float = 0.5
+    threshold: float = 0.1
+    function: str = "sqrt"
 
 
 @dataclass
@@ -113,6 +123,7 @@ class TaskConfig:
     augment: AugmentConfig
     cascade: CascadeConfig | None = None
     mean_teacher: MeanTeacherConfig | None = None
+    relations: RelationGraph | None = None
 
 
 @dataclass
@@ -276,30 +287,76 @@ def _load_train(sec: _Section) -> TrainConfig:
     return train
 
 
-def _load_labels(sec: _Section, task_dir: Path) -> list[str]:
+def _load_labels(sec: _Section, task_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """Label names, and child -> [parent] for entries written as ``{name: x, parent: y}``."""
     value = sec.raw("labels")
     if isinstance(value, str):
         label_file = _resolve(task_dir, value)
         if not label_file.is_file():
             raise sec.fail("labels", value, "a list of label names or an existing .txt file, one label a line")
         value = [ln.strip() for ln in label_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list) or not value:
         raise sec.fail("labels", value, "a non-empty list of label names")
-    duplicates = sorted({v for v in value if value.count(v) > 1})
+    names, parents = [], {}
+    for entry in value:
+        if isinstance(entry, dict) and set(entry) <= {"name", "parent"} and isinstance(entry.get("name"), str):
+            names.append(entry["name"])
+            if entry.get("parent") is not None:
+                parents[entry["name"]] = [str(entry["parent"])]
+        elif isinstance(entry, str) and entry:
+            names.append(entry)
+        else:
+            raise sec.fail("labels", entry, "a label name, or {name: label, parent: label}")
+    duplicates = sorted({v for v in names if names.count(v) > 1})
     if duplicates:
         raise sec.fail("labels", duplicates, "unique label names")
-    return value
+    return names, parents
 
 
-def _load_deploy(sec: _Section) -> DeployConfig:
-    target = sec.section("target")
+def _load_relations(sec: _Section, task_dir: Path, labels: list[str], parents: dict[str, list[str]]) -> RelationGraph:
+    """The task's relation graph: ``parent`` entries of ``labels`` plus the ``relations`` file."""
+    implies, excludes = {k: list(v) for k, v in parents.items()}, []
+    name = sec.string("relations", None)
+    where: Path | str = sec.file
+    if name is not None:
+        where = _resolve(task_dir, name)
+        data = _Section(read_yaml(where), where)
+        raw_implies, excludes = data.raw("implies", {}), data.raw("excludes", [])
+        if not isinstance(raw_implies, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, str) for x in v) for v in raw_implies.values()):
+            raise data.fail("implies", raw_implies, "a mapping of label -> list of labels it implies")
+        if not isinstance(excludes, list) or not all(isinstance(g, list) for g in excludes):
+            raise data.fail("excludes", excludes, "a list of label groups, e.g. [[indoor, outdoor]]")
+        data.finish()
+        for child, implied in raw_implies.items():
+            implies.setdefault(str(child), []).extend(implied)
+    try:
+        return RelationGraph(labels, implies, excludes)
+    except RelationError as err:
+        raise ConfigError(where, "relations" if where == sec.file else "(graph)", str(err)) from err
+
+
+def _load_target(sec: _Section, key: str) -> tuple[str, float]:
+    target = sec.section(key)
     metrics = [m for m in TARGET_METRICS if m in target.data]
     if len(metrics) != 1 or len(target.data) != 1:
-        raise sec.fail("target", target.data, "exactly one of: recall, precision (e.g. {recall: 0.95})")
+        raise sec.fail(key, target.data, "exactly one of: recall, precision (e.g. {recall: 0.95})")
+    return metrics[0], target.number(metrics[0], low=0, high=1, low_open=True)
+
+
+def _load_deploy(sec: _Section, labels: list[str]) -> DeployConfig:
+    metric, value = _load_target(sec, "target")
+    overrides = sec.section("label_targets")
+    label_targets = {}
+    for label in overrides.data:
+        if label not in labels:
+            raise ConfigError(sec.file, overrides.path(str(label)), f"unknown label; known labels: {', '.join(labels)}")
+        label_targets[label] = _load_target(overrides, label)
     deploy = DeployConfig(
         prevalence=sec.number("prevalence", None, low=0, high=1, low_open=True),
-        target_metric=metrics[0],
-        target_value=target.number(metrics[0], low=0, high=1, low_open=True),
+        target_metric=metric,
+        target_value=value,
+        label_targets=label_targets,
     )
     sec.finish()
     return deploy
@@ -340,7 +397,9 @@ def _load_sampler(sec: _Section) -> SamplerConfig:
         return SamplerConfig(type=sec.string("sampler", "plain", SAMPLERS))
     sampler = sec.section("sampler")
     config = SamplerConfig(type=sampler.string("type", "plain", SAMPLERS),
-                           normal_fraction=sampler.number("normal_fraction", 0.5, low=0, high=1))
+                           normal_fraction=sampler.number("normal_fraction", 0.5, low=0, high=1),
+                           threshold=sampler.number("threshold", 0.1, low=0, high=1, low_open=True),
+                           function=sampler.string("function", "sqrt", REPEAT_FUNCTIONS))
     sampler.finish()
     return config
 
@@ -375,22 +434,24 @@ def load_task(path: Path, root: Path) -> TaskConfig:
     _check_head(head, head_type, head_args)
     data = sec.section("data", required=True)
     unlabeled = data.string("unlabeled", None)
+    labels, parents = _load_labels(sec, path.parent)
     task = TaskConfig(
         name=sec.string("name"),
         file=path,
         head_type=head_type,
         head_args=head_args,
-        labels=_load_labels(sec, path.parent),
+        labels=labels,
         negative_label=sec.string("negative_label", "normal"),
         train=_resolve(root, data.string("train")),
         val=_resolve(root, data.string("val")),
         unlabeled=_resolve(root, unlabeled) if unlabeled else None,
         sampler=_load_sampler(sec),
         loss_weight=sec.number("loss_weight", 1.0, low=0),
-        deploy=_load_deploy(sec.section("deploy")),
+        deploy=_load_deploy(sec.section("deploy"), labels),
         augment=_load_augment(sec.section("augment")),
         cascade=_load_cascade(sec.optional_section("cascade")),
         mean_teacher=_load_mean_teacher(sec.optional_section("mean_teacher")),
+        relations=_load_relations(sec, path.parent, labels, parents),
     )
     if not task.name.replace("_", "").isalnum():
         raise sec.fail("name", task.name, "letters, digits and underscores (it names ONNX outputs)")

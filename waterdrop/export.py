@@ -68,6 +68,8 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
                                 "rule": "decision = stage1_prob >= threshold and stage2_prob >= threshold; "
                                         "prob = min(stage1_prob, stage2_prob)"}
         entry["threshold" if head.kind == "binary" else "thresholds"] = thresholds[task.name]
+        if task.relations:
+            entry["relations"] = task.relations.to_dict()
         tasks.append(entry)
     return {
         "format": 1,

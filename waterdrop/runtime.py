@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.relations import RelationGraph
 
 METADATA_KEY = "waterdrop"
 
@@ -37,10 +38,17 @@ def _binary(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
 
 
 def _multilabel(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
-    probs = outputs["prob"][row]
-    scores = {label: round(float(p), 6) for label, p in zip(task["labels"], probs)}
-    tags = [label for label, p in zip(task["labels"], probs) if p >= task["thresholds"][label]]
-    return {"tags": tags, "scores": scores}
+    labels, probs = task["labels"], outputs["prob"][row]
+    scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
+    decided = probs >= np.array([task["thresholds"][label] for label in labels])
+    result = {"tags": [label for label, d in zip(labels, decided) if d], "scores": scores}
+    graph = task.get("relation_graph")
+    if graph:
+        after = graph.apply(probs[None], decided[None])[0]
+        result["tags"] = [label for label, d in zip(labels, after) if d]
+        result["added_by_relations"] = [label for label, d, a in zip(labels, decided, after) if a and not d]
+        result["removed_by_relations"] = [label for label, d, a in zip(labels, decided, after) if d and not a]
+    return result
 
 
 POSTPROCESS = {"binary": _binary, "multilabel": _multilabel}
@@ -72,6 +80,9 @@ class Predictor:
         if raw is None:
             raise ValueError(f"{model_path}: no '{METADATA_KEY}' metadata; export it with tools/export.py")
         self.meta = json.loads(raw)
+        for task in self.meta["tasks"]:
+            if task.get("relations"):
+                task["relation_graph"] = RelationGraph(task["labels"], **task["relations"])
         self.size = int(self.meta["input"]["size"])
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -71,6 +71,38 @@ class BalancedStream:
         return taken
 
 
+def repeat_factors(label_sets: list[list[int]], num_labels: int, threshold: float, function: str) -> np.ndarray:
+    """Repeat-factor sampling (Gupta et al., LVIS 2019): label repeat factor
+    ``r(c) = max(1, F(t / f(c)))`` with ``f(c)`` the fraction of images carrying label c and
+    F the square root (``sqrt``) or identity (``uniform``); an image's factor is the max
+    over its labels (1 for an image without labels)."""
+    counts = np.zeros(num_labels)
+    for labels in label_sets:
+        counts[list(set(labels))] += 1
+    frequency = counts / max(len(label_sets), 1)
+    ratio = threshold / np.maximum(frequency, 1e-12)
+    per_label = np.maximum(1.0, np.sqrt(ratio) if function == "sqrt" else ratio)
+    return np.array([max([1.0, *(per_label[c] for c in labels)]) for labels in label_sets])
+
+
+class RepeatFactorStream:
+    """Each pass repeats image i ``floor(r_i)`` times plus once more with probability
+    ``r_i - floor(r_i)`` (stochastic rounding, drawn anew every pass), then shuffles."""
+
+    def __init__(self, factors: np.ndarray, rng: np.random.Generator):
+        self.factors, self.rng = np.asarray(factors, dtype=float), rng
+        self.queue: list[int] = []
+
+    def take(self, count: int) -> list[int]:
+        taken = []
+        for _ in range(count):
+            if not self.queue:
+                copies = np.floor(self.factors) + (self.rng.random(len(self.factors)) < self.factors % 1)
+                self.queue = self.rng.permutation(np.repeat(np.arange(len(self.factors)), copies.astype(int))).tolist()
+            taken.append(self.queue.pop())
+        return taken
+
+
 class WithUnlabeled:
     """A labeled stream plus a pool of unlabeled images taking ``fraction`` of the slots."""
 

@@ -30,7 +30,15 @@ from waterdrop.data.dataset import (
     read_unlabeled,
 )
 from waterdrop.data.demo import ensure_demo_data
-from waterdrop.data.sampler import BalancedStream, MultiTaskBatchSampler, PlainStream, WithUnlabeled, task_weights
+from waterdrop.data.sampler import (
+    BalancedStream,
+    MultiTaskBatchSampler,
+    PlainStream,
+    RepeatFactorStream,
+    WithUnlabeled,
+    repeat_factors,
+    task_weights,
+)
 from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
@@ -69,6 +77,12 @@ def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTas
                 raise ConfigError(task.file, "sampler.type", "balanced needs a binary head (normal vs sub-classes)")
             classes = np.asarray(dataset.targets[:dataset.labeled_count], dtype=np.int64)
             labeled_stream = partial(BalancedStream, classes, task.sampler.normal_fraction)
+        elif task.sampler.type == "repeat_factor":
+            if net.heads[task.name].kind != "multilabel":
+                raise ConfigError(task.file, "sampler.type", "repeat_factor needs a multi-label head")
+            present = [[task.labels.index(n) for n in record.labels] for record in dataset.records[:len(labeled)]]
+            factors = repeat_factors(present, len(task.labels), task.sampler.threshold, task.sampler.function)
+            labeled_stream = partial(RepeatFactorStream, factors)
         else:
             labeled_stream = partial(PlainStream, labeled)
         if len(dataset) > dataset.labeled_count:

@@ -64,7 +64,8 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
             plots.confusion(out_dir / f"{task.name}_confusion.png", task.name, result["at_threshold"],
                             result["threshold"])
         else:
-            result = multilabel_report(scores, truth, task.labels, deploy.target_metric, deploy.target_value)
+            result = multilabel_report(scores, truth, task.labels, deploy.target_metric, deploy.target_value,
+                                       deploy.label_targets, task.relations)
             thresholds[task.name] = result["thresholds"]
             plots.multilabel_pr_grid(out_dir / f"{task.name}_pr.png", task.name, scores, truth, task.labels,
                                      result["thresholds"])
@@ -92,7 +93,11 @@ def format_report(report: dict) -> str:
             micro = r["micro"]
             lines.append(f"{task}: mAP {r['map']:.3f}  micro P {micro['precision']:.3f}  R {micro['recall']:.3f}  "
                          f"F1 {micro['f1']:.3f} at per-label thresholds (target {r['target']})")
-            lines.append("  " + "  ".join(f"{k} {v['ap']:.2f}" for k, v in r["labels"].items()))
+            if "micro_after_relations" in r:
+                after = r["micro_after_relations"]
+                lines.append(f"  after the relation graph: micro P {after['precision']:.3f}  R {after['recall']:.3f}  "
+                             f"F1 {after['f1']:.3f}")
+            lines.append("  AP " + "  ".join(f"{k} {v['ap']:.2f}" for k, v in r["labels"].items()))
             if r["fallback_labels"]:
                 lines.append(f"  default threshold (too few positives): {', '.join(r['fallback_labels'])}")
         if r["skipped_images"]:

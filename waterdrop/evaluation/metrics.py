@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from waterdrop.relations import RelationGraph
+
 MIN_POSITIVES_FOR_THRESHOLD = 5
 DEFAULT_THRESHOLD = 0.5
 
@@ -118,39 +120,52 @@ def binary_report(scores: np.ndarray, truth: np.ndarray, prevalence: float | Non
 
 
 def multilabel_report(scores: np.ndarray, truth: np.ndarray, labels: list[str], target_metric: str,
-                      target_value: float) -> dict:
+                      target_value: float, label_targets: dict[str, tuple[str, float]] | None = None,
+                      graph: RelationGraph | None = None) -> dict:
     """Per-label AP, AUC and threshold for the target; mAP over labels with positives.
 
-    Entries of ``truth`` equal to -1 (label not annotated) are left out per label. Labels
-    with fewer than MIN_POSITIVES_FOR_THRESHOLD validation positives keep the default
-    threshold and are listed under ``fallback_labels``.
+    Entries of ``truth`` equal to -1 (label not annotated) are left out per label. A label
+    in ``label_targets`` uses its own (metric, value). Labels with fewer than
+    MIN_POSITIVES_FOR_THRESHOLD validation positives keep the default threshold and are
+    listed under ``fallback_labels``. With a relation ``graph``, ``micro_after_relations``
+    scores the decisions after it, next to ``micro`` (before).
     """
     per_label, thresholds, fallback = {}, {}, []
+    label_targets = label_targets or {}
     for j, label in enumerate(labels):
         known = truth[:, j] >= 0
         s, t = scores[known, j], truth[known, j]
+        metric, value = label_targets.get(label, (target_metric, target_value))
         if int((t == 1).sum()) >= MIN_POSITIVES_FOR_THRESHOLD:
-            threshold, met = choose_threshold(s, t, target_metric, target_value)
+            threshold, met = choose_threshold(s, t, metric, value)
         else:
             threshold, met = DEFAULT_THRESHOLD, False
             fallback.append(label)
         thresholds[label] = threshold
         per_label[label] = {"positives": int((t == 1).sum()), "ap": average_precision(s, t), "roc_auc": roc_auc(s, t),
-                            "threshold": threshold, "target_met": met, **at_threshold(s, t, threshold)}
+                            "threshold": threshold, "target": {metric: value}, "target_met": met,
+                            **at_threshold(s, t, threshold)}
     aps = [v["ap"] for v in per_label.values() if not np.isnan(v["ap"])]
     predicted = scores >= np.array([thresholds[label] for label in labels])
-    known = truth >= 0
-    tp = int((predicted & (truth == 1)).sum())
-    fp, fn = int((predicted & (truth == 0) & known).sum()), int((~predicted & (truth == 1)).sum())
-    micro_p = tp / (tp + fp) if tp + fp else 0.0
-    micro_r = tp / (tp + fn) if tp + fn else 0.0
-    return {
+    report = {
         "count": int(len(truth)),
         "map": float(np.mean(aps)) if aps else float("nan"),
-        "micro": {"precision": micro_p, "recall": micro_r,
-                  "f1": 2 * micro_p * micro_r / (micro_p + micro_r) if micro_p + micro_r else 0.0},
+        "micro": micro_scores(predicted, truth),
         "target": {target_metric: target_value},
         "thresholds": thresholds,
         "fallback_labels": fallback,
         "labels": per_label,
     }
+    if graph:
+        report["micro_after_relations"] = micro_scores(graph.apply(scores, predicted), truth)
+    return report
+
+
+def micro_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
+    """Micro precision, recall and F1 of (N, L) decisions; unknown truth (-1) is left out."""
+    tp = int((predicted & (truth == 1)).sum())
+    fp, fn = int((predicted & (truth == 0)).sum()), int((~predicted & (truth == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
