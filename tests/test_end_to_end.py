@@ -37,6 +37,9 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
         assert (work / produced).is_file(), produced
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["disgusting"]["ap"] <= 1 and metrics["disgusting"]["deploy"]["prevalence"] == 0.005
+    detector = metrics["scene_tags"]["detector"]
+    assert set(detector["classes"]) == {"glasses", "ball"} and "micro_after_relations" in metrics["scene_tags"]
+    assert "detector mAP@0.5" in out and "after the relation graph" in out
 
     out = _tool("train.py", registry_file, "--work-dir", work, "--epochs", "2", "--resume")
     assert "epoch 2/2" in out and "epoch 1/2" not in out

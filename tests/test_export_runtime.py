@@ -43,7 +43,8 @@ def exported(tmp_path_factory, demo_root):
 def test_every_output_matches_pytorch_at_two_batch_sizes(exported):
     net, cfg, path, parity = exported
     assert set(parity) == {"disgusting.prob", "disgusting.subclass_prob", "thriller.prob", "thriller.subclass_prob",
-                           "thriller.stage1_prob", "thriller.stage2_prob", "thriller.decision", "scene_tags.prob"}
+                           "thriller.stage1_prob", "thriller.stage2_prob", "thriller.decision", "scene_tags.prob",
+                           "scene_tags.tag_prob", "scene_tags.det_boxes", "scene_tags.det_scores"}
     assert max(parity.values()) <= 1e-4
     graph = DeployGraph(net, THRESHOLDS).eval()
     assert check_parity(path, graph, cfg.model.input_size, batch_sizes=(5,)) == pytest.approx(
@@ -73,7 +74,9 @@ def test_file_is_single_self_describing_and_batch_is_dynamic(exported):
     tasks = {t["name"]: t for t in meta["tasks"]}
     assert tasks["disgusting"]["threshold"] == 0.4
     assert tasks["disgusting"]["labels"][0] == "insects"
-    assert tasks["scene_tags"]["outputs"] == {"prob": "scene_tags.prob"}
+    assert tasks["scene_tags"]["outputs"]["det_boxes"] == "scene_tags.det_boxes"
+    assert tasks["scene_tags"]["detector"]["classes"] == ["glasses", "ball"]
+    assert tasks["scene_tags"]["relations"]["implies"]["forest"] == ["tree"]
     assert tasks["thriller"]["outputs"]["decision"] == "thriller.decision" and "AND" not in tasks["thriller"]["cascade"]
     assert "stage2_prob >= threshold" in tasks["thriller"]["cascade"]["rule"]
 
@@ -97,6 +100,10 @@ def test_runtime_matches_torch_on_real_images(exported, demo_root):
         scores = np.array([list(tags["scores"].values())])
         after = cfg.tasks[-1].relations.apply(scores, scores >= 0.5)[0]
         assert tags["tags"] == [k for k, keep in zip(tags["scores"], after) if keep]
+        for found in tags["objects"]:
+            assert found["label"] in ("glasses", "ball") and found["score"] >= 0.3
+            x1, y1, x2, y2 = found["box"]
+            assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 128  # pixels of the 128 px demo image
 
 
 def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_root, tmp_path):

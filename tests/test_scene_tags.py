@@ -1,13 +1,21 @@
 """Scene tags: relation graph, repeat-factor sampling, focal loss, per-label targets."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import edit_task
-from waterdrop.config import ConfigError, load_registry
+from waterdrop.config import AugmentConfig, ConfigError, load_registry
+from waterdrop.data.dataset import DataError, EvalTransform, TrainTransform, crop_boxes, rotate_boxes, rotation_matrix
 from waterdrop.data.sampler import RepeatFactorStream, repeat_factors
+from waterdrop.detection import detection_ap, nms
+from waterdrop.engine.model import WaterdropModel
+from waterdrop.engine.train import build_datasets
 from waterdrop.evaluation.metrics import multilabel_report
+from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.model.ssd import SSDHead
 from waterdrop.registry import registered_heads
 from waterdrop.relations import RelationError, RelationGraph
 
@@ -105,3 +113,76 @@ def test_relation_graph_changes_f1_in_the_report():
     scores = np.array([[0.9, 0.2], [0.8, 0.3], [0.1, 0.1], [0.2, 0.9]])
     report = multilabel_report(scores, truth, ["forest", "tree"], "precision", 0.5, graph=graph)
     assert report["micro_after_relations"]["recall"] > report["micro"]["recall"]
+
+
+# --- small-object detector -----------------------------------------------------------
+
+
+def test_nms_and_detection_ap_on_hand_made_boxes():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], dtype=float)
+    assert nms(boxes, np.array([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
+    truth = [[(0, np.array([0, 0, 10, 10.0]))], [(0, np.array([20, 20, 30, 30.0]))]]
+    detections = [[(0, 0.9, np.array([0, 0, 10, 10.0])), (0, 0.8, np.array([50, 50, 60, 60.0]))],
+                  [(0, 0.6, np.array([21, 21, 30, 30.0]))]]
+    # ranked: hit (P 1, R .5), miss, hit (P 2/3, R 1) -> AP = .5 * 1 + .5 * 2/3
+    assert detection_ap(detections, truth, 2)[0] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert np.isnan(detection_ap(detections, truth, 2)[1])
+
+
+def test_ssd_anchors_encoding_round_trip_and_matching():
+    ssd = SSDHead([8, 16], num_classes=2)
+    feats = [torch.zeros(2, 8, 8, 8), torch.zeros(2, 16, 4, 4)]
+    outputs = ssd(feats)
+    assert outputs["anchors"].shape == ((64 + 16) * 4, 4) and outputs["det_logits"].shape == (2, 320, 3)
+    gt = torch.tensor([[0.1, 0.2, 0.3, 0.3]])
+    anchors = outputs["anchors"][:1].expand(1, 4)
+    decoded = SSDHead.decode(ssd._encode(gt, anchors)[None], anchors)[0]
+    torch.testing.assert_close(decoded, gt)
+    boxes = torch.full((2, 3, 5), -1.0)
+    boxes[0, 0] = torch.tensor([1, 0.40, 0.40, 0.52, 0.50])  # one small object in image 0, none in image 1
+    per_image = ssd.loss(outputs, boxes)
+    assert per_image.shape == (2,) and torch.isfinite(per_image).all() and per_image[0] > per_image[1] > 0
+
+
+def test_box_transforms_follow_the_image():
+    boxes = np.array([[10.0, 20.0, 30.0, 40.0]])
+    image = np.zeros((100, 200, 3), np.uint8)
+    _, scaled, kept = EvalTransform(50)(image, boxes)
+    np.testing.assert_allclose(scaled, [[2.5, 10, 7.5, 20]])
+    assert kept.tolist() == [0]
+    # the first box lies inside the crop; the second keeps 25 of its 400 pixels and is dropped
+    cropped, kept = crop_boxes(np.array([[10.0, 10, 20, 20], [90, 90, 110, 110]]), 5, 5, 90, 90)
+    assert kept.tolist() == [0] and cropped.tolist() == [[5, 5, 15, 15]]
+    flip = TrainTransform(100, AugmentConfig(crop_scale=(1.0, 1.0), hflip=True))
+    square = np.zeros((100, 100, 3), np.uint8)
+    square[20:40, 10:30] = 255
+    for seed in range(6):
+        random.seed(seed)
+        out, moved, _ = flip(square, boxes)
+        x1, y1, x2, y2 = np.round(moved[0]).astype(int)
+        assert out[y1 + 2:y2 - 2, x1 + 2:x2 - 2].min() == 255  # the box still covers the object
+    rotated = rotate_boxes(boxes, rotation_matrix(100, 100, 0.0), 100)
+    np.testing.assert_allclose(rotated, boxes)
+
+
+def test_bad_boxes_in_a_manifest_name_the_line(registry_file, copy_demo):
+    root = copy_demo()
+    manifest = root / "scene_tags" / "train.jsonl"
+    lines = manifest.read_text().splitlines()
+    lines[1] = '{"image": "train/00001.jpg", "labels": ["ball"], "boxes": [{"label": "ball", "box": [5, 5, 2, 9]}]}'
+    manifest.write_text("\n".join(lines) + "\n")
+    edit_task(registry_file, "scene_tags", data={"train": str(manifest), "val": str(manifest)})
+    cfg = load_registry(registry_file)
+    with pytest.raises(DataError, match="train.jsonl: line 2: bad box"):
+        build_datasets(cfg, MultiTaskNet(cfg), "train")
+
+
+def test_detector_settings_are_checked(registry_file):
+    head_class = registered_heads()["MultiLabelHead"]
+    with pytest.raises(ValueError, match="detector.classes must be a non-empty list of this task's labels"):
+        head_class([8, 16, 32], ["a", "b"], "none", detector={"classes": ["c"]})
+    with pytest.raises(ValueError, match="detector.fusion must be one of max, mean, none"):
+        head_class([8, 16, 32], ["a", "b"], "none", detector={"classes": ["a"], "fusion": "vote"})
+    edit_task(registry_file, "scene_tags", augment={"cutmix": 0.5})
+    with pytest.raises(ConfigError, match="cutmix cannot be used with a detector"):
+        WaterdropModel(load_registry(registry_file))

@@ -70,6 +70,13 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
         entry["threshold" if head.kind == "binary" else "thresholds"] = thresholds[task.name]
         if task.relations:
             entry["relations"] = task.relations.to_dict()
+        if head.uses_boxes:
+            spec = head.detector
+            entry["detector"] = {
+                "classes": spec["classes"], "score_threshold": spec["score_threshold"], "nms_iou": spec["nms_iou"],
+                "fusion": spec["fusion"],
+                "format": "det_boxes (N, anchors, 4): x1, y1, x2, y2 as fractions of the image; det_scores "
+                          "(N, anchors, classes): per-class probabilities; before NMS (the runtime applies it)"}
         tasks.append(entry)
     return {
         "format": 1,

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from waterdrop.detection import detect
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.relations import RelationGraph
 
 METADATA_KEY = "waterdrop"
 
 
-def _binary(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
+def _binary(task: dict, outputs: dict[str, np.ndarray], row: int, size: tuple[int, int]) -> dict:
     score = float(outputs["prob"][row])
     result = {"score": round(score, 6), "threshold": task["threshold"], "positive": score >= task["threshold"]}
     if "decision" in outputs:  # cascade: the AND of both networks, decided in the graph
@@ -37,11 +38,20 @@ def _binary(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
     return result
 
 
-def _multilabel(task: dict, outputs: dict[str, np.ndarray], row: int) -> dict:
+def _multilabel(task: dict, outputs: dict[str, np.ndarray], row: int, size: tuple[int, int]) -> dict:
+    """Tags at the per-label thresholds, after the relation graph; with a detector also the
+    ``objects`` after NMS, boxes in pixels of the original image (``size`` = width, height)."""
     labels, probs = task["labels"], outputs["prob"][row]
     scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
     decided = probs >= np.array([task["thresholds"][label] for label in labels])
     result = {"tags": [label for label, d in zip(labels, decided) if d], "scores": scores}
+    detector = task.get("detector")
+    if detector:
+        found = detect(outputs["det_boxes"][row], outputs["det_scores"][row], detector["score_threshold"],
+                       detector["nms_iou"])
+        scale = np.array([*size, *size], dtype=float)
+        result["objects"] = [{"label": detector["classes"][c], "score": round(score, 6),
+                              "box": [round(float(v), 1) for v in box * scale]} for c, score, box in found]
     graph = task.get("relation_graph")
     if graph:
         after = graph.apply(probs[None], decided[None])[0]
@@ -101,7 +111,8 @@ class Predictor:
             per_task = {}
             for task in self.tasks:
                 task_outputs = {key: outputs[name] for key, name in task["outputs"].items()}
-                per_task[task["name"]] = POSTPROCESS[task["kind"]](task, task_outputs, row)
+                size = images[row].shape[1], images[row].shape[0]
+                per_task[task["name"]] = POSTPROCESS[task["kind"]](task, task_outputs, row, size)
             results.append(per_task)
         return results
 

@@ -77,6 +77,23 @@ def read_folders(root: Path, known: list[str]) -> list[Record]:
     return records
 
 
+def parse_boxes(boxes) -> tuple[list[str], np.ndarray]:
+    """A manifest line's ``boxes``: [{"label": name, "box": [x1, y1, x2, y2]}] in pixels."""
+    if not isinstance(boxes, list):
+        raise ValueError(f"'boxes' must be a list, got {boxes!r}")
+    classes, coordinates = [], []
+    for entry in boxes:
+        box = entry.get("box") if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or not isinstance(entry.get("label"), str) or not isinstance(box, list)
+                or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+                or box[2] <= box[0] or box[3] <= box[1]):
+            raise ValueError(f"bad box {entry!r}; expected {{\"label\": name, \"box\": [x1, y1, x2, y2]}} with "
+                             "x2 > x1 and y2 > y1, in pixels")
+        classes.append(entry["label"])
+        coordinates.append(box)
+    return classes, np.asarray(coordinates, dtype=np.float64).reshape(-1, 4)
+
+
 def read_unlabeled(source: Path) -> list[Record]:
     """Unlabeled images: a folder (searched recursively) or a JSONL manifest whose labels are ignored."""
     if source.is_file() and source.suffix == ".jsonl":
@@ -117,12 +134,16 @@ class TrainTransform:
     (brightness, contrast and saturation factors in 1 +- color, hue shifted by up to
     color x 18 degrees), and random erasing with probability ``erasing`` (a rectangle of
     2-33 % of the area, aspect 0.3-3.3, filled with noise; Zhong et al., 2020).
+
+    Given pixel ``boxes`` (B, 4) xyxy, it returns ``(image, boxes, kept)``: the boxes follow
+    crop, flip and rotation (a rotated box becomes the box around its corners), and a box
+    with less than half its area inside the crop is dropped (``kept`` indexes the rest).
     """
 
     def __init__(self, size: int, augment: AugmentConfig):
         self.size, self.augment = size, augment
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, boxes: np.ndarray | None = None):
         aug = self.augment
         height, width = image.shape[:2]
         area = height * width * random.uniform(*aug.crop_scale)
@@ -131,21 +152,51 @@ class TrainTransform:
         crop_h = int(min(height, max(1, round(np.sqrt(area / aspect)))))
         top, left = random.randint(0, height - crop_h), random.randint(0, width - crop_w)
         image = resize(image[top:top + crop_h, left:left + crop_w], self.size)
+        kept = None
+        if boxes is not None:
+            boxes, kept = crop_boxes(boxes, left, top, crop_w, crop_h)
+            boxes = boxes * ([self.size / crop_w, self.size / crop_h] * 2)
         if aug.hflip and random.random() < 0.5:
             image = cv2.flip(image, 1)
+            if boxes is not None:
+                boxes = np.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], 1)
         if aug.rotation:
-            image = rotate(image, random.uniform(-aug.rotation, aug.rotation))
+            matrix = rotation_matrix(self.size, self.size, random.uniform(-aug.rotation, aug.rotation))
+            image = cv2.warpAffine(image, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REFLECT_101)
+            if boxes is not None:
+                boxes = rotate_boxes(boxes, matrix, self.size)
         if aug.color:
             image = distort_color(image, aug.color)
         if aug.erasing and random.random() < aug.erasing:
             image = erase_random_rectangle(image)
-        return image
+        return image if boxes is None else (image, boxes, kept)
+
+
+def crop_boxes(boxes: np.ndarray, left: int, top: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes in crop coordinates, clipped; those with under half their area inside are dropped."""
+    shifted = boxes - [left, top, left, top]
+    clipped = np.clip(shifted, 0, [width, height, width, height])
+    area = np.prod(np.clip(shifted[:, 2:] - shifted[:, :2], 0, None), axis=1)
+    inside = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), axis=1)
+    kept = np.nonzero(inside >= 0.5 * np.maximum(area, 1e-9))[0]
+    return clipped[kept], kept
+
+
+def rotation_matrix(width: int, height: int, degrees: float) -> np.ndarray:
+    return cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+
+
+def rotate_boxes(boxes: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    corners = np.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [0, 3]], boxes[:, [2, 3]]], 1)
+    moved = corners @ matrix[:, :2].T + matrix[:, 2]
+    return np.clip(np.concatenate([moved.min(1), moved.max(1)], 1), 0, size)
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
     """Rotate about the centre, keeping the size; borders are mirrored so no black corners appear."""
     height, width = image.shape[:2]
-    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    matrix = rotation_matrix(width, height, degrees)
     return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
 
@@ -181,13 +232,17 @@ def erase_random_rectangle(image: np.ndarray) -> np.ndarray:
 
 
 class EvalTransform:
-    """Plain resize, the same the runtime does."""
+    """Plain resize, the same the runtime does (boxes are scaled along)."""
 
     def __init__(self, size: int):
         self.size = size
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return resize(image, self.size)
+    def __call__(self, image: np.ndarray, boxes: np.ndarray | None = None):
+        if boxes is None:
+            return resize(image, self.size)
+        height, width = image.shape[:2]
+        scaled = boxes * ([self.size / width, self.size / height] * 2)
+        return resize(image, self.size), scaled, np.arange(len(boxes))
 
 
 class TaskDataset(Dataset):
@@ -201,21 +256,28 @@ class TaskDataset(Dataset):
         source: the manifest or folder, for error messages.
         unlabeled: records without labels, appended after the labeled ones (mean teacher).
         second_view: also return a second, independently augmented view (mean teacher).
+        encode_boxes: the head's ``encode_boxes`` when it trains on boxes; the encoded boxes
+            of each (augmented) sample are appended to its target.
     """
 
     def __init__(self, task_index: int, records: list[Record], encode: Callable, transform: Callable,
-                 source: Path, unlabeled: list[Record] = (), second_view: bool = False):
+                 source: Path, unlabeled: list[Record] = (), second_view: bool = False,
+                 encode_boxes: Callable | None = None):
         self.task_index, self.transform, self.second_view = task_index, transform, second_view
-        self.targets = []
+        self.encode_boxes = encode_boxes
+        self.targets, self.boxes = [], []
         for i, record in enumerate(records):
             try:
                 self.targets.append(encode(record.labels, record.missing))
+                if encode_boxes is not None:
+                    self.boxes.append(parse_boxes(record.boxes))
             except ValueError as err:
                 where = f"line {i + 1}" if source.suffix == ".jsonl" else str(record.path)
                 raise DataError(f"{source}: {where}: {err}") from err
         self.labeled_count = len(records)
         # Unlabeled samples carry a placeholder target; they are masked out of supervised losses.
         self.targets += [np.zeros_like(self.targets[0])] * len(unlabeled)
+        self.boxes += [([], np.zeros((0, 4)))] * len(unlabeled) if encode_boxes is not None else []
         self.records = list(records) + list(unlabeled)
 
     def __len__(self) -> int:
@@ -231,7 +293,16 @@ class TaskDataset(Dataset):
             except ImageDecodeError:
                 skipped.append(str(record.path))
                 continue
-            sample = {"image": self._view(image), "task": self.task_index, "target": self.targets[position],
+            target = self.targets[position]
+            if self.encode_boxes is not None:
+                classes, pixel_boxes = self.boxes[position]
+                view, boxes, kept = self.transform(image, pixel_boxes)
+                target = np.concatenate([target, self.encode_boxes([classes[k] for k in kept],
+                                                                   boxes / view.shape[0])])
+                first = np.ascontiguousarray(view.transpose(2, 0, 1))
+            else:
+                first = self._view(image)
+            sample = {"image": first, "task": self.task_index, "target": target,
                       "labeled": position < self.labeled_count, "skipped": skipped}
             if self.second_view:
                 sample["image2"] = self._view(image)

@@ -9,7 +9,7 @@ import math
 import torch
 from mmengine.model import BaseModel
 
-from waterdrop.config import RegistryConfig
+from waterdrop.config import ConfigError, RegistryConfig
 from waterdrop.model.head import Head
 from waterdrop.model.multitask import MultiTaskNet
 
@@ -59,6 +59,10 @@ class WaterdropModel(BaseModel):
         super().__init__()
         self.net = MultiTaskNet(cfg)
         self.tasks = {t.name: t for t in cfg.tasks}
+        for task in cfg.tasks:
+            if task.augment.cutmix and self.net.heads[task.name].uses_boxes:
+                raise ConfigError(task.file, "augment.cutmix", "cutmix cannot be used with a detector (the pasted "
+                                  "rectangle would carry boxes the targets do not list); set it to 0")
         self.max_nonfinite_streak = max_nonfinite_streak
         self.nonfinite_batches = 0
         self._nonfinite_streak = 0

@@ -56,14 +56,16 @@ def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiT
         head = net.heads[task.name]
         known = [task.negative_label, *task.labels]
         records = read_records(source, known)
+        boxes = head.encode_boxes if head.uses_boxes else None
         if split == "train":
             teaching = task.mean_teacher is not None
             unlabeled = read_unlabeled(task.unlabeled) if task.unlabeled else []
             datasets.append(TaskDataset(t, records, head.encode_target,
                                         TrainTransform(cfg.model.input_size, task.augment), source, unlabeled,
-                                        second_view=teaching))
+                                        second_view=teaching, encode_boxes=boxes))
         else:
-            datasets.append(TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source))
+            datasets.append(TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
+                                        encode_boxes=boxes))
     return MultiTaskDataset(datasets)
 
 

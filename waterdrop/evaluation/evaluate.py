@@ -12,26 +12,57 @@ import torch
 
 from waterdrop.config import RegistryConfig
 from waterdrop.evaluation import plots
-from waterdrop.evaluation.metrics import binary_report, multilabel_report
+from waterdrop.detection import detect, detection_ap
+from waterdrop.evaluation.metrics import average_precision, binary_report, multilabel_report
 from waterdrop.model.multitask import MultiTaskNet
 
 
 @torch.no_grad()
-def predict_val(net: MultiTaskNet, cfg: RegistryConfig, device: str = "cpu") -> tuple[dict, dict]:
-    """Scores and truth per task over its validation set, and the skipped (undecodable) paths."""
+def predict_val(net: MultiTaskNet, cfg: RegistryConfig, device: str = "cpu") -> tuple[dict, dict, dict]:
+    """Scores and truth per task over its validation set, the skipped (undecodable) paths,
+    and for heads that detect boxes their full predictions and targets."""
     from waterdrop.engine.train import val_loader
 
     net.eval().to(device)
     scores, truth, skipped = defaultdict(list), defaultdict(list), defaultdict(set)
+    raw = defaultdict(lambda: defaultdict(list))
     for batch in val_loader(cfg, net):
         outputs = net.forward_tasks(batch["inputs"].to(device), batch["task_index"].to(device))
         for name, (s, t) in net.scores_and_truth(outputs, batch["targets"]).items():
             scores[name].append(s)
             truth[name].append(t)
+            if net.heads[name].uses_boxes:
+                for key, value in net.task_predictions(name, outputs[name]).items():
+                    raw[name][key].append(value.float().cpu().numpy())
+                raw[name]["target"].append(batch["targets"][name].numpy())
         for task, path in batch["skipped"]:
             skipped[task].add(path)
     data = {name: (np.concatenate(scores[name]), np.concatenate(truth[name])) for name in scores}
-    return data, {task: sorted(paths) for task, paths in skipped.items()}
+    details = {name: {k: np.concatenate(v) for k, v in values.items()} for name, values in raw.items()}
+    return data, {task: sorted(paths) for task, paths in skipped.items()}, details
+
+
+def detector_report(head, details: dict, truth: np.ndarray) -> dict:
+    """Detector mAP@0.5 per class, and the AP of the detector classes' tags with and without
+    the detector's assist."""
+    spec, labels = head.detector, head.labels
+    boxes = details["target"][:, len(labels):].reshape(len(truth), -1, 5)
+    truths = [[(int(row[0]), row[1:]) for row in image if row[0] >= 0] for image in boxes]
+    found = [detect(b, s, spec["score_threshold"], spec["nms_iou"]) for b, s in
+             zip(details["det_boxes"], details["det_scores"])]
+    # mAP is scored over all candidate boxes (a low threshold), as is usual for AP.
+    ranked = [detect(b, s, 0.01, spec["nms_iou"]) for b, s in zip(details["det_boxes"], details["det_scores"])]
+    aps = detection_ap(ranked, truths, len(spec["classes"]))
+    tags = {}
+    for c, label in enumerate(spec["classes"]):
+        j = labels.index(label)
+        known = truth[:, j] >= 0
+        tags[label] = {"ap_with_detector": average_precision(details["prob"][known, j], truth[known, j]),
+                       "ap_tag_only": average_precision(details["tag_prob"][known, j], truth[known, j]),
+                       "detector_ap50": aps[c]}
+    valid = [a for a in aps if not np.isnan(a)]
+    return {"map50": float(np.mean(valid)) if valid else float("nan"), "fusion": spec["fusion"],
+            "detections_per_image": float(np.mean([len(f) for f in found])), "classes": tags}
 
 
 def _clean(value):
@@ -49,7 +80,7 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
     """Write ``metrics.json``, ``thresholds.json`` and PNG plots under ``out_dir``; return the metrics."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data, skipped = predict_val(net, cfg, device)
+    data, skipped, details = predict_val(net, cfg, device)
     report, thresholds = {}, {}
     for task in cfg.tasks:
         if task.name not in data:
@@ -69,6 +100,8 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
             thresholds[task.name] = result["thresholds"]
             plots.multilabel_pr_grid(out_dir / f"{task.name}_pr.png", task.name, scores, truth, task.labels,
                                      result["thresholds"])
+            if task.name in details:
+                result["detector"] = detector_report(net.heads[task.name], details[task.name], truth)
         result["skipped_images"] = skipped.get(task.name, [])
         report[task.name] = result
     (out_dir / "metrics.json").write_text(json.dumps(_clean(report), indent=2))
@@ -98,6 +131,12 @@ def format_report(report: dict) -> str:
                 lines.append(f"  after the relation graph: micro P {after['precision']:.3f}  R {after['recall']:.3f}  "
                              f"F1 {after['f1']:.3f}")
             lines.append("  AP " + "  ".join(f"{k} {v['ap']:.2f}" for k, v in r["labels"].items()))
+            if "detector" in r:
+                det = r["detector"]
+                lines.append(f"  detector mAP@0.5 {det['map50']:.3f}; tag AP with / without the detector "
+                             f"(fusion {det['fusion']}): " + "  ".join(
+                                 f"{k} {v['ap_with_detector']:.2f} / {v['ap_tag_only']:.2f}"
+                                 for k, v in det["classes"].items()))
             if r["fallback_labels"]:
                 lines.append(f"  default threshold (too few positives): {', '.join(r['fallback_labels'])}")
         if r["skipped_images"]:

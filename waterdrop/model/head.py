@@ -28,6 +28,8 @@ class Head(nn.Module):
 
     #: How evaluation and the runtime read the predictions: "binary" or "multilabel".
     kind: str = ""
+    #: True when the head trains on the manifest's boxes; it then implements ``encode_boxes``.
+    uses_boxes: bool = False
 
     def __init__(self, in_channels: list[int], labels: list[str], negative_label: str):
         super().__init__()
