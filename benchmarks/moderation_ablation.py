@@ -22,20 +22,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import REPO, machine, merge, table, write_run_registry  # noqa: E402
 
 from waterdrop.config import load_registry
 from waterdrop.data.demo import generate
 from waterdrop.engine.train import run_training
-
-REPO = Path(__file__).resolve().parents[1]
 
 AUGMENT = {"crop_scale": [0.85, 1.0], "hflip": True, "rotation": 15, "color": 0.2, "erasing": 0.1, "cutmix": 0.0}
 
@@ -53,16 +52,6 @@ ROWS = [
     ("+ OHEM cascade (all labels)", {"hide_labels": False, "mean_teacher": None,
                                      "cascade": {"backbone": "resnet18", "hard_per_batch": 8}}, {}),
 ]
-
-
-def _merge(base: dict, change: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("pcb", "sampler"):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def split_labels(manifest: Path, keep: float, seed: int, out: Path) -> tuple[Path, Path]:
@@ -83,18 +72,6 @@ def split_labels(manifest: Path, keep: float, seed: int, out: Path) -> tuple[Pat
                                             "labels": item["labels"]}) + "\n" for item in items))
         paths.append(path)
     return paths[0], paths[1]
-
-
-def write_run_registry(base: dict, model: dict, task: dict, folder: Path, seed: int, epochs: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "task.yaml").write_text(yaml.safe_dump(task))
-    registry = copy.deepcopy(base)
-    registry.update(demo_data=None, tasks=["task.yaml"])
-    registry["model"].update(model)
-    registry["train"].update(epochs=epochs, seed=seed, log_interval=1000)
-    path = folder / "registry.yaml"
-    path.write_text(yaml.safe_dump(registry))
-    return path
 
 
 def main() -> int:
@@ -133,7 +110,7 @@ def main() -> int:
         for i, (name, (_, change, model_change)) in enumerate(zip(names, ROWS)):
             change = dict(change)
             hide = change.pop("hide_labels", hide)
-            current = _merge(current, change)
+            current = merge(current, change, replace=("pcb", "sampler"))
             current_model.update(model_change)
             run_task = copy.deepcopy(current)
             folder = out / f"seed{seed}" / f"row{i}"
@@ -155,23 +132,14 @@ def main() -> int:
     lines = [f"Task `{args.task}`, {'data of ' + str(registry_path) if args.registry else 'hard demo split'}; "
              f"{args.backbone} at {args.input_size} px from scratch, {args.epochs} epochs, seeds {args.seeds}; "
              f"threshold for {deploy.target_metric} >= {deploy.target_value}, deploy prevalence {deploy.prevalence}. "
-             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-             f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}. Mean (min-max) over seeds.", "",
-             "| recipe | AP | ROC-AUC | recall at threshold | precision at deploy prevalence | AP at deploy "
-             "prevalence | min / run |", "|---|---|---|---|---|---|---|"]
-
-    def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-
-    for name in names:
-        rows = results[name]
-        lines.append(f"| {name} | " + " | ".join(cell([r[k] for r in rows]) for k in
-                                                 ("ap", "roc_auc", "recall", "deploy_precision", "deploy_ap"))
-                     + f" | {statistics.mean(r['minutes'] for r in rows):.1f} |")
-    table = "\n".join(lines)
-    (out / "moderation_ablation.md").write_text(table + "\n")
+             f"Machine: {machine()}. Mean (min-max) over seeds.", ""]
+    lines += table(names, results, [("ap", "AP"), ("roc_auc", "ROC-AUC"), ("recall", "recall at threshold"),
+                                    ("deploy_precision", "precision at deploy prevalence"),
+                                    ("deploy_ap", "AP at deploy prevalence")])
+    text = "\n".join(lines)
+    (out / "moderation_ablation.md").write_text(text + "\n")
     (out / "moderation_ablation.json").write_text(json.dumps(results, indent=2))
-    print(table)
+    print(text)
     return 0
 
 
