@@ -50,6 +50,7 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     assert "disgusting: AP" in out and (tmp_path / "eval2" / "metrics.json").is_file()
     out = _tool("export.py", work, "-o", tmp_path / "model.onnx")
     assert "disgusting.prob" in out and "scene_tags.prob" in out
+    assert "thresholds from " + str(best_checkpoint(work)) in out  # eval recorded them in the checkpoint
     image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
     out = _tool("predict.py", tmp_path / "model.onnx", image)
     result = json.loads(out.splitlines()[0])
@@ -93,7 +94,7 @@ def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_
     for term in ("disgusting.loss_consistency", "disgusting.loss_focal", "thriller.cascade_loss_focal"):
         assert term in columns, columns
     assert 0 <= report["thriller"]["ap"] <= 1 and 0 <= report["disgusting"]["deploy"]["precision"] <= 1
-    net, cfg, _ = load_net(best_checkpoint(tmp_path / "run"))
-    thresholds = json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
-    parity = export_onnx(net, cfg, thresholds, tmp_path / "model.onnx")
+    net, cfg, meta = load_net(best_checkpoint(tmp_path / "run"))
+    assert meta["thresholds"] == json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
+    parity = export_onnx(net, cfg, meta["thresholds"], tmp_path / "model.onnx")
     assert "thriller.decision" in parity and max(parity.values()) <= 1e-4

@@ -1,4 +1,5 @@
 """Evaluate a checkpoint on every task's validation set: metrics JSON, thresholds, PR curves.
+The chosen thresholds are also recorded in the checkpoint, where export reads them.
 
     python tools/eval.py CHECKPOINT_OR_RUN_FOLDER [--registry REGISTRY] [--out DIR]
 """
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from waterdrop.engine.checkpoint import load_net
+from waterdrop.engine.checkpoint import load_net, store_thresholds
 from waterdrop.engine.train import best_checkpoint
-from waterdrop.evaluation.evaluate import evaluate, format_report
+from waterdrop.evaluation.evaluate import evaluate, format_report, thresholds_of
 
 
 def main() -> int:
@@ -19,11 +20,15 @@ def main() -> int:
     parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
     parser.add_argument("--registry", help="registry YAML (default: the one recorded in the checkpoint)")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
+    parser.add_argument("--no-store", action="store_true",
+                        help="do not record the chosen thresholds in the checkpoint (they are by default)")
     args = parser.parse_args()
     checkpoint = best_checkpoint(args.checkpoint)
     net, cfg, _ = load_net(checkpoint, args.registry)
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     report = evaluate(net, cfg, out, "cuda" if torch.cuda.is_available() else "cpu")
+    if not args.no_store:
+        store_thresholds(checkpoint, thresholds_of(report))
     print(format_report(report))
     print(f"metrics, thresholds and plots: {out}")
     return 0

@@ -2,8 +2,9 @@
 
     python tools/export.py CHECKPOINT_OR_RUN_FOLDER [-o model.onnx] [--thresholds FILE]
 
-Thresholds default to <checkpoint folder>/eval/thresholds.json; if that is missing the
-checkpoint is evaluated first to choose them.
+Thresholds come from --thresholds, else from the checkpoint (eval and train record them
+there), else from <checkpoint folder>/eval/thresholds.json; if none exists the checkpoint
+is evaluated first to choose them.
 """
 
 import argparse
@@ -26,13 +27,18 @@ def main() -> int:
     parser.add_argument("--opset", type=int, default=18)
     args = parser.parse_args()
     checkpoint = best_checkpoint(args.checkpoint)
-    net, cfg, _ = load_net(checkpoint, args.registry)
+    net, cfg, meta = load_net(checkpoint, args.registry)
     thresholds_file = Path(args.thresholds) if args.thresholds else checkpoint.parent / "eval" / "thresholds.json"
-    if not thresholds_file.is_file():
-        print(f"{thresholds_file} not found: evaluating {checkpoint.name} to choose thresholds")
-        evaluate(net, cfg, thresholds_file.parent)
+    if args.thresholds or "thresholds" not in meta:
+        if not thresholds_file.is_file():
+            print(f"{thresholds_file} not found: evaluating {checkpoint.name} to choose thresholds")
+            evaluate(net, cfg, thresholds_file.parent)
+        thresholds, source = json.loads(thresholds_file.read_text()), thresholds_file
+    else:
+        thresholds, source = meta["thresholds"], checkpoint
+    print(f"thresholds from {source}")
     output = Path(args.output) if args.output else checkpoint.parent / "model.onnx"
-    parity = export_onnx(net, cfg, json.loads(thresholds_file.read_text()), output, args.opset)
+    parity = export_onnx(net, cfg, thresholds, output, args.opset)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     print(f"parity with PyTorch at batch 1 and 3 (max abs diff, limit {PARITY_TOLERANCE}):")
     for name, diff in parity.items():

@@ -56,3 +56,10 @@ def load_net(checkpoint_path: str | Path,
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state)
     return net.eval(), cfg, meta
+
+
+def store_thresholds(checkpoint_path: str | Path, thresholds: dict) -> None:
+    """Record the thresholds chosen by eval in the checkpoint, so export finds them there."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint.setdefault("meta", {}).setdefault("waterdrop", {})["thresholds"] = thresholds
+    torch.save(checkpoint, checkpoint_path)

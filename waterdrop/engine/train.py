@@ -39,11 +39,11 @@ from waterdrop.data.sampler import (
     repeat_factors,
     task_weights,
 )
-from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net
+from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net, store_thresholds
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
-from waterdrop.evaluation.evaluate import evaluate, format_report
+from waterdrop.evaluation.evaluate import evaluate, format_report, thresholds_of
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -229,5 +229,6 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     checkpoint = best_checkpoint(work_dir)
     net, cfg, _ = load_net(checkpoint)
     report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu")
+    store_thresholds(checkpoint, thresholds_of(report))
     printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
     return report

@@ -109,6 +109,11 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
     return report
 
 
+def thresholds_of(report: dict) -> dict:
+    """Per task: the binary threshold, or the per-label thresholds."""
+    return {task: r["threshold"] if "threshold" in r else r["thresholds"] for task, r in report.items()}
+
+
 def format_report(report: dict) -> str:
     """A short human-readable summary, one block per task."""
     lines = []
