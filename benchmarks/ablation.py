@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import statistics
 from pathlib import Path
@@ -56,3 +57,11 @@ def table(names: list[str], results: dict[str, list[dict]], columns: list[tuple[
         lines.append(f"| {name} | " + " | ".join(cell([r[key] for r in rows]) for key, _ in columns)
                      + f" | {statistics.mean(r['minutes'] for r in rows):.1f} |")
     return lines
+
+
+def save_report(out: Path, stem: str, lines: list[str], results: dict) -> None:
+    """Write ``<stem>.md`` (the table) and ``<stem>.json`` (every run) under ``out`` and print the table."""
+    text = "\n".join(lines)
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    print(text)

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import REPO, machine, merge, table, write_run_registry  # noqa: E402
+from ablation import REPO, machine, merge, save_report, table, write_run_registry  # noqa: E402
 
 from waterdrop.config import load_registry
 from waterdrop.data.demo import generate
@@ -136,10 +136,7 @@ def main() -> int:
     lines += table(names, results, [("ap", "AP"), ("roc_auc", "ROC-AUC"), ("recall", "recall at threshold"),
                                     ("deploy_precision", "precision at deploy prevalence"),
                                     ("deploy_ap", "AP at deploy prevalence")])
-    text = "\n".join(lines)
-    (out / "moderation_ablation.md").write_text(text + "\n")
-    (out / "moderation_ablation.json").write_text(json.dumps(results, indent=2))
-    print(text)
+    save_report(out, "moderation_ablation", lines, results)
     return 0
 
 

@@ -15,7 +15,6 @@ applied.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import REPO, machine, merge, table, write_run_registry  # noqa: E402
+from ablation import REPO, machine, merge, save_report, table, write_run_registry  # noqa: E402
 
 from waterdrop.config import load_registry
 from waterdrop.data.demo import SMALL_OBJECTS, ensure_demo_data
@@ -101,10 +100,7 @@ def main() -> int:
     if assisted and "small_ap_tag_only" in assisted[0]:
         lines += ["", "Same SSD run, small-object tag AP from the tag head alone: "
                   f"{statistics.mean(r['small_ap_tag_only'] for r in assisted):.3f}."]
-    text = "\n".join(lines)
-    (out / "scene_tags_ablation.md").write_text(text + "\n")
-    (out / "scene_tags_ablation.json").write_text(json.dumps(results, indent=2))
-    print(text)
+    save_report(out, "scene_tags_ablation", lines, results)
     return 0
 
 
