@@ -94,7 +94,9 @@ class SSDHead(nn.Module):
         """Per-image loss (N,): cross-entropy over positives and the hardest negatives
         (``negatives_per_positive`` per positive, at least that many per image, so images
         without objects still teach the background) plus smooth-L1 on positive offsets.
-        Scaled so that its mean is the batch sum over the batch's positive count.
+        Scaled so that its mean is the batch sum over the batch's positive count, or over
+        its image count when objects are rarer than one per image (SSD divides by the
+        positives alone, which lets the background terms of object-free images explode).
 
         Args:
             boxes: (N, M, 5) rows of [class, x1, y1, x2, y2] in 0..1; class -1 pads.
@@ -124,4 +126,4 @@ class SSDHead(nn.Module):
             negative_ce = ce.masked_fill(positive, -1.0)
             hard = negative_ce.topk(min(negatives, int((~positive).sum()))).indices
             per_image.append(ce[positive].sum() + ce[hard].sum() + box_loss)
-        return torch.stack(per_image) * len(per_image) / max(positives, 1)
+        return torch.stack(per_image) * len(per_image) / max(positives, len(per_image))
