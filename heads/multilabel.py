@@ -68,7 +68,8 @@ class MultiLabelHead(Head):
         count = len(self.in_channels)
         if (not isinstance(levels, list) or not levels
                 or not all(isinstance(v, int) and -count <= v < count for v in levels)):
-            raise ValueError(f"detector.levels must list feature levels in 0..{count - 1} (or negative), got {levels!r}")
+            raise ValueError(f"detector.levels must list feature levels in 0..{count - 1} (or negative), "
+                             f"got {levels!r}")
         fusion = spec.get("fusion", "max")
         if fusion not in FUSION_RULES:
             raise ValueError(f"detector.fusion must be one of {', '.join(FUSION_RULES)}, got {fusion!r}")

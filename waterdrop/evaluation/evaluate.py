@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from waterdrop.config import RegistryConfig
-from waterdrop.evaluation import plots
 from waterdrop.detection import detect, detection_ap
+from waterdrop.evaluation import plots
 from waterdrop.evaluation.metrics import average_precision, binary_report, multilabel_report
 from waterdrop.model.multitask import MultiTaskNet
 
