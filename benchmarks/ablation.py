@@ -40,6 +40,18 @@ def write_run_registry(base: dict, model: dict, task: dict, folder: Path, seed: 
     return path
 
 
+def load_base(registry: str | None, task_name: str):
+    """The registry to start from (the repository's by default), its parsed config, and the
+    ablated task's config and YAML."""
+    from waterdrop.config import load_registry
+
+    registry_path = Path(registry) if registry else REPO / "registry.yaml"
+    cfg = load_registry(registry_path)
+    task_cfg = next(t for t in cfg.tasks if t.name == task_name)
+    return registry_path, yaml.safe_load(registry_path.read_text()), cfg, task_cfg, yaml.safe_load(
+        task_cfg.file.read_text())
+
+
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")

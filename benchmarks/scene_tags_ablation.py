@@ -20,12 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import REPO, machine, merge, save_report, table, write_run_registry  # noqa: E402
+from ablation import load_base, machine, merge, save_report, table, write_run_registry  # noqa: E402
 
-from waterdrop.config import load_registry
 from waterdrop.data.demo import SMALL_OBJECTS, ensure_demo_data
 from waterdrop.engine.train import run_training
 
@@ -49,11 +46,7 @@ def main() -> int:
     parser.add_argument("--out", default="work_dirs/ablation_tags")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    registry_path = Path(args.registry) if args.registry else REPO / "registry.yaml"
-    base = yaml.safe_load(registry_path.read_text())
-    cfg = load_registry(registry_path)
-    task_cfg = next(t for t in cfg.tasks if t.name == args.task)
-    task = yaml.safe_load(task_cfg.file.read_text())
+    registry_path, base, cfg, task_cfg, task = load_base(args.registry, args.task)
     detector = task["head"].get("detector")
     relations = task.get("relations")
     if not args.registry:
