@@ -299,7 +299,7 @@ class TaskDataset(Dataset):
                 view, boxes, kept = self.transform(image, pixel_boxes)
                 target = np.concatenate([target, self.encode_boxes([classes[k] for k in kept],
                                                                    boxes / view.shape[0])])
-                first = np.ascontiguousarray(view.transpose(2, 0, 1))
+                first = _channels_first(view)
             else:
                 first = self._view(image)
             sample = {"image": first, "task": self.task_index, "target": target,
@@ -310,7 +310,11 @@ class TaskDataset(Dataset):
         raise RuntimeError(f"task {self.task_index}: none of its {len(self.records)} images can be decoded")
 
     def _view(self, image: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(self.transform(image).transpose(2, 0, 1))
+        return _channels_first(self.transform(image))
+
+
+def _channels_first(image: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
 class MultiTaskDataset(Dataset):

@@ -48,10 +48,11 @@ def detector_report(head, details: dict, truth: np.ndarray) -> dict:
     spec, labels = head.detector, head.labels
     boxes = details["target"][:, len(labels):].reshape(len(truth), -1, 5)
     truths = [[(int(row[0]), row[1:]) for row in image if row[0] >= 0] for image in boxes]
-    found = [detect(b, s, spec["score_threshold"], spec["nms_iou"]) for b, s in
-             zip(details["det_boxes"], details["det_scores"])]
-    # mAP is scored over all candidate boxes (a low threshold), as is usual for AP.
+    # mAP is scored over all candidate boxes (a low threshold), as is usual for AP. Greedy NMS
+    # never lets a lower score suppress a higher one, so the reported detections are these
+    # candidates at or above the score threshold.
     ranked = [detect(b, s, 0.01, spec["nms_iou"]) for b, s in zip(details["det_boxes"], details["det_scores"])]
+    found = [[d for d in image if d[1] >= spec["score_threshold"]] for image in ranked]
     aps = detection_ap(ranked, truths, len(spec["classes"]))
     tags = {}
     for c, label in enumerate(spec["classes"]):
@@ -81,7 +82,7 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data, skipped, details = predict_val(net, cfg, device)
-    report, thresholds = {}, {}
+    report = {}
     for task in cfg.tasks:
         if task.name not in data:
             raise ValueError(f"task {task.name}: no validation image could be decoded")
@@ -89,7 +90,6 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         deploy = task.deploy
         if net.heads[task.name].kind == "binary":
             result = binary_report(scores, truth, deploy.prevalence, deploy.target_metric, deploy.target_value)
-            thresholds[task.name] = result["threshold"]
             plots.binary_pr(out_dir / f"{task.name}_pr.png", task.name, scores, truth, deploy.prevalence,
                             result["threshold"])
             plots.confusion(out_dir / f"{task.name}_confusion.png", task.name, result["at_threshold"],
@@ -97,7 +97,6 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         else:
             result = multilabel_report(scores, truth, task.labels, deploy.target_metric, deploy.target_value,
                                        deploy.label_targets, task.relations)
-            thresholds[task.name] = result["thresholds"]
             plots.multilabel_pr_grid(out_dir / f"{task.name}_pr.png", task.name, scores, truth, task.labels,
                                      result["thresholds"])
             if task.name in details:
@@ -105,7 +104,7 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         result["skipped_images"] = skipped.get(task.name, [])
         report[task.name] = result
     (out_dir / "metrics.json").write_text(json.dumps(_clean(report), indent=2))
-    (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2))
+    (out_dir / "thresholds.json").write_text(json.dumps(thresholds_of(report), indent=2))
     return report
 
 
