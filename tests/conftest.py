@@ -20,7 +20,7 @@ def write_registry(folder: Path, data_root: Path, **model_overrides) -> Path:
     """A registry with the repository's task files, pointed at ``data_root``, on test_resnet at 64 px."""
     registry = yaml.safe_load((REPO / "registry.yaml").read_text())
     registry["demo_data"] = None
-    registry["model"].update({"backbone": "test_resnet", "input_size": 64, **model_overrides})
+    registry["model"].update({"backbone": "test_resnet", "pretrained": None, "input_size": 64, **model_overrides})
     registry["train"].update({"epochs": 1, "batch_size": 16, "num_workers": 0, "log_interval": 5})
     (folder / "tasks").mkdir(parents=True, exist_ok=True)
     for extra in (REPO / "tasks").glob("*_relations.yaml"):

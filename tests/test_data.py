@@ -11,8 +11,8 @@ import pytest
 from tests.conftest import write_registry
 from waterdrop.config import load_registry
 from waterdrop.data.dataset import DataError, collate
+from waterdrop.data.loaders import build_datasets
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
-from waterdrop.engine.train import build_datasets
 from waterdrop.imageio import ImageDecodeError, read_image
 from waterdrop.model.multitask import MultiTaskNet
 
@@ -89,6 +89,22 @@ def test_unknown_label_in_manifest_names_file_and_line(tmp_path, copy_demo):
         build_datasets(cfg, MultiTaskNet(cfg), "val")
 
 
+def test_empty_label_list_is_a_normal_image_in_a_binary_task(tmp_path, demo_root):
+    registry = write_registry(tmp_path, demo_root)
+    image = sorted((demo_root / "disgusting" / "train").glob("*.jpg"))[0]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"image": str(image), "labels": []}) + "\n"
+                        + json.dumps({"image": str(image), "labels": ["insects"]}) + "\n")
+    task_file = registry.parent / "tasks" / "disgusting.yaml"
+    task_file.write_text(task_file.read_text().replace(str(demo_root / "disgusting" / "train.jsonl"), str(manifest)))
+    cfg = load_registry(registry)
+    dataset = build_datasets(cfg, MultiTaskNet(cfg), "train").datasets[0]
+    assert [int(t) for t in dataset.targets] == [0, 1]
+    manifest.write_text(json.dumps({"image": str(image), "labels": ["insects", "reptiles"]}) + "\n")
+    with pytest.raises(DataError, match="train.jsonl: line 1: expected one label"):
+        build_datasets(cfg, MultiTaskNet(cfg), "train")
+
+
 def test_folder_per_class_data(tmp_path, demo_root):
     folders = tmp_path / "folders"
     for label in ("normal", "insects"):
@@ -98,6 +114,10 @@ def test_folder_per_class_data(tmp_path, demo_root):
     registry = write_registry(tmp_path, demo_root)
     task_file = registry.parent / "tasks" / "disgusting.yaml"
     task_file.write_text(task_file.read_text().replace(str(demo_root / "disgusting" / "train.jsonl"), str(folders)))
+    # Hidden folders (notebook checkpoints, caches) are not classes and not images.
+    for hidden in (folders / ".ipynb_checkpoints", folders / "insects" / ".cache"):
+        hidden.mkdir()
+        _jpeg(hidden / "copy.jpg", np.zeros((20, 20, 3), np.uint8))
     cfg = load_registry(registry)
     dataset = build_datasets(cfg, MultiTaskNet(cfg), "train").datasets[0]
     assert sorted(int(t) for t in dataset.targets) == [0, 0, 0, 1, 1, 1]

@@ -86,9 +86,20 @@ def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_
     edit_task(registry_file, "disgusting", data={"unlabeled": str(demo_root / "disgusting" / "unlabeled")},
               mean_teacher={"rampup_epochs": 0.5}, head={"pcb": {"size": 1, "stride": 1}})
     edit_task(registry_file, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 4},
-              augment={"cutmix": 0.5}, sampler={"type": "balanced", "normal_fraction": 0.67})
+              augment={"cutmix": 0.5}, sampler={"type": "balanced", "normal_fraction": 0.67},
+              data={"test": str(tmp_path / "thriller_test.jsonl")})
+    lines = [json.loads(line) for line in (demo_root / "thriller" / "val.jsonl").read_text().splitlines()]
+    with open(tmp_path / "thriller_test.jsonl", "w") as f:
+        for item in lines[: len(lines) // 2]:
+            f.write(json.dumps({**item, "image": str(demo_root / "thriller" / item["image"])}) + "\n")
     printed = []
     report = run_training(registry_file, tmp_path / "run", printer=lambda *text, **_: printed.extend(text))
+    # A task with a test split is reported there, at thresholds chosen on val; the others say in-sample.
+    assert report["thriller"]["split"] == "test" and not report["thriller"]["in_sample"]
+    assert report["thriller"]["count"] == len(lines) // 2 and report["thriller"]["val_summary"]["count"] == len(lines)
+    assert report["disgusting"]["in_sample"] and report["scene_tags"]["split"] == "val"
+    summary = "\n".join(printed)
+    assert "thriller: on its test split" in summary and "disgusting: IN-SAMPLE" in summary
     with open(tmp_path / "run" / "results.csv") as f:
         columns = next(csv.reader(f))
     for term in ("disgusting.loss_consistency", "disgusting.loss_focal", "thriller.cascade_loss_focal"):

@@ -84,14 +84,21 @@ def test_cbam_blocks_and_stages(tmp_path, demo_root):
         net.train()
         out = net.forward_tasks(_images(4), torch.tensor([0, 0, 1, 1]))
         sum(o["logits"].sum() for o in out.values()).backward()
-        grads = [p.grad for n, p in net.trunk.named_parameters() if "spatial" in n]
-        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+        # CBAM starts as the identity (blend 0): the blend learns first, the attention layers after.
+        blends = [p.grad for n, p in net.trunk.named_parameters() if n.endswith("blend")]
+        assert blends and all(g is not None and g.abs().sum() > 0 for g in blends)
 
 
-def test_cbam_attention_keeps_shape_and_only_scales_down():
+def test_cbam_starts_as_identity_and_its_attention_only_scales_down():
     x = torch.rand(2, 32, 8, 8)
-    y = CBAM(32)(x)
-    assert y.shape == x.shape and (y <= x + 1e-6).all() and (y >= 0).all()
+    cbam = CBAM(32)
+    torch.testing.assert_close(cbam(x), x)
+    with torch.no_grad():
+        cbam.blend.fill_(1.0)
+    y = cbam(x)
+    assert y.shape == x.shape and (y <= x + 1e-6).all() and (y >= 0).all() and (y < x - 1e-3).any()
+    y.sum().backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in cbam.named_parameters() if "spatial" in n)
 
 
 def test_bad_stage_index_and_unknown_backbone_are_config_errors(tmp_path, demo_root):

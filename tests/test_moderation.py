@@ -13,10 +13,10 @@ from mmengine.optim import OptimWrapper
 from tests.conftest import edit_task
 from waterdrop.config import AugmentConfig, ConfigError, load_registry
 from waterdrop.data.dataset import TrainTransform, distort_color, erase_random_rectangle, rotate
+from waterdrop.data.loaders import build_datasets, task_streams
 from waterdrop.data.sampler import BalancedStream, MultiTaskBatchSampler, PlainStream, WithUnlabeled
 from waterdrop.engine.checkpoint import load_net
 from waterdrop.engine.model import WaterdropModel, _task_terms, rampup
-from waterdrop.engine.train import build_datasets, task_streams
 from waterdrop.registry import registered_heads
 
 BinaryHead = registered_heads()["BinaryHead"]

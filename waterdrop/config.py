@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from waterdrop.relations import RelationError, RelationGraph
+from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights, packaged_weights_file
 
 _REQUIRED = object()
 
@@ -36,7 +37,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     backbone: str
-    pretrained: Path | None
+    pretrained: Path | str | None  # a local file, "imagenet" (packaged weights) or None
     cbam: str
     task_bn_stages: list[int]
     input_size: int
@@ -54,6 +55,8 @@ class TrainConfig:
     weight_decay: float
     momentum: float
     warmup_epochs: float
+    trunk_lr_mult: float
+    freeze_trunk_epochs: int
     amp: str
     sampling_policy: str
     sampling_weights: dict[str, float]
@@ -116,6 +119,7 @@ class TaskConfig:
     negative_label: str
     train: Path
     val: Path
+    test: Path | None
     unlabeled: Path | None
     sampler: SamplerConfig
     loss_weight: float
@@ -232,20 +236,31 @@ def _load_model(sec: _Section, root: Path) -> ModelConfig:
     stages = sec.raw("task_bn_stages", [-1])
     if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
         raise sec.fail("task_bn_stages", stages, "a list of feature-level indices such as [-1]")
-    mean, std = sec.raw("mean", [0.485, 0.456, 0.406]), sec.raw("std", [0.229, 0.224, 0.225])
+    backbone = sec.string("backbone")
+    pretrained = sec.string("pretrained", None)
+    # Packaged weights bring their own normalisation; the registry's mean/std still win.
+    norm_mean, norm_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    if pretrained == IMAGENET:
+        try:
+            entry = packaged_weights(backbone)
+            packaged_weights_file(backbone)
+        except ValueError as err:
+            raise ConfigError(sec.file, sec.path("pretrained"), str(err)) from err
+        norm_mean, norm_std = list(entry.mean), list(entry.std)
+    elif pretrained is not None:
+        pretrained = _resolve(root, pretrained)
+        if not pretrained.is_file():
+            raise sec.fail("pretrained", str(pretrained), f"'{IMAGENET}' (packaged weights of "
+                           f"{', '.join(PACKAGED)}) or an existing local weights file (nothing is downloaded)")
+    mean, std = sec.raw("mean", norm_mean), sec.raw("std", norm_std)
     for key, value in (("mean", mean), ("std", std)):
         if (not isinstance(value, list) or len(value) != 3
                 or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in value)):
             raise sec.fail(key, value, "three RGB numbers in 0..1")
     if any(s == 0 for s in std):
         raise sec.fail("std", std, "non-zero values")
-    pretrained = sec.string("pretrained", None)
-    if pretrained is not None:
-        pretrained = _resolve(root, pretrained)
-        if not pretrained.is_file():
-            raise sec.fail("pretrained", str(pretrained), "an existing local weights file (nothing is downloaded)")
     model = ModelConfig(
-        backbone=sec.string("backbone"),
+        backbone=backbone,
         pretrained=pretrained,
         cbam=sec.string("cbam", "none", CBAM_MODES),
         task_bn_stages=stages,
@@ -276,6 +291,8 @@ def _load_train(sec: _Section) -> TrainConfig:
         weight_decay=opt.number("weight_decay", 0.05, low=0),
         momentum=opt.number("momentum", 0.9, low=0, high=1),
         warmup_epochs=sec.number("warmup_epochs", 1, low=0),
+        trunk_lr_mult=opt.number("trunk_lr_mult", 1.0, low=0),
+        freeze_trunk_epochs=sec.number("freeze_trunk_epochs", 0, int, low=0),
         amp={True: "on", False: "off"}.get(amp, "auto"),
         sampling_policy=sampling.string("policy", "size", SAMPLING_POLICIES),
         sampling_weights={str(k): float(v) for k, v in weights.items()},
@@ -433,7 +450,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
     head_args = {k: v for k, v in head.data.items() if k != "type"}
     _check_head(head, head_type, head_args)
     data = sec.section("data", required=True)
-    unlabeled = data.string("unlabeled", None)
+    unlabeled, test = data.string("unlabeled", None), data.string("test", None)
     labels, parents = _load_labels(sec, path.parent)
     task = TaskConfig(
         name=sec.string("name"),
@@ -444,6 +461,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         negative_label=sec.string("negative_label", "normal"),
         train=_resolve(root, data.string("train")),
         val=_resolve(root, data.string("val")),
+        test=_resolve(root, test) if test else None,
         unlabeled=_resolve(root, unlabeled) if unlabeled else None,
         sampler=_load_sampler(sec),
         loss_weight=sec.number("loss_weight", 1.0, low=0),

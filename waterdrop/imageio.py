@@ -70,8 +70,10 @@ def to_model_input(images: list[np.ndarray], size: int) -> np.ndarray:
 
 
 def list_images(path: str | Path) -> list[Path]:
-    """A file as is, or the image files under a folder (recursive, sorted)."""
+    """A file as is, or the image files under a folder (recursive, sorted). Hidden files and
+    folders (``.cache``, ``.ipynb_checkpoints``) are left out."""
     path = Path(path)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
     return [path]

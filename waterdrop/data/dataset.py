@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from waterdrop.config import AugmentConfig
-from waterdrop.imageio import IMAGE_SUFFIXES, ImageDecodeError, list_images, read_image, resize
+from waterdrop.imageio import ImageDecodeError, list_images, read_image, resize
 
 
 class DataError(ValueError):
@@ -67,13 +67,12 @@ def read_manifest(path: Path) -> list[Record]:
 
 
 def read_folders(root: Path, known: list[str]) -> list[Record]:
-    """Folder per class: ``root/<label>/**/*.jpg``."""
+    """Folder per class: ``root/<label>/**/*.jpg``; hidden folders and files are skipped."""
     records = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if folder.name not in known:
             raise DataError(f"{folder}: folder name '{folder.name}' is not a label; known: {', '.join(known)}")
-        records += [Record(path=p, labels=[folder.name]) for p in sorted(folder.rglob("*"))
-                    if p.suffix.lower() in IMAGE_SUFFIXES]
+        records += [Record(path=p, labels=[folder.name]) for p in list_images(folder)]
     return records
 
 

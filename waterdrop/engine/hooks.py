@@ -26,13 +26,21 @@ class WaterdropHook(Hook):
     """Prints a progress line every ``log_interval`` iterations (epoch, each loss term,
     learning rate, images/s, memory), counts undecodable images per epoch, writes
     ``results.csv`` (one row per epoch) and ``summary.json``, and records the registry
-    in every checkpoint so eval and export can rebuild the model from it alone."""
+    in every checkpoint so eval and export can rebuild the model from it alone.
+
+    With ``freeze_trunk_epochs`` N, the shared trunk's weights get no gradients during the
+    first N epochs (only heads and cascade networks learn, and each step is cheaper); its
+    BatchNorm statistics still adapt. This is the usual first phase of transfer learning
+    on small sets: random heads do not push large gradients into pretrained features.
+    """
 
     priority = "NORMAL"
 
-    def __init__(self, registry_file: Path, task_names: list[str], log_interval: int, printer=print):
+    def __init__(self, registry_file: Path, task_names: list[str], log_interval: int, printer=print,
+                 freeze_trunk_epochs: int = 0):
         self.registry_file, self.task_names = str(registry_file), task_names
         self.log_interval, self.print = log_interval, printer
+        self.freeze_trunk_epochs = freeze_trunk_epochs
         self.skipped: dict[str, set[str]] = defaultdict(set)
         self.rows: list[dict] = []
 
@@ -48,6 +56,10 @@ class WaterdropHook(Hook):
                 self.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= runner.epoch]
 
     def before_train_epoch(self, runner) -> None:
+        frozen = runner.epoch < self.freeze_trunk_epochs
+        self._model(runner).net.trunk.requires_grad_(not frozen)
+        if frozen and runner.epoch == 0:
+            self.print(f"trunk frozen for the first {self.freeze_trunk_epochs} epoch(s)", flush=True)
         self._epoch_skipped = 0
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._start, self._images = time.perf_counter(), 0
@@ -67,12 +79,12 @@ class WaterdropHook(Hook):
         if (batch_idx + 1) % self.log_interval == 0 or batch_idx + 1 == iters:
             losses = "  ".join(f"{k} {self._sums[k] / self._counts[k]:.4f}" for k in sorted(self._sums))
             speed = self._images / max(time.perf_counter() - self._start, 1e-9)
-            lr = runner.optim_wrapper.get_lr()["lr"][0]
+            lr = max(runner.optim_wrapper.get_lr()["lr"])  # the heads' rate; the trunk's may be lower
             self.print(f"epoch {runner.epoch + 1}/{runner.max_epochs}  iter {batch_idx + 1}/{iters}  {losses}  "
                        f"lr {lr:.2e}  {speed:.1f} img/s  {_memory()}", flush=True)
 
     def after_train_epoch(self, runner) -> None:
-        row = {"epoch": runner.epoch + 1, "lr": runner.optim_wrapper.get_lr()["lr"][0],
+        row = {"epoch": runner.epoch + 1, "lr": max(runner.optim_wrapper.get_lr()["lr"]),
                "skipped_images": self._epoch_skipped, "nonfinite_batches": self._model(runner).nonfinite_batches}
         row.update({k: self._sums[k] / self._counts[k] for k in sorted(self._sums)})
         self.rows.append(row)

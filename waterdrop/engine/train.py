@@ -9,9 +9,7 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from mmengine.dataset import DefaultSampler
 from mmengine.dist import barrier, get_dist_info, init_dist, is_distributed
 from mmengine.evaluator import Evaluator
 from mmengine.logging import MMLogger
@@ -19,89 +17,17 @@ from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
 from waterdrop import __version__
-from waterdrop.config import ConfigError, RegistryConfig, load_registry
-from waterdrop.data.dataset import (
-    EvalTransform,
-    MultiTaskDataset,
-    TaskDataset,
-    TrainTransform,
-    collate,
-    read_records,
-    read_unlabeled,
-)
+from waterdrop.config import RegistryConfig, load_registry
+from waterdrop.data.dataset import collate
 from waterdrop.data.demo import ensure_demo_data
-from waterdrop.data.sampler import (
-    BalancedStream,
-    MultiTaskBatchSampler,
-    PlainStream,
-    RepeatFactorStream,
-    WithUnlabeled,
-    repeat_factors,
-    task_weights,
-)
+from waterdrop.data.loaders import build_datasets, eval_loader, task_streams
+from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
 from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net, store_thresholds
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
+from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers the optimizer constructor)
 from waterdrop.evaluation.evaluate import evaluate, format_report, thresholds_of
-from waterdrop.model.multitask import MultiTaskNet
-
-
-def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiTaskDataset:
-    """One TaskDataset per task for ``split`` ("train" or "val"), labels checked by each head.
-    Training sets of mean-teacher tasks also hold the unlabeled images and give two views."""
-    datasets = []
-    for t, task in enumerate(cfg.tasks):
-        source = getattr(task, split)
-        head = net.heads[task.name]
-        known = [task.negative_label, *task.labels]
-        records = read_records(source, known)
-        boxes = head.encode_boxes if head.uses_boxes else None
-        if split == "train":
-            teaching = task.mean_teacher is not None
-            unlabeled = read_unlabeled(task.unlabeled) if task.unlabeled else []
-            datasets.append(TaskDataset(t, records, head.encode_target,
-                                        TrainTransform(cfg.model.input_size, task.augment), source, unlabeled,
-                                        second_view=teaching, encode_boxes=boxes))
-        else:
-            datasets.append(TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
-                                        encode_boxes=boxes))
-    return MultiTaskDataset(datasets)
-
-
-def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTaskNet) -> list:
-    """Per task, how its batch slots are filled (see ``waterdrop.data.sampler``)."""
-    streams = []
-    for task, dataset in zip(cfg.tasks, train_set.datasets):
-        labeled = np.arange(dataset.labeled_count)
-        if task.sampler.type == "balanced":
-            if net.heads[task.name].kind != "binary":
-                raise ConfigError(task.file, "sampler.type", "balanced needs a binary head (normal vs sub-classes)")
-            classes = np.asarray(dataset.targets[:dataset.labeled_count], dtype=np.int64)
-            labeled_stream = partial(BalancedStream, classes, task.sampler.normal_fraction)
-        elif task.sampler.type == "repeat_factor":
-            if net.heads[task.name].kind != "multilabel":
-                raise ConfigError(task.file, "sampler.type", "repeat_factor needs a multi-label head")
-            present = [[task.labels.index(n) for n in record.labels] for record in dataset.records[:len(labeled)]]
-            factors = repeat_factors(present, len(task.labels), task.sampler.threshold, task.sampler.function)
-            labeled_stream = partial(RepeatFactorStream, factors)
-        else:
-            labeled_stream = partial(PlainStream, labeled)
-        if len(dataset) > dataset.labeled_count:
-            fraction = task.mean_teacher.unlabeled_fraction
-            unlabeled = np.arange(dataset.labeled_count, len(dataset))
-            streams.append(lambda rng, make=labeled_stream, u=unlabeled, f=fraction: WithUnlabeled(make(rng=rng), u,
-                                                                                                    f, rng))
-        else:
-            streams.append(lambda rng, make=labeled_stream: make(rng=rng))
-    return streams
-
-
-def val_loader(cfg: RegistryConfig, net: MultiTaskNet, distributed: bool = False) -> DataLoader:
-    dataset = build_datasets(cfg, net, "val")
-    sampler = DefaultSampler(dataset, shuffle=False) if distributed else None
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
-                      collate_fn=partial(collate, task_names=cfg.task_names))
 
 
 def _log_details_to_file_only(logger: MMLogger) -> None:
@@ -143,18 +69,19 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     if epochs > warmup:
         schedulers.append({"type": "CosineAnnealingLR", "by_epoch": True, "begin": warmup, "end": epochs,
                            "T_max": epochs - warmup, "eta_min": train.lr * 0.01, "convert_to_iter_based": True})
-    hook = WaterdropHook(cfg.file, cfg.task_names, train.log_interval, printer)
+    hook = WaterdropHook(cfg.file, cfg.task_names, train.log_interval, printer, train.freeze_trunk_epochs)
     kinds = {name: head.kind for name, head in model.net.heads.items()}
     runner = Runner(
         model=model,
         work_dir=str(work_dir),
         train_dataloader=train_loader,
-        val_dataloader=val_loader(cfg, model.net, world_size > 1),
+        val_dataloader=eval_loader(cfg, model.net, "val", world_size > 1),
         val_evaluator=Evaluator(TaskMetric(kinds)),
         train_cfg={"by_epoch": True, "max_epochs": epochs, "val_interval": 1},
         val_cfg={},
         optim_wrapper={"type": "AmpOptimWrapper" if amp else "OptimWrapper", "optimizer": optimizer,
-                       "clip_grad": {"max_norm": 10.0}},
+                       "clip_grad": {"max_norm": 10.0},
+                       "constructor": "TrunkLrConstructor", "paramwise_cfg": {"trunk_lr_mult": train.trunk_lr_mult}},
         param_scheduler=schedulers,
         default_hooks={
             "checkpoint": {"type": "CheckpointHook", "interval": 1, "save_best": "val/score", "rule": "greater",

@@ -90,17 +90,20 @@ def at_threshold(scores: np.ndarray, truth: np.ndarray, threshold: float, neg_we
 
 
 def binary_report(scores: np.ndarray, truth: np.ndarray, prevalence: float | None, target_metric: str,
-                  target_value: float) -> dict:
+                  target_value: float, threshold: float | None = None) -> dict:
     """Everything eval reports for one binary task.
 
-    The threshold is chosen for the target; a precision target is judged at the deploy
-    prevalence, since that is the precision users will see.
+    The threshold is chosen for the target unless given (chosen on other data); a precision
+    target is judged at the deploy prevalence, since that is the precision users will see.
+    ``target.met`` says whether the target holds on these scores.
     """
     weight = negative_weight(truth, prevalence)
-    threshold, met = choose_threshold(scores, truth, target_metric, target_value,
-                                      weight if target_metric == "precision" else 1.0)
+    if threshold is None:
+        threshold, _ = choose_threshold(scores, truth, target_metric, target_value,
+                                        weight if target_metric == "precision" else 1.0)
     val_mix = at_threshold(scores, truth, threshold)
     deploy = at_threshold(scores, truth, threshold, weight)
+    met = (deploy if target_metric == "precision" else val_mix)[target_metric] >= target_value
     return {
         "count": int(len(truth)),
         "positives": int((truth == 1).sum()),
@@ -121,38 +124,42 @@ def binary_report(scores: np.ndarray, truth: np.ndarray, prevalence: float | Non
 
 def multilabel_report(scores: np.ndarray, truth: np.ndarray, labels: list[str], target_metric: str,
                       target_value: float, label_targets: dict[str, tuple[str, float]] | None = None,
-                      graph: RelationGraph | None = None) -> dict:
+                      graph: RelationGraph | None = None, thresholds: dict[str, float] | None = None) -> dict:
     """Per-label AP, AUC and threshold for the target; mAP over labels with positives.
 
     Entries of ``truth`` equal to -1 (label not annotated) are left out per label. A label
     in ``label_targets`` uses its own (metric, value). Labels with fewer than
     MIN_POSITIVES_FOR_THRESHOLD validation positives keep the default threshold and are
-    listed under ``fallback_labels``. With a relation ``graph``, ``micro_after_relations``
-    scores the decisions after it, next to ``micro`` (before).
+    listed under ``fallback_labels``. Given ``thresholds`` (chosen on other data) are used
+    as they are. With a relation ``graph``, ``micro_after_relations`` scores the decisions
+    after it, next to ``micro`` (before).
     """
-    per_label, thresholds, fallback = {}, {}, []
+    per_label, chosen, fallback = {}, {}, []
     label_targets = label_targets or {}
     for j, label in enumerate(labels):
         known = truth[:, j] >= 0
         s, t = scores[known, j], truth[known, j]
         metric, value = label_targets.get(label, (target_metric, target_value))
-        if int((t == 1).sum()) >= MIN_POSITIVES_FOR_THRESHOLD:
-            threshold, met = choose_threshold(s, t, metric, value)
+        if thresholds is not None:
+            threshold = thresholds[label]
+        elif int((t == 1).sum()) >= MIN_POSITIVES_FOR_THRESHOLD:
+            threshold, _ = choose_threshold(s, t, metric, value)
         else:
-            threshold, met = DEFAULT_THRESHOLD, False
+            threshold = DEFAULT_THRESHOLD
             fallback.append(label)
-        thresholds[label] = threshold
+        met = bool((t == 1).any()) and at_threshold(s, t, threshold)[metric] >= value
+        chosen[label] = threshold
         per_label[label] = {"positives": int((t == 1).sum()), "ap": average_precision(s, t), "roc_auc": roc_auc(s, t),
                             "threshold": threshold, "target": {metric: value}, "target_met": met,
                             **at_threshold(s, t, threshold)}
     aps = [v["ap"] for v in per_label.values() if not np.isnan(v["ap"])]
-    predicted = scores >= np.array([thresholds[label] for label in labels])
+    predicted = scores >= np.array([chosen[label] for label in labels])
     report = {
         "count": int(len(truth)),
         "map": float(np.mean(aps)) if aps else float("nan"),
         "micro": micro_scores(predicted, truth),
         "target": {target_metric: target_value},
-        "thresholds": thresholds,
+        "thresholds": chosen,
         "fallback_labels": fallback,
         "labels": per_label,
     }

@@ -11,6 +11,8 @@ from timm.models import EfficientNetFeatures, FeatureListNet, MobileNetV3Feature
 from torch import nn
 
 from waterdrop.model.cbam import CBAM
+from waterdrop.model.pretrained import load_packaged
+from waterdrop.weights import IMAGENET
 
 
 def _ordered_children(features: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
@@ -36,17 +38,19 @@ class Trunk(nn.Module):
     This builder owns the backbone choices in one place:
 
     * ``pretrained`` is a local weights file for the full timm model (classifier weights are
-      ignored); nothing is ever downloaded.
+      ignored), or ``"imagenet"`` for the ImageNet weights that ship in a Python package
+      (``tf_efficientnet_lite0/1/2``, see ``waterdrop.model.pretrained``); nothing is ever
+      downloaded.
     * ``cbam="blocks"`` puts CBAM inside every residual block (timm ResNet-family only);
       ``cbam="stages"`` puts one CBAM after every level but the stem; ``"none"`` adds nothing.
 
     Args:
         backbone: timm model name.
-        pretrained: local weights file, or None for random initialisation.
+        pretrained: local weights file, "imagenet", or None for random initialisation.
         cbam: "none", "blocks" or "stages".
     """
 
-    def __init__(self, backbone: str, pretrained: Path | None = None, cbam: str = "none"):
+    def __init__(self, backbone: str, pretrained: Path | str | None = None, cbam: str = "none"):
         super().__init__()
         if backbone not in timm.list_models():
             raise ValueError(f"unknown timm backbone '{backbone}'")
@@ -55,7 +59,7 @@ class Trunk(nn.Module):
             if not backbone.startswith(("resnet", "resnext", "seresnext", "test_resnet")):
                 raise ValueError(f"cbam: blocks needs a ResNet-family backbone, not '{backbone}'; use cbam: stages")
             kwargs["block_args"] = {"attn_layer": CBAM}
-        if pretrained is not None:
+        if pretrained is not None and pretrained != IMAGENET:
             # CBAM weights are not in a plain ImageNet file, so they may be missing there.
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)},
                           pretrained_strict=cbam != "blocks")
@@ -63,6 +67,10 @@ class Trunk(nn.Module):
             features = timm.create_model(backbone, **kwargs)
         except RuntimeError as err:
             raise ValueError(f"could not load pretrained weights from {pretrained}: {err}") from err
+        if pretrained == IMAGENET:
+            mapped = load_packaged(backbone, timm.create_model(backbone).state_dict())
+            own = features.state_dict()
+            features.load_state_dict({k: v for k, v in mapped.items() if k in own})
         children, ends = _ordered_children(features)
         self.channels: list[int] = features.feature_info.channels()
         self.reductions: list[int] = features.feature_info.reduction()

@@ -1,0 +1,90 @@
+"""Datasets, samplers and loaders of a registry, for training, evaluation and the data tools.
+
+``net`` is the ``MultiTaskNet`` whose heads encode the labels; it is passed in, never
+imported, so this layer stays below the model and the engine.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+from mmengine.dataset import DefaultSampler
+from torch.utils.data import DataLoader
+
+from waterdrop.config import ConfigError, RegistryConfig
+from waterdrop.data.dataset import (
+    EvalTransform,
+    MultiTaskDataset,
+    TaskDataset,
+    TrainTransform,
+    collate,
+    read_records,
+    read_unlabeled,
+)
+from waterdrop.data.sampler import BalancedStream, PlainStream, RepeatFactorStream, WithUnlabeled, repeat_factors
+
+if TYPE_CHECKING:
+    from waterdrop.model.multitask import MultiTaskNet
+
+
+def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiTaskDataset:
+    """One TaskDataset per task for ``split`` ("train", "val" or "test"), labels checked by each
+    head; tasks without a test split are left out of "test". Training sets of mean-teacher
+    tasks also hold the unlabeled images and give two views."""
+    datasets = []
+    for t, task in enumerate(cfg.tasks):
+        source = getattr(task, split)
+        if source is None:
+            continue
+        head = net.heads[task.name]
+        known = [task.negative_label, *task.labels]
+        records = read_records(source, known)
+        boxes = head.encode_boxes if head.uses_boxes else None
+        if split == "train":
+            teaching = task.mean_teacher is not None
+            unlabeled = read_unlabeled(task.unlabeled) if task.unlabeled else []
+            datasets.append(TaskDataset(t, records, head.encode_target,
+                                        TrainTransform(cfg.model.input_size, task.augment), source, unlabeled,
+                                        second_view=teaching, encode_boxes=boxes))
+        else:
+            datasets.append(TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
+                                        encode_boxes=boxes))
+    return MultiTaskDataset(datasets)
+
+
+def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTaskNet) -> list:
+    """Per task, how its batch slots are filled (see ``waterdrop.data.sampler``)."""
+    streams = []
+    for task, dataset in zip(cfg.tasks, train_set.datasets):
+        labeled = np.arange(dataset.labeled_count)
+        if task.sampler.type == "balanced":
+            if net.heads[task.name].kind != "binary":
+                raise ConfigError(task.file, "sampler.type", "balanced needs a binary head (normal vs sub-classes)")
+            classes = np.asarray(dataset.targets[:dataset.labeled_count], dtype=np.int64)
+            labeled_stream = partial(BalancedStream, classes, task.sampler.normal_fraction)
+        elif task.sampler.type == "repeat_factor":
+            if net.heads[task.name].kind != "multilabel":
+                raise ConfigError(task.file, "sampler.type", "repeat_factor needs a multi-label head")
+            present = [[task.labels.index(n) for n in record.labels] for record in dataset.records[:len(labeled)]]
+            factors = repeat_factors(present, len(task.labels), task.sampler.threshold, task.sampler.function)
+            labeled_stream = partial(RepeatFactorStream, factors)
+        else:
+            labeled_stream = partial(PlainStream, labeled)
+        if len(dataset) > dataset.labeled_count:
+            fraction = task.mean_teacher.unlabeled_fraction
+            unlabeled = np.arange(dataset.labeled_count, len(dataset))
+            streams.append(lambda rng, make=labeled_stream, u=unlabeled, f=fraction: WithUnlabeled(make(rng=rng), u,
+                                                                                                    f, rng))
+        else:
+            streams.append(lambda rng, make=labeled_stream: make(rng=rng))
+    return streams
+
+
+def eval_loader(cfg: RegistryConfig, net: MultiTaskNet, split: str = "val", distributed: bool = False) -> DataLoader:
+    """Batches of every task's ``split`` ("val" or "test"), in a fixed order."""
+    dataset = build_datasets(cfg, net, split)
+    sampler = DefaultSampler(dataset, shuffle=False) if distributed else None
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
+                      collate_fn=partial(collate, task_names=cfg.task_names))
