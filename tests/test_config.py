@@ -45,6 +45,9 @@ def test_repository_registry_and_every_task_yaml_load():
          "exactly one"),
         (lambda t: t["deploy"].update(prevalence=2), "task", "deploy.prevalence", "<= 1"),
         (lambda t: t.update(name="bad name"), "task", "name", "underscores"),
+        (lambda t: t["deploy"].update(label_targets={"insects": {"recall": 0.5}}), "task", "deploy.label_targets",
+         "is for multi-label tasks"),
+        (lambda t: t["data"].update(tset="x"), "task", "data.tset", "allowed here: test, train, unlabeled, val"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(registry_file, change, where, key, words):
@@ -55,6 +58,13 @@ def test_bad_values_name_file_key_and_expectation(registry_file, change, where, 
     assert err.value.file == str(target.resolve()) or err.value.file == str(target)
     assert err.value.key == key
     assert words in str(err.value)
+
+
+def test_prevalence_on_a_multilabel_task_is_rejected_not_ignored(registry_file):
+    target = registry_file.parent / "tasks" / "scene_tags.yaml"
+    _edit(target, lambda t: t["deploy"].update(prevalence=0.01))
+    with pytest.raises(ConfigError, match="scene_tags.yaml: key 'deploy.prevalence': is read by binary tasks only"):
+        load_registry(registry_file)
 
 
 def test_duplicate_task_names_rejected(registry_file):

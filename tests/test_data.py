@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import write_registry
+from tests.conftest import huge_png, write_registry
 from waterdrop.config import load_registry
 from waterdrop.data.dataset import DataError, collate
 from waterdrop.data.loaders import build_datasets
@@ -38,16 +38,19 @@ def test_decoder_handles_every_kind_of_odd_file(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "corrupt.jpg").write_bytes(b"not an image at all" * 10)
     _png_header_only(tmp_path / "enormous.png", 20000, 20000)
+    huge_png(tmp_path / "huge.png")
     cv2.imwrite(str(tmp_path / "gray.png"), rgb[:, :, 0])
     cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([rgb, np.full((40, 50), 128, np.uint8)]))
     cv2.imwrite(str(tmp_path / "deep.png"), rgb.astype(np.uint16) * 257)
-    for name in ("truncated.jpg", "empty.jpg", "corrupt.jpg", "enormous.png", "absent.jpg"):
+    for name in ("truncated.jpg", "empty.jpg", "corrupt.jpg", "enormous.png", "huge.png", "absent.jpg"):
         with pytest.raises(ImageDecodeError, match=name):
             read_image(tmp_path / name)
     for name in ("ok.jpg", "gray.png", "rgba.png", "deep.png"):
         image = read_image(tmp_path / name)
         assert image.shape == (40, 50, 3) and image.dtype == np.uint8
     assert np.array_equal(read_image(tmp_path / "deep.png"), rgb[:, :, ::-1])
+    with pytest.raises(ImageDecodeError, match="30000 x 30000 pixels is over the limit"):
+        read_image(tmp_path / "huge.png")
 
 
 def test_cmyk_jpeg_decodes_to_rgb(tmp_path):
@@ -62,15 +65,17 @@ def test_cmyk_jpeg_decodes_to_rgb(tmp_path):
 def test_undecodable_images_are_skipped_counted_and_named(tmp_path, copy_demo):
     root = copy_demo()
     manifest = root / "disgusting" / "train.jsonl"
-    first = json.loads(manifest.read_text().splitlines()[0])["image"]
+    first, second = (json.loads(line)["image"] for line in manifest.read_text().splitlines()[:2])
     (manifest.parent / first).write_bytes(b"")
+    huge_png(manifest.parent / second)
     cfg = load_registry(write_registry(tmp_path, root))
     dataset = build_datasets(cfg, MultiTaskNet(cfg), "train")
     sample = dataset[0]
-    assert sample["skipped"] == [str(manifest.parent / first)]
+    assert sample["skipped"] == [str(manifest.parent / first), str(manifest.parent / second)]
     assert sample["image"].shape == (3, 64, 64)
-    batch = collate([sample, dataset[1]], cfg.task_names)
-    assert batch["skipped"] == [["disgusting", str(manifest.parent / first)]]
+    batch = collate([sample, dataset[2]], cfg.task_names)
+    assert batch["skipped"] == [["disgusting", str(manifest.parent / first)],
+                                ["disgusting", str(manifest.parent / second)]]
     assert batch["inputs"].shape == (2, 3, 64, 64)
 
 

@@ -12,9 +12,9 @@ from mmengine.optim import OptimWrapper
 
 from tests.conftest import edit_task
 from waterdrop.config import load_registry
-from waterdrop.engine.checkpoint import load_net
+from waterdrop.engine.checkpoint import RunFolderError, best_checkpoint, check_run_folder, load_net
 from waterdrop.engine.model import WaterdropModel
-from waterdrop.engine.train import best_checkpoint, run_training
+from waterdrop.engine.train import run_training
 from waterdrop.export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,20 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     out = _tool("predict.py", tmp_path / "model.onnx", image)
     result = json.loads(out.splitlines()[0])
     assert set(result["tasks"]) == {"disgusting", "thriller", "scene_tags"}
+
+
+def test_a_run_folder_never_mixes_two_runs(registry_file, tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    for name in ("best_val_score_epoch_9.pth", "best_val_score_epoch_12.pth"):
+        (work / name).write_bytes(b"")
+    with pytest.raises(RunFolderError, match="several best checkpoints .*epoch_12.*epoch_9.*pass the checkpoint"):
+        best_checkpoint(work)
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        check_run_folder(tmp_path / "fresh", resume=True)
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
+                           str(work)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "already holds a run (checkpoints); continue it with --resume" in done.stderr
 
 
 def test_train_reports_config_errors_cleanly(registry_file, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import huge_png
 from waterdrop.config import load_registry
 from waterdrop.export import METADATA_KEY, DeployGraph, check_parity, export_onnx
 from waterdrop.model.multitask import MultiTaskNet
@@ -120,15 +121,17 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
         "sys.meta_path.insert(0, _NoTorch())\n")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    huge = huge_png(tmp_path / "huge.png")
     good = sorted((demo_root / "scene_tags" / "val").glob("*.jpg"))[:2]
     env = {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin"}
     probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "blocked" in probe.stderr
     done = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), str(path), str(good[0]), str(bad),
-                           str(good[1])], env=env, capture_output=True, text=True, timeout=120)
+                           str(huge), str(good[1])], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [Path(x["image"]).name for x in lines] == [good[0].name, "bad.jpg", good[1].name]
-    assert "error" in lines[1] and "tasks" in lines[0] and "tasks" in lines[2]
+    assert [Path(x["image"]).name for x in lines] == [good[0].name, "bad.jpg", "huge.png", good[1].name]
+    assert "error" in lines[1] and "tasks" in lines[0] and "tasks" in lines[3]
+    assert "30000 x 30000 pixels is over the limit" in lines[2]["error"]
     assert set(lines[0]["tasks"]) == {"disgusting", "thriller", "scene_tags"}
     assert isinstance(np.float64(lines[0]["tasks"]["disgusting"]["score"]), np.floating)

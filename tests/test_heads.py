@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from waterdrop.engine.model import _task_terms
 from waterdrop.registry import registered_heads
 
 CHANNELS = [8, 16, 32]
@@ -24,6 +25,7 @@ def test_every_head_forward_backward_predict(name):
     outputs = head(feats)
     losses = head.loss(outputs, target)
     assert all(v.shape == (len(names),) for v in losses.values()), "loss terms are per sample"
+    assert all("loss" in term for term in losses), "mmengine optimises only terms named *loss*"
     total = sum(v.mean() for v in losses.values())
     assert torch.isfinite(total)
     total.backward()
@@ -66,3 +68,11 @@ def test_multilabel_missing_labels_are_masked_out_of_the_loss():
     # the confident "b" logit would cost a lot as a negative; masked, it costs nothing
     assert outputs["logits"].grad[0, 1] == 0
     assert loss.item() == pytest.approx(np.log(2), abs=1e-5)
+
+
+def test_a_loss_term_mmengine_would_not_optimise_is_an_error():
+    head = registered_heads()["BinaryHead"](CHANNELS, LABELS, "normal")
+    outputs, target = head(_feats(2)), torch.tensor([0, 1])
+    head.loss = lambda out, tgt: {"aux_cls": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"BinaryHead.loss returned terms \['aux_cls'\].*logged but never optimised"):
+        _task_terms(head, outputs, target, None)

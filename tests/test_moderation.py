@@ -17,6 +17,7 @@ from waterdrop.data.loaders import build_datasets, task_streams
 from waterdrop.data.sampler import BalancedStream, MultiTaskBatchSampler, PlainStream, WithUnlabeled
 from waterdrop.engine.checkpoint import load_net
 from waterdrop.engine.model import WaterdropModel, _task_terms, rampup
+from waterdrop.engine.train import build_runner
 from waterdrop.registry import registered_heads
 
 BinaryHead = registered_heads()["BinaryHead"]
@@ -109,6 +110,18 @@ def test_unlabeled_share_and_per_task_streams_in_the_batch_sampler():
     assert 0.35 < (classes[task_a] == 0).mean() < 0.65
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_unlabeled_images_neither_weigh_in_task_sampling_nor_lengthen_the_epoch(registry_file, demo_root, tmp_path):
+    edit_task(registry_file, "disgusting", data={"unlabeled": str(demo_root / "disgusting" / "unlabeled")},
+              mean_teacher={"rampup_epochs": 1})
+    runner = build_runner(load_registry(registry_file), tmp_path / "run", printer=lambda *a, **k: None)
+    loader = runner.train_dataloader
+    datasets = loader.dataset.datasets
+    labeled = [d.labeled_count for d in datasets]
+    assert len(datasets[0]) > labeled[0] + 10
+    assert len(loader.batch_sampler) == math.ceil(sum(labeled) / 16)
+    np.testing.assert_allclose(loader.batch_sampler.weights, np.array(labeled) / sum(labeled))
 
 
 def test_balanced_sampler_needs_a_binary_head(registry_file):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from waterdrop.engine.checkpoint import load_net, store_thresholds
-from waterdrop.engine.train import best_checkpoint
+from waterdrop.engine.checkpoint import best_checkpoint, load_net, store_thresholds
 from waterdrop.evaluation.evaluate import evaluate, format_report, thresholds_of
 
 

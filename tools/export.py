@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from waterdrop.engine.checkpoint import load_net
-from waterdrop.engine.train import best_checkpoint
+from waterdrop.engine.checkpoint import best_checkpoint, load_net
 from waterdrop.evaluation.evaluate import evaluate
 from waterdrop.export import PARITY_TOLERANCE, export_onnx
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from waterdrop.config import ConfigError
 from waterdrop.data.dataset import DataError
+from waterdrop.engine.checkpoint import RunFolderError
 from waterdrop.engine.train import run_training
 
 
@@ -25,7 +26,7 @@ def main() -> int:
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.registry).stem)
     try:
         run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"run folder: {work_dir}")

@@ -475,6 +475,15 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         raise sec.fail("name", task.name, "letters, digits and underscores (it names ONNX outputs)")
     if task.negative_label in task.labels:
         raise sec.fail("negative_label", task.negative_label, "a name that is not also in labels")
+    from waterdrop.registry import registered_heads
+
+    kind = registered_heads()[head_type].kind
+    if kind != "binary" and task.deploy.prevalence is not None:
+        raise ConfigError(path, "deploy.prevalence", f"is read by binary tasks only; a {kind} task chooses each "
+                          "label's threshold on validation for deploy.target; set it to null")
+    if kind == "binary" and task.deploy.label_targets:
+        raise ConfigError(path, "deploy.label_targets", "is for multi-label tasks; a binary task has one threshold, "
+                          "set by deploy.target")
     if task.unlabeled is not None and task.mean_teacher is None:
         raise ConfigError(path, "data.unlabeled", "unlabeled images are only used by mean_teacher; "
                           "set mean_teacher or set data.unlabeled to null")

@@ -2,12 +2,16 @@
 
 ``cv2.imread`` returns a half-grey image for a truncated JPEG and only prints a warning,
 so every decode goes through ``cv2.imdecode`` on the file's bytes, which returns None then.
-Images above ``MAX_PIXELS`` are refused before they can take gigabytes of memory.
+Images above ``MAX_PIXELS`` are refused from their header, before they are decoded and
+can take gigabytes of memory. OpenCV's own limit (``OPENCV_IO_MAX_IMAGE_PIXELS``) is set
+too, but it holds only if set before OpenCV first reads it, which an earlier ``import cv2``
+elsewhere (mmengine) can defeat; the header check does not depend on import order.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,72 @@ class ImageDecodeError(ValueError):
     """A file that is not a decodable image; the message says why."""
 
 
+_JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    position = 2
+    while position + 9 < len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xDA)):  # markers without a length
+            position += 2
+            continue
+        if marker in _JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        position += 2 + struct.unpack(">H", data[position + 2:position + 4])[0]
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    if ifd + 2 > len(data):
+        return None
+    (count,) = struct.unpack(order + "H", data[ifd:ifd + 2])
+    size = {}
+    for entry in range(min(count, (len(data) - ifd - 2) // 12)):
+        tag, kind, _, value = struct.unpack(order + "HHI4s", data[ifd + 2 + 12 * entry:ifd + 14 + 12 * entry])
+        if tag in (256, 257):
+            size[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2 if kind == 3 else 4])[0]
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from the header of a PNG, JPEG, GIF, BMP, WebP or TIFF file;
+    None when the format is not recognised or the header is cut short."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            return struct.unpack(">II", data[16:24])
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:4] in (b"GIF8",):
+            return struct.unpack("<HH", data[6:10])
+        if data[:2] == b"BM":
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8X":
+                return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+            if chunk == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+            if chunk == b"VP8 ":
+                width, height = struct.unpack("<HH", data[26:30])
+                return width & 0x3FFF, height & 0x3FFF
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+    except struct.error:
+        return None
+    return None
+
+
 def decode_image(data: bytes | np.ndarray, source: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to an RGB uint8 array (H, W, 3).
 
@@ -37,6 +107,10 @@ def decode_image(data: bytes | np.ndarray, source: str = "<bytes>") -> np.ndarra
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
     if buffer.size == 0:
         raise ImageDecodeError(f"{source}: empty file")
+    size = header_size(buffer[:262144].tobytes())
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise ImageDecodeError(f"{source}: {size[0]} x {size[1]} pixels is over the limit of {MAX_PIXELS:,} "
+                               "(refused before decoding)")
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     except cv2.error as err:

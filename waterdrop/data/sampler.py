@@ -123,13 +123,17 @@ class MultiTaskBatchSampler:
 
     Each slot of a batch draws its task from ``weights``; each task then fills its slots
     from its stream (built anew each epoch by ``streams[task](rng)``, returning local
-    indices). One epoch is as many samples as all training sets hold. Under DDP every rank
-    draws the same global sequence and keeps every ``world_size``-th batch.
+    indices). One epoch is as many samples as all training sets hold labeled images
+    (``labeled_sizes``, default ``sizes``): unlabeled images ride along, they do not lengthen
+    it. Under DDP every rank draws the same global sequence and keeps every
+    ``world_size``-th batch.
     """
 
     def __init__(self, sizes: list[int], batch_size: int, weights: np.ndarray, seed: int,
-                 streams: list[StreamFactory] | None = None, rank: int = 0, world_size: int = 1):
+                 streams: list[StreamFactory] | None = None, rank: int = 0, world_size: int = 1,
+                 labeled_sizes: list[int] | None = None):
         self.sizes, self.offsets = sizes, np.cumsum([0] + list(sizes))[:-1]
+        self.labeled_sizes = list(labeled_sizes if labeled_sizes is not None else sizes)
         self.batch_size, self.weights, self.seed = batch_size, weights, seed
         self.streams = streams or [lambda rng, n=n: PlainStream(np.arange(n), rng) for n in sizes]
         self.rank, self.world_size = rank, world_size
@@ -144,7 +148,7 @@ class MultiTaskBatchSampler:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, math.ceil(sum(self.sizes) / (self.batch_size * self.world_size)))
+        return max(1, math.ceil(sum(self.labeled_sizes) / (self.batch_size * self.world_size)))
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])

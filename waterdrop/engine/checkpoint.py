@@ -63,3 +63,39 @@ def store_thresholds(checkpoint_path: str | Path, thresholds: dict) -> None:
     checkpoint = load_checkpoint(checkpoint_path)
     checkpoint.setdefault("meta", {}).setdefault("waterdrop", {})["thresholds"] = thresholds
     torch.save(checkpoint, checkpoint_path)
+
+
+class RunFolderError(ValueError):
+    """A run folder holds something that would mix two runs."""
+
+
+def check_run_folder(work_dir: Path, resume: bool) -> None:
+    """A new run needs a folder without checkpoints; ``resume`` needs one with them."""
+    has_run = (work_dir / "last_checkpoint").is_file() or any(work_dir.glob("*.pth"))
+    if has_run and not resume:
+        raise RunFolderError(f"{work_dir} already holds a run (checkpoints); continue it with --resume, or give "
+                             "another --work-dir (runs are never mixed in one folder)")
+    if resume and not has_run:
+        raise RunFolderError(f"{work_dir}: nothing to resume (no checkpoint there)")
+
+
+def best_checkpoint(work_dir: str | Path) -> Path:
+    """The best checkpoint of a run folder (a checkpoint file is returned as is).
+
+    mmengine's CheckpointHook keeps exactly one ``best_*.pth`` per run and deletes the one it
+    replaces, so more than one means two runs were mixed: that is an error, not a guess.
+    Without a best checkpoint the run's last one (``last_checkpoint``) is used.
+    """
+    work_dir = Path(work_dir)
+    if work_dir.is_file():
+        return work_dir
+    best = list(work_dir.glob("best_*.pth"))
+    if len(best) > 1:
+        raise RunFolderError(f"{work_dir}: several best checkpoints ({', '.join(sorted(p.name for p in best))}); "
+                             "they come from different runs, so pass the checkpoint file itself")
+    if best:
+        return best[0]
+    last = work_dir / "last_checkpoint"
+    if last.is_file():
+        return Path(last.read_text().strip())
+    raise FileNotFoundError(f"{work_dir}: no checkpoint found")

@@ -21,6 +21,12 @@ def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _task_terms(head: Head, outputs: dict, target: torch.Tensor, mix) -> dict[str, torch.Tensor]:
     """Per-sample loss terms; under cutmix ``mix = (second_target, lam)`` weighs both targets."""
     terms = head.loss(outputs, target)
+    # mmengine optimises only the logged values whose key contains "loss"; anything else
+    # would be shown in the logs and silently not trained.
+    untrained = [term for term in terms if "loss" not in term]
+    if untrained:
+        raise ValueError(f"{type(head).__name__}.loss returned terms {untrained}; every term name must contain "
+                         "'loss' (e.g. 'loss_cls'), or it is logged but never optimised")
     if mix is None:
         return terms
     second_target, lam = mix

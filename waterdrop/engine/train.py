@@ -22,7 +22,13 @@ from waterdrop.data.dataset import collate
 from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.loaders import build_datasets, eval_loader, task_streams
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
-from waterdrop.engine.checkpoint import allow_mmengine_checkpoints, load_net, store_thresholds
+from waterdrop.engine.checkpoint import (
+    allow_mmengine_checkpoints,
+    best_checkpoint,
+    check_run_folder,
+    load_net,
+    store_thresholds,
+)
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
@@ -41,6 +47,7 @@ def _log_details_to_file_only(logger: MMLogger) -> None:
 def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
                  launcher: str = "none", printer=print) -> Runner:
     work_dir = Path(work_dir)
+    check_run_folder(work_dir, resume)
     work_dir.mkdir(parents=True, exist_ok=True)
     allow_mmengine_checkpoints()
     if launcher != "none" and not is_distributed():
@@ -51,9 +58,11 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     torch.manual_seed(train.seed)
     model = WaterdropModel(cfg)
     train_set = build_datasets(cfg, model.net, "train")
-    weights = task_weights(train.sampling_policy, train_set.sizes, cfg.task_names, train.sampling_weights)
+    # Unlabeled images (mean teacher) neither weigh in the task sampling nor lengthen the epoch.
+    labeled = [dataset.labeled_count for dataset in train_set.datasets]
+    weights = task_weights(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
     batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
-                                          task_streams(cfg, train_set, model.net), rank, world_size)
+                                          task_streams(cfg, train_set, model.net), rank, world_size, labeled)
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=train.num_workers,
                               collate_fn=partial(collate, task_names=cfg.task_names),
                               persistent_workers=train.num_workers > 0)
@@ -100,20 +109,6 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     )
     _log_details_to_file_only(runner.logger)
     return runner
-
-
-def best_checkpoint(work_dir: str | Path) -> Path:
-    """The best checkpoint of a run, else its last one; a checkpoint file is returned as is."""
-    work_dir = Path(work_dir)
-    if work_dir.is_file():
-        return work_dir
-    best = sorted(work_dir.glob("best_*.pth"))
-    if best:
-        return best[-1]
-    last = work_dir / "last_checkpoint"
-    if last.is_file():
-        return Path(last.read_text().strip())
-    raise FileNotFoundError(f"{work_dir}: no checkpoint found")
 
 
 def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:

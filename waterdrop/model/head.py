@@ -49,6 +49,7 @@ class Head(nn.Module):
 
     def loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms per sample, keyed by term name (e.g. ``loss_cls``), each of shape (N,).
+        Every name contains ``loss``: mmengine optimises only those keys (checked in training).
 
         The caller averages them; per-sample values let it mix targets (cutmix), leave out
         unlabeled samples and rank samples by loss (OHEM).
