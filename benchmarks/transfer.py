@@ -15,7 +15,8 @@ photographs the run never saw. Rows:
 
 ``--copy NEW=ROW`` adds a row that starts as a copy of another, and ``--set
 ROW:dotted.key=value`` changes one registry key of one row (the value is YAML), for trying
-other recipes, e.g. ``--copy big=finetune --set big:model.input_size=160 --rows big``.
+other recipes, e.g. ``--copy big=finetune --set big:model.input_size=160 --rows big``; keys
+under ``task.`` change the task YAML (``--set big:task.augment.crop_scale=[0.9,1.0]``).
 Training time is the wall time of the training loop alone (no evaluation), on this machine.
 """
 
@@ -79,8 +80,11 @@ def row_registries(base: dict, copies: list[str], sets: list[str], names: list[s
 
 def run_one(registry: dict, task: dict, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
+    registry = copy.deepcopy(registry)
+    for key, value in registry.pop("task", {}).items():
+        task[key] = {**task.get(key, {}), **value} if isinstance(value, dict) else value
     (folder / "task.yaml").write_text(yaml.safe_dump(task))
-    registry = {**copy.deepcopy(registry), "demo_data": None, "tasks": ["task.yaml"]}
+    registry.update(demo_data=None, tasks=["task.yaml"])
     registry["train"]["log_interval"] = 1000
     (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
     cfg = load_registry(folder / "registry.yaml")

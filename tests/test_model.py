@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import write_registry
+from tests.conftest import edit_task, write_registry
 from waterdrop.config import ConfigError, load_registry
 from waterdrop.model.cbam import CBAM
 from waterdrop.model.multitask import MultiTaskNet
@@ -118,3 +118,32 @@ def test_local_pretrained_file_is_loaded(tmp_path, demo_root):
     torch.save(reference.state_dict(), weights)
     net = MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, pretrained=str(weights))))
     torch.testing.assert_close(net.trunk.levels[1].layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+
+
+def test_cbam_blocks_over_a_local_file_may_miss_only_the_cbam_weights(tmp_path, demo_root):
+    import timm
+
+    reference = timm.create_model("test_resnet")
+    weights = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), weights)
+    net = MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, pretrained=str(weights), cbam="blocks")))
+    torch.testing.assert_close(net.trunk.levels[1].layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    state = reference.state_dict()
+    del state["layer2.0.conv1.weight"]
+    torch.save(state, weights)
+    with pytest.raises(ConfigError, match="first 'layer2.0.conv1.weight' \\(only the CBAM parameters may be missing"):
+        MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, pretrained=str(weights), cbam="blocks")))
+
+
+def test_the_cascade_trunk_starts_from_the_registry_weights_and_cbam(tmp_path, demo_root):
+    import timm
+
+    reference = timm.create_model("test_resnet")
+    weights = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), weights)
+    registry = write_registry(tmp_path, demo_root, pretrained=str(weights), cbam="stages")
+    edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 4})
+    net = MultiTaskNet(load_registry(registry))
+    second = net.cascades["thriller"].trunk
+    torch.testing.assert_close(second.levels[1].layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    assert any(isinstance(m, CBAM) for m in second.modules())

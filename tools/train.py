@@ -25,11 +25,12 @@ def main() -> int:
     args = parser.parse_args()
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.registry).stem)
     try:
-        run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher)
+        report = run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher)
     except (ConfigError, DataError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run folder: {work_dir}")
+    if report is not None:  # rank 0 only
+        print(f"run folder: {work_dir}")
     return 0
 
 

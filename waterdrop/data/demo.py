@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 IMAGE_SIZE = 128
 
 DISGUSTING_SUBCLASSES = ["insects", "reptiles", "skin_and_body", "organs_and_raw_meat", "dense_clusters",
@@ -36,9 +36,10 @@ IMPLIES = {"forest": ["tree"], "boat": ["water"], "cloud": ["sky"]}
 THRILLER_SUBCLASSES = ["horror_makeup_and_monsters", "gore_and_blood", "sick_tissue_and_organs",
                        "dense_insects_frogs_snakes", "other"]
 # images, fraction of positives
-SPLITS = {"train": (1400, 0.5), "val": (800, 0.25), "unlabeled": (600, 0.25)}
-THRILLER_SPLITS = {"train": (1000, 0.5), "val": (600, 0.25)}
-TAG_SPLITS = {"train": 1400, "val": 600}
+# val picks the checkpoint and the thresholds; test, drawn the same way, is what the report is on.
+SPLITS = {"train": (1400, 0.5), "val": (800, 0.25), "unlabeled": (600, 0.25), "test": (800, 0.25)}
+THRILLER_SPLITS = {"train": (1000, 0.5), "val": (600, 0.25), "test": (600, 0.25)}
+TAG_SPLITS = {"train": 1400, "val": 600, "test": 600}
 
 
 def _color(rng, base, spread=25):

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from mmengine.dist import all_gather_object, is_distributed, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
@@ -39,10 +40,15 @@ class WaterdropHook(Hook):
     def __init__(self, registry_file: Path, task_names: list[str], log_interval: int, printer=print,
                  freeze_trunk_epochs: int = 0):
         self.registry_file, self.task_names = str(registry_file), task_names
-        self.log_interval, self.print = log_interval, printer
+        self.log_interval, self._printer = log_interval, printer
         self.freeze_trunk_epochs = freeze_trunk_epochs
         self.skipped: dict[str, set[str]] = defaultdict(set)
         self.rows: list[dict] = []
+
+    def print(self, *args, **kwargs) -> None:
+        """Only rank 0 speaks; under DDP the others would repeat it."""
+        if is_main_process():
+            self._printer(*args, **kwargs)
 
     @staticmethod
     def _model(runner):
@@ -60,7 +66,7 @@ class WaterdropHook(Hook):
         self._model(runner).net.trunk.requires_grad_(not frozen)
         if frozen and runner.epoch == 0:
             self.print(f"trunk frozen for the first {self.freeze_trunk_epochs} epoch(s)", flush=True)
-        self._epoch_skipped = 0
+        self._epoch_paths: list[tuple[str, str]] = []
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._start, self._images = time.perf_counter(), 0
 
@@ -68,9 +74,7 @@ class WaterdropHook(Hook):
         self._model(runner).epoch_progress = runner.epoch + batch_idx / len(runner.train_dataloader)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        for task, path in data_batch.get("skipped", []):
-            self._epoch_skipped += 1
-            self.skipped[task].add(path)
+        self._epoch_paths += [(task, path) for task, path in data_batch.get("skipped", [])]
         self._images += len(data_batch["inputs"])
         for key, value in (outputs or {}).items():
             self._sums[key] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
@@ -84,13 +88,19 @@ class WaterdropHook(Hook):
                        f"lr {lr:.2e}  {speed:.1f} img/s  {_memory()}", flush=True)
 
     def after_train_epoch(self, runner) -> None:
+        # Under DDP each rank decoded its own share of the batches: sum the skips over ranks.
+        ranks = all_gather_object(self._epoch_paths) if is_distributed() else [self._epoch_paths]
+        epoch_skipped = sum(len(paths) for paths in ranks)
+        for paths in ranks:
+            for task, path in paths:
+                self.skipped[task].add(path)
         row = {"epoch": runner.epoch + 1, "lr": max(runner.optim_wrapper.get_lr()["lr"]),
-               "skipped_images": self._epoch_skipped, "nonfinite_batches": self._model(runner).nonfinite_batches}
+               "skipped_images": epoch_skipped, "nonfinite_batches": self._model(runner).nonfinite_batches}
         row.update({k: self._sums[k] / self._counts[k] for k in sorted(self._sums)})
         self.rows.append(row)
-        if self._epoch_skipped:
-            runner.logger.warning(f"epoch {runner.epoch}: skipped {self._epoch_skipped} undecodable images")
-            self.print(f"epoch {runner.epoch}: skipped {self._epoch_skipped} undecodable images "
+        if epoch_skipped:
+            runner.logger.warning(f"epoch {runner.epoch + 1}: skipped {epoch_skipped} undecodable images")
+            self.print(f"epoch {runner.epoch + 1}: skipped {epoch_skipped} undecodable images "
                        f"({sum(len(v) for v in self.skipped.values())} distinct so far)", flush=True)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
@@ -105,6 +115,8 @@ class WaterdropHook(Hook):
             "registry": self.registry_file, "task_names": self.task_names, "version": __version__}
 
     def after_train(self, runner) -> None:
+        if not is_main_process():
+            return
         self._write_results(Path(runner.work_dir))
         summary = {
             "epochs": runner.epoch,
@@ -116,7 +128,7 @@ class WaterdropHook(Hook):
         (Path(runner.work_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def _write_results(self, work_dir: Path) -> None:
-        if not self.rows:
+        if not self.rows or not is_main_process():
             return
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
         with open(work_dir / "results.csv", "w", newline="") as f:

@@ -10,6 +10,7 @@ import torch
 from mmengine.model import BaseModel
 
 from waterdrop.config import ConfigError, RegistryConfig
+from waterdrop.engine.distributed import all_ranks_agree
 from waterdrop.model.head import Head
 from waterdrop.model.multitask import MultiTaskNet
 
@@ -174,15 +175,18 @@ class WaterdropModel(BaseModel):
         for teacher, student in zip(self.teacher.buffers(), self.net.buffers()):
             teacher.copy_(student)
 
-    def train_step(self, data, optim_wrapper):
+    def train_step(self, data, optim_wrapper, run_forward=None):
+        """One optimisation step. ``run_forward`` is the DDP wrapper's forward under DDP (so
+        gradients synchronise); a batch is skipped on every rank when its loss is not finite
+        on any rank, so no rank waits for another's gradients."""
         # BN statistics are updated by the forward pass itself; a NaN batch would poison them.
         buffers = list(self.buffers())
         saved = [b.detach().clone() for b in buffers]
         with optim_wrapper.optim_context(self):
             data = self.data_preprocessor(data, True)
-            losses = self._run_forward(data, mode="loss")
+            losses = (run_forward or self._run_forward)(data, mode="loss")
         loss, log_vars = self.parse_losses(losses)
-        if torch.isfinite(loss):
+        if all_ranks_agree(bool(torch.isfinite(loss))):
             self._nonfinite_streak = 0
             optim_wrapper.update_params(loss)
             if self.teacher is not None:

@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from mmengine.dist import barrier, get_dist_info, init_dist, is_distributed
+from mmengine.dist import barrier, get_dist_info, is_distributed
 from mmengine.evaluator import Evaluator
 from mmengine.logging import MMLogger
 from mmengine.runner import Runner
@@ -29,6 +29,7 @@ from waterdrop.engine.checkpoint import (
     load_net,
     store_thresholds,
 )
+from waterdrop.engine.distributed import init_distributed, wrapper_config
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
@@ -50,8 +51,7 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     check_run_folder(work_dir, resume)
     work_dir.mkdir(parents=True, exist_ok=True)
     allow_mmengine_checkpoints()
-    if launcher != "none" and not is_distributed():
-        init_dist(launcher)
+    init_distributed(launcher)
     rank, world_size = get_dist_info()
     train = cfg.train
     epochs = epochs or train.epochs
@@ -101,8 +101,7 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
         visualizer={"type": "Visualizer", "vis_backends": [{"type": "LocalVisBackend"},
                                                            {"type": "TensorboardVisBackend"}]},
         launcher=launcher,
-        # Tasks absent from a batch leave their BN branches and heads without gradients.
-        cfg={"model_wrapper_cfg": {"type": "MMDistributedDataParallel", "find_unused_parameters": True}},
+        cfg={"model_wrapper_cfg": wrapper_config()},
         randomness={"seed": train.seed},
         resume=resume,
         log_level="WARNING",
@@ -135,8 +134,7 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     ``work_dir/eval``. Returns the evaluation report (None on ranks other than 0)."""
     cfg = load_registry(registry)
     work_dir = Path(work_dir)
-    if launcher != "none":
-        init_dist(launcher)
+    init_distributed(launcher)
     rank, _ = get_dist_info()
     if cfg.demo_data is not None and rank == 0 and ensure_demo_data(cfg.demo_data):
         printer(f"generated the demo data in {cfg.demo_data}")

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from waterdrop.config import ConfigError, RegistryConfig
+from waterdrop.config import ConfigError, ModelConfig, RegistryConfig
 from waterdrop.model.head import Head
 from waterdrop.model.task_bn import TaskRouting, branch_norms
 from waterdrop.model.trunk import Trunk
 from waterdrop.registry import registered_heads
+from waterdrop.weights import IMAGENET, PACKAGED
+
+
+def cascade_weights(model: ModelConfig, backbone: str) -> Path | str | None:
+    """The registry's pretrained weights when they fit the cascade's backbone (the same
+    backbone, or packaged ImageNet weights that exist for it), else None (from scratch)."""
+    if backbone == model.backbone:
+        return model.pretrained
+    if model.pretrained == IMAGENET and backbone in PACKAGED:
+        return IMAGENET
+    return None
 
 
 class CascadeNet(nn.Module):
@@ -17,12 +30,14 @@ class CascadeNet(nn.Module):
 
     It is trained only on the first network's hardest samples of each batch; at inference
     a task's decision is the AND of both networks (see ``MultiTaskNet.task_predictions``).
+    Its trunk takes the registry's ``cbam`` and starts from ``pretrained`` (see
+    ``cascade_weights``).
     """
 
     def __init__(self, backbone: str, head_class: type[Head], labels: list[str], negative_label: str,
-                 head_args: dict):
+                 head_args: dict, pretrained: Path | str | None = None, cbam: str = "none"):
         super().__init__()
-        self.trunk = Trunk(backbone)
+        self.trunk = Trunk(backbone, pretrained, cbam)
         self.head = head_class(self.trunk.channels, labels, negative_label, **head_args)
 
     def forward(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -86,8 +101,9 @@ class MultiTaskNet(nn.Module):
                 raise ConfigError(task.file, "cascade", f"needs a binary head; {task.head_type} is "
                                   f"{heads[task.name].kind}")
             try:
-                self.cascades[task.name] = CascadeNet(task.cascade.backbone, head_classes[task.head_type],
-                                                      task.labels, task.negative_label, task.head_args)
+                self.cascades[task.name] = CascadeNet(
+                    task.cascade.backbone, head_classes[task.head_type], task.labels, task.negative_label,
+                    task.head_args, cascade_weights(model, task.cascade.backbone), model.cbam)
             except ValueError as err:
                 raise ConfigError(task.file, "cascade.backbone", str(err)) from err
 

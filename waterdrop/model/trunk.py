@@ -32,6 +32,25 @@ def _ordered_children(features: nn.Module) -> tuple[list[tuple[str, nn.Module]],
                      "efficientnet)")
 
 
+def load_beside_cbam(features: nn.Module, path: Path) -> None:
+    """Load a plain weights file into a trunk with CBAM inside its blocks: the CBAM
+    parameters, and only they, may be missing from the file (classifier weights in it are
+    ignored). Raises RuntimeError naming the first other missing key."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    attention = {f"{name}.{param}" for name, module in features.named_modules() if isinstance(module, CBAM)
+                 for param, _ in module.named_parameters()}
+    missing = [key for key in features.load_state_dict(state, strict=False).missing_keys if key not in attention]
+    if missing:
+        raise RuntimeError(f"{len(missing)} trunk tensors are not in the file, first '{missing[0]}' (only the CBAM "
+                           "parameters may be missing)")
+
+
 class Trunk(nn.Module):
     """A timm CNN as a list of feature levels (level 0 is the stem, the last is the deepest).
 
@@ -59,12 +78,13 @@ class Trunk(nn.Module):
             if not backbone.startswith(("resnet", "resnext", "seresnext", "test_resnet")):
                 raise ValueError(f"cbam: blocks needs a ResNet-family backbone, not '{backbone}'; use cbam: stages")
             kwargs["block_args"] = {"attn_layer": CBAM}
-        if pretrained is not None and pretrained != IMAGENET:
-            # CBAM weights are not in a plain ImageNet file, so they may be missing there.
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)},
-                          pretrained_strict=cbam != "blocks")
+        local_file = pretrained is not None and pretrained != IMAGENET
+        if local_file and cbam != "blocks":
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
         try:
             features = timm.create_model(backbone, **kwargs)
+            if local_file and cbam == "blocks":
+                load_beside_cbam(features, Path(pretrained))
         except RuntimeError as err:
             raise ValueError(f"could not load pretrained weights from {pretrained}: {err}") from err
         if pretrained == IMAGENET:
