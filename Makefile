@@ -6,11 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := work_dirs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test runtime-check lint bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[train,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +23,21 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests
+
+# A runtime-only install (no torch) in its own venv scores images with a model exported here.
+runtime-check: install
+	rm -rf .venv-runtime work_dirs/runtime-check
+	$(PYTHON) -m venv .venv-runtime
+	.venv-runtime/bin/python -m pip install -q .
+	$(PY) tests/make_runtime_fixture.py work_dirs/runtime-check
+	cd work_dirs && ../.venv-runtime/bin/python -c "import importlib.util, sys; \
+		assert importlib.util.find_spec('torch') is None, 'torch is installed'; \
+		import waterdrop.runtime; print('waterdrop.runtime imported without torch')"
+	cd work_dirs && ../.venv-runtime/bin/python ../tools/predict.py runtime-check/model.onnx runtime-check/images \
+		> runtime-check/predictions.jsonl
+	$(PY) -c "import json; rows = [json.loads(l) for l in open('work_dirs/runtime-check/predictions.jsonl')]; \
+		assert len(rows) == 4 and sum('error' in r for r in rows) == 1 and all('tasks' in r for r in rows if 'error' not in r), rows; \
+		print('runtime-only install: 3 images scored, 1 error line')"
 
 lint: install
 	$(PY) -m ruff check waterdrop heads tools tests benchmarks

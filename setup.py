@@ -39,6 +39,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "waterdrop",
+        "waterdrop.config",
         "waterdrop.model",
         "waterdrop.data",
         "waterdrop.engine",
@@ -46,6 +47,8 @@ setup(
         "waterdrop.heads",
     ],
     package_dir={"waterdrop.heads": "heads"},
-    install_requires=RUNTIME + TORCH_STACK,
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    # Partner teams serving the ONNX file install the runtime alone: `pip install waterdrop`.
+    # Training, evaluation and export need `pip install waterdrop[train]`.
+    install_requires=RUNTIME,
+    extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "ruff>=0.6"]},
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import shutil
 import statistics
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def write_run_registry(base: dict, model: dict, task: dict, folder: Path, seed: 
     path = folder / "registry.yaml"
     path.write_text(yaml.safe_dump(registry))
     return path
+
+
+def fresh_run_folder(folder: Path) -> Path:
+    """``folder/run``, emptied: a benchmark row always trains anew (waterdrop refuses to mix
+    a new run into a folder that holds one)."""
+    shutil.rmtree(folder / "run", ignore_errors=True)
+    return folder / "run"
 
 
 def load_base(registry: str | None, task_name: str):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import load_base, machine, merge, save_report, table, write_run_registry  # noqa: E402
+from ablation import fresh_run_folder, load_base, machine, merge, save_report, table, write_run_registry  # noqa: E402
 
 from waterdrop.data.demo import generate
 from waterdrop.engine.train import run_training
@@ -114,7 +114,7 @@ def main() -> int:
                                     "unlabeled": str(unlabeled) if run_task.get("mean_teacher") else None}
             registry = write_run_registry(base, current_model, run_task, folder, seed, args.epochs)
             start = time.perf_counter()
-            report = run_training(registry, folder / "run", printer=lambda *a, **k: None)[args.task]
+            report = run_training(registry, fresh_run_folder(folder), printer=lambda *a, **k: None)[args.task]
             row = {"ap": report["ap"], "roc_auc": report["roc_auc"], "recall": report["at_threshold"]["recall"],
                    "deploy_precision": report["deploy"]["precision"], "deploy_ap": report["deploy"]["ap"],
                    "minutes": (time.perf_counter() - start) / 60}

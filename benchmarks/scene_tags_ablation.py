@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import load_base, machine, merge, save_report, table, write_run_registry  # noqa: E402
+from ablation import fresh_run_folder, load_base, machine, merge, save_report, table, write_run_registry  # noqa: E402
 
 from waterdrop.data.demo import SMALL_OBJECTS, ensure_demo_data
 from waterdrop.engine.train import run_training
@@ -69,7 +69,7 @@ def main() -> int:
                 run_task["relations"] = relations  # evaluated both ways in the same run
             registry = write_run_registry(base, model, run_task, folder, seed, args.epochs)
             start = time.perf_counter()
-            report = run_training(registry, folder / "run", printer=lambda *a, **k: None)[args.task]
+            report = run_training(registry, fresh_run_folder(folder), printer=lambda *a, **k: None)[args.task]
             row = {"map": report["map"], "f1": report["micro"]["f1"],
                    "small_ap": statistics.mean(report["labels"][c]["ap"] for c in small),
                    "det_map": report.get("detector", {}).get("map50", float("nan")),

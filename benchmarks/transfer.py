@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import REPO, machine  # noqa: E402
+from ablation import REPO, fresh_run_folder, machine  # noqa: E402
 
 from waterdrop.config import load_registry
 from waterdrop.engine.checkpoint import best_checkpoint, load_net
@@ -88,7 +88,7 @@ def run_one(registry: dict, task: dict, folder: Path) -> dict:
     registry["train"]["log_interval"] = 1000
     (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
     cfg = load_registry(folder / "registry.yaml")
-    runner = build_runner(cfg, folder / "run", printer=lambda *a, **k: None)
+    runner = build_runner(cfg, fresh_run_folder(folder), printer=lambda *a, **k: None)
     start = time.perf_counter()
     runner.train()
     train_seconds = time.perf_counter() - start

@@ -108,7 +108,8 @@ class MultiLabelHead(Head):
         per_label = sigmoid_focal(outputs["logits"], tags.clamp(min=0), self.gamma)
         terms = {"loss_cls": (per_label * known).sum(dim=1) / known.sum(dim=1).clamp(min=1)}
         if boxes is not None:
-            terms["loss_det"] = self.ssd.loss(outputs, boxes) * self.detector["loss_weight"]
+            unknown = tags[:, [self.labels.index(c) for c in self.detector["classes"]]] < 0
+            terms["loss_det"] = self.ssd.loss(outputs, boxes, unknown) * self.detector["loss_weight"]
         return terms
 
     def predict(self, outputs):
@@ -133,8 +134,13 @@ class MultiLabelHead(Head):
         target[[self.labels.index(n) for n in missing]] = -1
         return target
 
+    def boxes_beyond_limit(self, classes: list[str]) -> int:
+        """How many of an image's detector boxes ``encode_boxes`` leaves out (over max_boxes)."""
+        return max(0, sum(c in self.detector["classes"] for c in classes) - self.detector["max_boxes"])
+
     def encode_boxes(self, classes: list[str], boxes: np.ndarray) -> np.ndarray:
-        """Flat (max_boxes x 5) array of [class, x1, y1, x2, y2] (0..1) for detector classes; -1 pads."""
+        """Flat (max_boxes x 5) array of [class, x1, y1, x2, y2] (0..1) for detector classes; -1 pads;
+        boxes beyond max_boxes are left out (see ``boxes_beyond_limit``)."""
         rows = np.full((self.detector["max_boxes"], 5), -1.0, dtype=np.float32)
         kept = [(self.detector["classes"].index(c), box) for c, box in zip(classes, boxes)
                 if c in self.detector["classes"]][:self.detector["max_boxes"]]

@@ -81,3 +81,31 @@ def huge_png(path: Path, side: int = 30000) -> Path:
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
     return path
+
+
+def bad_input_corpus(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Odd files users' data holds: (decodable ones, ones that must be skipped and named)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    ok, encoded = cv2.imencode(".jpg", rgb)
+    full = encoded.tobytes()
+    good = {"cmyk.jpg": None, "deep16.png": rgb.astype(np.uint16) * 257, "rgba.png": np.dstack([rgb, rgb[..., :1]]),
+            "gray.png": rgb[..., 0]}
+    for name, pixels in good.items():
+        if pixels is None:
+            Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(folder / name, quality=95)
+        else:
+            cv2.imwrite(str(folder / name), pixels)
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "corrupt.jpg").write_bytes(bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8)))
+    (folder / "text.jpg").write_text("this is a text file with a .jpg suffix\n")
+    (folder / "unreadable.jpg").mkdir()  # a folder named like an image: it cannot be read as a file
+    (folder / "dangling.jpg").symlink_to(folder / "no_such_target.jpg")
+    huge_png(folder / "huge.png")
+    bad = ["truncated.jpg", "zero.jpg", "corrupt.jpg", "text.jpg", "unreadable.jpg", "dangling.jpg", "huge.png"]
+    return [folder / n for n in good], [folder / n for n in bad]

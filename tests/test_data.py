@@ -51,6 +51,15 @@ def test_decoder_handles_every_kind_of_odd_file(tmp_path):
     assert np.array_equal(read_image(tmp_path / "deep.png"), rgb[:, :, ::-1])
     with pytest.raises(ImageDecodeError, match="30000 x 30000 pixels is over the limit"):
         read_image(tmp_path / "huge.png")
+    # A TIFF's directory may come after the pixel data, far from the start of the file.
+    entries = b"".join(struct.pack("<HHII", tag, 4, 1, 30000) for tag in (256, 257))
+    (tmp_path / "huge.tif").write_bytes(b"II*\x00" + struct.pack("<I", 8 + 300_000) + bytes(300_000)
+                                        + struct.pack("<H", 2) + entries + struct.pack("<I", 0))
+    with pytest.raises(ImageDecodeError, match="huge.tif: 30000 x 30000 pixels is over the limit"):
+        read_image(tmp_path / "huge.tif")
+    (tmp_path / "odd.xyz").write_bytes(b"\x00\x01 something no reader knows" * 20)
+    with pytest.raises(ImageDecodeError, match="not an image waterdrop reads"):
+        read_image(tmp_path / "odd.xyz")
 
 
 def test_cmyk_jpeg_decodes_to_rgb(tmp_path):

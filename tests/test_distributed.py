@@ -17,10 +17,18 @@ import json, sys
 import torch
 import torch.distributed as dist
 from waterdrop.config import load_registry
+from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import build_runner
 
-original, calls = WaterdropModel._losses, []
+original, calls, seen_skips = WaterdropModel._losses, [], []
+after_iter = WaterdropHook.after_train_iter
+
+def record_skips(self, runner, batch_idx, data_batch=None, outputs=None):
+    seen_skips.extend(path for _, path in data_batch["skipped"])
+    after_iter(self, runner, batch_idx, data_batch, outputs)
+
+WaterdropHook.after_train_iter = record_skips
 
 def poisoned(self, *args, **kwargs):
     losses = original(self, *args, **kwargs)
@@ -37,6 +45,8 @@ runner.train()
 rank = dist.get_rank()
 report = {
     "wrapper": type(runner.model).__name__,
+    "iters": len(runner.train_dataloader),
+    "seen_skips": sorted(set(seen_skips)),
     "steps": len(calls),
     "nonfinite": model.nonfinite_batches,
     "teacher_changed": any(not torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters())),
@@ -48,9 +58,15 @@ with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
 """
 
 
-def test_two_process_gloo_run_uses_our_step_and_skips_a_nan_batch_on_every_rank(registry_file, demo_root, tmp_path):
-    edit_task(registry_file, "disgusting", data={"unlabeled": str(demo_root / "disgusting" / "unlabeled")},
-              mean_teacher={"rampup_epochs": 0.5})
+def test_two_process_gloo_run_uses_our_step_and_skips_a_nan_batch_on_every_rank(registry_file, copy_demo, tmp_path):
+    root = copy_demo()
+    manifest = root / "disgusting" / "train.jsonl"
+    # Every third training image is empty: each rank meets some, and the run must sum them.
+    for line in manifest.read_text().splitlines()[::3]:
+        (manifest.parent / json.loads(line)["image"]).write_bytes(b"")
+    edit_task(registry_file, "disgusting", mean_teacher={"rampup_epochs": 0.5},
+              data={"train": str(manifest), "val": str(root / "disgusting" / "val.jsonl"),
+                    "unlabeled": str(root / "disgusting" / "unlabeled")})
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
     work = tmp_path / "run"
@@ -66,9 +82,12 @@ def test_two_process_gloo_run_uses_our_step_and_skips_a_nan_batch_on_every_rank(
     assert all(r["teacher_changed"] for r in ranks)  # the EMA update ran under DDP
     assert abs(ranks[0]["student_sum"] - ranks[1]["student_sum"]) < 1e-6 * max(1, abs(ranks[0]["student_sum"]))
     assert abs(ranks[0]["teacher_sum"] - ranks[1]["teacher_sum"]) < 1e-6 * max(1, abs(ranks[0]["teacher_sum"]))
-    # Only rank 0 prints and writes the run's bookkeeping.
-    assert done.stdout.count("epoch 1/1  iter") == len([ln for ln in done.stdout.splitlines() if "iter" in ln])
-    progress = [ln for ln in done.stdout.splitlines() if ln.startswith("epoch 1/1  iter")]
-    assert progress and len(progress) == len(set(progress))
+    # Only rank 0 prints: one progress line per log interval (5 in the test registry) and one at the end.
+    iters = ranks[0]["iters"]
+    expected = len([i for i in range(1, iters + 1) if i % 5 == 0 or i == iters])
+    assert done.stdout.count("epoch 1/1  iter") == expected
+    # Rank 0 writes the summary, with the skipped images of both ranks.
     summary = json.loads((work / "summary.json").read_text())
     assert summary["nonfinite_batches_skipped"] == 1
+    assert ranks[0]["seen_skips"] and ranks[1]["seen_skips"] and ranks[0]["seen_skips"] != ranks[1]["seen_skips"]
+    assert summary["skipped_images"]["disgusting"] == sorted(set(ranks[0]["seen_skips"] + ranks[1]["seen_skips"]))

@@ -2,17 +2,26 @@
 
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mmengine.optim import OptimWrapper
 
-from tests.conftest import edit_task
+from tests.conftest import bad_input_corpus, edit_task
 from waterdrop.config import load_registry
-from waterdrop.engine.checkpoint import RunFolderError, best_checkpoint, check_run_folder, load_net
+from waterdrop.engine.checkpoint import (
+    RunFolderError,
+    best_checkpoint,
+    check_run_folder,
+    load_checkpoint,
+    load_net,
+)
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import run_training
 from waterdrop.export import export_onnx
@@ -46,6 +55,13 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     with open(work / "results.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
 
+    edit_task(registry_file, "disgusting", loss_weight=2.0)  # a changed config cannot continue this run
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
+                           str(work), "--epochs", "3", "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "config changed since this run started" in done.stderr
+    assert "loss_weight: 1.0 -> 2.0" in done.stderr
+    edit_task(registry_file, "disgusting", loss_weight=1.0)
+
     out = _tool("eval.py", work, "--out", tmp_path / "eval2")
     assert "disgusting: AP" in out and (tmp_path / "eval2" / "metrics.json").is_file()
     out = _tool("export.py", work, "-o", tmp_path / "model.onnx")
@@ -57,7 +73,7 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     assert set(result["tasks"]) == {"disgusting", "thriller", "scene_tags"}
 
 
-def test_a_run_folder_never_mixes_two_runs(registry_file, tmp_path):
+def test_a_run_folder_never_mixes_two_runs_and_must_be_writable(registry_file, tmp_path, monkeypatch):
     work = tmp_path / "run"
     work.mkdir()
     for name in ("best_val_score_epoch_9.pth", "best_val_score_epoch_12.pth"):
@@ -66,6 +82,12 @@ def test_a_run_folder_never_mixes_two_runs(registry_file, tmp_path):
         best_checkpoint(work)
     with pytest.raises(RunFolderError, match="nothing to resume"):
         check_run_folder(tmp_path / "fresh", resume=True)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(RunFolderError, match="a_file/run: cannot write the run folder there"):
+        check_run_folder(tmp_path / "a_file" / "run", resume=False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 0, 20 * 2**20))
+    with pytest.raises(RunFolderError, match="fresh: 20 MiB free on that disk, a run needs about 350 MiB"):
+        check_run_folder(tmp_path / "fresh", resume=False, checkpoint_bytes=100 * 2**20)
     done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
                            str(work)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "already holds a run (checkpoints); continue it with --resume" in done.stderr
@@ -119,7 +141,81 @@ def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_
     for term in ("disgusting.loss_consistency", "disgusting.loss_focal", "thriller.cascade_loss_focal"):
         assert term in columns, columns
     assert 0 <= report["thriller"]["ap"] <= 1 and 0 <= report["disgusting"]["deploy"]["precision"] <= 1
+    # The checkpoint stands alone: reordered labels in the live YAML change nothing.
+    edit_task(registry_file, "scene_tags", labels=list(reversed(load_registry(registry_file).tasks[2].labels)))
     net, cfg, meta = load_net(best_checkpoint(tmp_path / "run"))
+    assert cfg.tasks[2].labels == list(report["scene_tags"]["labels"]) and cfg.tasks[2].relations is not None
+    assert cfg.tasks[0].mean_teacher is not None and cfg.tasks[1].cascade is not None
+    with pytest.raises(ValueError, match="differs"):
+        load_net(best_checkpoint(tmp_path / "run"), registry_file)
+    assert (tmp_path / "run" / "config" / "resolved.json").is_file()
     assert meta["thresholds"] == json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
     parity = export_onnx(net, cfg, meta["thresholds"], tmp_path / "model.onnx")
     assert "thriller.decision" in parity and max(parity.values()) <= 1e-4
+
+
+KILLED_RUN = """
+import os, signal, sys
+from waterdrop.engine.hooks import WaterdropHook
+from waterdrop.engine.train import run_training
+
+original = WaterdropHook.after_train_iter
+
+def die_in_epoch_two(self, runner, batch_idx, data_batch=None, outputs=None):
+    original(self, runner, batch_idx, data_batch, outputs)
+    if runner.epoch == 1 and batch_idx == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+WaterdropHook.after_train_iter = die_in_epoch_two
+run_training(sys.argv[1], sys.argv[2], epochs=2)
+"""
+
+
+def test_kill_minus_9_mid_epoch_then_resume_matches_an_uninterrupted_run(registry_file, tmp_path):
+    text = yaml.safe_load(registry_file.read_text())
+    text["train"]["num_workers"] = 1  # the workers' seeding is part of what must repeat
+    registry_file.write_text(yaml.safe_dump(text))
+    edit_task(registry_file, "disgusting", head={"dropout": 0.3}, augment={"cutmix": 0.5})
+    _tool("train.py", registry_file, "--work-dir", tmp_path / "whole", "--epochs", "2")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN)
+    killed = subprocess.run([sys.executable, str(script), str(registry_file), str(tmp_path / "cut")],
+                            capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ,
+                                                                                       "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "cut" / "epoch_1.pth").is_file() and not (tmp_path / "cut" / "epoch_2.pth").exists()
+    _tool("train.py", registry_file, "--work-dir", tmp_path / "cut", "--epochs", "2", "--resume")
+    whole = load_checkpoint(tmp_path / "whole" / "epoch_2.pth")["state_dict"]
+    cut = load_checkpoint(tmp_path / "cut" / "epoch_2.pth")["state_dict"]
+    assert whole.keys() == cut.keys()
+    worst = max(float((whole[k].double() - cut[k].double()).abs().max()) for k in whole if whole[k].numel())
+    assert worst < 1e-5, worst
+    with open(tmp_path / "whole" / "results.csv") as f, open(tmp_path / "cut" / "results.csv") as g:
+        rows_whole, rows_cut = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [r["epoch"] for r in rows_cut] == ["1", "2"]
+    assert float(rows_cut[1]["val/score"]) == pytest.approx(float(rows_whole[1]["val/score"]), abs=1e-6)
+
+
+def test_training_survives_a_bad_input_corpus_and_names_every_skip(registry_file, demo_root, tmp_path):
+    good, bad = bad_input_corpus(tmp_path / "odd")
+    text = yaml.safe_load(registry_file.read_text())
+    text["tasks"] = ["tasks/disgusting.yaml"]  # one task, plain sampler: an epoch visits every image
+    registry_file.write_text(yaml.safe_dump(text))
+    manifests, demo_lines = {}, {}
+    for split in ("train", "val"):
+        lines = (demo_root / "disgusting" / f"{split}.jsonl").read_text().splitlines()[:40]
+        demo_lines[split] = len(lines)
+        lines = [json.dumps({**json.loads(ln), "image": str(demo_root / "disgusting" / json.loads(ln)["image"])})
+                 for ln in lines]
+        lines += [json.dumps({"image": str(p), "labels": ["normal"]}) for p in good + bad]
+        manifests[split] = tmp_path / f"{split}.jsonl"
+        manifests[split].write_text("\n".join(lines) + "\n")
+    edit_task(registry_file, "disgusting", sampler="plain",
+              data={"train": str(manifests["train"]), "val": str(manifests["val"])})
+    report = run_training(registry_file, tmp_path / "run", printer=lambda *a, **k: None)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_images"]["disgusting"] == sorted(str(p) for p in bad)
+    with open(tmp_path / "run" / "results.csv") as f:
+        assert int(next(csv.DictReader(f))["skipped_images"]) >= len(bad)
+    assert report["disgusting"]["skipped_images"] == sorted(str(p) for p in bad)
+    assert report["disgusting"]["count"] == demo_lines["val"] + len(good)  # every image scored once, none twice

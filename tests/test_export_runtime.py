@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import huge_png
+from tests.conftest import bad_input_corpus, huge_png
 from waterdrop.config import load_registry
 from waterdrop.export import METADATA_KEY, DeployGraph, check_parity, export_onnx
 from waterdrop.model.multitask import MultiTaskNet
@@ -135,3 +135,15 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
     assert "30000 x 30000 pixels is over the limit" in lines[2]["error"]
     assert set(lines[0]["tasks"]) == {"disgusting", "thriller", "scene_tags"}
     assert isinstance(np.float64(lines[0]["tasks"]["disgusting"]["score"]), np.floating)
+
+
+def test_predict_gives_one_error_line_per_bad_file_and_goes_on(exported, tmp_path):
+    _, _, path, _ = exported
+    good, bad = bad_input_corpus(tmp_path / "odd")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), str(path), *map(str, good + bad)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = {Path(x["image"]).name: x for x in map(json.loads, done.stdout.splitlines())}
+    assert set(lines) == {p.name for p in good + bad}
+    assert all("tasks" in lines[p.name] for p in good)
+    assert all("error" in lines[p.name] and "tasks" not in lines[p.name] for p in bad)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmengine.optim import OptimWrapper
 
 from tests.conftest import edit_task
-from waterdrop.config import AugmentConfig, ConfigError, load_registry
+from waterdrop.config import AugmentConfig, ConfigError, config_to_dict, load_registry
 from waterdrop.data.dataset import TrainTransform, distort_color, erase_random_rectangle, rotate
 from waterdrop.data.loaders import build_datasets, task_streams
 from waterdrop.data.sampler import BalancedStream, MultiTaskBatchSampler, PlainStream, WithUnlabeled
@@ -222,8 +222,8 @@ def test_mean_teacher_ema_consistency_and_unlabeled_masking(registry_file, tmp_p
     for before, teacher, student in zip(teacher_before, model.teacher.parameters(), model.net.parameters()):
         torch.testing.assert_close(teacher, decay * before + (1 - decay) * student, atol=1e-6, rtol=1e-5)
     checkpoint = tmp_path / "epoch_1.pth"
-    torch.save({"state_dict": model.state_dict(), "meta": {"waterdrop": {"registry": str(registry_file)}}},
-               checkpoint)
+    torch.save({"state_dict": model.state_dict(),
+                "meta": {"waterdrop": {"config": config_to_dict(load_registry(registry_file))}}}, checkpoint)
     net, _, _ = load_net(checkpoint)
     torch.testing.assert_close(next(net.parameters()), next(model.teacher.parameters()))
 

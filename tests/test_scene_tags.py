@@ -13,6 +13,7 @@ from waterdrop.data.loaders import build_datasets
 from waterdrop.data.sampler import RepeatFactorStream, repeat_factors
 from waterdrop.detection import detection_ap, nms
 from waterdrop.engine.model import WaterdropModel
+from waterdrop.engine.train import build_runner
 from waterdrop.evaluation.metrics import multilabel_report
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.ssd import SSDHead
@@ -186,3 +187,33 @@ def test_detector_settings_are_checked(registry_file):
     edit_task(registry_file, "scene_tags", augment={"cutmix": 0.5})
     with pytest.raises(ConfigError, match="cutmix cannot be used with a detector"):
         WaterdropModel(load_registry(registry_file))
+
+
+def test_an_unannotated_tag_does_not_teach_its_detector_class_background():
+    head = registered_heads()["MultiLabelHead"]([8, 16, 32], ["a", "b"], "none",
+                                                detector={"classes": ["a", "b"], "levels": [0, 1]})
+    feats = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 2, 2)]
+    # Image 0 has "a" missing (not annotated) and no boxes; image 1 is fully annotated, no objects.
+    tags = np.stack([head.encode_target([], ["a"]), head.encode_target([], [])])
+    boxes = np.stack([head.encode_boxes([], np.zeros((0, 4)))] * 2)
+    target = torch.from_numpy(np.concatenate([tags, boxes], axis=1))
+    outputs = head(feats)
+    outputs["det_logits"].retain_grad()
+    head.loss(outputs, target)["loss_det"].sum().backward()
+    grad = outputs["det_logits"].grad
+    assert grad[0, :, 1].abs().max() == 0  # class "a" (logit 1 after background) of image 0: untouched
+    assert grad[0, :, 2].abs().max() > 0 and grad[1, :, 1].abs().max() > 0
+
+
+def test_boxes_beyond_max_boxes_are_counted_and_reported(registry_file, tmp_path):
+    head = registered_heads()["MultiLabelHead"]([8, 16, 32], ["a", "b", "c"], "none",
+                                                detector={"classes": ["a", "b"], "max_boxes": 2})
+    assert head.boxes_beyond_limit(["a", "b", "a", "c"]) == 1 and head.boxes_beyond_limit(["a", "c"]) == 0
+    edit_task(registry_file, "scene_tags", head={"detector": {"classes": ["glasses", "ball"], "max_boxes": 1}})
+    cfg = load_registry(registry_file)
+    dataset = build_datasets(cfg, MultiTaskNet(cfg), "train").datasets[2]
+    expected = sum(max(0, len(classes) - 1) for classes, _ in dataset.boxes)
+    assert expected > 0 and dataset.boxes_left_out == expected
+    printed = []
+    build_runner(cfg, tmp_path / "run", printer=printed.append)
+    assert any(f"scene_tags: {expected} boxes in the training data are beyond" in line for line in printed)

@@ -19,20 +19,23 @@ from waterdrop.engine.train import build_runner
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.pretrained import load_packaged, map_state_dict
 from waterdrop.model.task_bn import TaskBatchNorm
+from waterdrop.weights import PACKAGED
 
 LITE0 = "tf_efficientnet_lite0"
 
 
-def test_packaged_lite0_weights_classify_a_real_photo_correctly():
-    model = timm.create_model(LITE0).eval()
-    model.load_state_dict(load_packaged(LITE0, model.state_dict()))
+@pytest.mark.parametrize("backbone", sorted(PACKAGED))
+def test_packaged_weights_classify_a_real_photo_correctly(backbone):
+    model = timm.create_model(backbone).eval()
+    model.load_state_dict(load_packaged(backbone, model.state_dict()))
+    size = PACKAGED[backbone].native_size
     photo = cv2.imread(str(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"))
-    rgb = cv2.resize(cv2.cvtColor(photo, cv2.COLOR_BGR2RGB), (224, 224), interpolation=cv2.INTER_AREA)
+    rgb = cv2.resize(cv2.cvtColor(photo, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
     x = torch.from_numpy((rgb.astype(np.float32) / 255 - 0.5) / 0.5).permute(2, 0, 1)[None]
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
     assert int(probs.argmax()) == 652  # ImageNet "military uniform"
-    assert float(probs[652]) > 0.3
+    assert float(probs[652]) > 0.15
 
 
 def test_mapping_names_the_first_shape_or_count_mismatch():

@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on every task's validation set: metrics JSON, thresholds, PR curves.
+"""Evaluate a checkpoint: thresholds chosen on each task's val split, the report on its test split
+(or on val, marked in-sample, without one): metrics JSON, thresholds, PR curves.
 The chosen thresholds are also recorded in the checkpoint, where export reads them.
 
     python tools/eval.py CHECKPOINT_OR_RUN_FOLDER [--registry REGISTRY] [--out DIR]
@@ -17,7 +18,8 @@ from waterdrop.evaluation.evaluate import evaluate, format_report, thresholds_of
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
-    parser.add_argument("--registry", help="registry YAML (default: the one recorded in the checkpoint)")
+    parser.add_argument("--registry", help="take the tasks' data paths from this registry (same tasks, other data); "
+                        "everything else comes from the config stored in the checkpoint")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
     parser.add_argument("--no-store", action="store_true",
                         help="do not record the chosen thresholds in the checkpoint (they are by default)")

@@ -21,7 +21,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
     parser.add_argument("-o", "--output", help="ONNX file (default: <checkpoint folder>/model.onnx)")
-    parser.add_argument("--registry", help="registry YAML (default: the one recorded in the checkpoint)")
+    parser.add_argument("--registry", help="take the tasks' data paths from this registry (same tasks, other data); "
+                        "everything else comes from the config stored in the checkpoint")
     parser.add_argument("--thresholds", help="thresholds JSON written by tools/eval.py")
     parser.add_argument("--opset", type=int, default=18)
     args = parser.parse_args()

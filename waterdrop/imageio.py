@@ -3,9 +3,11 @@
 ``cv2.imread`` returns a half-grey image for a truncated JPEG and only prints a warning,
 so every decode goes through ``cv2.imdecode`` on the file's bytes, which returns None then.
 Images above ``MAX_PIXELS`` are refused from their header, before they are decoded and
-can take gigabytes of memory. OpenCV's own limit (``OPENCV_IO_MAX_IMAGE_PIXELS``) is set
-too, but it holds only if set before OpenCV first reads it, which an earlier ``import cv2``
-elsewhere (mmengine) can defeat; the header check does not depend on import order.
+can take gigabytes of memory; a file whose size cannot be read from its header (an
+unknown format, a damaged header) is refused too. OpenCV's own limit
+(``OPENCV_IO_MAX_IMAGE_PIXELS``) is set as well, but OpenCV reads it when it is imported,
+so it does not hold where cv2 was imported first (mmengine does); the header check does
+not depend on import order.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_PIXELS = 100_000_000
-# Read by OpenCV at its first decode; set before cv2 is imported anywhere in the process.
+# Read by OpenCV when it is imported; only a second line of defence (see above).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
 import cv2  # noqa: E402
@@ -32,7 +34,7 @@ class ImageDecodeError(ValueError):
 _JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+def _jpeg_size(data: memoryview) -> tuple[int, int] | None:
     position = 2
     while position + 9 < len(data):
         if data[position] != 0xFF:
@@ -51,35 +53,43 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    order = "<" if data[:2] == b"II" else ">"
+def _tiff_size(data: memoryview) -> tuple[int, int] | None:
+    # The directory may be anywhere, often at the end of the file.
+    order = "<" if bytes(data[:2]) == b"II" else ">"
     (ifd,) = struct.unpack(order + "I", data[4:8])
-    if ifd + 2 > len(data):
-        return None
     (count,) = struct.unpack(order + "H", data[ifd:ifd + 2])
     size = {}
-    for entry in range(min(count, (len(data) - ifd - 2) // 12)):
+    for entry in range(count):
         tag, kind, _, value = struct.unpack(order + "HHI4s", data[ifd + 2 + 12 * entry:ifd + 14 + 12 * entry])
         if tag in (256, 257):
             size[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2 if kind == 3 else 4])[0]
     return (size[256], size[257]) if len(size) == 2 else None
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from the header of a PNG, JPEG, GIF, BMP, WebP or TIFF file;
-    None when the format is not recognised or the header is cut short."""
+def _pnm_size(data: memoryview) -> tuple[int, int] | None:
+    head = bytes(data[2:512]).split(b"\n")
+    numbers = [int(token) for line in head for token in line.split(b"#")[0].split() if token.isdigit()]
+    return (numbers[0], numbers[1]) if len(numbers) >= 2 else None
+
+
+def header_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(width, height) read from the header of a JPEG, PNG, GIF, BMP, WebP, TIFF or PNM file
+    (the whole file is given: a TIFF's directory can be at its end); None when the format
+    is not one of these or the header is damaged."""
+    data = memoryview(data).cast("B")
+    start = bytes(data[:12])
     try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if start[:8] == b"\x89PNG\r\n\x1a\n":
             return struct.unpack(">II", data[16:24])
-        if data[:2] == b"\xff\xd8":
+        if start[:2] == b"\xff\xd8":
             return _jpeg_size(data)
-        if data[:4] in (b"GIF8",):
+        if start[:4] == b"GIF8":
             return struct.unpack("<HH", data[6:10])
-        if data[:2] == b"BM":
+        if start[:2] == b"BM":
             width, height = struct.unpack("<ii", data[18:26])
             return abs(width), abs(height)
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            chunk = data[12:16]
+        if start[:4] == b"RIFF" and start[8:12] == b"WEBP":
+            chunk = bytes(data[12:16])
             if chunk == b"VP8X":
                 return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
             if chunk == b"VP8L":
@@ -88,9 +98,11 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             if chunk == b"VP8 ":
                 width, height = struct.unpack("<HH", data[26:30])
                 return width & 0x3FFF, height & 0x3FFF
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
+        if start[:4] in (b"II*\x00", b"MM\x00*"):
             return _tiff_size(data)
-    except struct.error:
+        if start[:1] == b"P" and start[1:2] in b"1234567" and start[2:3].isspace():
+            return _pnm_size(data)
+    except (struct.error, ValueError, IndexError):
         return None
     return None
 
@@ -107,8 +119,11 @@ def decode_image(data: bytes | np.ndarray, source: str = "<bytes>") -> np.ndarra
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
     if buffer.size == 0:
         raise ImageDecodeError(f"{source}: empty file")
-    size = header_size(buffer[:262144].tobytes())
-    if size is not None and size[0] * size[1] > MAX_PIXELS:
+    size = header_size(buffer)
+    if size is None:
+        raise ImageDecodeError(f"{source}: not an image waterdrop reads (JPEG, PNG, BMP, GIF, WebP, TIFF, PNM), or "
+                               "its header is damaged")
+    if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{source}: {size[0]} x {size[1]} pixels is over the limit of {MAX_PIXELS:,} "
                                "(refused before decoding)")
     try:
@@ -116,8 +131,7 @@ def decode_image(data: bytes | np.ndarray, source: str = "<bytes>") -> np.ndarra
     except cv2.error as err:
         raise ImageDecodeError(f"{source}: OpenCV refused it ({str(err).strip().splitlines()[-1]})") from err
     if image is None:
-        raise ImageDecodeError(f"{source}: not a decodable image (corrupt, truncated, or larger than "
-                               f"{MAX_PIXELS} pixels)")
+        raise ImageDecodeError(f"{source}: not a decodable image (corrupt or truncated)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

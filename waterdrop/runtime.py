@@ -117,9 +117,15 @@ class Predictor:
         return results
 
     def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16) -> Iterator[dict]:
-        """Files or folders (searched recursively), in order; a bad image yields an error entry."""
+        """Files or folders (searched recursively), in order; a bad image, and a folder without
+        images, yields an error entry."""
         batch_paths, batch_images = [], []
-        for path in (p for given in paths for p in list_images(given)):
+        for path in self._expand(paths):
+            if isinstance(path, dict):
+                yield from self._flush(batch_paths, batch_images)
+                batch_paths, batch_images = [], []
+                yield path
+                continue
             try:
                 batch_images.append(read_image(path))
                 batch_paths.append(path)
@@ -132,6 +138,14 @@ class Predictor:
                 yield from self._flush(batch_paths, batch_images)
                 batch_paths, batch_images = [], []
         yield from self._flush(batch_paths, batch_images)
+
+    @staticmethod
+    def _expand(paths: Iterable[str | Path]) -> Iterator[Path | dict]:
+        for given in paths:
+            found = list_images(given)
+            if not found:
+                yield {"image": str(given), "error": f"{given}: a folder without images"}
+            yield from found
 
     def _flush(self, paths: list, images: list) -> Iterator[dict]:
         for path, tasks in zip(paths, self.predict_images(images)):

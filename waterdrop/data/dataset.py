@@ -257,13 +257,19 @@ class TaskDataset(Dataset):
         second_view: also return a second, independently augmented view (mean teacher).
         encode_boxes: the head's ``encode_boxes`` when it trains on boxes; the encoded boxes
             of each (augmented) sample are appended to its target.
+        substitute: an undecodable image is replaced by the next readable one (training:
+            the batch keeps its size). False (evaluation): the sample is dropped instead, so
+            no image is scored twice; it comes back with ``image`` None and ``collate``
+            leaves it out. Either way its path is reported in ``skipped``.
     """
 
     def __init__(self, task_index: int, records: list[Record], encode: Callable, transform: Callable,
                  source: Path, unlabeled: list[Record] = (), second_view: bool = False,
-                 encode_boxes: Callable | None = None):
+                 encode_boxes: Callable | None = None, substitute: bool = True):
         self.task_index, self.transform, self.second_view = task_index, transform, second_view
+        self.substitute = substitute
         self.encode_boxes = encode_boxes
+        self.boxes_left_out = 0  # boxes beyond the head's limit; set by whoever knows the head
         self.targets, self.boxes = [], []
         for i, record in enumerate(records):
             try:
@@ -291,6 +297,8 @@ class TaskDataset(Dataset):
                 image = read_image(record.path)
             except ImageDecodeError:
                 skipped.append(str(record.path))
+                if not self.substitute:
+                    return {"image": None, "task": self.task_index, "skipped": skipped}
                 continue
             target = self.targets[position]
             if self.encode_boxes is not None:
@@ -343,8 +351,14 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     """Stack a mixed batch; targets and labeled masks are grouped per task in batch order.
 
     ``inputs2`` (second views) is present when some sample has one; samples without a
-    second view repeat their first.
+    second view repeat their first. Dropped samples (``image`` None) only report their
+    skipped paths; a batch of nothing but those has zero inputs.
     """
+    skipped = [[task_names[s["task"]], path] for s in samples for path in s["skipped"]]
+    samples = [s for s in samples if s["image"] is not None]
+    if not samples:
+        return {"inputs": torch.zeros((0, 3, 1, 1), dtype=torch.uint8), "task_index": torch.zeros(0, dtype=torch.long),
+                "targets": {}, "labeled": {}, "skipped": skipped}
     targets, labeled = {}, {}
     for t, name in enumerate(task_names):
         rows = [s for s in samples if s["task"] == t]
@@ -356,7 +370,7 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
         "task_index": torch.tensor([s["task"] for s in samples], dtype=torch.long),
         "targets": targets,
         "labeled": labeled,
-        "skipped": [[task_names[s["task"]], path] for s in samples for path in s["skipped"]],
+        "skipped": skipped,
     }
     if any("image2" in s for s in samples):
         batch["inputs2"] = torch.from_numpy(np.stack([s.get("image2", s["image"]) for s in samples]))

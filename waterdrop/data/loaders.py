@@ -10,6 +10,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from mmengine.dataset import DefaultSampler
 from torch.utils.data import DataLoader
 
@@ -50,7 +51,9 @@ def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiT
                                         second_view=teaching, encode_boxes=boxes))
         else:
             datasets.append(TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
-                                        encode_boxes=boxes))
+                                        encode_boxes=boxes, substitute=False))
+        # Boxes over the head's limit are not trained or scored; counted so the run can say so.
+        datasets[-1].boxes_left_out = sum(head.boxes_beyond_limit(classes) for classes, _ in datasets[-1].boxes)
     return MultiTaskDataset(datasets)
 
 
@@ -86,5 +89,6 @@ def eval_loader(cfg: RegistryConfig, net: MultiTaskNet, split: str = "val", dist
     """Batches of every task's ``split`` ("val" or "test"), in a fixed order."""
     dataset = build_datasets(cfg, net, split)
     sampler = DefaultSampler(dataset, shuffle=False) if distributed else None
+    # Its own generator: starting an epoch of it must not draw from the training's random stream.
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
-                      collate_fn=partial(collate, task_names=cfg.task_names))
+                      collate_fn=partial(collate, task_names=cfg.task_names), generator=torch.Generator())

@@ -6,13 +6,16 @@ which torch's weights-only unpickler refuses; exactly those are allow-listed, no
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 
-from waterdrop.config import RegistryConfig, load_registry
+from waterdrop.config import RegistryConfig, config_from_dict, config_to_dict, load_registry
 from waterdrop.model.multitask import MultiTaskNet
 
 # HistoryBuffer pickles its statistics methods as getattr(HistoryBuffer, "min"), hence
@@ -40,22 +43,65 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def load_net(checkpoint_path: str | Path,
              registry: str | Path | None = None) -> tuple[MultiTaskNet, RegistryConfig, dict]:
-    """Rebuild the network of a training checkpoint; the registry defaults to the one it was trained with."""
+    """Rebuild the network of a training checkpoint from the config stored in it (labels,
+    heads, relations, preprocessing as they were trained), not from today's YAML files.
+
+    ``registry`` points the same tasks at other data: only the tasks' data paths are read
+    from it, and its tasks must match the checkpoint's (names, labels in order, heads).
+    """
     checkpoint = load_checkpoint(checkpoint_path)
     meta = checkpoint.get("meta", {}).get("waterdrop", {})
-    registry = registry or meta.get("registry")
-    if registry is None:
-        raise ValueError(f"{checkpoint_path}: no registry recorded in the checkpoint; pass --registry")
-    cfg = load_registry(registry)
-    if meta.get("task_names") and meta["task_names"] != cfg.task_names:
-        raise ValueError(f"{checkpoint_path} was trained on tasks {meta['task_names']}, but {registry} "
-                         f"lists {cfg.task_names}")
-    net = MultiTaskNet(cfg)
+    if "config" not in meta:
+        raise ValueError(f"{checkpoint_path}: no config recorded in it (a checkpoint of waterdrop before 0.1.0's "
+                         "config snapshots, or not a waterdrop checkpoint); retrain it")
+    cfg = config_from_dict(meta["config"])
+    if registry is not None:
+        cfg = _with_data_of(cfg, load_registry(registry), checkpoint_path, registry)
+    # The checkpoint holds every weight: the pretrained file need not exist any more.
+    net = MultiTaskNet(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
     # With mean teacher the checkpoint holds student and teacher; the teacher is deployed.
     prefix = "teacher." if any(k.startswith("teacher.") for k in checkpoint["state_dict"]) else "net."
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state)
     return net.eval(), cfg, meta
+
+
+def _with_data_of(trained: RegistryConfig, other: RegistryConfig, checkpoint_path, registry) -> RegistryConfig:
+    def identity(task):
+        return task.name, task.labels, task.head_type, task.head_args
+
+    if [identity(t) for t in trained.tasks] != [identity(t) for t in other.tasks]:
+        raise ValueError(f"{checkpoint_path} was trained on tasks {trained.task_names} (labels in order, heads); "
+                         f"{registry} differs, so it cannot supply their data")
+    tasks = [dataclasses.replace(t, train=o.train, val=o.val, test=o.test, unlabeled=o.unlabeled)
+             for t, o in zip(trained.tasks, other.tasks)]
+    return dataclasses.replace(trained, tasks=tasks)
+
+
+def check_resumable(work_dir: Path, cfg: RegistryConfig) -> None:
+    """A resumed run must have the config its checkpoints were trained with."""
+    last = work_dir / "last_checkpoint"
+    if not last.is_file():
+        return
+    recorded = load_checkpoint(last.read_text().strip()).get("meta", {}).get("waterdrop", {}).get("config")
+    current = config_to_dict(cfg)
+    if recorded is None or recorded == current:
+        return
+    changed = _first_difference(recorded, current)
+    raise RunFolderError(f"{work_dir}: the config changed since this run started (first difference: {changed}); "
+                         "resume with the same registry and task files, or start a new --work-dir")
+
+
+def _first_difference(old, new, where: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                return _first_difference(a, b, f"{where}[{i}]")
+    return f"{where}: {old!r} -> {new!r}"
 
 
 def store_thresholds(checkpoint_path: str | Path, thresholds: dict) -> None:
@@ -69,8 +115,22 @@ class RunFolderError(ValueError):
     """A run folder holds something that would mix two runs."""
 
 
-def check_run_folder(work_dir: Path, resume: bool) -> None:
-    """A new run needs a folder without checkpoints; ``resume`` needs one with them."""
+def check_run_folder(work_dir: Path, resume: bool, checkpoint_bytes: int = 0) -> None:
+    """Before any training: the folder must be writable with room for the checkpoints, a
+    new run needs a folder without checkpoints, and ``resume`` needs one with them."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        probe = work_dir / f".write_probe_{os.getpid()}"  # one per rank under DDP
+        probe.write_bytes(b"waterdrop")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(f"{work_dir}: cannot write the run folder there ({err.strerror or err})") from err
+    # Best, last and the one being written, plus room for logs and plots.
+    needed = 3 * checkpoint_bytes + 50 * 2**20
+    free = shutil.disk_usage(work_dir).free
+    if free < needed:
+        raise RunFolderError(f"{work_dir}: {free / 2**20:.0f} MiB free on that disk, a run needs about "
+                             f"{needed / 2**20:.0f} MiB for its checkpoints")
     has_run = (work_dir / "last_checkpoint").is_file() or any(work_dir.glob("*.pth"))
     if has_run and not resume:
         raise RunFolderError(f"{work_dir} already holds a run (checkpoints); continue it with --resume, or give "

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import resource
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from mmengine.dist import all_gather_object, is_distributed, is_main_process
 from mmengine.hooks import Hook
@@ -26,8 +28,9 @@ def _memory() -> str:
 class WaterdropHook(Hook):
     """Prints a progress line every ``log_interval`` iterations (epoch, each loss term,
     learning rate, images/s, memory), counts undecodable images per epoch, writes
-    ``results.csv`` (one row per epoch) and ``summary.json``, and records the registry
-    in every checkpoint so eval and export can rebuild the model from it alone.
+    ``results.csv`` (one row per epoch) and ``summary.json``, and records the resolved
+    config (``config_to_dict``) in every checkpoint so eval and export rebuild the model
+    from the checkpoint alone.
 
     With ``freeze_trunk_epochs`` N, the shared trunk's weights get no gradients during the
     first N epochs (only heads and cascade networks learn, and each step is cheaper); its
@@ -37,9 +40,10 @@ class WaterdropHook(Hook):
 
     priority = "NORMAL"
 
-    def __init__(self, registry_file: Path, task_names: list[str], log_interval: int, printer=print,
-                 freeze_trunk_epochs: int = 0):
-        self.registry_file, self.task_names = str(registry_file), task_names
+    def __init__(self, config: dict, log_interval: int, printer=print, freeze_trunk_epochs: int = 0, seed: int = 0):
+        self.config = config
+        self.task_names = [task["name"] for task in config["tasks"]]
+        self.seed = seed
         self.log_interval, self._printer = log_interval, printer
         self.freeze_trunk_epochs = freeze_trunk_epochs
         self.skipped: dict[str, set[str]] = defaultdict(set)
@@ -62,6 +66,15 @@ class WaterdropHook(Hook):
                 self.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= runner.epoch]
 
     def before_train_epoch(self, runner) -> None:
+        # Augmentation draws from (seed, epoch) alone, so a resumed epoch repeats exactly:
+        # the loader's workers take their seeds from its own generator (non-persistent
+        # workers are re-seeded every epoch), and without workers the main process's.
+        epoch_seed = self.seed * 100_003 + runner.epoch
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed % 2**32)
+        generator = getattr(runner.train_dataloader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(epoch_seed)
         frozen = runner.epoch < self.freeze_trunk_epochs
         self._model(runner).net.trunk.requires_grad_(not frozen)
         if frozen and runner.epoch == 0:
@@ -111,8 +124,24 @@ class WaterdropHook(Hook):
         self._write_results(Path(runner.work_dir))
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint.setdefault("meta", {})["waterdrop"] = {
-            "registry": self.registry_file, "task_names": self.task_names, "version": __version__}
+        checkpoint.setdefault("meta", {})["waterdrop"] = {"config": self.config, "version": __version__}
+        # What a resumed run needs beyond mmengine's state: the model's random stream
+        # (dropout, cutmix) and the run's counts.
+        checkpoint["meta"]["waterdrop_resume"] = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "skipped": {task: sorted(paths) for task, paths in self.skipped.items()},
+            "nonfinite_batches": self._model(runner).nonfinite_batches}
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = checkpoint.get("meta", {}).get("waterdrop_resume")
+        if not state:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.skipped = defaultdict(set, {task: set(paths) for task, paths in state["skipped"].items()})
+        self._model(runner).nonfinite_batches = state["nonfinite_batches"]
 
     def after_train(self, runner) -> None:
         if not is_main_process():
@@ -123,6 +152,8 @@ class WaterdropHook(Hook):
             "nonfinite_batches_skipped": self._model(runner).nonfinite_batches,
             "skipped_images": {task: sorted(paths) for task, paths in self.skipped.items()},
             "skipped_image_count": sum(len(p) for p in self.skipped.values()),
+            "boxes_beyond_max_boxes": {name: dataset.boxes_left_out for name, dataset in
+                                       zip(self.task_names, runner.train_dataloader.dataset.datasets)},
             "last_epoch": self.rows[-1] if self.rows else {},
         }
         (Path(runner.work_dir) / "summary.json").write_text(json.dumps(summary, indent=2))

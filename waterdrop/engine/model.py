@@ -89,6 +89,8 @@ class WaterdropModel(BaseModel):
     def forward(self, inputs, task_index, targets=None, mode="tensor", labeled=None, inputs2=None, **unused):
         if mode == "loss":
             return self._losses(inputs, task_index, targets, labeled or {}, inputs2)
+        if not len(inputs):  # an evaluation batch whose images were all undecodable
+            return [] if mode == "predict" else {}
         outputs = self.deployed.forward_tasks(inputs, task_index)
         if mode == "predict":
             return [{"task": name, "score": s, "truth": t}

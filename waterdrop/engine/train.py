@@ -17,7 +17,7 @@ from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
 from waterdrop import __version__
-from waterdrop.config import RegistryConfig, load_registry
+from waterdrop.config import RegistryConfig, config_to_dict, load_registry
 from waterdrop.data.dataset import collate
 from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.loaders import build_datasets, eval_loader, task_streams
@@ -25,6 +25,7 @@ from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
 from waterdrop.engine.checkpoint import (
     allow_mmengine_checkpoints,
     best_checkpoint,
+    check_resumable,
     check_run_folder,
     load_net,
     store_thresholds,
@@ -48,8 +49,6 @@ def _log_details_to_file_only(logger: MMLogger) -> None:
 def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
                  launcher: str = "none", printer=print) -> Runner:
     work_dir = Path(work_dir)
-    check_run_folder(work_dir, resume)
-    work_dir.mkdir(parents=True, exist_ok=True)
     allow_mmengine_checkpoints()
     init_distributed(launcher)
     rank, world_size = get_dist_info()
@@ -57,15 +56,26 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     epochs = epochs or train.epochs
     torch.manual_seed(train.seed)
     model = WaterdropModel(cfg)
+    # A checkpoint holds the weights and two AdamW moments per parameter.
+    check_run_folder(work_dir, resume, 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+    if resume:
+        check_resumable(work_dir, cfg)
     train_set = build_datasets(cfg, model.net, "train")
+    if any(task.test is not None for task in cfg.tasks):
+        build_datasets(cfg, model.net, "test")  # a bad test split fails now, not after training
+    for task, dataset in zip(cfg.tasks, train_set.datasets):
+        if dataset.boxes_left_out and rank == 0:
+            printer(f"warning: {task.name}: {dataset.boxes_left_out} boxes in the training data are beyond "
+                    "head.detector.max_boxes per image and are not trained; raise max_boxes to use them")
     # Unlabeled images (mean teacher) neither weigh in the task sampling nor lengthen the epoch.
     labeled = [dataset.labeled_count for dataset in train_set.datasets]
     weights = task_weights(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
     batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
                                           task_streams(cfg, train_set, model.net), rank, world_size, labeled)
+    # Own generator, re-seeded every epoch by WaterdropHook; non-persistent workers so that
+    # they are re-seeded too (see "Resume" in the README).
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=train.num_workers,
-                              collate_fn=partial(collate, task_names=cfg.task_names),
-                              persistent_workers=train.num_workers > 0)
+                              collate_fn=partial(collate, task_names=cfg.task_names), generator=torch.Generator())
     amp = train.amp == "on" or (train.amp == "auto" and torch.cuda.is_available())
     optimizer = {"type": train.optimizer, "lr": train.lr, "weight_decay": train.weight_decay}
     if train.optimizer == "SGD":
@@ -77,8 +87,8 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
                            "convert_to_iter_based": True})
     if epochs > warmup:
         schedulers.append({"type": "CosineAnnealingLR", "by_epoch": True, "begin": warmup, "end": epochs,
-                           "T_max": epochs - warmup, "eta_min": train.lr * 0.01, "convert_to_iter_based": True})
-    hook = WaterdropHook(cfg.file, cfg.task_names, train.log_interval, printer, train.freeze_trunk_epochs)
+                           "T_max": epochs - warmup, "eta_min_ratio": 0.01, "convert_to_iter_based": True})
+    hook = WaterdropHook(config_to_dict(cfg), train.log_interval, printer, train.freeze_trunk_epochs, train.seed)
     kinds = {name: head.kind for name, head in model.net.heads.items()}
     runner = Runner(
         model=model,
@@ -118,6 +128,8 @@ def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:
     shutil.copy(cfg.file, config_dir / cfg.file.name)
     for task in cfg.tasks:
         shutil.copy(task.file, config_dir / "tasks" / task.file.name)
+    # Everything resolved (labels, relations, preprocessing): what the checkpoints hold too.
+    (config_dir / "resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
@@ -141,7 +153,7 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     if is_distributed():
         barrier()
     runner = build_runner(cfg, work_dir, epochs, resume, launcher, printer)
-    if rank == 0:
+    if rank == 0 and not resume:  # a resumed run keeps the record of the run it continues
         _record_run(cfg, work_dir)
     runner.train()
     if rank != 0:

@@ -27,6 +27,10 @@ def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
     scores, truth, skipped = defaultdict(list), defaultdict(list), defaultdict(set)
     raw = defaultdict(lambda: defaultdict(list))
     for batch in eval_loader(cfg, net, split):
+        for task, path in batch["skipped"]:
+            skipped[task].add(path)
+        if not len(batch["inputs"]):
+            continue
         outputs = net.forward_tasks(batch["inputs"].to(device), batch["task_index"].to(device))
         for name, (s, t) in net.scores_and_truth(outputs, batch["targets"]).items():
             scores[name].append(s)
@@ -35,8 +39,6 @@ def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
                 for key, value in net.task_predictions(name, outputs[name]).items():
                     raw[name][key].append(value.float().cpu().numpy())
                 raw[name]["target"].append(batch["targets"][name].numpy())
-        for task, path in batch["skipped"]:
-            skipped[task].add(path)
     data = {name: (np.concatenate(scores[name]), np.concatenate(truth[name])) for name in scores}
     details = {name: {k: np.concatenate(v) for k, v in values.items()} for name, values in raw.items()}
     return data, {task: sorted(paths) for task, paths in skipped.items()}, details

@@ -28,7 +28,8 @@ class Head(nn.Module):
 
     #: How evaluation and the runtime read the predictions: "binary" or "multilabel".
     kind: str = ""
-    #: True when the head trains on the manifest's boxes; it then implements ``encode_boxes``.
+    #: True when the head trains on the manifest's boxes; it then implements ``encode_boxes``
+    #: and ``boxes_beyond_limit`` (how many of an image's boxes it cannot take).
     uses_boxes: bool = False
 
     def __init__(self, in_channels: list[int], labels: list[str], negative_label: str):

@@ -90,7 +90,8 @@ class SSDHead(nn.Module):
         return torch.cat([(centre - anchors[:, :2]) / (VARIANCES[0] * anchors[:, 2:]),
                           torch.log(size / anchors[:, 2:]) / VARIANCES[1]], dim=1)
 
-    def loss(self, outputs: dict[str, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: dict[str, torch.Tensor], boxes: torch.Tensor,
+             unknown: torch.Tensor | None = None) -> torch.Tensor:
         """Per-image loss (N,): cross-entropy over positives and the hardest negatives
         (``negatives_per_positive`` per positive, at least that many per image, so images
         without objects still teach the background) plus smooth-L1 on positive offsets.
@@ -100,6 +101,9 @@ class SSDHead(nn.Module):
 
         Args:
             boxes: (N, M, 5) rows of [class, x1, y1, x2, y2] in 0..1; class -1 pads.
+            unknown: (N, C) True where a class was not annotated for that image (its tag is
+                ``missing``): its objects may be there unboxed, so background anchors are not
+                pushed away from that class (its logit is left out of their cross-entropy).
         """
         logits, deltas, anchors = outputs["det_logits"], outputs["det_deltas"], outputs["anchors"]
         anchors_xyxy = cxcywh_to_xyxy(anchors)
@@ -122,6 +126,9 @@ class SSDHead(nn.Module):
             count = int(positive.sum())
             positives += count
             ce = F.cross_entropy(logits[b], labels, reduction="none")
+            if unknown is not None and unknown[b].any():
+                masked = logits[b].masked_fill(F.pad(unknown[b], (1, 0)), float("-inf"))
+                ce = torch.where(positive, ce, F.cross_entropy(masked, labels, reduction="none"))
             negatives = max(self.negatives_per_positive * count, self.negatives_per_positive)
             negative_ce = ce.masked_fill(positive, -1.0)
             hard = negative_ce.topk(min(negatives, int((~positive).sum()))).indices

@@ -7,232 +7,33 @@ Relative data paths are resolved against the folder of ``registry.yaml``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from waterdrop.config.reader import Section, read_yaml, resolve_path
+from waterdrop.config.schema import (
+    CBAM_MODES,
+    OPTIMIZERS,
+    REPEAT_FUNCTIONS,
+    SAMPLERS,
+    SAMPLING_POLICIES,
+    TARGET_METRICS,
+    AugmentConfig,
+    CascadeConfig,
+    ConfigError,
+    DeployConfig,
+    MeanTeacherConfig,
+    ModelConfig,
+    RegistryConfig,
+    SamplerConfig,
+    TaskConfig,
+    TrainConfig,
+)
 from waterdrop.relations import RelationError, RelationGraph
 from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights, packaged_weights_file
 
-_REQUIRED = object()
 
-CBAM_MODES = ("none", "blocks", "stages")
-SAMPLING_POLICIES = ("size", "uniform", "weights")
-OPTIMIZERS = ("AdamW", "SGD")
-TARGET_METRICS = ("recall", "precision")
-SAMPLERS = ("plain", "balanced", "repeat_factor")
-REPEAT_FUNCTIONS = ("sqrt", "uniform")
-
-
-class ConfigError(ValueError):
-    """A config file holds a bad or missing value."""
-
-    def __init__(self, file: str | Path, key: str, problem: str):
-        self.file, self.key = str(file), key
-        super().__init__(f"{file}: key '{key}': {problem}")
-
-
-@dataclass
-class ModelConfig:
-    backbone: str
-    pretrained: Path | str | None  # a local file, "imagenet" (packaged weights) or None
-    cbam: str
-    task_bn_stages: list[int]
-    input_size: int
-    mean: list[float]
-    std: list[float]
-
-
-@dataclass
-class TrainConfig:
-    epochs: int
-    batch_size: int
-    num_workers: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    warmup_epochs: float
-    trunk_lr_mult: float
-    freeze_trunk_epochs: int
-    amp: str
-    sampling_policy: str
-    sampling_weights: dict[str, float]
-    seed: int
-    log_interval: int
-
-
-@dataclass
-class DeployConfig:
-    prevalence: float | None
-    target_metric: str
-    target_value: float
-    label_targets: dict[str, tuple[str, float]] = field(default_factory=dict)
-
-    def target_for(self, label: str) -> tuple[str, float]:
-        """(metric, value) for one label: its override, else the task's target."""
-        return self.label_targets.get(label, (self.target_metric, self.target_value))
-
-
-@dataclass
-class AugmentConfig:
-    crop_scale: tuple[float, float]
-    hflip: bool
-    rotation: float = 0.0
-    color: float = 0.0
-    erasing: float = 0.0
-    cutmix: float = 0.0
-
-
-@dataclass
-class SamplerConfig:
-    type: str = "plain"
-    normal_fraction: float = 0.5
-    threshold: float = 0.1
-    function: str = "sqrt"
-
-
-@dataclass
-class CascadeConfig:
-    backbone: str
-    hard_per_batch: int
-    loss_weight: float
-
-
-@dataclass
-class MeanTeacherConfig:
-    ema_decay: float
-    consistency_weight: float
-    rampup_epochs: float
-    unlabeled_fraction: float
-
-
-@dataclass
-class TaskConfig:
-    name: str
-    file: Path
-    head_type: str
-    head_args: dict[str, Any]
-    labels: list[str]
-    negative_label: str
-    train: Path
-    val: Path
-    test: Path | None
-    unlabeled: Path | None
-    sampler: SamplerConfig
-    loss_weight: float
-    deploy: DeployConfig
-    augment: AugmentConfig
-    cascade: CascadeConfig | None = None
-    mean_teacher: MeanTeacherConfig | None = None
-    relations: RelationGraph | None = None
-
-
-@dataclass
-class RegistryConfig:
-    file: Path
-    root: Path
-    demo_data: Path | None
-    model: ModelConfig
-    train: TrainConfig
-    tasks: list[TaskConfig] = field(default_factory=list)
-
-    @property
-    def task_names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-class _Section:
-    """One mapping of a YAML file, read key by key with type checks."""
-
-    def __init__(self, data: Any, file: Path, prefix: str = ""):
-        if not isinstance(data, dict):
-            raise ConfigError(file, prefix or "(top level)", f"got {_describe(data)}; expected a mapping")
-        self.data, self.file, self.prefix = data, file, prefix
-        self._read: set[str] = set()
-
-    def path(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
-        return ConfigError(self.file, self.path(key), f"got {_describe(value)}; expected {expected}")
-
-    def raw(self, key: str, default: Any = _REQUIRED) -> Any:
-        self._read.add(key)
-        if key not in self.data or self.data[key] is None and default is not _REQUIRED:
-            if default is _REQUIRED:
-                raise ConfigError(self.file, self.path(key), "missing (required)")
-            return default
-        return self.data[key]
-
-    def string(self, key: str, default: Any = _REQUIRED, choices: tuple[str, ...] = ()) -> Any:
-        value = self.raw(key, default)
-        if value is default and default is not _REQUIRED:
-            return value
-        if not isinstance(value, str) or not value:
-            raise self.fail(key, value, "a non-empty string")
-        if choices and value not in choices:
-            raise self.fail(key, value, "one of " + ", ".join(choices))
-        return value
-
-    def number(self, key: str, default: Any = _REQUIRED, kind: type = float, low: float | None = None,
-               high: float | None = None, low_open: bool = False) -> Any:
-        value = self.raw(key, default)
-        if value is default and default is not _REQUIRED:
-            return value
-        ok_types = (int,) if kind is int else (int, float)
-        if isinstance(value, bool) or not isinstance(value, ok_types):
-            raise self.fail(key, value, "an integer" if kind is int else "a number")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-            hi = "" if high is None else f"<= {high}"
-            raise self.fail(key, value, "a number " + " and ".join(p for p in (lo, hi) if p))
-        return kind(value)
-
-    def boolean(self, key: str, default: Any = _REQUIRED) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise self.fail(key, value, "true or false")
-        return value
-
-    def section(self, key: str, required: bool = False) -> _Section:
-        return _Section(self.raw(key, _REQUIRED if required else {}), self.file, self.path(key))
-
-    def optional_section(self, key: str) -> _Section | None:
-        """A mapping that switches a feature on; null or absent leaves it off."""
-        return None if self.raw(key, None) is None else self.section(key)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self._read)
-        if unknown:
-            raise ConfigError(self.file, self.path(unknown[0]),
-                              "unknown key; allowed here: " + ", ".join(sorted(self._read)))
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse one YAML file safely; a missing file or bad syntax names the file."""
-    if not path.is_file():
-        raise ConfigError(path, "(file)", "file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise ConfigError(path, "(syntax)", f"not valid YAML: {err}") from err
-
-
-def _resolve(root: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else root / path
-
-
-def _load_model(sec: _Section, root: Path) -> ModelConfig:
+def _load_model(sec: Section, root: Path) -> ModelConfig:
     stages = sec.raw("task_bn_stages", [-1])
     if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
         raise sec.fail("task_bn_stages", stages, "a list of feature-level indices such as [-1]")
@@ -248,7 +49,7 @@ def _load_model(sec: _Section, root: Path) -> ModelConfig:
             raise ConfigError(sec.file, sec.path("pretrained"), str(err)) from err
         norm_mean, norm_std = list(entry.mean), list(entry.std)
     elif pretrained is not None:
-        pretrained = _resolve(root, pretrained)
+        pretrained = resolve_path(root, pretrained)
         if not pretrained.is_file():
             raise sec.fail("pretrained", str(pretrained), f"'{IMAGENET}' (packaged weights of "
                            f"{', '.join(PACKAGED)}) or an existing local weights file (nothing is downloaded)")
@@ -272,7 +73,7 @@ def _load_model(sec: _Section, root: Path) -> ModelConfig:
     return model
 
 
-def _load_train(sec: _Section) -> TrainConfig:
+def _load_train(sec: Section) -> TrainConfig:
     opt = sec.section("optimizer")
     sampling = sec.section("task_sampling")
     weights = sampling.raw("weights", {})
@@ -304,11 +105,11 @@ def _load_train(sec: _Section) -> TrainConfig:
     return train
 
 
-def _load_labels(sec: _Section, task_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
+def _load_labels(sec: Section, task_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
     """Label names, and child -> [parent] for entries written as ``{name: x, parent: y}``."""
     value = sec.raw("labels")
     if isinstance(value, str):
-        label_file = _resolve(task_dir, value)
+        label_file = resolve_path(task_dir, value)
         if not label_file.is_file():
             raise sec.fail("labels", value, "a list of label names or an existing .txt file, one label a line")
         value = [ln.strip() for ln in label_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -330,14 +131,14 @@ def _load_labels(sec: _Section, task_dir: Path) -> tuple[list[str], dict[str, li
     return names, parents
 
 
-def _load_relations(sec: _Section, task_dir: Path, labels: list[str], parents: dict[str, list[str]]) -> RelationGraph:
+def _load_relations(sec: Section, task_dir: Path, labels: list[str], parents: dict[str, list[str]]) -> RelationGraph:
     """The task's relation graph: ``parent`` entries of ``labels`` plus the ``relations`` file."""
     implies, excludes = {k: list(v) for k, v in parents.items()}, []
     name = sec.string("relations", None)
     where: Path | str = sec.file
     if name is not None:
-        where = _resolve(task_dir, name)
-        data = _Section(read_yaml(where), where)
+        where = resolve_path(task_dir, name)
+        data = Section(read_yaml(where), where)
         raw_implies, excludes = data.raw("implies", {}), data.raw("excludes", [])
         if not isinstance(raw_implies, dict) or not all(
                 isinstance(v, list) and all(isinstance(x, str) for x in v) for v in raw_implies.values()):
@@ -353,7 +154,7 @@ def _load_relations(sec: _Section, task_dir: Path, labels: list[str], parents: d
         raise ConfigError(where, "relations" if where == sec.file else "(graph)", str(err)) from err
 
 
-def _load_target(sec: _Section, key: str) -> tuple[str, float]:
+def _load_target(sec: Section, key: str) -> tuple[str, float]:
     target = sec.section(key)
     metrics = [m for m in TARGET_METRICS if m in target.data]
     if len(metrics) != 1 or len(target.data) != 1:
@@ -361,7 +162,7 @@ def _load_target(sec: _Section, key: str) -> tuple[str, float]:
     return metrics[0], target.number(metrics[0], low=0, high=1, low_open=True)
 
 
-def _load_deploy(sec: _Section, labels: list[str]) -> DeployConfig:
+def _load_deploy(sec: Section, labels: list[str]) -> DeployConfig:
     metric, value = _load_target(sec, "target")
     overrides = sec.section("label_targets")
     label_targets = {}
@@ -379,7 +180,7 @@ def _load_deploy(sec: _Section, labels: list[str]) -> DeployConfig:
     return deploy
 
 
-def _check_head(sec: _Section, head_type: str, args: dict[str, Any]) -> None:
+def _check_head(sec: Section, head_type: str, args: dict[str, Any]) -> None:
     from waterdrop.registry import registered_heads
 
     heads = registered_heads()
@@ -392,7 +193,7 @@ def _check_head(sec: _Section, head_type: str, args: dict[str, Any]) -> None:
                               + (", ".join(accepted) or "no arguments"))
 
 
-def _load_augment(sec: _Section) -> AugmentConfig:
+def _load_augment(sec: Section) -> AugmentConfig:
     scale = sec.raw("crop_scale", [0.6, 1.0])
     if (not isinstance(scale, list) or len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale)
             or not 0 < scale[0] <= scale[1] <= 1):
@@ -409,7 +210,7 @@ def _load_augment(sec: _Section) -> AugmentConfig:
     return augment
 
 
-def _load_sampler(sec: _Section) -> SamplerConfig:
+def _load_sampler(sec: Section) -> SamplerConfig:
     if isinstance(sec.raw("sampler", "plain"), str):
         return SamplerConfig(type=sec.string("sampler", "plain", SAMPLERS))
     sampler = sec.section("sampler")
@@ -421,7 +222,7 @@ def _load_sampler(sec: _Section) -> SamplerConfig:
     return config
 
 
-def _load_cascade(sec: _Section | None) -> CascadeConfig | None:
+def _load_cascade(sec: Section | None) -> CascadeConfig | None:
     if sec is None:
         return None
     cascade = CascadeConfig(backbone=sec.string("backbone"),
@@ -431,7 +232,7 @@ def _load_cascade(sec: _Section | None) -> CascadeConfig | None:
     return cascade
 
 
-def _load_mean_teacher(sec: _Section | None) -> MeanTeacherConfig | None:
+def _load_mean_teacher(sec: Section | None) -> MeanTeacherConfig | None:
     if sec is None:
         return None
     teacher = MeanTeacherConfig(ema_decay=sec.number("ema_decay", 0.99, low=0, high=1, low_open=True),
@@ -444,7 +245,7 @@ def _load_mean_teacher(sec: _Section | None) -> MeanTeacherConfig | None:
 
 def load_task(path: Path, root: Path) -> TaskConfig:
     """Read one task YAML; data paths are resolved against ``root``."""
-    sec = _Section(read_yaml(path), path)
+    sec = Section(read_yaml(path), path)
     head = sec.section("head", required=True)
     head_type = head.string("type")
     head_args = {k: v for k, v in head.data.items() if k != "type"}
@@ -459,10 +260,10 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         head_args=head_args,
         labels=labels,
         negative_label=sec.string("negative_label", "normal"),
-        train=_resolve(root, data.string("train")),
-        val=_resolve(root, data.string("val")),
-        test=_resolve(root, test) if test else None,
-        unlabeled=_resolve(root, unlabeled) if unlabeled else None,
+        train=resolve_path(root, data.string("train")),
+        val=resolve_path(root, data.string("val")),
+        test=resolve_path(root, test) if test else None,
+        unlabeled=resolve_path(root, unlabeled) if unlabeled else None,
         sampler=_load_sampler(sec),
         loss_weight=sec.number("loss_weight", 1.0, low=0),
         deploy=_load_deploy(sec.section("deploy"), labels),
@@ -499,7 +300,7 @@ def load_registry(path: str | Path) -> RegistryConfig:
     """Read ``registry.yaml`` and every task file it lists."""
     path = Path(path).resolve()
     root = path.parent
-    sec = _Section(read_yaml(path), path)
+    sec = Section(read_yaml(path), path)
     demo = sec.string("demo_data", None)
     model = _load_model(sec.section("model", required=True), root)
     train = _load_train(sec.section("train"))
@@ -507,7 +308,7 @@ def load_registry(path: str | Path) -> RegistryConfig:
     if not isinstance(task_files, list) or not task_files or not all(isinstance(t, str) for t in task_files):
         raise sec.fail("tasks", task_files, "a non-empty list of task YAML paths")
     sec.finish()
-    tasks = [load_task(_resolve(root, t), root) for t in task_files]
+    tasks = [load_task(resolve_path(root, t), root) for t in task_files]
     names = [t.name for t in tasks]
     for task in tasks:
         if names.count(task.name) > 1:
@@ -521,5 +322,5 @@ def load_registry(path: str | Path) -> RegistryConfig:
     if len(decays) > 1:
         raise ConfigError(path, "tasks", f"mean_teacher.ema_decay differs between tasks ({sorted(decays)}); the "
                           "teacher is one copy of the shared model, so they must agree")
-    return RegistryConfig(file=path, root=root, demo_data=_resolve(root, demo) if demo else None,
+    return RegistryConfig(file=path, root=root, demo_data=resolve_path(root, demo) if demo else None,
                           model=model, train=train, tasks=tasks)

@@ -1,0 +1,75 @@
+"""A resolved config as plain data (str, numbers, lists, dicts), and back.
+
+Checkpoints store this snapshot, so eval and export rebuild exactly the model that was
+trained (labels in their order, heads and their arguments, relations, preprocessing)
+without reading the YAML files again, which may have changed since. Plain data is what
+``torch.load(weights_only=True)`` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from waterdrop.config.schema import (
+    AugmentConfig,
+    CascadeConfig,
+    DeployConfig,
+    MeanTeacherConfig,
+    ModelConfig,
+    RegistryConfig,
+    SamplerConfig,
+    TaskConfig,
+    TrainConfig,
+)
+from waterdrop.relations import RelationGraph
+from waterdrop.weights import IMAGENET
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, RelationGraph):
+        return {"implies": value.implies, "excludes": value.excludes}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: RegistryConfig) -> dict:
+    return _plain(cfg)
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _task(data: dict) -> TaskConfig:
+    deploy = dict(data["deploy"])
+    deploy["label_targets"] = {k: tuple(v) for k, v in deploy["label_targets"].items()}
+    augment = dict(data["augment"], crop_scale=tuple(data["augment"]["crop_scale"]))
+    relations = data["relations"]
+    return TaskConfig(
+        **{k: data[k] for k in ("name", "head_type", "head_args", "labels", "negative_label", "loss_weight")},
+        file=Path(data["file"]), train=Path(data["train"]), val=Path(data["val"]), test=_path(data["test"]),
+        unlabeled=_path(data["unlabeled"]), sampler=SamplerConfig(**data["sampler"]),
+        deploy=DeployConfig(**deploy), augment=AugmentConfig(**augment),
+        cascade=CascadeConfig(**data["cascade"]) if data["cascade"] else None,
+        mean_teacher=MeanTeacherConfig(**data["mean_teacher"]) if data["mean_teacher"] else None,
+        relations=None if relations is None else RelationGraph(data["labels"], relations["implies"],
+                                                               relations["excludes"]))
+
+
+def config_from_dict(data: dict) -> RegistryConfig:
+    model = dict(data["model"])
+    pretrained = model["pretrained"]
+    # "imagenet" names packaged weights; any other string was a resolved local file.
+    model["pretrained"] = pretrained if pretrained in (None, IMAGENET) else Path(pretrained)
+    return RegistryConfig(file=Path(data["file"]), root=Path(data["root"]), demo_data=_path(data["demo_data"]),
+                          model=ModelConfig(**model), train=TrainConfig(**data["train"]),
+                          tasks=[_task(t) for t in data["tasks"]])
