@@ -40,6 +40,7 @@ setup(
     packages=[
         "waterdrop",
         "waterdrop.config",
+        "waterdrop.kinds",
         "waterdrop.model",
         "waterdrop.data",
         "waterdrop.engine",

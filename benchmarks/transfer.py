@@ -94,7 +94,7 @@ def run_one(registry: dict, task: dict, folder: Path) -> dict:
     train_seconds = time.perf_counter() - start
     net, cfg, _ = load_net(best_checkpoint(folder / "run"))
     report = evaluate(net, cfg, folder / "run" / "eval")[task["name"]]
-    return {"test_ap": report["ap"], "val_ap": report["val_summary"]["ap"], "test_roc_auc": report["roc_auc"],
+    return {"test_ap": report["ap"], "val_ap": report["val_summary"]["AP"], "test_roc_auc": report["roc_auc"],
             "recall_at_threshold": report["at_threshold"]["recall"],
             "precision_at_1_100": report["deploy"]["precision"], "train_seconds": train_seconds,
             "epochs": cfg.train.epochs, "input_size": cfg.model.input_size, "backbone": cfg.model.backbone}

@@ -19,7 +19,8 @@ def _feats(n):
 def test_every_head_forward_backward_predict(name):
     head_class = registered_heads()[name]
     head = head_class(CHANNELS, LABELS, "normal")
-    names = [[], ["a"], ["b", "c"], ["c"]] if head.kind == "multilabel" else [["normal"], ["a"], ["b"], ["c"]]
+    names = {"multilabel": [[], ["a"], ["b", "c"], ["c"]], "graded": [["a"], ["b"], ["c"], ["a"]]}.get(
+        head.kind, [["normal"], ["a"], ["b"], ["c"]])
     target = torch.from_numpy(np.stack([head.encode_target(n, []) for n in names]))
     feats = _feats(len(names))
     outputs = head(feats)

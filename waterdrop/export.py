@@ -17,6 +17,7 @@ from torch import nn
 
 from waterdrop import __version__
 from waterdrop.config import RegistryConfig
+from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
 METADATA_KEY = "waterdrop"
@@ -67,7 +68,9 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
             entry["cascade"] = {"backbone": task.cascade.backbone,
                                 "rule": "decision = stage1_prob >= threshold and stage2_prob >= threshold; "
                                         "prob = min(stage1_prob, stage2_prob)"}
-        entry["threshold" if head.kind == "binary" else "thresholds"] = thresholds[task.name]
+        kind = kind_of(head.kind)
+        if kind.threshold_key:
+            entry[kind.threshold_key] = thresholds[task.name]
         if task.relations:
             entry["relations"] = task.relations.to_dict()
         if head.uses_boxes:

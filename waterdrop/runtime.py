@@ -18,50 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from waterdrop.detection import detect
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationGraph
 
 METADATA_KEY = "waterdrop"
-
-
-def _binary(task: dict, outputs: dict[str, np.ndarray], row: int, size: tuple[int, int]) -> dict:
-    score = float(outputs["prob"][row])
-    result = {"score": round(score, 6), "threshold": task["threshold"], "positive": score >= task["threshold"]}
-    if "decision" in outputs:  # cascade: the AND of both networks, decided in the graph
-        result["positive"] = bool(outputs["decision"][row])
-        result["stage_scores"] = [round(float(outputs[k][row]), 6) for k in ("stage1_prob", "stage2_prob")]
-    if "subclass_prob" in outputs:
-        probs = outputs["subclass_prob"][row]
-        result["subclass"] = task["labels"][int(np.argmax(probs))]
-        result["subclass_scores"] = {label: round(float(p), 6) for label, p in zip(task["labels"], probs)}
-    return result
-
-
-def _multilabel(task: dict, outputs: dict[str, np.ndarray], row: int, size: tuple[int, int]) -> dict:
-    """Tags at the per-label thresholds, after the relation graph; with a detector also the
-    ``objects`` after NMS, boxes in pixels of the original image (``size`` = width, height)."""
-    labels, probs = task["labels"], outputs["prob"][row]
-    scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
-    decided = probs >= np.array([task["thresholds"][label] for label in labels])
-    result = {"tags": [label for label, d in zip(labels, decided) if d], "scores": scores}
-    detector = task.get("detector")
-    if detector:
-        found = detect(outputs["det_boxes"][row], outputs["det_scores"][row], detector["score_threshold"],
-                       detector["nms_iou"])
-        scale = np.array([*size, *size], dtype=float)
-        result["objects"] = [{"label": detector["classes"][c], "score": round(score, 6),
-                              "box": [round(float(v), 1) for v in box * scale]} for c, score, box in found]
-    graph = task.get("relation_graph")
-    if graph:
-        after = graph.apply(probs[None], decided[None])[0]
-        result["tags"] = [label for label, d in zip(labels, after) if d]
-        result["added_by_relations"] = [label for label, d, a in zip(labels, decided, after) if a and not d]
-        result["removed_by_relations"] = [label for label, d, a in zip(labels, decided, after) if d and not a]
-    return result
-
-
-POSTPROCESS = {"binary": _binary, "multilabel": _multilabel}
 
 
 class Predictor:
@@ -112,7 +73,7 @@ class Predictor:
             for task in self.tasks:
                 task_outputs = {key: outputs[name] for key, name in task["outputs"].items()}
                 size = images[row].shape[1], images[row].shape[0]
-                per_task[task["name"]] = POSTPROCESS[task["kind"]](task, task_outputs, row, size)
+                per_task[task["name"]] = kind_of(task["kind"]).runtime_result(task, task_outputs, row, size)
             results.append(per_task)
         return results
 

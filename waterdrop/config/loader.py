@@ -155,6 +155,9 @@ def _load_relations(sec: Section, task_dir: Path, labels: list[str], parents: di
 
 
 def _load_target(sec: Section, key: str) -> tuple[str, float]:
+    if key not in sec.data:  # graded tasks choose no threshold; others default to recall 0.95
+        sec.raw(key, None)
+        return "recall", 0.95
     target = sec.section(key)
     metrics = [m for m in TARGET_METRICS if m in target.data]
     if len(metrics) != 1 or len(target.data) != 1:
@@ -276,15 +279,19 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         raise sec.fail("name", task.name, "letters, digits and underscores (it names ONNX outputs)")
     if task.negative_label in task.labels:
         raise sec.fail("negative_label", task.negative_label, "a name that is not also in labels")
+    from waterdrop.kinds import kind_of
     from waterdrop.registry import registered_heads
 
-    kind = registered_heads()[head_type].kind
-    if kind != "binary" and task.deploy.prevalence is not None:
-        raise ConfigError(path, "deploy.prevalence", f"is read by binary tasks only; a {kind} task chooses each "
-                          "label's threshold on validation for deploy.target; set it to null")
-    if kind == "binary" and task.deploy.label_targets:
-        raise ConfigError(path, "deploy.label_targets", "is for multi-label tasks; a binary task has one threshold, "
-                          "set by deploy.target")
+    kind = kind_of(registered_heads()[head_type].kind)
+    if not kind.uses_prevalence and task.deploy.prevalence is not None:
+        raise ConfigError(path, "deploy.prevalence", f"is read by binary tasks only; a {kind.name} task does not "
+                          "use it; set it to null")
+    if not kind.uses_label_targets and task.deploy.label_targets:
+        raise ConfigError(path, "deploy.label_targets", f"is for multi-label tasks; a {kind.name} task has no "
+                          "per-label thresholds")
+    if task.sampler.type not in kind.samplers:
+        raise ConfigError(path, "sampler.type", f"{task.sampler.type} is not for {kind.name} tasks; they take: "
+                          + ", ".join(kind.samplers))
     if task.unlabeled is not None and task.mean_teacher is None:
         raise ConfigError(path, "data.unlabeled", "unlabeled images are only used by mean_teacher; "
                           "set mean_teacher or set data.unlabeled to null")

@@ -14,7 +14,7 @@ import torch
 from mmengine.dataset import DefaultSampler
 from torch.utils.data import DataLoader
 
-from waterdrop.config import ConfigError, RegistryConfig
+from waterdrop.config import RegistryConfig
 from waterdrop.data.dataset import (
     EvalTransform,
     MultiTaskDataset,
@@ -62,14 +62,11 @@ def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTas
     streams = []
     for task, dataset in zip(cfg.tasks, train_set.datasets):
         labeled = np.arange(dataset.labeled_count)
+        # config checked that the sampler suits the task's kind
         if task.sampler.type == "balanced":
-            if net.heads[task.name].kind != "binary":
-                raise ConfigError(task.file, "sampler.type", "balanced needs a binary head (normal vs sub-classes)")
             classes = np.asarray(dataset.targets[:dataset.labeled_count], dtype=np.int64)
             labeled_stream = partial(BalancedStream, classes, task.sampler.normal_fraction)
         elif task.sampler.type == "repeat_factor":
-            if net.heads[task.name].kind != "multilabel":
-                raise ConfigError(task.file, "sampler.type", "repeat_factor needs a multi-label head")
             present = [[task.labels.index(n) for n in record.labels] for record in dataset.records[:len(labeled)]]
             factors = repeat_factors(present, len(task.labels), task.sampler.threshold, task.sampler.function)
             labeled_stream = partial(RepeatFactorStream, factors)

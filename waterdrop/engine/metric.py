@@ -1,4 +1,4 @@
-"""Validation metric for mmengine's loop: AP per binary task, mAP per multi-label task."""
+"""Validation metric for mmengine's loop: each task's kind says what it measures."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from collections import defaultdict
 import numpy as np
 from mmengine.evaluator import BaseMetric
 
-from waterdrop.evaluation.metrics import average_precision, roc_auc
+from waterdrop.kinds import kind_of
 
 
 def primary_scores(results: list[dict], kinds: dict[str, str]) -> dict[str, float]:
-    """``<task>/ap`` (binary), ``<task>/map`` (multi-label), ``<task>/roc_auc`` and ``score``,
-    the mean of the per-task AP / mAP that picks the best checkpoint."""
+    """Each kind's validation metrics as ``<task>/<metric>`` and ``score``, the mean of the
+    tasks' primary metrics (AP, mAP, boundary AP), which picks the best checkpoint."""
     grouped = defaultdict(list)
     for sample in results:
         grouped[sample["task"]].append(sample)
@@ -20,15 +20,8 @@ def primary_scores(results: list[dict], kinds: dict[str, str]) -> dict[str, floa
     for task, samples in grouped.items():
         scores = np.stack([s["score"] for s in samples])
         truth = np.stack([s["truth"] for s in samples])
-        if kinds[task] == "binary":
-            primary = average_precision(scores, truth)
-            metrics[f"{task}/ap"] = primary
-            metrics[f"{task}/roc_auc"] = roc_auc(scores, truth)
-        else:
-            aps = [average_precision(scores[truth[:, j] >= 0, j], truth[truth[:, j] >= 0, j])
-                   for j in range(truth.shape[1])]
-            primary = float(np.nanmean(aps)) if not np.isnan(aps).all() else float("nan")
-            metrics[f"{task}/map"] = primary
+        values, primary = kind_of(kinds[task]).validation_metrics(scores, truth)
+        metrics.update({f"{task}/{name}": value for name, value in values.items()})
         primaries.append(primary)
     metrics["score"] = float(np.nanmean(primaries)) if primaries else float("nan")
     return metrics

@@ -1,4 +1,4 @@
-"""Evaluate a MultiTaskNet on every task's validation set and write the report."""
+"""Evaluate a MultiTaskNet: thresholds chosen on each task's val split, the report on its test split."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from waterdrop.config import RegistryConfig
 from waterdrop.data.loaders import eval_loader
 from waterdrop.detection import detect, detection_ap
-from waterdrop.evaluation import plots
-from waterdrop.evaluation.metrics import average_precision, binary_report, multilabel_report
+from waterdrop.evaluation.metrics import average_precision
+from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -95,19 +95,21 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
     for task in cfg.tasks:
         if task.name not in val:
             raise ValueError(f"task {task.name}: no validation image could be decoded")
-        chosen = task_report(net.heads[task.name], task, *val[task.name])
+        kind = kind_of(net.heads[task.name].kind)
+        chosen = kind.report(task, *val[task.name])
         result, split = chosen, "val"
         if task.test is not None:
             if task.name not in test:
                 raise ValueError(f"task {task.name}: no test image could be decoded")
-            result = task_report(net.heads[task.name], task, *test[task.name], chosen_thresholds(chosen))
+            result = kind.report(task, *test[task.name], kind.thresholds(chosen))
             split = "test"
-            result["val_summary"] = _summary(chosen)
+            result["val_summary"] = kind.summary(chosen)
         data, split_details = (test, test_details) if split == "test" else (val, details)
         scores, truth = data[task.name]
-        _plot(out_dir, task, result, scores, truth)
+        kind.plot(out_dir, task, result, scores, truth)
         if task.name in split_details:
             result["detector"] = detector_report(net.heads[task.name], split_details[task.name], truth)
+        result["kind"] = kind.name
         result["split"] = split
         result["in_sample"] = split == "val"
         result["skipped_images"] = sorted(set(skipped.get(task.name, [])) | set(test_skipped.get(task.name, [])))
@@ -117,39 +119,9 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
     return report
 
 
-def task_report(head, task, scores: np.ndarray, truth: np.ndarray, thresholds=None) -> dict:
-    """One task's metrics; thresholds are chosen for the task's target unless given."""
-    deploy = task.deploy
-    if head.kind == "binary":
-        return binary_report(scores, truth, deploy.prevalence, deploy.target_metric, deploy.target_value, thresholds)
-    return multilabel_report(scores, truth, task.labels, deploy.target_metric, deploy.target_value,
-                             deploy.label_targets, task.relations, thresholds)
-
-
-def _summary(report: dict) -> dict:
-    """The headline figures of a report, kept next to the test report for comparison."""
-    return {"count": report["count"], "ap" if "ap" in report else "map": report.get("ap", report.get("map"))}
-
-
-def _plot(out_dir: Path, task, result: dict, scores: np.ndarray, truth: np.ndarray) -> None:
-    if "threshold" in result:
-        plots.binary_pr(out_dir / f"{task.name}_pr.png", task.name, scores, truth, task.deploy.prevalence,
-                        result["threshold"])
-        plots.confusion(out_dir / f"{task.name}_confusion.png", task.name, result["at_threshold"],
-                        result["threshold"])
-    else:
-        plots.multilabel_pr_grid(out_dir / f"{task.name}_pr.png", task.name, scores, truth, task.labels,
-                                 result["thresholds"])
-
-
-def chosen_thresholds(task_result: dict) -> float | dict[str, float]:
-    """A task's binary threshold, or its per-label thresholds."""
-    return task_result["threshold"] if "threshold" in task_result else task_result["thresholds"]
-
-
 def thresholds_of(report: dict) -> dict:
-    """Per task: the binary threshold, or the per-label thresholds."""
-    return {task: chosen_thresholds(r) for task, r in report.items()}
+    """Per task, the decision thresholds its kind chose (a number, a dict per label, or None)."""
+    return {task: kind_of(r["kind"]).thresholds(r) for task, r in report.items()}
 
 
 def format_report(report: dict) -> str:
@@ -157,40 +129,13 @@ def format_report(report: dict) -> str:
     lines = []
     for task, r in report.items():
         if r.get("split") == "test":
-            val = r["val_summary"]
+            val = ", ".join(f"{k} {v:.3f}" for k, v in r["val_summary"].items() if k != "count")
             lines.append(f"{task}: on its test split ({r['count']} images; validation picked the checkpoint and "
-                         f"the thresholds, {'AP' if 'ap' in val else 'mAP'} there "
-                         f"{val.get('ap', val.get('map')):.3f})")
+                         f"the thresholds, {val} there)")
         elif r.get("in_sample"):
             lines.append(f"{task}: IN-SAMPLE on its validation split (it also picked the checkpoint and the "
                          "thresholds; add data.test to the task YAML for an honest figure)")
-        if "ap" in r:
-            at, dep = r["at_threshold"], r["deploy"]
-            lines.append(f"{task}: AP {r['ap']:.3f}  ROC-AUC {r['roc_auc']:.3f}  threshold {r['threshold']:.3f} "
-                         f"(target {r['target']})")
-            lines.append(f"  {r.get('split', 'val')} mix ({r['positives']}/{r['count']} positive): "
-                         f"P {at['precision']:.3f}  "
-                         f"R {at['recall']:.3f}  F1 {at['f1']:.3f}")
-            if dep["prevalence"]:
-                lines.append(f"  at deploy prevalence {dep['prevalence']:g}: P {dep['precision']:.3f}  "
-                             f"R {dep['recall']:.3f}  AP {dep['ap']:.3f}")
-        else:
-            micro = r["micro"]
-            lines.append(f"{task}: mAP {r['map']:.3f}  micro P {micro['precision']:.3f}  R {micro['recall']:.3f}  "
-                         f"F1 {micro['f1']:.3f} at per-label thresholds (target {r['target']})")
-            if "micro_after_relations" in r:
-                after = r["micro_after_relations"]
-                lines.append(f"  after the relation graph: micro P {after['precision']:.3f}  R {after['recall']:.3f}  "
-                             f"F1 {after['f1']:.3f}")
-            lines.append("  AP " + "  ".join(f"{k} {v['ap']:.2f}" for k, v in r["labels"].items()))
-            if "detector" in r:
-                det = r["detector"]
-                lines.append(f"  detector mAP@0.5 {det['map50']:.3f}; tag AP with / without the detector "
-                             f"(fusion {det['fusion']}): " + "  ".join(
-                                 f"{k} {v['ap_with_detector']:.2f} / {v['ap_tag_only']:.2f}"
-                                 for k, v in det["classes"].items()))
-            if r["fallback_labels"]:
-                lines.append(f"  default threshold (too few positives): {', '.join(r['fallback_labels'])}")
+        lines += kind_of(r["kind"]).format(task, r)
         if r["skipped_images"]:
-            lines.append(f"  skipped {len(r['skipped_images'])} undecodable validation images")
+            lines.append(f"  skipped {len(r['skipped_images'])} undecodable images")
     return "\n".join(lines)

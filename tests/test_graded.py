@@ -1,0 +1,82 @@
+"""A graded quality score (ordered grades) end to end: YAML -> training -> report -> ONNX -> runtime."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import write_registry
+from waterdrop.config import ConfigError, load_registry
+from waterdrop.engine.checkpoint import best_checkpoint, load_net
+from waterdrop.engine.train import run_training
+from waterdrop.export import export_onnx
+from waterdrop.kinds.graded import spearman
+from waterdrop.registry import registered_heads
+from waterdrop.runtime import Predictor
+
+GRADES = ["blurry", "soft", "sharp"]
+
+
+def _graded_images(root, per_grade=10, seed=0):
+    """Noise textures blurred less for higher grades."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val", "test"):
+        for grade, sigma in zip(GRADES, (3.0, 1.2, 0.0)):
+            folder = root / split / grade
+            folder.mkdir(parents=True)
+            for i in range(per_grade):
+                image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+                if sigma:
+                    image = cv2.GaussianBlur(image, (0, 0), sigma)
+                cv2.imwrite(str(folder / f"{i}.png"), image)
+    return root
+
+
+def test_graded_head_orders_its_boundaries_and_checks_grades():
+    head = registered_heads()["GradedHead"]([8, 16], GRADES, "none")
+    target = torch.from_numpy(np.stack([head.encode_target([g], []) for g in GRADES]))
+    assert target.tolist() == [0, 1, 2]
+    out = head([torch.randn(3, 8, 4, 4), torch.randn(3, 16, 2, 2)])
+    assert out["logits"].shape == (3, 2) and head.loss(out, target)["loss_ordinal"].shape == (3,)
+    with pytest.raises(ValueError, match="exactly one grade per image"):
+        head.encode_target(["soft", "sharp"], [])
+    with pytest.raises(ValueError, match="at least two grades"):
+        registered_heads()["GradedHead"]([8, 16], ["only"], "none")
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([0, 1, 1])) == pytest.approx(0.866, abs=1e-3)
+
+
+def test_a_graded_task_goes_from_yaml_to_the_runtime(tmp_path, demo_root):
+    data = _graded_images(tmp_path / "sharpness")
+    registry = write_registry(tmp_path / "reg", demo_root)
+    task = {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": GRADES,
+            "data": {split: str(data / split) for split in ("train", "val", "test")}}
+    (registry.parent / "tasks" / "sharpness.yaml").write_text(yaml.safe_dump(task))
+    text = yaml.safe_load(registry.read_text())
+    text["tasks"] = ["tasks/disgusting.yaml", "tasks/sharpness.yaml"]
+    text["train"]["epochs"] = 2
+    registry.write_text(yaml.safe_dump(text))
+    report = run_training(registry, tmp_path / "run", printer=lambda *a, **k: None)["sharpness"]
+    assert report["kind"] == "graded" and report["split"] == "test" and report["count"] == 30
+    assert 0 <= report["mae"] <= 2 and 0 <= report["accuracy"] <= 1 and -1 <= report["spearman"] <= 1
+    assert set(report["boundary_ap"]) == {"above blurry", "above soft"}
+    net, cfg, meta = load_net(best_checkpoint(tmp_path / "run"))
+    assert meta["thresholds"]["sharpness"] is None
+    parity = export_onnx(net, cfg, meta["thresholds"], tmp_path / "model.onnx")
+    assert "sharpness.prob" in parity and max(parity.values()) <= 1e-4
+    result = next(Predictor(tmp_path / "model.onnx").predict_paths([data / "test" / "sharp" / "0.png"]))
+    graded = result["tasks"]["sharpness"]
+    assert graded["grade"] in GRADES and 0 <= graded["score"] <= 2 and set(graded["above"]) == {"blurry", "soft"}
+    assert "positive" in result["tasks"]["disgusting"]
+
+
+def test_graded_tasks_refuse_keys_of_other_kinds(tmp_path, demo_root):
+    registry = write_registry(tmp_path, demo_root)
+    task = {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": GRADES, "sampler": "balanced",
+            "data": {"train": "x", "val": "y"}}
+    (registry.parent / "tasks" / "sharpness.yaml").write_text(yaml.safe_dump(task))
+    text = yaml.safe_load(registry.read_text())
+    text["tasks"].append("tasks/sharpness.yaml")
+    registry.write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError, match="'sampler.type': balanced is not for graded tasks; they take: plain"):
+        load_registry(registry)

@@ -1,0 +1,70 @@
+"""The interface of a kind of task: everything that differs between binary decisions,
+multi-label tags and graded scores after the head, in one place.
+
+A head declares its ``kind`` by name; evaluation, the validation metric, export and the
+runtime ask the kind, never branch on its name. A new kind is one new module here that
+subclasses ``TaskKind`` and is decorated with ``@register_kind``. Kinds use numpy only
+(the torch-free runtime imports them); plots import matplotlib when they are drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_KINDS: dict[str, TaskKind] = {}
+
+
+def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
+    _KINDS[cls.name] = cls()
+    return cls
+
+
+def kind_of(name: str) -> TaskKind:
+    if name not in _KINDS:
+        raise ValueError(f"unknown kind of task '{name}'; known: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
+
+
+class TaskKind:
+    """One kind of task. ``scores`` and ``truth`` are what the head's ``score_and_truth``
+    returns; ``task`` is the task's ``TaskConfig``; ``entry`` its entry in the ONNX metadata."""
+
+    name: str = ""
+    #: The ONNX metadata key under which export writes the chosen thresholds (None: none).
+    threshold_key: str | None = None
+    #: Whether the task YAML's ``deploy.prevalence`` and ``deploy.label_targets`` mean anything here.
+    uses_prevalence: bool = False
+    uses_label_targets: bool = False
+    #: The per-task samplers that make sense for this kind (``plain`` always does).
+    samplers: tuple[str, ...] = ("plain",)
+
+    def validation_metrics(self, scores: np.ndarray, truth: np.ndarray) -> tuple[dict[str, float], float]:
+        """Metrics logged each epoch (short names), and the primary one (higher is better)
+        that picks the best checkpoint."""
+        raise NotImplementedError
+
+    def report(self, task, scores: np.ndarray, truth: np.ndarray, thresholds: Any = None) -> dict:
+        """The evaluation report; decision thresholds are chosen for ``task.deploy`` unless given."""
+        raise NotImplementedError
+
+    def thresholds(self, report: dict) -> Any:
+        """The decision thresholds a report chose (what export writes into the metadata)."""
+        raise NotImplementedError
+
+    def summary(self, report: dict) -> dict:
+        """Headline figures, kept next to a test report for comparison with val."""
+        raise NotImplementedError
+
+    def format(self, task_name: str, report: dict) -> list[str]:
+        """Human-readable lines of a report."""
+        raise NotImplementedError
+
+    def plot(self, out_dir: Path, task, report: dict, scores: np.ndarray, truth: np.ndarray) -> None:
+        """PNG plots of a report under ``out_dir``."""
+
+    def runtime_result(self, entry: dict, outputs: dict[str, np.ndarray], row: int, size: tuple[int, int]) -> dict:
+        """One image's decision from the model's outputs for this task (``size`` = width, height)."""
+        raise NotImplementedError
