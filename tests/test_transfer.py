@@ -13,6 +13,7 @@ from mmengine.optim import build_optim_wrapper
 
 from tests.conftest import write_registry
 from waterdrop.config import ConfigError, load_registry
+from waterdrop.engine.checkpoint import load_checkpoint
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers it)
 from waterdrop.engine.train import build_runner
@@ -104,14 +105,19 @@ def test_trunk_and_heads_get_their_own_learning_rates(registry_file):
     assert not trunk_ids & {id(p) for p in rest["params"]}
 
 
-def test_a_frozen_trunk_keeps_its_weights_while_the_heads_learn(registry_file, tmp_path):
+def test_a_frozen_trunk_keeps_its_weights_while_the_heads_learn_then_thaws(registry_file, tmp_path):
     text = yaml.safe_load(registry_file.read_text())
-    text["train"]["freeze_trunk_epochs"] = 1
+    text["train"].update(freeze_trunk_epochs=1, epochs=2)
+    text["train"]["optimizer"]["trunk_lr_mult"] = 0.5
     registry_file.write_text(yaml.safe_dump(text))
     runner = build_runner(load_registry(registry_file), tmp_path / "run", printer=lambda *a, **k: None)
     net = runner.model.net
     trunk_before = {k: v.clone() for k, v in net.trunk.named_parameters()}
     heads_before = {k: v.clone() for k, v in net.heads.named_parameters()}
     runner.train()
-    assert all(torch.equal(v, trunk_before[k]) for k, v in net.trunk.named_parameters())
-    assert any(not torch.equal(v, heads_before[k]) for k, v in net.heads.named_parameters())
+    after_first = load_checkpoint(tmp_path / "run" / "epoch_1.pth")["state_dict"]
+    assert all(torch.equal(after_first[f"net.trunk.{k}"], v) for k, v in trunk_before.items())
+    assert any(not torch.equal(after_first[f"net.heads.{k}"], v) for k, v in heads_before.items())
+    assert any(not torch.equal(v, trunk_before[k]) for k, v in net.trunk.named_parameters())  # thawed in epoch 2
+    trunk_group, head_group = runner.optim_wrapper.optimizer.param_groups
+    assert trunk_group["initial_lr"] == pytest.approx(0.5 * head_group["initial_lr"])
