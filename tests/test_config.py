@@ -48,6 +48,7 @@ def test_repository_registry_and_every_task_yaml_load():
         (lambda t: t["deploy"].update(label_targets={"insects": {"recall": 0.5}}), "task", "deploy.label_targets",
          "is for multi-label tasks"),
         (lambda t: t["data"].update(tset="x"), "task", "data.tset", "allowed here: test, train, unlabeled, val"),
+        (lambda t: t["deploy"].pop("target"), "task", "deploy.target", "missing (required)"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(registry_file, change, where, key, words):

@@ -11,6 +11,7 @@ from waterdrop.config import ConfigError, load_registry
 from waterdrop.engine.checkpoint import best_checkpoint, load_net
 from waterdrop.engine.train import run_training
 from waterdrop.export import export_onnx
+from waterdrop.kinds import kind_of
 from waterdrop.kinds.graded import spearman
 from waterdrop.registry import registered_heads
 from waterdrop.runtime import Predictor
@@ -70,6 +71,19 @@ def test_a_graded_task_goes_from_yaml_to_the_runtime(tmp_path, demo_root):
     assert "positive" in result["tasks"]["disgusting"]
 
 
+def test_graded_report_on_hand_made_scores():
+    task = type("Task", (), {"labels": GRADES})()
+    truth = np.array([0, 1, 2, 2])
+    perfect = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # P(above blurry), P(above soft)
+    report = kind_of("graded").report(task, perfect, truth)
+    assert report["mae"] == 0 and report["accuracy"] == 1 and report["spearman"] == pytest.approx(1.0)
+    assert report["boundary_ap"] == {"above blurry": 1.0, "above soft": 1.0}
+    assert report["confusion"]["rows: true grade, columns: predicted"] == [[1, 0, 0], [0, 1, 0], [0, 0, 2]]
+    reversed_scores = perfect[::-1].copy()
+    worse = kind_of("graded").report(task, reversed_scores, truth)
+    assert worse["mae"] == pytest.approx(1.5) and worse["spearman"] < 0 and worse["accuracy"] == 0
+
+
 def test_graded_tasks_refuse_keys_of_other_kinds(tmp_path, demo_root):
     registry = write_registry(tmp_path, demo_root)
     task = {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": GRADES, "sampler": "balanced",
@@ -79,4 +93,8 @@ def test_graded_tasks_refuse_keys_of_other_kinds(tmp_path, demo_root):
     text["tasks"].append("tasks/sharpness.yaml")
     registry.write_text(yaml.safe_dump(text))
     with pytest.raises(ConfigError, match="'sampler.type': balanced is not for graded tasks; they take: plain"):
+        load_registry(registry)
+    task.update(sampler="plain", deploy={"target": {"recall": 0.9}})
+    (registry.parent / "tasks" / "sharpness.yaml").write_text(yaml.safe_dump(task))
+    with pytest.raises(ConfigError, match="'deploy.target': a graded task chooses no threshold"):
         load_registry(registry)

@@ -62,13 +62,15 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
             "labels": task.labels,
             "negative_label": task.negative_label,
             "outputs": {n.split(".", 1)[1]: n for n in output_names if n.split(".", 1)[0] == task.name},
-            "deploy": {"prevalence": task.deploy.prevalence, task.deploy.target_metric: task.deploy.target_value},
         }
         if task.name in net.cascades:
             entry["cascade"] = {"backbone": task.cascade.backbone,
                                 "rule": "decision = stage1_prob >= threshold and stage2_prob >= threshold; "
                                         "prob = min(stage1_prob, stage2_prob)"}
         kind = kind_of(head.kind)
+        if kind.uses_target:
+            entry["deploy"] = {"prevalence": task.deploy.prevalence,
+                               task.deploy.target_metric: task.deploy.target_value}
         if kind.threshold_key:
             entry[kind.threshold_key] = thresholds[task.name]
         if task.relations:

@@ -86,6 +86,8 @@ def header_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
         if start[:4] == b"GIF8":
             return struct.unpack("<HH", data[6:10])
         if start[:2] == b"BM":
+            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 bitmap: 16-bit sizes
+                return struct.unpack("<HH", data[18:22])
             width, height = struct.unpack("<ii", data[18:26])
             return abs(width), abs(height)
         if start[:4] == b"RIFF" and start[8:12] == b"WEBP":

@@ -155,7 +155,7 @@ def _load_relations(sec: Section, task_dir: Path, labels: list[str], parents: di
 
 
 def _load_target(sec: Section, key: str) -> tuple[str, float]:
-    if key not in sec.data:  # graded tasks choose no threshold; others default to recall 0.95
+    if key not in sec.data:  # only kinds without thresholds (graded) may leave it out; load_task checks
         sec.raw(key, None)
         return "recall", 0.95
     target = sec.section(key)
@@ -283,6 +283,12 @@ def load_task(path: Path, root: Path) -> TaskConfig:
     from waterdrop.registry import registered_heads
 
     kind = kind_of(registered_heads()[head_type].kind)
+    target_given = "target" in (sec.data.get("deploy") or {})
+    if kind.uses_target and not target_given:
+        raise ConfigError(path, "deploy.target", "missing (required): what the threshold must reach, "
+                          "{recall: x} or {precision: x}")
+    if not kind.uses_target and target_given:
+        raise ConfigError(path, "deploy.target", f"a {kind.name} task chooses no threshold; leave it out")
     if not kind.uses_prevalence and task.deploy.prevalence is not None:
         raise ConfigError(path, "deploy.prevalence", f"is read by binary tasks only; a {kind.name} task does not "
                           "use it; set it to null")

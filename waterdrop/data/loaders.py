@@ -85,7 +85,9 @@ def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTas
 def eval_loader(cfg: RegistryConfig, net: MultiTaskNet, split: str = "val", distributed: bool = False) -> DataLoader:
     """Batches of every task's ``split`` ("val" or "test"), in a fixed order."""
     dataset = build_datasets(cfg, net, split)
-    sampler = DefaultSampler(dataset, shuffle=False) if distributed else None
+    # No padding with repeated samples: with undecodable images dropped, mmengine's trim of the
+    # gathered results would no longer remove exactly the repeats.
+    sampler = DefaultSampler(dataset, shuffle=False, round_up=False) if distributed else None
     # Its own generator: starting an epoch of it must not draw from the training's random stream.
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
                       collate_fn=partial(collate, task_names=cfg.task_names), generator=torch.Generator())

@@ -17,6 +17,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from waterdrop import __version__
+from waterdrop.evaluation.metrics import json_safe
 
 
 def _memory() -> str:
@@ -156,7 +157,7 @@ class WaterdropHook(Hook):
                                        zip(self.task_names, runner.train_dataloader.dataset.datasets)},
             "last_epoch": self.rows[-1] if self.rows else {},
         }
-        (Path(runner.work_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(runner.work_dir) / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
 
     def _write_results(self, work_dir: Path) -> None:
         if not self.rows or not is_main_process():

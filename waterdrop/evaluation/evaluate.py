@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from waterdrop.config import RegistryConfig
 from waterdrop.data.loaders import eval_loader
 from waterdrop.detection import detect, detection_ap
-from waterdrop.evaluation.metrics import average_precision
+from waterdrop.evaluation.metrics import average_precision, json_safe
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
@@ -68,17 +67,6 @@ def detector_report(head, details: dict, truth: np.ndarray) -> dict:
             "detections_per_image": float(np.mean([len(f) for f in found])), "classes": tags}
 
 
-def _clean(value):
-    """NaN -> None so the JSON stays standard."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device: str = "cpu") -> dict:
     """Write ``metrics.json``, ``thresholds.json`` and PNG plots under ``out_dir``; return the metrics.
 
@@ -114,7 +102,7 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         result["in_sample"] = split == "val"
         result["skipped_images"] = sorted(set(skipped.get(task.name, [])) | set(test_skipped.get(task.name, [])))
         report[task.name] = result
-    (out_dir / "metrics.json").write_text(json.dumps(_clean(report), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
     (out_dir / "thresholds.json").write_text(json.dumps(thresholds_of(report), indent=2))
     return report
 

@@ -8,6 +8,8 @@ at 1:200 a 1:1 validation precision of 0.94 at recall 0.98 is worth about 0.07.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from waterdrop.relations import RelationGraph
@@ -176,3 +178,14 @@ def micro_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
     recall = tp / (tp + fn) if tp + fn else 0.0
     return {"precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+
+
+def json_safe(value):
+    """NaN (a metric without positives, say) -> None, so the JSON stays standard."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -35,7 +35,9 @@ class TaskKind:
     name: str = ""
     #: The ONNX metadata key under which export writes the chosen thresholds (None: none).
     threshold_key: str | None = None
-    #: Whether the task YAML's ``deploy.prevalence`` and ``deploy.label_targets`` mean anything here.
+    #: Whether the task YAML's ``deploy.target``, ``deploy.prevalence`` and ``deploy.label_targets``
+    #: mean anything here.
+    uses_target: bool = True
     uses_prevalence: bool = False
     uses_label_targets: bool = False
     #: The per-task samplers that make sense for this kind (``plain`` always does).

@@ -37,6 +37,7 @@ def boundary_aps(scores: np.ndarray, truth: np.ndarray) -> list[float]:
 class GradedKind(TaskKind):
     name = "graded"
     threshold_key = None
+    uses_target = False
 
     def validation_metrics(self, scores, truth):
         aps = boundary_aps(scores, truth)

@@ -26,7 +26,7 @@ class Head(nn.Module):
     validate them there (raise ``ValueError`` with the argument's name).
     """
 
-    #: How evaluation and the runtime read the predictions: "binary" or "multilabel".
+    #: The kind of task (``waterdrop.kinds``): "binary", "multilabel" or "graded".
     kind: str = ""
     #: True when the head trains on the manifest's boxes; it then implements ``encode_boxes``
     #: and ``boxes_beyond_limit`` (how many of an image's boxes it cannot take).
@@ -70,7 +70,8 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def score_and_truth(self, predictions: dict[str, np.ndarray], target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ground truth for evaluation: (N,) for binary, (N, L) with -1 = unknown for multi-label."""
+        """Scores and ground truth for the task's kind: binary (N,), (N,); multi-label (N, L), (N, L)
+        with -1 = unknown; graded P(grade > k) (N, K-1), grade index (N,)."""
         raise NotImplementedError
 
     def _check_known(self, names: list[str], allowed: list[str]) -> None:
