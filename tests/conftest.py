@@ -70,16 +70,19 @@ def copy_demo(tmp_path, demo_root):
     return make
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body, CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def huge_png(path: Path, side: int = 30000) -> Path:
     """A real, complete side x side 1-bit grayscale PNG (a few hundred KB on disk; several GB
     once decoded to RGB)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     packer, row = zlib.compressobj(9), b"\0" * (1 + (side + 7) // 8)
     pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels)
+                     + png_chunk(b"IEND", b""))
     return path
 
 

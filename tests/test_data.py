@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import huge_png, write_registry
+from tests.conftest import huge_png, png_chunk, write_registry
 from waterdrop.config import load_registry
 from waterdrop.data.dataset import DataError, collate
 from waterdrop.data.loaders import build_datasets
@@ -25,10 +25,9 @@ def _jpeg(path, image):
 
 def _png_header_only(path, width, height):
     """A PNG claiming width x height whose pixel data is cut off."""
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+                     + png_chunk(b"IDAT", zlib.compress(b"\0" * 100)))
 
 
 def test_decoder_handles_every_kind_of_odd_file(tmp_path):

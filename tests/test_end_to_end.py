@@ -29,9 +29,13 @@ from waterdrop.export import export_onnx
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tool(name, *args, timeout=600):
-    done = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], capture_output=True,
+def _run_tool(name, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
+
+
+def _tool(name, *args, timeout=600):
+    done = _run_tool(name, *args, timeout=timeout)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -56,8 +60,7 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
 
     edit_task(registry_file, "disgusting", loss_weight=2.0)  # a changed config cannot continue this run
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
-                           str(work), "--epochs", "3", "--resume"], capture_output=True, text=True, timeout=300)
+    done = _run_tool("train.py", registry_file, "--work-dir", work, "--epochs", "3", "--resume", timeout=300)
     assert done.returncode == 2 and "config changed since this run started" in done.stderr
     assert "loss_weight: 1.0 -> 2.0" in done.stderr
     edit_task(registry_file, "disgusting", loss_weight=1.0)
@@ -88,15 +91,13 @@ def test_a_run_folder_never_mixes_two_runs_and_must_be_writable(registry_file, t
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 0, 20 * 2**20))
     with pytest.raises(RunFolderError, match="fresh: 20 MiB free on that disk, a run needs about 350 MiB"):
         check_run_folder(tmp_path / "fresh", resume=False, checkpoint_bytes=100 * 2**20)
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
-                           str(work)], capture_output=True, text=True, timeout=300)
+    done = _run_tool("train.py", registry_file, "--work-dir", work, timeout=300)
     assert done.returncode == 2 and "already holds a run (checkpoints); continue it with --resume" in done.stderr
 
 
 def test_train_reports_config_errors_cleanly(registry_file, tmp_path):
     registry_file.write_text(registry_file.read_text().replace("backbone: test_resnet", "backbone: 5"))
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
-                           str(tmp_path / "w")], capture_output=True, text=True, timeout=300)
+    done = _run_tool("train.py", registry_file, "--work-dir", tmp_path / "w", timeout=300)
     assert done.returncode == 2
     assert "registry.yaml: key 'model.backbone': got 5 (int); expected a non-empty string" in done.stderr
     assert "Traceback" not in done.stderr

@@ -81,13 +81,11 @@ class Predictor:
         """Files or folders (searched recursively), in order; a bad image, and a folder without
         images, yields an error entry."""
         batch_paths, batch_images = [], []
-        for path in self._expand(paths):
-            if isinstance(path, dict):
-                yield from self._flush(batch_paths, batch_images)
-                batch_paths, batch_images = [], []
-                yield path
-                continue
+        # A folder without images stands for itself, so that it gets its error entry too.
+        for path in (p for given in paths for p in list_images(given) or [Path(given)]):
             try:
+                if path.is_dir():
+                    raise ImageDecodeError(f"{path}: a folder without images")
                 batch_images.append(read_image(path))
                 batch_paths.append(path)
             except ImageDecodeError as err:
@@ -99,14 +97,6 @@ class Predictor:
                 yield from self._flush(batch_paths, batch_images)
                 batch_paths, batch_images = [], []
         yield from self._flush(batch_paths, batch_images)
-
-    @staticmethod
-    def _expand(paths: Iterable[str | Path]) -> Iterator[Path | dict]:
-        for given in paths:
-            found = list_images(given)
-            if not found:
-                yield {"image": str(given), "error": f"{given}: a folder without images"}
-            yield from found
 
     def _flush(self, paths: list, images: list) -> Iterator[dict]:
         for path, tasks in zip(paths, self.predict_images(images)):

@@ -29,6 +29,7 @@ from waterdrop.config.schema import (
     TaskConfig,
     TrainConfig,
 )
+from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationError, RelationGraph
 from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights, packaged_weights_file
 
@@ -155,9 +156,6 @@ def _load_relations(sec: Section, task_dir: Path, labels: list[str], parents: di
 
 
 def _load_target(sec: Section, key: str) -> tuple[str, float]:
-    if key not in sec.data:  # only kinds without thresholds (graded) may leave it out; load_task checks
-        sec.raw(key, None)
-        return "recall", 0.95
     target = sec.section(key)
     metrics = [m for m in TARGET_METRICS if m in target.data]
     if len(metrics) != 1 or len(target.data) != 1:
@@ -165,8 +163,17 @@ def _load_target(sec: Section, key: str) -> tuple[str, float]:
     return metrics[0], target.number(metrics[0], low=0, high=1, low_open=True)
 
 
-def _load_deploy(sec: Section, labels: list[str]) -> DeployConfig:
-    metric, value = _load_target(sec, "target")
+def _load_deploy(sec: Section, labels: list[str], kind) -> DeployConfig:
+    """``kind`` (the task's ``TaskKind``) says whether a target is required or refused."""
+    if not kind.uses_target:
+        if "target" in sec.data:
+            raise ConfigError(sec.file, sec.path("target"), f"a {kind.name} task chooses no threshold; leave it out")
+        metric, value = "recall", 0.95  # unused by kinds without thresholds
+    elif "target" not in sec.data:
+        raise ConfigError(sec.file, sec.path("target"), "missing (required): what the threshold must reach, "
+                          "{recall: x} or {precision: x}")
+    else:
+        metric, value = _load_target(sec, "target")
     overrides = sec.section("label_targets")
     label_targets = {}
     for label in overrides.data:
@@ -183,7 +190,8 @@ def _load_deploy(sec: Section, labels: list[str]) -> DeployConfig:
     return deploy
 
 
-def _check_head(sec: Section, head_type: str, args: dict[str, Any]) -> None:
+def _check_head(sec: Section, head_type: str, args: dict[str, Any]) -> type:
+    """The registered head class of ``head.type``, after checking its arguments."""
     from waterdrop.registry import registered_heads
 
     heads = registered_heads()
@@ -194,6 +202,7 @@ def _check_head(sec: Section, head_type: str, args: dict[str, Any]) -> None:
         if key not in accepted:
             raise ConfigError(sec.file, sec.path(key), f"unknown argument of {head_type}; it accepts: "
                               + (", ".join(accepted) or "no arguments"))
+    return heads[head_type]
 
 
 def _load_augment(sec: Section) -> AugmentConfig:
@@ -252,7 +261,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
     head = sec.section("head", required=True)
     head_type = head.string("type")
     head_args = {k: v for k, v in head.data.items() if k != "type"}
-    _check_head(head, head_type, head_args)
+    kind = kind_of(_check_head(head, head_type, head_args).kind)
     data = sec.section("data", required=True)
     unlabeled, test = data.string("unlabeled", None), data.string("test", None)
     labels, parents = _load_labels(sec, path.parent)
@@ -269,7 +278,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         unlabeled=resolve_path(root, unlabeled) if unlabeled else None,
         sampler=_load_sampler(sec),
         loss_weight=sec.number("loss_weight", 1.0, low=0),
-        deploy=_load_deploy(sec.section("deploy"), labels),
+        deploy=_load_deploy(sec.section("deploy"), labels, kind),
         augment=_load_augment(sec.section("augment")),
         cascade=_load_cascade(sec.optional_section("cascade")),
         mean_teacher=_load_mean_teacher(sec.optional_section("mean_teacher")),
@@ -279,16 +288,6 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         raise sec.fail("name", task.name, "letters, digits and underscores (it names ONNX outputs)")
     if task.negative_label in task.labels:
         raise sec.fail("negative_label", task.negative_label, "a name that is not also in labels")
-    from waterdrop.kinds import kind_of
-    from waterdrop.registry import registered_heads
-
-    kind = kind_of(registered_heads()[head_type].kind)
-    target_given = "target" in (sec.data.get("deploy") or {})
-    if kind.uses_target and not target_given:
-        raise ConfigError(path, "deploy.target", "missing (required): what the threshold must reach, "
-                          "{recall: x} or {precision: x}")
-    if not kind.uses_target and target_given:
-        raise ConfigError(path, "deploy.target", f"a {kind.name} task chooses no threshold; leave it out")
     if not kind.uses_prevalence and task.deploy.prevalence is not None:
         raise ConfigError(path, "deploy.prevalence", f"is read by binary tasks only; a {kind.name} task does not "
                           "use it; set it to null")

@@ -78,12 +78,18 @@ def _with_data_of(trained: RegistryConfig, other: RegistryConfig, checkpoint_pat
     return dataclasses.replace(trained, tasks=tasks)
 
 
+def last_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint mmengine saved last in a run folder (its ``last_checkpoint`` record)."""
+    record = work_dir / "last_checkpoint"
+    return Path(record.read_text().strip()) if record.is_file() else None
+
+
 def check_resumable(work_dir: Path, cfg: RegistryConfig) -> None:
     """A resumed run must have the config its checkpoints were trained with."""
-    last = work_dir / "last_checkpoint"
-    if not last.is_file():
+    last = last_checkpoint(work_dir)
+    if last is None:
         return
-    recorded = load_checkpoint(last.read_text().strip()).get("meta", {}).get("waterdrop", {}).get("config")
+    recorded = load_checkpoint(last).get("meta", {}).get("waterdrop", {}).get("config")
     current = config_to_dict(cfg)
     if recorded is None or recorded == current:
         return
@@ -131,7 +137,7 @@ def check_run_folder(work_dir: Path, resume: bool, checkpoint_bytes: int = 0) ->
     if free < needed:
         raise RunFolderError(f"{work_dir}: {free / 2**20:.0f} MiB free on that disk, a run needs about "
                              f"{needed / 2**20:.0f} MiB for its checkpoints")
-    has_run = (work_dir / "last_checkpoint").is_file() or any(work_dir.glob("*.pth"))
+    has_run = last_checkpoint(work_dir) is not None or any(work_dir.glob("*.pth"))
     if has_run and not resume:
         raise RunFolderError(f"{work_dir} already holds a run (checkpoints); continue it with --resume, or give "
                              "another --work-dir (runs are never mixed in one folder)")
@@ -153,9 +159,7 @@ def best_checkpoint(work_dir: str | Path) -> Path:
     if len(best) > 1:
         raise RunFolderError(f"{work_dir}: several best checkpoints ({', '.join(sorted(p.name for p in best))}); "
                              "they come from different runs, so pass the checkpoint file itself")
-    if best:
-        return best[0]
-    last = work_dir / "last_checkpoint"
-    if last.is_file():
-        return Path(last.read_text().strip())
-    raise FileNotFoundError(f"{work_dir}: no checkpoint found")
+    chosen = best[0] if best else last_checkpoint(work_dir)
+    if chosen is None:
+        raise FileNotFoundError(f"{work_dir}: no checkpoint found")
+    return chosen

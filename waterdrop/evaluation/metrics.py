@@ -49,18 +49,21 @@ def average_precision(scores: np.ndarray, truth: np.ndarray, neg_weight: float =
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``; tied values share their average rank."""
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
 def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
     """Probability that a random positive outscores a random negative (ties count half)."""
     positives, negatives = int((truth == 1).sum()), int((truth == 0).sum())
     if positives == 0 or negatives == 0:
         return float("nan")
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average rank within ties
-    unique, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    average = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(average, counts)
+    ranks = average_ranks(scores)
     return float((ranks[truth == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 

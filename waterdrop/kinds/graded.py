@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from waterdrop.evaluation.metrics import average_precision
+from waterdrop.evaluation.metrics import average_precision, average_ranks
 from waterdrop.kinds.base import TaskKind, register_kind
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks with ties sharing their average rank."""
-    order = np.argsort(values, kind="stable")
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat(first + (counts - 1) / 2.0, counts)
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _ranks(a) - (len(a) - 1) / 2, _ranks(b) - (len(b) - 1) / 2
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
     denominator = np.sqrt((ra**2).sum() * (rb**2).sum())
     return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
 
