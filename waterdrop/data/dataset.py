@@ -309,7 +309,7 @@ class TaskDataset(Dataset):
                 first = _channels_first(view)
             else:
                 first = self._view(image)
-            sample = {"image": first, "task": self.task_index, "target": target,
+            sample = {"image": first, "task": self.task_index, "target": target, "index": position,
                       "labeled": position < self.labeled_count, "skipped": skipped}
             if self.second_view:
                 sample["image2"] = self._view(image)
@@ -348,7 +348,9 @@ class MultiTaskDataset(Dataset):
 
 
 def collate(samples: list[dict], task_names: list[str]) -> dict:
-    """Stack a mixed batch; targets and labeled masks are grouped per task in batch order.
+    """Stack a mixed batch; targets, labeled masks and sample ids (``ids``: the position of
+    each sample in its task's dataset, which is the image actually used when a substitute
+    stood in) are grouped per task in batch order.
 
     ``inputs2`` (second views) is present when some sample has one; samples without a
     second view repeat their first. Dropped samples (``image`` None) only report their
@@ -358,18 +360,20 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     samples = [s for s in samples if s["image"] is not None]
     if not samples:
         return {"inputs": torch.zeros((0, 3, 1, 1), dtype=torch.uint8), "task_index": torch.zeros(0, dtype=torch.long),
-                "targets": {}, "labeled": {}, "skipped": skipped}
-    targets, labeled = {}, {}
+                "targets": {}, "labeled": {}, "ids": {}, "skipped": skipped}
+    targets, labeled, ids = {}, {}, {}
     for t, name in enumerate(task_names):
         rows = [s for s in samples if s["task"] == t]
         if rows:
             targets[name] = torch.from_numpy(np.stack([s["target"] for s in rows]))
             labeled[name] = torch.tensor([s.get("labeled", True) for s in rows])
+            ids[name] = torch.tensor([s["index"] for s in rows], dtype=torch.long)
     batch = {
         "inputs": torch.from_numpy(np.stack([s["image"] for s in samples])),
         "task_index": torch.tensor([s["task"] for s in samples], dtype=torch.long),
         "targets": targets,
         "labeled": labeled,
+        "ids": ids,
         "skipped": skipped,
     }
     if any("image2" in s for s in samples):

@@ -30,31 +30,41 @@ if TYPE_CHECKING:
     from waterdrop.model.multitask import MultiTaskNet
 
 
+def task_dataset(cfg: RegistryConfig, net: MultiTaskNet, t: int, split: str, augment: bool,
+                 substitute: bool = True, with_unlabeled: bool = True) -> TaskDataset:
+    """The dataset of task ``t`` for ``split``, labels checked by its head.
+
+    Args:
+        augment: the task's training augmentations (else the runtime's plain resize).
+        substitute: an undecodable image is replaced by the next readable one (else dropped;
+            see ``TaskDataset``).
+        with_unlabeled: a mean-teacher task's unlabeled images are appended, with two views.
+    """
+    task = cfg.tasks[t]
+    source = getattr(task, split)
+    head = net.heads[task.name]
+    records = read_records(source, [task.negative_label, *task.labels])
+    boxes = head.encode_boxes if head.uses_boxes else None
+    if augment:
+        teaching = with_unlabeled and task.mean_teacher is not None
+        unlabeled = read_unlabeled(task.unlabeled) if teaching and task.unlabeled else []
+        dataset = TaskDataset(t, records, head.encode_target, TrainTransform(cfg.model.input_size, task.augment),
+                              source, unlabeled, second_view=teaching, encode_boxes=boxes, substitute=substitute)
+    else:
+        dataset = TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
+                              encode_boxes=boxes, substitute=substitute)
+    # Boxes over the head's limit are not trained or scored; counted so the run can say so.
+    dataset.boxes_left_out = sum(head.boxes_beyond_limit(classes) for classes, _ in dataset.boxes)
+    return dataset
+
+
 def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiTaskDataset:
-    """One TaskDataset per task for ``split`` ("train", "val" or "test"), labels checked by each
-    head; tasks without a test split are left out of "test". Training sets of mean-teacher
-    tasks also hold the unlabeled images and give two views."""
-    datasets = []
-    for t, task in enumerate(cfg.tasks):
-        source = getattr(task, split)
-        if source is None:
-            continue
-        head = net.heads[task.name]
-        known = [task.negative_label, *task.labels]
-        records = read_records(source, known)
-        boxes = head.encode_boxes if head.uses_boxes else None
-        if split == "train":
-            teaching = task.mean_teacher is not None
-            unlabeled = read_unlabeled(task.unlabeled) if task.unlabeled else []
-            datasets.append(TaskDataset(t, records, head.encode_target,
-                                        TrainTransform(cfg.model.input_size, task.augment), source, unlabeled,
-                                        second_view=teaching, encode_boxes=boxes))
-        else:
-            datasets.append(TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
-                                        encode_boxes=boxes, substitute=False))
-        # Boxes over the head's limit are not trained or scored; counted so the run can say so.
-        datasets[-1].boxes_left_out = sum(head.boxes_beyond_limit(classes) for classes, _ in datasets[-1].boxes)
-    return MultiTaskDataset(datasets)
+    """One TaskDataset per task for ``split`` ("train", "val" or "test"); tasks without a
+    test split are left out of "test". Training sets of mean-teacher tasks also hold the
+    unlabeled images and give two views."""
+    training = split == "train"
+    return MultiTaskDataset([task_dataset(cfg, net, t, split, augment=training, substitute=training)
+                             for t, task in enumerate(cfg.tasks) if getattr(task, split) is not None])
 
 
 def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTaskNet) -> list:
