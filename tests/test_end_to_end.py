@@ -121,8 +121,10 @@ def test_nonfinite_loss_skips_the_step_and_stops_when_it_persists(registry_file)
 
 def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_root, tmp_path):
     edit_task(registry_file, "disgusting", data={"unlabeled": str(demo_root / "disgusting" / "unlabeled")},
-              mean_teacher={"rampup_epochs": 0.5}, head={"pcb": {"size": 1, "stride": 1}})
+              mean_teacher={"rampup_epochs": 0.5}, head={"pcb": {"size": 1, "stride": 1}},
+              loss_prediction={"hidden": 16})
     edit_task(registry_file, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 4},
+              loss_prediction={"levels": [-2, -1], "detach": False},
               augment={"cutmix": 0.5}, sampler={"type": "balanced", "normal_fraction": 0.67},
               data={"test": str(tmp_path / "thriller_test.jsonl")})
     lines = [json.loads(line) for line in (demo_root / "thriller" / "val.jsonl").read_text().splitlines()]
@@ -139,7 +141,8 @@ def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_
     assert "thriller: on its test split" in summary and "disgusting: IN-SAMPLE" in summary
     with open(tmp_path / "run" / "results.csv") as f:
         columns = next(csv.reader(f))
-    for term in ("disgusting.loss_consistency", "disgusting.loss_focal", "thriller.cascade_loss_focal"):
+    for term in ("disgusting.loss_consistency", "disgusting.loss_focal", "thriller.cascade_loss_focal",
+                 "disgusting.loss_lossprediction", "thriller.loss_lossprediction"):
         assert term in columns, columns
     assert 0 <= report["thriller"]["ap"] <= 1 and 0 <= report["disgusting"]["deploy"]["precision"] <= 1
     # The checkpoint stands alone: reordered labels in the live YAML change nothing.
@@ -147,12 +150,13 @@ def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_
     net, cfg, meta = load_net(best_checkpoint(tmp_path / "run"))
     assert cfg.tasks[2].labels == list(report["scene_tags"]["labels"]) and cfg.tasks[2].relations is not None
     assert cfg.tasks[0].mean_teacher is not None and cfg.tasks[1].cascade is not None
+    assert cfg.tasks[1].loss_prediction.levels == [-2, -1] and not cfg.tasks[1].loss_prediction.detach
     with pytest.raises(ValueError, match="differs"):
         load_net(best_checkpoint(tmp_path / "run"), registry_file)
     assert (tmp_path / "run" / "config" / "resolved.json").is_file()
     assert meta["thresholds"] == json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
     parity = export_onnx(net, cfg, meta["thresholds"], tmp_path / "model.onnx")
-    assert "thriller.decision" in parity and max(parity.values()) <= 1e-4
+    assert "thriller.decision" in parity and "disgusting.predicted_loss" in parity and max(parity.values()) <= 1e-4
 
 
 KILLED_RUN = """

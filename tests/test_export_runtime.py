@@ -28,9 +28,11 @@ def exported(tmp_path_factory, demo_root):
 
     folder = tmp_path_factory.mktemp("export")
     registry = write_registry(folder, demo_root)
-    # Export every deploy feature: PCB parts on disgusting, an OHEM cascade on thriller.
+    # Export every deploy feature: PCB parts on disgusting, an OHEM cascade on thriller, loss
+    # prediction on scene_tags.
     for name, change in (("disgusting", {"head": {"type": "BinaryHead", "pcb": {"size": 1, "stride": 1}}}),
-                         ("thriller", {"cascade": {"backbone": "test_resnet", "hard_per_batch": 2}})):
+                         ("thriller", {"cascade": {"backbone": "test_resnet", "hard_per_batch": 2}}),
+                         ("scene_tags", {"loss_prediction": {"hidden": 16}})):
         task_file = folder / "tasks" / f"{name}.yaml"
         task_file.write_text(yaml.safe_dump({**yaml.safe_load(task_file.read_text()), **change}))
     cfg = load_registry(registry)
@@ -45,7 +47,8 @@ def test_every_output_matches_pytorch_at_two_batch_sizes(exported):
     net, cfg, path, parity = exported
     assert set(parity) == {"disgusting.prob", "disgusting.subclass_prob", "thriller.prob", "thriller.subclass_prob",
                            "thriller.stage1_prob", "thriller.stage2_prob", "thriller.decision", "scene_tags.prob",
-                           "scene_tags.tag_prob", "scene_tags.det_boxes", "scene_tags.det_scores"}
+                           "scene_tags.tag_prob", "scene_tags.det_boxes", "scene_tags.det_scores",
+                           "scene_tags.predicted_loss"}
     assert max(parity.values()) <= 1e-4
     graph = DeployGraph(net, THRESHOLDS).eval()
     assert check_parity(path, graph, cfg.model.input_size, batch_sizes=(5,)) == pytest.approx(
@@ -78,6 +81,9 @@ def test_file_is_single_self_describing_and_batch_is_dynamic(exported):
     assert tasks["scene_tags"]["outputs"]["det_boxes"] == "scene_tags.det_boxes"
     assert tasks["scene_tags"]["detector"]["classes"] == ["glasses", "ball"]
     assert tasks["scene_tags"]["relations"]["implies"]["forest"] == ["tree"]
+    assert tasks["scene_tags"]["outputs"]["predicted_loss"] == "scene_tags.predicted_loss"
+    assert tasks["scene_tags"]["loss_prediction"]["levels"] == [1, 2, 3, 4]
+    assert "predicted_loss" not in tasks["disgusting"]["outputs"] and "loss_prediction" not in tasks["disgusting"]
     assert tasks["thriller"]["outputs"]["decision"] == "thriller.decision" and "AND" not in tasks["thriller"]["cascade"]
     assert "stage2_prob >= threshold" in tasks["thriller"]["cascade"]["rule"]
 
@@ -98,6 +104,8 @@ def test_runtime_matches_torch_on_real_images(exported, demo_root):
         thriller = result["tasks"]["thriller"]
         assert thriller["positive"] == (min(thriller["stage_scores"]) >= 0.3)
         tags = result["tasks"]["scene_tags"]
+        assert tags["predicted_loss"] == pytest.approx(float(expected["scene_tags.predicted_loss"][row]), abs=1e-4)
+        assert "predicted_loss" not in disgusting
         scores = np.array([list(tags["scores"].values())])
         after = cfg.tasks[-1].relations.apply(scores, scores >= 0.5)[0]
         assert tags["tags"] == [k for k, keep in zip(tags["scores"], after) if keep]
@@ -135,6 +143,7 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
     assert "30000 x 30000 pixels is over the limit" in lines[2]["error"]
     assert set(lines[0]["tasks"]) == {"disgusting", "thriller", "scene_tags"}
     assert isinstance(np.float64(lines[0]["tasks"]["disgusting"]["score"]), np.floating)
+    assert isinstance(lines[0]["tasks"]["scene_tags"]["predicted_loss"], float)
 
 
 def test_predict_gives_one_error_line_per_bad_file_and_goes_on(exported, tmp_path):

@@ -67,6 +67,11 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
             entry["cascade"] = {"backbone": task.cascade.backbone,
                                 "rule": "decision = stage1_prob >= threshold and stage2_prob >= threshold; "
                                         "prob = min(stage1_prob, stage2_prob)"}
+        if task.loss_prediction is not None:
+            entry["loss_prediction"] = {
+                "levels": net.loss_predictors[task.name].levels,
+                "meaning": "predicted_loss: the loss the task's head is predicted to have on the image (Yoo and "
+                           "Kweon, 2019); only its order is meaningful: label the images with the highest first"}
         kind = kind_of(head.kind)
         if kind.uses_target:
             entry["deploy"] = {"prevalence": task.deploy.prevalence,

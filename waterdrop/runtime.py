@@ -6,7 +6,8 @@
         print(result)
 
 Each result is a plain dict: ``{"image": path, "tasks": {task: {...}}}``, or
-``{"image": path, "error": why}`` for a file that cannot be decoded.
+``{"image": path, "error": why}`` for a file that cannot be decoded. A task trained with
+``loss_prediction`` also gives ``"predicted_loss"`` (a float; higher = more worth labeling).
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ class Predictor:
             for task in self.tasks:
                 task_outputs = {key: outputs[name] for key, name in task["outputs"].items()}
                 size = images[row].shape[1], images[row].shape[0]
-                per_task[task["name"]] = kind_of(task["kind"]).runtime_result(task, task_outputs, row, size)
+                result = kind_of(task["kind"]).runtime_result(task, task_outputs, row, size)
+                if "predicted_loss" in task_outputs:  # any kind of task may have a loss prediction module
+                    result["predicted_loss"] = round(float(task_outputs["predicted_loss"][row]), 6)
+                per_task[task["name"]] = result
             results.append(per_task)
         return results
 

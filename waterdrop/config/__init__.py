@@ -9,6 +9,7 @@ from waterdrop.config.schema import (
     CascadeConfig,
     ConfigError,
     DeployConfig,
+    LossPredictionConfig,
     MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
@@ -18,6 +19,8 @@ from waterdrop.config.schema import (
 )
 from waterdrop.config.snapshot import config_from_dict, config_to_dict
 
-__all__ = ["AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "MeanTeacherConfig", "ModelConfig",
-           "RegistryConfig", "SamplerConfig", "TaskConfig", "TrainConfig", "config_from_dict", "config_to_dict",
-           "load_registry", "load_task", "read_yaml"]
+__all__ = [
+    "AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "LossPredictionConfig", "MeanTeacherConfig",
+    "ModelConfig", "RegistryConfig", "SamplerConfig", "TaskConfig", "TrainConfig", "config_from_dict",
+    "config_to_dict", "load_registry", "load_task", "read_yaml",
+]

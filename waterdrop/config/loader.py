@@ -22,6 +22,7 @@ from waterdrop.config.schema import (
     CascadeConfig,
     ConfigError,
     DeployConfig,
+    LossPredictionConfig,
     MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
@@ -255,6 +256,23 @@ def _load_mean_teacher(sec: Section | None) -> MeanTeacherConfig | None:
     return teacher
 
 
+def _load_loss_prediction(sec: Section | None) -> LossPredictionConfig | None:
+    """Levels are checked against the backbone when the model is built (``MultiTaskNet``)."""
+    if sec is None:
+        return None
+    levels = sec.raw("levels", [-4, -3, -2, -1])
+    if (not isinstance(levels, list) or not levels or len(set(levels)) != len(levels)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in levels)):
+        raise sec.fail("levels", levels, "a non-empty list of distinct feature-level indices such as [-4, -3, -2, -1]")
+    config = LossPredictionConfig(levels=levels,
+                                  hidden=sec.number("hidden", 128, int, low=1, high=4096),
+                                  margin=sec.number("margin", 1.0, low=0),
+                                  loss_weight=sec.number("loss_weight", 1.0, low=0),
+                                  detach=sec.boolean("detach", True))
+    sec.finish()
+    return config
+
+
 def load_task(path: Path, root: Path) -> TaskConfig:
     """Read one task YAML; data paths are resolved against ``root``."""
     sec = Section(read_yaml(path), path)
@@ -282,6 +300,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         augment=_load_augment(sec.section("augment")),
         cascade=_load_cascade(sec.optional_section("cascade")),
         mean_teacher=_load_mean_teacher(sec.optional_section("mean_teacher")),
+        loss_prediction=_load_loss_prediction(sec.optional_section("loss_prediction")),
         relations=_load_relations(sec, path.parent, labels, parents),
     )
     if not task.name.replace("_", "").isalnum():

@@ -100,6 +100,15 @@ class MeanTeacherConfig:
 
 
 @dataclass
+class LossPredictionConfig:
+    levels: list[int]
+    hidden: int
+    margin: float
+    loss_weight: float
+    detach: bool
+
+
+@dataclass
 class TaskConfig:
     name: str
     file: Path
@@ -117,6 +126,7 @@ class TaskConfig:
     augment: AugmentConfig
     cascade: CascadeConfig | None = None
     mean_teacher: MeanTeacherConfig | None = None
+    loss_prediction: LossPredictionConfig | None = None
     relations: RelationGraph | None = None
 
 

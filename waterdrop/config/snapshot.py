@@ -16,6 +16,7 @@ from waterdrop.config.schema import (
     AugmentConfig,
     CascadeConfig,
     DeployConfig,
+    LossPredictionConfig,
     MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
@@ -61,6 +62,8 @@ def _task(data: dict) -> TaskConfig:
         deploy=DeployConfig(**deploy), augment=AugmentConfig(**augment),
         cascade=CascadeConfig(**data["cascade"]) if data["cascade"] else None,
         mean_teacher=MeanTeacherConfig(**data["mean_teacher"]) if data["mean_teacher"] else None,
+        # Absent from snapshots taken before loss prediction existed: off.
+        loss_prediction=LossPredictionConfig(**data["loss_prediction"]) if data.get("loss_prediction") else None,
         relations=None if relations is None else RelationGraph(data["labels"], relations["implies"],
                                                                relations["excludes"]))
 

@@ -12,6 +12,7 @@ from mmengine.model import BaseModel
 from waterdrop.config import ConfigError, RegistryConfig
 from waterdrop.engine.distributed import all_ranks_agree
 from waterdrop.model.head import Head
+from waterdrop.model.loss_prediction import ranking_loss
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -55,6 +56,11 @@ class WaterdropModel(BaseModel):
       the task's images, labeled and unlabeled; ``loss_consistency`` is the MSE between
       student and teacher probabilities, ramped up. Unlabeled samples are left out of the
       supervised terms. Validation, eval and export use the teacher.
+    * loss_prediction: the task's loss prediction module learns to rank the task's labeled
+      samples of the batch by the head's per-sample loss (the sum of its terms, mixed under
+      cutmix, detached), with the pairwise ranking loss over random pairs; term
+      ``loss_lossprediction``, times its ``loss_weight``. Skipped with fewer than two
+      labeled samples of the task in the batch.
 
     A batch whose loss is NaN or infinite is skipped (no optimizer step, and the buffers
     its forward pass touched, BatchNorm statistics included, are restored) and counted in
@@ -111,9 +117,13 @@ class WaterdropModel(BaseModel):
             terms = _task_terms(head, outputs[name], target, mixes.get(name))
             for term, per_sample in terms.items():
                 losses[f"{name}.{term}"] = _masked_mean(per_sample, mask) * task.loss_weight
+            sample_loss = sum(terms.values()).detach()  # what OHEM and loss prediction rank by
+            if task.loss_prediction is not None and int(mask.sum()) >= 2:
+                losses[f"{name}.loss_lossprediction"] = self._loss_prediction_loss(
+                    task, outputs[name]["predicted_loss"][mask], sample_loss[mask])
             if task.cascade is not None and mask.any():
                 rows = (task_index == t).nonzero(as_tuple=True)[0]
-                hardness = sum(terms.values()).detach().masked_fill(~mask, -math.inf)
+                hardness = sample_loss.masked_fill(~mask, -math.inf)
                 hard = hardness.topk(min(task.cascade.hard_per_batch, int(mask.sum()))).indices
                 mix = mixes.get(name)
                 second = _task_terms(self.net.cascades[name].head, self.net.run_cascade(name, images[rows[hard]]),
@@ -124,6 +134,15 @@ class WaterdropModel(BaseModel):
         if self.teacher is not None:
             losses.update(self._consistency(outputs, images if images2 is None else images2, task_index))
         return losses
+
+    @staticmethod
+    def _loss_prediction_loss(task, predicted: torch.Tensor, true_loss: torch.Tensor) -> torch.Tensor:
+        # The batch's order follows the task's sampler, which may group samples (a balanced
+        # sampler puts normal images first); random pairs avoid pairing by group.
+        # ``true_loss`` is detached: the head must not learn to make its loss easy to predict.
+        order = torch.randperm(len(predicted), device=predicted.device)
+        spec = task.loss_prediction
+        return ranking_loss(predicted[order], true_loss[order], spec.margin) * spec.loss_weight * task.loss_weight
 
     def _cutmix(self, images, task_index, targets):
         """Paste a random rectangle of another image of the same task (Yun et al., 2019)."""

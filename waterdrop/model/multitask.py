@@ -9,6 +9,7 @@ from torch import nn
 
 from waterdrop.config import ConfigError, ModelConfig, RegistryConfig
 from waterdrop.model.head import Head
+from waterdrop.model.loss_prediction import LossPredictionModule
 from waterdrop.model.task_bn import TaskRouting, branch_norms
 from waterdrop.model.trunk import Trunk
 from waterdrop.registry import registered_heads
@@ -61,7 +62,9 @@ class MultiTaskNet(nn.Module):
     * ``forward_all(images)``: every image through every task in one graph (inference and
       ONNX export); returns the deploy outputs as ``{"<task>.<key>": tensor}``.
 
-    A task with ``cascade`` in its YAML also has a ``CascadeNet`` in ``cascades``.
+    A task with ``cascade`` in its YAML also has a ``CascadeNet`` in ``cascades``; a task with
+    ``loss_prediction`` has a ``LossPredictionModule`` in ``loss_predictors``, which reads the
+    task's own features (its BN branch) and adds ``predicted_loss`` to its outputs.
     """
 
     def __init__(self, cfg: RegistryConfig):
@@ -106,6 +109,19 @@ class MultiTaskNet(nn.Module):
                     task.head_args, cascade_weights(model, task.cascade.backbone), model.cbam)
             except ValueError as err:
                 raise ConfigError(task.file, "cascade.backbone", str(err)) from err
+        self.loss_predictors = nn.ModuleDict()
+        for task in cfg.tasks:
+            if task.loss_prediction is None:
+                continue
+            spec = task.loss_prediction
+            bad = [v for v in spec.levels if not -levels <= v < levels]
+            chosen = [v % levels for v in spec.levels]
+            if bad or len(set(chosen)) != len(chosen):
+                raise ConfigError(task.file, "loss_prediction.levels",
+                                  f"got {spec.levels}; {model.backbone} has feature levels 0..{levels - 1} (or "
+                                  f"-1..-{levels}), each named once")
+            self.loss_predictors[task.name] = LossPredictionModule(self.trunk.channels, chosen, spec.hidden,
+                                                                   spec.detach)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
@@ -127,13 +143,17 @@ class MultiTaskNet(nn.Module):
                       with_cascade: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """Raw outputs per task, rows in batch order of that task's samples. A cascade
         task's outputs hold its second network's outputs under ``cascade`` (unless
-        ``with_cascade`` is False: training runs it on the hard samples only)."""
+        ``with_cascade`` is False: training runs it on the hard samples only); a task with
+        loss prediction holds its predicted loss (N,) under ``predicted_loss``."""
         feats = self.forward_features(images, task_index)
         outputs = {}
         for t, name in enumerate(self.task_names):
             rows = (task_index == t).nonzero(as_tuple=True)[0]
             if rows.numel():
-                outputs[name] = self.heads[name]([f[rows] for f in feats])
+                task_feats = [f[rows] for f in feats]
+                outputs[name] = self.heads[name](task_feats)
+                if name in self.loss_predictors:
+                    outputs[name]["predicted_loss"] = self.loss_predictors[name](task_feats)
                 if with_cascade and name in self.cascades:
                     outputs[name]["cascade"] = self.run_cascade(name, images[rows])
         return outputs
@@ -162,7 +182,8 @@ class MultiTaskNet(nn.Module):
         return arrays
 
     def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Deploy outputs of every task for every image."""
+        """Deploy outputs of every task for every image; ``<task>.predicted_loss`` (N,) for a
+        task with loss prediction."""
         feats = self.forward_features(images, None)
         results = {}
         for t, name in enumerate(self.task_names):
@@ -173,4 +194,6 @@ class MultiTaskNet(nn.Module):
                 outputs["cascade"] = self.run_cascade(name, images)
             for key, value in self.task_predictions(name, outputs).items():
                 results[f"{name}.{key}"] = value
+            if name in self.loss_predictors:
+                results[f"{name}.predicted_loss"] = self.loss_predictors[name](task_feats)
         return results
