@@ -40,6 +40,7 @@ setup(
     packages=[
         "waterdrop",
         "waterdrop.config",
+        "waterdrop.curation",
         "waterdrop.kinds",
         "waterdrop.model",
         "waterdrop.data",
