@@ -1,0 +1,214 @@
+"""One task of a trained model scoring a pool of images, for active learning
+(``waterdrop.curation.selection``).
+
+The model is an exported ONNX file, run through the torch-free runtime, or a checkpoint or run
+folder, run through the PyTorch network (no export needed; torch is imported only then). The
+pool is a folder of unlabeled images or a JSONL manifest of labeled ones (``{"image", "labels",
+"missing"}`` lines, as in tasks). Images are decoded in threads; an undecodable one is left
+out and listed with the reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+
+
+@dataclass
+class TaskInfo:
+    """What selection needs to know about one task of a trained model."""
+
+    name: str
+    kind: str  # binary | multilabel | graded
+    labels: list[str]
+    negative_label: str
+    thresholds: np.ndarray | None  # (L,) per decision column; None when none was chosen (or graded)
+    has_predicted_loss: bool
+
+
+def task_info(entry: dict, output_keys: list[str]) -> TaskInfo:
+    """From a task's entry in the ONNX metadata (or one built the same way from a checkpoint)."""
+    thresholds = None
+    if entry["kind"] == "binary" and entry.get("threshold") is not None:
+        thresholds = np.array([float(entry["threshold"])])
+    elif entry["kind"] == "multilabel" and entry.get("thresholds") is not None:
+        thresholds = np.array([float(entry["thresholds"][label]) for label in entry["labels"]])
+    return TaskInfo(
+        entry["name"],
+        entry["kind"],
+        list(entry["labels"]),
+        entry.get("negative_label", "normal"),
+        thresholds,
+        "predicted_loss" in output_keys,
+    )
+
+
+def _choose_task(names: list[str], wanted: str | None) -> str:
+    if wanted is None and len(names) == 1:
+        return names[0]
+    if wanted is None or wanted not in names:
+        raise ValueError(f"the model has tasks {', '.join(names)}; choose one with --task")
+    return wanted
+
+
+@dataclass
+class TaskScorer:
+    """One task of a trained model: ``run`` maps a float32 NCHW batch (RGB 0..255 at ``size``)
+    to that task's outputs by key (``prob``, ``predicted_loss``, ...)."""
+
+    task: TaskInfo
+    size: int
+    run: Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+def open_model(path: str | Path, task: str | None = None) -> TaskScorer:
+    """An exported ``.onnx`` file (torch-free), or a checkpoint / run folder (PyTorch)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        from waterdrop.runtime import Predictor
+
+        predictor = Predictor(path)
+        entries = {t["name"]: t for t in predictor.tasks}
+        entry = entries[_choose_task(list(entries), task)]
+        keys = [k for k in entry["outputs"] if k in ("prob", "predicted_loss")]
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+            values = predictor.session.run([entry["outputs"][k] for k in keys], {"image": batch})
+            return dict(zip(keys, values))
+
+        return TaskScorer(task_info(entry, list(entry["outputs"])), predictor.size, run)
+    from waterdrop.engine.checkpoint import best_checkpoint, load_net
+
+    net, cfg, meta = load_net(best_checkpoint(path))
+    return scorer_from_net(net, cfg, _choose_task(cfg.task_names, task), meta.get("thresholds", {}))
+
+
+def scorer_from_net(net, cfg, task: str, thresholds: dict) -> TaskScorer:
+    """A task of an in-memory ``MultiTaskNet`` (``thresholds``: per task, as eval chose them)."""
+    import torch
+
+    config = next(t for t in cfg.tasks if t.name == task)
+    kind = net.heads[task].kind
+    entry = {
+        "name": task,
+        "kind": kind,
+        "labels": config.labels,
+        "negative_label": config.negative_label,
+        "threshold" if kind == "binary" else "thresholds": thresholds.get(task),
+    }
+    net = net.eval()
+
+    @torch.no_grad()
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = net.forward_all(torch.from_numpy(batch))
+        return {
+            key.split(".", 1)[1]: value.float().numpy()
+            for key, value in outputs.items()
+            if key.split(".", 1)[0] == task
+        }
+
+    keys = ["prob"] + (["predicted_loss"] if task in net.loss_predictors else [])
+    return TaskScorer(task_info(entry, keys), cfg.model.input_size, run)
+
+
+def _truth_row(task: TaskInfo, names: list[str], missing: list[str]) -> np.ndarray:
+    known = task.labels + ([task.negative_label] if task.kind == "binary" else [])
+    for name in [*names, *missing]:
+        if name not in known:
+            raise ValueError(f"unknown label '{name}'; known labels: {', '.join(known)}")
+    if task.kind == "binary":
+        if missing or len(names) > 1:
+            raise ValueError(f"a binary task takes one label per image and no 'missing', got {names}")
+        return np.array([int(bool(names) and names[0] != task.negative_label)])
+    row = np.array([int(label in names) for label in task.labels])
+    row[[task.labels.index(name) for name in missing]] = -1
+    return row
+
+
+def read_pool(pool: str | Path, task: TaskInfo) -> tuple[list[Path], np.ndarray | None]:
+    """Image paths and, for a JSONL manifest of a binary or multi-label task, the truth (N, L)
+    1 / 0 / -1 unknown (``{"image", "labels", "missing"}`` lines, paths relative to the file,
+    as in tasks). A folder is an unlabeled pool (searched recursively): truth None."""
+    pool = Path(pool)
+    if pool.is_dir():
+        paths = list_images(pool)
+        if not paths:
+            raise ValueError(f"{pool}: no images found")
+        return paths, None
+    if not (pool.is_file() and pool.suffix == ".jsonl"):
+        raise ValueError(f"{pool}: expected a folder of images or a .jsonl manifest")
+    # Read here rather than with waterdrop.data.dataset.read_manifest: that module imports
+    # torch, and selection on an ONNX file must run with the runtime install alone.
+    paths, rows = [], []
+    with open(pool, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if not isinstance(item, dict) or not isinstance(item.get("image"), str) or "labels" not in item:
+                    raise ValueError("expected an object with 'image' and 'labels'")
+                names, missing = item["labels"], item.get("missing", [])
+                names, missing = ([v] if isinstance(v, str) else list(v) for v in (names, missing))
+                if task.kind != "graded":
+                    rows.append(_truth_row(task, names, missing))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{pool}:{lineno}: {err}") from err
+            paths.append(pool.parent / item["image"])
+    if not paths:
+        raise ValueError(f"{pool}: no images listed")
+    return paths, np.stack(rows) if rows else None
+
+
+@dataclass
+class PoolScores:
+    paths: list[Path]  # the decoded images, in pool order
+    probs: np.ndarray  # (N, L): P(positive) (L = 1), per-tag probabilities, or graded P(grade > k)
+    predicted_loss: np.ndarray | None  # (N,)
+    truth: np.ndarray | None  # (N, L) for a labeled pool
+    undecodable: list[tuple[str, str]]  # (path, why)
+
+
+def _decode(path: Path) -> np.ndarray | str:
+    try:
+        return read_image(path)
+    except ImageDecodeError as err:
+        return str(err)
+
+
+def score_pool(
+    scorer: TaskScorer, paths: list[Path], truth: np.ndarray | None = None, batch_size: int = 32, workers: int = 4
+) -> PoolScores:
+    """Run the model over the pool; images are decoded in ``workers`` threads (OpenCV releases
+    the GIL). Undecodable ones are left out of the scores and listed with the reason."""
+    kept, probs, losses, bad = [], [], [], []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            images = []
+            for offset, (path, image) in enumerate(zip(chunk, pool.map(_decode, chunk))):
+                if isinstance(image, str):
+                    bad.append((str(path), image))
+                else:
+                    images.append(image)
+                    kept.append(start + offset)
+            if images:
+                outputs = scorer.run(to_model_input(images, scorer.size))
+                probs.append(np.asarray(outputs["prob"], dtype=np.float64).reshape(len(images), -1))
+                if "predicted_loss" in outputs:
+                    losses.append(np.asarray(outputs["predicted_loss"], dtype=np.float64))
+    columns = 1 if scorer.task.thresholds is None else len(scorer.task.thresholds)
+    return PoolScores(
+        paths=[paths[i] for i in kept],
+        probs=np.concatenate(probs) if probs else np.zeros((0, columns)),
+        predicted_loss=np.concatenate(losses) if losses else (np.zeros(0) if scorer.task.has_predicted_loss else None),
+        truth=None if truth is None else truth[kept],
+        undecodable=bad,
+    )

@@ -1,0 +1,301 @@
+"""Active learning: which images to label next, or which labeled images to re-check.
+
+Strategies over one task of a trained model:
+
+* ``band`` (confidence band). On an unlabeled pool: the images whose probability lies in
+  the uncertain band [low, high] around the task's deploy threshold, closest to the
+  threshold first. Closeness is measured in log-odds, ``|logit(p) - logit(threshold)|`` (the
+  ``score`` column), so that a threshold of 0.99 gets as wide a band in confidence as one of
+  0.5. The default band holds the probabilities whose odds are within a factor of 3 of the
+  threshold's odds (threshold 0.5: [0.25, 0.75]; 0.9: [0.75, 0.964]). On labeled recalls (a
+  JSONL manifest) the hard ones instead: positives scored below ``low`` and negatives scored
+  above ``high``, the most confidently wrong (largest log-odds distance) first.
+* ``loss`` (predicted loss): the task's loss prediction module (``loss_prediction`` in the
+  task YAML) ranks the images by the loss it predicts for them, highest first.
+* ``union``: both rankings interleaved (band 1st, loss 1st, band 2nd, loss 2nd, ...), each
+  image once, cut at the budget.
+
+Multi-label tasks: every tag has its own threshold and band. An image's band score is that
+of its most uncertain tag (the in-band tag closest to its threshold), its hard score that of
+its most confidently wrong tag (tags listed as ``missing`` are left out); the ``label``
+column names that tag. Graded tasks have no threshold: only ``loss`` applies to them.
+
+The pool is scored by ``waterdrop.curation.pool_scores`` (an ONNX file through the torch-free
+runtime, or a checkpoint through PyTorch); ``select`` applies a strategy to its scores and
+``write_selection`` writes one CSV per ranking, ``selected.csv`` at the budget and a summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from waterdrop.curation.pool_scores import PoolScores, TaskInfo
+
+STRATEGIES = ("auto", "band", "loss", "union")
+BAND_ODDS = 3.0
+_EPS = 1e-6
+
+
+def logit(p: np.ndarray | float) -> np.ndarray:
+    """Log-odds, with probabilities clipped away from 0 and 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def default_band(thresholds: np.ndarray, odds: float = BAND_ODDS) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) per label: the probabilities whose odds lie within a factor ``odds`` of the threshold's."""
+    centre, width = logit(thresholds), np.log(odds)
+    return 1 / (1 + np.exp(-(centre - width))), 1 / (1 + np.exp(-(centre + width)))
+
+
+@dataclass
+class Ranking:
+    """The images of a pool in the order a strategy would have them labeled."""
+
+    strategy: str
+    order: np.ndarray  # pool indices, the most worth labeling first
+    scores: np.ndarray  # the strategy's score of each (see the module docstring), in that order
+    tags: np.ndarray  # per listed image, the index of the label that decided (-1: none)
+
+
+def _ranked(strategy: str, indices: np.ndarray, keys: np.ndarray, tags: np.ndarray, descending: bool) -> Ranking:
+    order = np.lexsort((indices, -keys if descending else keys))  # ties keep pool order
+    return Ranking(strategy, indices[order], keys[order], tags[order])
+
+
+def _distance(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    return np.abs(logit(probs) - logit(thresholds))
+
+
+def band_ranking(probs: np.ndarray, thresholds: np.ndarray, low: np.ndarray, high: np.ndarray) -> Ranking:
+    """Images with some label's probability in [low, high], the closest to its threshold first.
+
+    Args:
+        probs: (N, L) probabilities (L = 1 for a binary task).
+        thresholds, low, high: (L,) per label, or scalars.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    distance = np.where((probs >= low) & (probs <= high), _distance(probs, thresholds), np.inf)
+    tags = distance.argmin(axis=1)
+    best = distance[np.arange(len(probs)), tags]
+    keep = np.nonzero(np.isfinite(best))[0]
+    return _ranked("band", keep, best[keep], tags[keep], descending=False)
+
+
+def hard_ranking(
+    probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray, low: np.ndarray, high: np.ndarray
+) -> Ranking:
+    """Labeled images the model gets confidently wrong: a positive label scored below ``low``
+    or a negative one above ``high`` (unknown labels, -1, left out); the farthest from the
+    threshold first.
+
+    Args:
+        probs: (N, L) probabilities; truth: (N, L) 1 / 0 / -1.
+        thresholds, low, high: (L,) per label, or scalars.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    wrong = ((truth == 1) & (probs < low)) | ((truth == 0) & (probs > high))
+    distance = np.where(wrong, _distance(probs, thresholds), -np.inf)
+    tags = distance.argmax(axis=1)
+    best = distance[np.arange(len(probs)), tags]
+    keep = np.nonzero(np.isfinite(best))[0]
+    return _ranked("hard", keep, best[keep], tags[keep], descending=True)
+
+
+def loss_ranking(
+    predicted_loss: np.ndarray, probs: np.ndarray | None = None, thresholds: np.ndarray | None = None
+) -> Ranking:
+    """Every image, the highest predicted loss first; with thresholds, ``tags`` name each
+    image's label closest to its threshold (for the report)."""
+    predicted_loss = np.asarray(predicted_loss, dtype=np.float64)
+    indices = np.arange(len(predicted_loss))
+    tags = np.full(len(indices), -1)
+    if probs is not None and thresholds is not None:
+        tags = _distance(probs, thresholds).argmin(axis=1)
+    return _ranked("predicted_loss", indices, predicted_loss, tags, descending=True)
+
+
+def union_ranking(rankings: list[Ranking], budget: int) -> list[tuple[int, Ranking, int]]:
+    """The rankings interleaved, first of each, then second of each, ...; an image already
+    taken is skipped; at most ``budget`` images. Returns (pool index, the ranking it was taken
+    from, its position there)."""
+    picked, seen = [], set()
+    for position in range(max((len(r.order) for r in rankings), default=0)):
+        for ranking in rankings:
+            if position < len(ranking.order) and int(ranking.order[position]) not in seen:
+                seen.add(int(ranking.order[position]))
+                picked.append((int(ranking.order[position]), ranking, position))
+                if len(picked) == budget:
+                    return picked
+    return picked
+
+
+@dataclass
+class Selection:
+    rankings: list[Ranking]  # the band (or hard) ranking and / or the predicted-loss ranking
+    selected: list[tuple[int, Ranking, int]]  # their union at the budget (see ``union_ranking``)
+    thresholds: np.ndarray | None
+    low: np.ndarray | None
+    high: np.ndarray | None
+
+
+def resolve_strategy(strategy: str, task: TaskInfo) -> str:
+    """``auto``: the union when the model predicts losses (``loss`` alone for a graded task),
+    else the band."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        return strategy
+    if task.has_predicted_loss:
+        return "loss" if task.kind == "graded" else "union"
+    return "band"
+
+
+def select(
+    scores: PoolScores,
+    task: TaskInfo,
+    budget: int,
+    strategy: str = "auto",
+    low: float | None = None,
+    high: float | None = None,
+    threshold: float | None = None,
+) -> Selection:
+    """Rank the scored pool by ``strategy`` and take ``budget`` images.
+
+    Args:
+        scores: the pool as scored by ``pool_scores.score_pool``; with ``truth`` (a labeled
+            manifest) the band strategy lists the hard recalls instead.
+        task: the scored task.
+        budget: how many images to select.
+        strategy: ``band``, ``loss``, ``union`` or ``auto`` (see ``resolve_strategy``).
+        low, high: the band for every label; by default odds within a factor of 3 of each
+            label's threshold.
+        threshold: replaces the model's thresholds (e.g. a checkpoint that was never evaluated).
+
+    Raises:
+        ValueError: a strategy the task or the model cannot serve, or a bad band; the message
+            says what to do.
+    """
+    if budget < 1:
+        raise ValueError(f"the budget must be at least 1 image, got {budget}")
+    strategy = resolve_strategy(strategy, task)
+    columns = scores.probs.shape[1]
+    thresholds = np.full(columns, float(threshold)) if threshold is not None else task.thresholds
+    rankings, band = [], (None, None)
+    if strategy in ("band", "union"):
+        if task.kind == "graded":
+            raise ValueError(
+                f"task {task.name} is graded: it has no threshold, hence no confidence band; use "
+                "--strategy loss (the task needs loss_prediction)"
+            )
+        if thresholds is None:
+            raise ValueError(
+                f"no threshold recorded for task {task.name}; evaluate the checkpoint first "
+                "(tools/eval.py records them) or pass --threshold"
+            )
+        band = _band(thresholds, low, high)
+        if scores.truth is not None:
+            rankings.append(hard_ranking(scores.probs, scores.truth, thresholds, *band))
+        else:
+            rankings.append(band_ranking(scores.probs, thresholds, *band))
+    if strategy in ("loss", "union"):
+        if not task.has_predicted_loss:
+            raise ValueError(
+                f"the model has no {task.name}.predicted_loss output; set loss_prediction in the task "
+                f"YAML (e.g. 'loss_prediction: {{}}' in tasks/{task.name}.yaml), retrain and export "
+                "again, or use --strategy band"
+            )
+        rankings.append(
+            loss_ranking(scores.predicted_loss, scores.probs if thresholds is not None else None, thresholds)
+        )
+    return Selection(rankings, union_ranking(rankings, budget), thresholds, *band)
+
+
+def _band(thresholds: np.ndarray, low: float | None, high: float | None) -> tuple[np.ndarray, np.ndarray]:
+    default_low, default_high = default_band(thresholds)
+    for name, value in (("low", low), ("high", high)):
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"--{name} must be a probability in [0, 1], got {value}")
+    low_values = default_low if low is None else np.full_like(thresholds, low)
+    high_values = default_high if high is None else np.full_like(thresholds, high)
+    if (low_values >= high_values).any():
+        raise ValueError(
+            f"the band needs low < high, got low {low_values.round(4).tolist()} and high "
+            f"{high_values.round(4).tolist()}"
+        )
+    return low_values, high_values
+
+
+FIELDS = ["rank", "path", "score", "prob", "label", "truth", "predicted_loss"]
+
+
+def _columns(scores: PoolScores, task: TaskInfo, index: int, tag: int) -> dict:
+    """The report columns of one image; ``tag`` is the label that decided (-1: none)."""
+    column = tag if tag >= 0 else (0 if scores.probs.shape[1] == 1 else None)
+    known = column is not None and task.kind != "graded"
+    return {
+        "path": str(scores.paths[index]),
+        "prob": round(float(scores.probs[index, column]), 6) if known else "",
+        "label": task.labels[tag] if task.kind == "multilabel" and tag >= 0 else "",
+        "truth": int(scores.truth[index, column]) if known and scores.truth is not None else "",
+        "predicted_loss": "" if scores.predicted_loss is None else round(float(scores.predicted_loss[index]), 6),
+    }
+
+
+def write_selection(
+    out_dir: str | Path, scores: PoolScores, task: TaskInfo, selection: Selection, pool: str = ""
+) -> dict:
+    """Write ``<ranking>.csv`` (``band``, ``hard`` or ``predicted_loss``: the whole ranking),
+    ``selected.csv`` (the union at the budget, with the ranking each image was taken from),
+    ``undecodable.txt`` when some image could not be read, and ``summary.json``; return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for ranking in selection.rankings:
+        files.append(f"{ranking.strategy}.csv")
+        with open(out / files[-1], "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            for rank, (index, score, tag) in enumerate(zip(ranking.order, ranking.scores, ranking.tags), 1):
+                writer.writerow({"rank": rank, "score": round(float(score), 6), **_columns(scores, task, index, tag)})
+    with open(out / "selected.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["rank", "path", "picked_by", "rank_there", *FIELDS[2:]])
+        writer.writeheader()
+        for rank, (index, ranking, position) in enumerate(selection.selected, 1):
+            writer.writerow(
+                {
+                    "rank": rank,
+                    "picked_by": ranking.strategy,
+                    "rank_there": position + 1,
+                    "score": round(float(ranking.scores[position]), 6),
+                    **_columns(scores, task, index, int(ranking.tags[position])),
+                }
+            )
+    if scores.undecodable:
+        (out / "undecodable.txt").write_text("".join(f"{path}\t{why}\n" for path, why in scores.undecodable))
+
+    def listed(values):
+        return None if values is None else [round(float(v), 6) for v in values]
+
+    summary = {
+        "task": task.name,
+        "kind": task.kind,
+        "pool": pool,
+        "labeled_pool": scores.truth is not None,
+        "scored": len(scores.paths),
+        "undecodable": len(scores.undecodable),
+        "undecodable_images": [path for path, _ in scores.undecodable],
+        "thresholds": listed(selection.thresholds),
+        "band_low": listed(selection.low),
+        "band_high": listed(selection.high),
+        "rankings": {r.strategy: len(r.order) for r in selection.rankings},
+        "selected": len(selection.selected),
+        "files": files + ["selected.csv"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
