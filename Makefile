@@ -10,7 +10,7 @@ RUN := work_dirs/demo
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[train,dev]"
+	$(PY) -m pip install -q -e ".[train,dev,scan]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -52,5 +52,7 @@ setup(
     # Partner teams serving the ONNX file install the runtime alone: `pip install waterdrop`.
     # Training, evaluation and export need `pip install waterdrop[train]`.
     install_requires=RUNTIME,
-    extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "ruff>=0.6"]},
+    # `scan` (tools/scan.py): Parquet shards; Ray Data (its `data` extra brings pandas) for cluster scans.
+    extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "ruff>=0.6"],
+                    "scan": ["pyarrow==26.0.1", "ray[data]==2.60.0"]},
 )
