@@ -34,12 +34,17 @@ class Predictor:
         device: "cpu" or "cuda". With "cuda" the CUDA provider must really be used;
             a silent fall-back to CPU is an error.
         threads: intra-op threads for the CPU provider (None: onnxruntime's default).
+        session_config: extra onnxruntime session config entries, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` where other processes share the cores.
     """
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if hasattr(ort, "preload_dlls"):
@@ -66,15 +71,20 @@ class Predictor:
         """Decisions for RGB uint8 images of any size, one dict of tasks per image."""
         if not images:
             return []
-        values = self.session.run(self.output_names, {"image": to_model_input(images, self.size)})
+        return self.predict_batch(to_model_input(images, self.size), [(im.shape[1], im.shape[0]) for im in images])
+
+    def predict_batch(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict]:
+        """Decisions for a batch already preprocessed by ``to_model_input`` (float32 NCHW), so
+        that decoding can happen elsewhere (worker processes); ``sizes`` are the original
+        images' (width, height), for boxes in their pixels."""
+        values = self.session.run(self.output_names, {"image": batch})
         outputs = dict(zip(self.output_names, values))
         results = []
-        for row in range(len(images)):
+        for row in range(len(batch)):
             per_task = {}
             for task in self.tasks:
                 task_outputs = {key: outputs[name] for key, name in task["outputs"].items()}
-                size = images[row].shape[1], images[row].shape[0]
-                result = kind_of(task["kind"]).runtime_result(task, task_outputs, row, size)
+                result = kind_of(task["kind"]).runtime_result(task, task_outputs, row, sizes[row])
                 if "predicted_loss" in task_outputs:  # any kind of task may have a loss prediction module
                     result["predicted_loss"] = round(float(task_outputs["predicted_loss"][row]), 6)
                 per_task[task["name"]] = result
