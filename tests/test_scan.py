@@ -1,0 +1,238 @@
+"""Pool scanner (waterdrop.scan, tools/scan.py): sources, rows, resumption, local and Ray engines."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from tests.conftest import huge_png, write_registry
+from waterdrop.scan import RowBuilder, ScanError, read_source, scan_local
+from waterdrop.scan.sources import walk_folder
+
+REPO = Path(__file__).resolve().parents[1]
+BAD = {
+    "zero.jpg": "empty file",
+    "corrupt.jpg": "not an image",
+    "truncated.jpg": "corrupt or truncated",
+    "huge.png": "over the limit",
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny exported model: test_resnet at 64 px, the three demo tasks, loss prediction on scene_tags."""
+    from waterdrop.config import load_registry
+    from waterdrop.data.demo import generate
+    from waterdrop.export import export_onnx
+    from waterdrop.model.multitask import MultiTaskNet
+
+    folder = tmp_path_factory.mktemp("scan_model")
+    registry = write_registry(folder / "registry", generate(folder / "data", seed=0, scale=0.005))
+    task_file = folder / "registry" / "tasks" / "scene_tags.yaml"
+    task_file.write_text(yaml.safe_dump({**yaml.safe_load(task_file.read_text()), "loss_prediction": {"hidden": 16}}))
+    cfg = load_registry(registry)
+    torch.manual_seed(0)
+    thresholds = {t.name: 0.5 if t.head_type == "BinaryHead" else dict.fromkeys(t.labels, 0.3) for t in cfg.tasks}
+    export_onnx(MultiTaskNet(cfg).eval(), cfg, thresholds, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """A folder of 12 decodable images of several sizes (two sub-folders), 4 bad ones and a hidden file."""
+    folder = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        height, width = int(rng.integers(40, 200)), int(rng.integers(40, 200))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        target = folder / ("a", "b", "")[k % 3] / f"img{k:02d}{('.jpg', '.png')[k % 2]}"
+        target.parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(target), pixels)
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "corrupt.jpg").write_bytes(rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    whole = (folder / "a" / "img00.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    huge_png(folder / "huge.png")
+    (folder / ".hidden.jpg").write_bytes(whole)
+    (folder / "notes.txt").write_text("not an image suffix: not listed\n")
+    return folder
+
+
+def read_rows(out: Path) -> list[dict]:
+    return sorted(pq.read_table(out / "shards").to_pylist(), key=lambda row: row["index"])
+
+
+def assert_matches_predictor(rows: list[dict], model: Path) -> None:
+    """Every scored row holds the runtime's own result for its image (scores to 1e-5)."""
+    from waterdrop.runtime import Predictor
+
+    scored = [row for row in rows if row["error"] is None]
+    expected = {r["image"]: r["tasks"] for r in Predictor(model).predict_paths([row["path"] for row in scored])}
+    for row in scored:
+        for task, result in expected[row["path"]].items():
+            for key, value in result.items():
+                column = f"{task}.{key}"
+                if key == "threshold":
+                    assert column not in row
+                elif key == "objects":
+                    found = json.loads(row[column])
+                    assert [o["label"] for o in found] == [o["label"] for o in value]
+                    for got, want in zip(found, value):
+                        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+                        assert got["box"] == pytest.approx(want["box"], abs=1e-2)
+                elif isinstance(value, dict):
+                    assert row[column] == pytest.approx(list(value.values()), abs=1e-5), column
+                elif isinstance(value, float):
+                    assert row[column] == pytest.approx(value, abs=1e-5), column
+                else:
+                    assert row[column] == value, column
+
+
+def test_local_scan_gives_a_row_per_input_with_errors_and_the_runtime_scores(model, pool, tmp_path):
+    out = tmp_path / "scan"
+    record = scan_local(model, pool, out, batch_size=3, workers=2, threads=1, shard_size=5, progress=False)
+    rows = read_rows(out)
+    paths = list(walk_folder(pool))
+    assert [row["path"] for row in rows] == paths and [row["index"] for row in rows] == list(range(16))
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"shard-00000{k}.parquet" for k in range(4)]
+    errors = {Path(row["path"]).name: row["error"] for row in rows if row["error"]}
+    assert set(errors) == set(BAD) and all(BAD[name] in errors[name] for name in BAD)
+    assert all(row["disgusting.score"] is None and row["width"] is None for row in rows if row["error"])
+    assert_matches_predictor(rows, model)
+    assert all(isinstance(row["scene_tags.predicted_loss"], float) for row in rows if row["error"] is None)
+    assert "disgusting.predicted_loss" not in rows[0]
+    assert record["this_run"]["seen"] == 16 and record["this_run"]["scored"] == 12
+    assert record["this_run"]["errors"] == 4 and record["this_run"]["images_per_s"] > 0
+    on_disk = json.loads((out / "scan.json").read_text())
+    assert on_disk["all_shards"] == {"shards": 4, "rows": 16, "scored": 12, "errors": 4}
+    assert on_disk["status"] == "finished" and on_disk["shard_size"] == 5
+    assert on_disk["list_labels"]["scene_tags.scores"][0] == "sky"
+    metadata = json.loads(pq.read_schema(out / "shards" / "shard-000000.parquet").metadata[b"waterdrop.scan"])
+    assert metadata["tasks"]["disgusting"]["threshold"] == 0.5
+
+
+def test_a_rerun_redoes_only_the_missing_shard_and_refuses_another_spec(model, pool, tmp_path):
+    out = tmp_path / "scan"
+    scan_local(model, pool, out, batch_size=4, workers=1, threads=1, shard_size=5, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    (out / "shards" / "shard-000002.parquet").unlink()
+    (out / "shards" / ".tmp-shard-000002.parquet").write_bytes(b"half a shard from a killed scan")
+    record = scan_local(model, pool, out, batch_size=4, workers=1, threads=1, shard_size=5, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert set(after) == set(before)  # the temporary file is gone, the shard is back
+    assert {name for name in after if after[name] != before[name]} == {"shard-000002.parquet"}
+    assert record["this_run"]["shards_written"] == 1 and record["this_run"]["shards_skipped"] == 3
+    assert record["this_run"]["seen"] == 5 and record["all_shards"]["rows"] == 16
+    assert [row["index"] for row in read_rows(out)] == list(range(16))
+    with pytest.raises(ScanError, match="shard_size"):
+        scan_local(model, pool, out, workers=1, shard_size=7, progress=False)
+
+
+def test_path_list_and_manifest_sources_resolve_relative_paths(model, pool, tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    relative = os.path.relpath(pool, lists)
+    names = ["a/img00.jpg", "zero.jpg", "missing.jpg", "img02.jpg"]
+    (lists / "paths.txt").write_text(
+        f"{relative}/{names[0]}\n\n{pool / names[1]}\n{relative}/{names[2]}\n{relative}/{names[3]}\n"
+    )
+    lines = [json.dumps({"image": f"{relative}/{name}", "label": 1}) for name in names]
+    (lists / "pool.jsonl").write_text("\n".join([lines[0], lines[1], "{not json", lines[2], lines[3]]) + "\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "scan.py"),
+            str(model),
+            str(lists / "paths.txt"),
+            "--out",
+            str(tmp_path / "from_list"),
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[0])["this_run"]["errors"] == 2
+    from_list = read_rows(tmp_path / "from_list")
+    scan_local(model, lists / "pool.jsonl", tmp_path / "from_manifest", workers=1, threads=1, progress=False)
+    from_manifest = read_rows(tmp_path / "from_manifest")
+    assert [os.path.realpath(row["path"]) for row in from_list] == [str((pool / n).resolve()) for n in names]
+    assert from_manifest[2]["path"].endswith("pool.jsonl:3") and "manifest line 3" in from_manifest[2]["error"]
+    assert [row["path"] for row in from_manifest[:2] + from_manifest[3:]] == [row["path"] for row in from_list]
+    assert "cannot read" in from_list[2]["error"] and "empty file" in from_list[1]["error"]
+    assert_matches_predictor(from_list, model)
+
+
+def test_sources_refuse_an_image_and_walk_in_a_stable_order(pool):
+    with pytest.raises(ValueError, match="is an image"):
+        read_source(pool / "a" / "img00.jpg")
+    with pytest.raises(ValueError, match="no such"):
+        read_source(pool / "nowhere")
+    walked = [os.path.relpath(path, pool) for path in walk_folder(pool)]
+    assert walked[:4] == ["a/img00.jpg", "a/img03.png", "a/img06.jpg", "a/img09.png"]
+    assert ".hidden.jpg" not in walked and "notes.txt" not in walked and len(walked) == 16
+
+
+def test_row_builder_types_every_field_and_keeps_unknown_ones_as_json():
+    """A graded task and a field no kind has yet: typed columns, and JSON for the unknown one."""
+
+    class Stub:
+        size = 8
+        meta = {"input": {"size": 8}, "tasks": [{"name": "sharp", "kind": "graded"}]}
+
+        def predict_batch(self, batch, sizes):
+            result = {"grade": "good", "score": 1.5, "above": {"bad": 0.9, "good": 0.6}, "novel": {"x": [1]}}
+            return [{"sharp": dict(result)} for _ in sizes]
+
+    builder = RowBuilder(Stub())
+    image = np.zeros((8, 8, 3), np.uint8)
+    rows = builder.rows([0, 1], ["a.jpg", "b.jpg"], [(image, (20, 10), None), (None, None, "b.jpg: empty file")])
+    table = builder.table(rows)
+    assert table.column_names[5:] == ["sharp.grade", "sharp.score", "sharp.above", "sharp.novel"]
+    first, second = table.to_pylist()
+    assert first["sharp.above"] == pytest.approx([0.9, 0.6]) and json.loads(first["sharp.novel"]) == {"x": [1]}
+    assert (first["width"], first["height"]) == (20, 10) and second["sharp.grade"] is None
+    assert builder.labels == {"sharp.above": ["bad", "good"]}
+
+
+def test_scan_package_imports_neither_torch_nor_ray():
+    code = "import sys, waterdrop.scan; assert not {'torch', 'ray'} & set(sys.modules), 'imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path):
+    ray = pytest.importorskip("ray")
+    from waterdrop.scan import scan_ray
+
+    scan_local(model, pool, tmp_path / "local", batch_size=4, workers=1, threads=1, shard_size=6, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        record = scan_ray(model, pool, tmp_path / "ray", batch_size=4, shard_size=6, window=12, progress=False)
+    finally:
+        ray.shutdown()
+    assert record["settings"]["actors"] == 2 and record["this_run"]["shards_written"] == 3
+    local, distributed = read_rows(tmp_path / "local"), read_rows(tmp_path / "ray")
+    assert sorted(p.name for p in (tmp_path / "ray" / "shards").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local" / "shards").iterdir()
+    )
+    assert [(r["path"], r["error"]) for r in distributed] == [(r["path"], r["error"]) for r in local]
+    for got, want in zip(distributed, local):
+        for column, value in want.items():
+            if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
+                assert got[column] == pytest.approx(value, abs=1e-5), column
+            elif column != "scene_tags.objects":
+                assert got[column] == value, column

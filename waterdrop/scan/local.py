@@ -1,0 +1,112 @@
+"""The local engine: decode in worker processes, one onnxruntime session in this process.
+
+Worker processes read, decode and resize batches of paths (``decode_for_model``: the
+runtime's own preprocessing) and send back uint8 images at the model's size, a third of
+the bytes of the float32 tensor. At most ``2 * workers + 2`` batches are in flight, so
+memory stays bounded however large the pool; batches come back in submission order, so a
+shard's rows are in input order. The main process stacks each batch, runs the session
+and writes a shard when its last batch is scored.
+
+The onnxruntime session gets ``threads`` intra-op threads, set explicitly (onnxruntime
+sizes its pool from the machine's cores, not from cgroup limits), and its threads do not
+spin while waiting: here they share the cores with the decoders, and spinning threads
+would take CPU time from them. Workers are started with ``spawn``: forking a process that
+already runs onnxruntime's and OpenCV's thread pools is unsafe.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+from waterdrop.runtime import Predictor
+from waterdrop.scan.rows import Decoded, RowBuilder, decode_for_model
+from waterdrop.scan.sources import Entry, read_source, shards
+from waterdrop.scan.store import Meter, ShardStore, scan_spec
+
+#: Session config entries for a session that shares its cores with decoding processes.
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity, e.g. ``taskset`` or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _start_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own pool would oversubscribe
+
+
+def _decode_batch(items: list[tuple[str, str | None]], size: int) -> list[Decoded]:
+    return [decode_for_model(path, size, problem) for path, problem in items]
+
+
+def scan_local(
+    model: str | Path,
+    source: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    threads: int | None = None,
+    shard_size: int = 10_000,
+    progress: bool = True,
+) -> dict:
+    """Scan SOURCE with MODEL into OUT (Parquet shards + scan.json), resuming a killed scan.
+
+    Args:
+        model: the exported .onnx file.
+        source: a folder, a .jsonl manifest or a text file of paths (see ``read_source``).
+        out: the output folder.
+        batch_size: images per onnxruntime run.
+        workers: decoding processes (default: the CPUs this process may use).
+        threads: onnxruntime intra-op threads (default: the same).
+        shard_size: inputs per shard file; fixed for the life of an output folder.
+        progress: show a progress line with images/s.
+
+    Returns:
+        The scan.json record (``this_run`` has seen, scored, errors, seconds, images_per_s).
+    """
+    workers = workers or available_cpus()
+    threads = threads or available_cpus()
+    predictor = Predictor(model, threads=threads, session_config=NO_SPINNING)
+    builder = RowBuilder(predictor)
+    store = ShardStore(out, scan_spec(model, source, shard_size))
+    meter = Meter(progress)
+    pending: deque[tuple[int, list[Entry], int, bool, Future]] = deque()
+    shard_rows: list[dict] = []
+
+    def finish_oldest() -> None:
+        shard, batch, start, last, future = pending.popleft()
+        decoded = future.result()
+        shard_rows.extend(builder.rows(range(start, start + len(batch)), [e.path for e in batch], decoded))
+        meter.tick(len(batch))
+        if last:
+            table = builder.table(shard_rows)
+            store.write(shard, table)
+            meter.add(table)
+            shard_rows.clear()
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
+        for shard, entries in shards(read_source(source), shard_size):
+            if store.is_done(shard, entries):
+                meter.skip()
+                continue
+            for offset in range(0, len(entries), batch_size):
+                batch = entries[offset : offset + batch_size]
+                items = [(entry.path, entry.problem) for entry in batch]
+                future = pool.submit(_decode_batch, items, predictor.size)
+                last = offset + batch_size >= len(entries)
+                pending.append((shard, batch, shard * shard_size + offset, last, future))
+                while len(pending) > 2 * workers + 2:
+                    finish_oldest()
+        while pending:
+            finish_oldest()
+    settings = {"engine": "local", "batch_size": batch_size, "workers": workers, "threads": threads}
+    return store.finish(meter.close(), settings, builder.metadata)

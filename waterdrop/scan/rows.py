@@ -1,0 +1,157 @@
+"""From a path to a Parquet row: decoding for the model, and the row builder (columns, Arrow schema).
+
+Columns, one row per input (documented in the README's pool-scan section):
+
+- ``index`` (int64): position of the input in the source's order; ``path`` (string): the
+  file as opened; ``width``, ``height`` (int32): the original image's size; ``error``
+  (string): why the image was not scored, null when it was.
+- ``<task>.<field>`` for every field of the runtime's result for that task
+  (``Predictor.predict_paths`` gives the same values as JSON), null on error rows:
+  ``score`` and ``predicted_loss`` (float32), ``positive`` (bool), ``subclass`` and
+  ``grade`` (string), ``tags`` and ``added_by_relations`` / ``removed_by_relations``
+  (list of strings), ``stage_scores`` (list of float32). Per-label scores
+  (``scores``, ``subclass_scores``, ``above``) are lists of float32 in label order; the
+  labels are in the Parquet metadata and in scan.json. Detector ``objects`` (a list of
+  records) is a JSON string. A field not listed in ``FIELD_TYPES`` (a future kind's) is a
+  JSON string too, so a new field never breaks a scan. The task's ``threshold`` is the
+  same for every image: it is in the metadata, not in the rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from waterdrop.imageio import ImageDecodeError, read_image, resize, to_model_input
+from waterdrop.runtime import Predictor
+
+SCAN_METADATA_KEY = b"waterdrop.scan"
+
+_SCORES = pa.list_(pa.float32())
+#: Arrow type of each field of a task's runtime result. Keyed by field, not by kind: the
+#: kinds share names (``score`` is binary's probability and graded's expected grade).
+FIELD_TYPES: dict[str, pa.DataType] = {
+    "score": pa.float32(),
+    "positive": pa.bool_(),
+    "stage_scores": _SCORES,
+    "subclass": pa.string(),
+    "subclass_scores": _SCORES,
+    "tags": pa.list_(pa.string()),
+    "scores": _SCORES,
+    "added_by_relations": pa.list_(pa.string()),
+    "removed_by_relations": pa.list_(pa.string()),
+    "grade": pa.string(),
+    "above": _SCORES,
+    "predicted_loss": pa.float32(),
+}
+#: Fields that are the same on every row; kept once, in the metadata.
+CONSTANT_FIELDS = ("threshold",)
+
+#: What decoding gives the scorer: (resized RGB uint8, original (width, height), None) or
+#: (None, None, why it failed).
+Decoded = tuple[np.ndarray | None, tuple[int, int] | None, str | None]
+
+
+def decode_for_model(path: str, size: int, problem: str | None = None) -> Decoded:
+    """Read, decode and resize one image exactly as ``to_model_input`` does; never raises.
+
+    ``problem`` (from the source, e.g. a bad manifest line) is returned as the error
+    without touching the disk.
+    """
+    if problem:
+        return None, None, problem
+    try:
+        image = read_image(path)
+        return resize(image, size), (image.shape[1], image.shape[0]), None
+    except ImageDecodeError as err:
+        return None, None, str(err)
+    except Exception as err:  # one odd file (an OpenCV or memory error) must not stop a scan of millions
+        return None, None, f"{path}: {type(err).__name__}: {err}"
+
+
+def printable(path: str) -> str:
+    """The path as valid UTF-8 for the Parquet string column (undecodable bytes replaced)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class RowBuilder:
+    """The columns of one model's scan, and the rows of scored or failed images.
+
+    The fields of each task are read from the runtime's own result on a blank probe image,
+    so the columns follow the model (a cascade's ``stage_scores``, a detector's ``objects``,
+    ``predicted_loss``) without a second copy of the kinds' logic.
+
+    Args:
+        predictor: the model; its ``predict_batch`` scores the decoded images.
+    """
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        size = predictor.size
+        probe = predictor.predict_batch(np.zeros((1, 3, size, size), np.float32), [(size, size)])[0]
+        self.fields: dict[str, list[str]] = {}
+        self.labels: dict[str, list[str]] = {}
+        self.constants: dict[str, dict] = {}
+        columns = [
+            pa.field("index", pa.int64()),
+            pa.field("path", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("error", pa.string()),
+        ]
+        for task, result in probe.items():
+            self.fields[task] = [key for key in result if key not in CONSTANT_FIELDS]
+            self.constants[task] = {key: result[key] for key in CONSTANT_FIELDS if key in result}
+            for key in self.fields[task]:
+                if isinstance(result[key], dict) and FIELD_TYPES.get(key) == _SCORES:
+                    self.labels[f"{task}.{key}"] = list(result[key])
+                columns.append(pa.field(f"{task}.{key}", FIELD_TYPES.get(key, pa.string())))
+        self.metadata = {
+            "tasks": self.constants,
+            "list_labels": self.labels,
+            "model_metadata": _plain_meta(predictor.meta),
+        }
+        self.schema = pa.schema(columns, metadata={SCAN_METADATA_KEY: json.dumps(self.metadata)})
+
+    def rows(self, indices: Sequence[int], paths: Sequence[str], decoded: Sequence[Decoded]) -> list[dict]:
+        """One row per input, in order; the decoded images are scored in one batch."""
+        good = [k for k, (image, _, _) in enumerate(decoded) if image is not None]
+        results = {}
+        if good:
+            batch = to_model_input([decoded[k][0] for k in good], self.predictor.size)
+            results = dict(zip(good, self.predictor.predict_batch(batch, [decoded[k][1] for k in good])))
+        rows = []
+        for k, (index, path, (_, size, error)) in enumerate(zip(indices, paths, decoded)):
+            row = {"index": int(index), "path": printable(path), "error": error}
+            if k in results:
+                row["width"], row["height"] = size
+                for task, result in results[k].items():
+                    for key in self.fields[task]:
+                        row[f"{task}.{key}"] = self._value(key, result[key])
+            rows.append(row)
+        return rows
+
+    def table(self, rows: list[dict]) -> pa.Table:
+        """The rows as an Arrow table with this scan's schema (missing values are null)."""
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    @staticmethod
+    def _value(key: str, value):
+        kind = FIELD_TYPES.get(key)
+        if kind is None:
+            return json.dumps(value)
+        if isinstance(value, dict):  # label -> score, in label order
+            return list(value.values())
+        return value
+
+
+def _plain_meta(meta: dict) -> dict:
+    """The model's metadata without the objects the runtime adds (the relation graph)."""
+    return {**meta, "tasks": [{k: v for k, v in task.items() if k != "relation_graph"} for task in meta["tasks"]]}

@@ -1,0 +1,114 @@
+"""Streaming readers for a scan's SOURCE: a folder, a JSONL manifest or a text file of paths.
+
+Pools hold millions of images, so nothing here loads or sorts a whole source: each reader
+is a generator that holds one line, or one folder's entries, at a time. The order is
+stable (the same source gives the same order on every run), which is what lets a killed
+scan resume by shard index.
+
+A folder is walked depth-first with ``os.scandir``, each folder's entries sorted by name.
+Memory is bounded by the largest single folder, not by the pool. The trade-off against
+``waterdrop.imageio.list_images`` (one sorted list of every path): the order differs
+where a name and a folder name share a prefix (``a/x.jpg`` comes before ``a.jpg`` here),
+and a folder that changes between two runs shifts the shards; ``ShardStore.is_done``
+detects that when it resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from waterdrop.imageio import IMAGE_SUFFIXES
+
+
+class Entry(NamedTuple):
+    """One input of a scan: the file to open, or why the source line does not name one."""
+
+    path: str
+    problem: str | None = None
+
+
+def walk_folder(root: str | Path) -> Iterator[str]:
+    """Image files under ``root``, depth-first, each folder's entries sorted by name.
+
+    Hidden files and folders are left out (as ``list_images`` does). Symbolic links to
+    folders are not followed (a link cycle would never end); a link to a file is listed, a
+    dangling one too, so that it gets its error row.
+    """
+    try:
+        with os.scandir(root) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        return  # a folder we may not read is skipped, like os.walk does
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            yield from walk_folder(entry.path)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and not entry.is_dir():
+            yield entry.path
+
+
+def read_path_list(list_file: str | Path) -> Iterator[Entry]:
+    """One path a line; a relative path is relative to the list file's folder; blank lines skipped."""
+    base = os.path.dirname(os.path.abspath(list_file))
+    # surrogateescape: a path that is not valid UTF-8 still opens the file it names.
+    with open(list_file, encoding="utf-8", errors="surrogateescape") as lines:
+        for line in lines:
+            path = line.rstrip("\r\n")
+            if path.strip():
+                yield Entry(os.path.normpath(os.path.join(base, path)))
+
+
+def read_manifest(manifest: str | Path) -> Iterator[Entry]:
+    """JSON lines ``{"image": path relative to the manifest, ...}``; other keys are ignored.
+
+    A line that is not such an object still gives an entry (named ``MANIFEST:LINE``) whose
+    problem becomes that row's error, so a typo in line 3,000,000 costs one row, not the scan.
+    """
+    base = os.path.dirname(os.path.abspath(manifest))
+    with open(manifest, encoding="utf-8", errors="surrogateescape") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                image = json.loads(line)["image"]
+                if not isinstance(image, str) or not image:
+                    raise TypeError("'image' is not a non-empty string")
+            except (ValueError, TypeError, KeyError) as err:
+                yield Entry(f"{manifest}:{number}", f"manifest line {number} is not {{'image': path}} ({err})")
+                continue
+            yield Entry(os.path.normpath(os.path.join(base, image)))
+
+
+def read_source(source: str | Path) -> Iterator[Entry]:
+    """The entries of a folder (recursive), a ``.jsonl`` manifest or a text file of paths.
+
+    Raises:
+        ValueError: the source does not exist, or is a single image.
+    """
+    source = str(source)
+    if os.path.isdir(source):  # absolute, like the paths a list or a manifest gives: rows name their file anywhere
+        return (Entry(path) for path in walk_folder(os.path.abspath(source)))
+    if not os.path.isfile(source):
+        raise ValueError(f"{source}: no such folder or file")
+    suffix = os.path.splitext(source)[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        raise ValueError(f"{source} is an image; give a folder, a .jsonl manifest or a text file of paths")
+    return read_manifest(source) if suffix == ".jsonl" else read_path_list(source)
+
+
+def shards(entries: Iterable[Entry], shard_size: int) -> Iterator[tuple[int, list[Entry]]]:
+    """(shard index, its entries) for consecutive runs of ``shard_size`` entries, in order."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, not {shard_size}")
+    iterator = iter(entries)
+    for index in itertools.count():
+        chunk = list(itertools.islice(iterator, shard_size))
+        if not chunk:
+            return
+        yield index, chunk

@@ -1,0 +1,185 @@
+"""The scan's output folder: shard files written atomically, resume checks, progress and scan.json.
+
+Layout::
+
+    OUT/scan.json                    what was scanned, with which model, and the totals
+    OUT/shards/shard-000012.parquet  the rows of inputs 12 * shard_size ... 13 * shard_size - 1
+
+A shard is written to a hidden temporary name, flushed to disk and renamed: a shard file
+that exists is complete, and is never rewritten. A re-run skips the shards that exist, so
+a killed scan goes on where it stopped. The rows live in their own folder so that
+``pandas.read_parquet("OUT/shards")`` (or DuckDB's ``'OUT/shards/*.parquet'``) reads
+them without tripping over scan.json; readers skip the hidden temporary files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from waterdrop.scan.rows import printable
+from waterdrop.scan.sources import Entry
+
+#: Settings that must not change between a scan and its resumption (they decide what a shard holds).
+SPEC_KEYS = ("model_sha256", "source", "shard_size")
+
+
+class ScanError(RuntimeError):
+    """A scan that cannot go on as asked (an output folder from another scan, lost rows)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardStore:
+    """Shard files and scan.json under ``out``.
+
+    Args:
+        out: the output folder (created).
+        spec: ``model``, ``model_sha256``, ``source`` and ``shard_size`` of this scan. An
+            existing scan.json with another ``SPEC_KEYS`` value is refused: its shards hold
+            other rows.
+    """
+
+    def __init__(self, out: str | Path, spec: dict):
+        self.out = Path(out)
+        self.shards = self.out / "shards"
+        self.shards.mkdir(parents=True, exist_ok=True)
+        self.record_path = self.out / "scan.json"
+        if self.record_path.exists():
+            before = json.loads(self.record_path.read_text())
+            changed = [key for key in SPEC_KEYS if before.get(key) != spec[key]]
+            if changed:
+                raise ScanError(
+                    f"{self.out} holds a scan with another {', '.join(changed)} "
+                    f"({', '.join(f'{k}: {before.get(k)!r}' for k in changed)}); give a new --out"
+                )
+        for leftover in self.shards.glob(".tmp-*"):  # from a scan that was killed while writing
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        self.spec = spec
+        self._write_record({**spec, "status": "running"})
+
+    def shard_path(self, shard: int) -> Path:
+        return self.shards / f"shard-{shard:06d}.parquet"
+
+    def temp_path(self, name: str) -> Path:
+        """A hidden path in the shard folder, removed on the next start if left behind."""
+        return self.shards / f".tmp-{name}"
+
+    def is_done(self, shard: int, entries: list[Entry]) -> bool:
+        """Whether the shard exists; it must then hold exactly these paths, in this order.
+
+        Raises:
+            ScanError: the source changed since the shard was written (its rows would no
+                longer be the shard's inputs).
+        """
+        path = self.shard_path(shard)
+        if not path.exists():
+            return False
+        written = pq.read_table(path, columns=["path"]).column("path").to_pylist()
+        if written != [printable(entry.path) for entry in entries]:
+            raise ScanError(
+                f"{path} does not hold the paths that SOURCE now gives for shard {shard} (the source "
+                "changed since that scan); scan into a new --out"
+            )
+        return True
+
+    def write(self, shard: int, table: pa.Table) -> None:
+        """Write a finished shard atomically (temporary file, fsync, rename)."""
+        final = self.shard_path(shard)
+        if final.exists():
+            raise ScanError(f"{final} exists; a finished shard is never rewritten")
+        temp = self.temp_path(final.name)
+        with open(temp, "wb") as stream:
+            pq.write_table(table, stream, compression="zstd")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, final)
+
+    def finish(self, run: dict, settings: dict, metadata: dict) -> dict:
+        """Write scan.json with this run's figures and the counts over every shard; returns it."""
+        rows = errors = count = 0
+        for path in sorted(self.shards.glob("shard-*.parquet")):
+            column = pq.read_table(path, columns=["error"]).column("error")
+            rows, errors, count = rows + len(column), errors + len(column) - column.null_count, count + 1
+        record = {
+            **self.spec,
+            "status": "finished",
+            "settings": settings,
+            "this_run": run,
+            "all_shards": {"shards": count, "rows": rows, "scored": rows - errors, "errors": errors},
+            **metadata,
+        }
+        self._write_record(record)
+        return record
+
+    def _write_record(self, record: dict) -> None:
+        temp = self.out / ".scan.json.tmp"
+        temp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(temp, self.record_path)
+
+
+class Meter:
+    """This run's counts, and a progress line with images/s (tqdm on stderr).
+
+    Args:
+        progress: show the line; the counts are kept either way.
+    """
+
+    def __init__(self, progress: bool = True):
+        from tqdm import tqdm
+
+        self.start = time.perf_counter()
+        self.seen = self.errors = self.shards_written = self.shards_skipped = 0
+        self.bar = tqdm(unit="img", mininterval=2.0, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+
+    def add(self, table: pa.Table) -> None:
+        """Count a written shard's rows."""
+        errors = len(table) - table.column("error").null_count
+        self.seen, self.errors = self.seen + len(table), self.errors + errors
+        self.shards_written += 1
+        self.bar.set_postfix(errors=self.errors, shards=self.shards_written, refresh=False)
+
+    def tick(self, images: int) -> None:
+        """Images done since the last tick (moves the progress line between shards)."""
+        self.bar.update(images)
+
+    def skip(self) -> None:
+        self.shards_skipped += 1
+
+    def close(self) -> dict:
+        """This run's totals: seen, scored, errors, seconds, images/s, shards written and skipped."""
+        self.bar.close()
+        seconds = time.perf_counter() - self.start
+        return {
+            "seen": self.seen,
+            "scored": self.seen - self.errors,
+            "errors": self.errors,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(self.seen / seconds, 2) if seconds > 0 else 0.0,
+            "shards_written": self.shards_written,
+            "shards_skipped": self.shards_skipped,
+        }
+
+
+def scan_spec(model: str | Path, source: str | Path, shard_size: int) -> dict:
+    """What a scan's output depends on (see ``SPEC_KEYS``)."""
+    return {
+        "model": os.path.abspath(model),
+        "model_sha256": file_sha256(model),
+        "source": os.path.abspath(source),
+        "shard_size": shard_size,
+    }
