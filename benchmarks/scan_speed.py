@@ -1,0 +1,218 @@
+"""Pool-scan throughput against its two limits: decoding and onnxruntime.
+
+    python benchmarks/scan_speed.py [--images 5000] [--model work_dirs/demo/model.onnx] [--side 640]
+        [--batch-size 32] [--workers N] [--threads N] [--out work_dirs/scan_speed]
+
+Builds (once) a pool of ``--images`` JPEGs re-encoded from the real photographs of
+``benchmarks/real_photos.py`` (``work_dirs/real_photos/*/*/*/*.jpg``; the demo data when
+they are missing) at ``--side`` px on the longer side, then measures, each setting in its
+own process so that none distorts another:
+
+(a) the decode limit: read + decode + resize alone, ``--workers`` processes;
+(b) the ORT limit: ``session.run`` alone on a ready batch, ``--threads`` threads;
+(c) ``tools/predict.py`` on the pool folder (one process, decoding and inference in turn);
+(d) ``tools/scan.py --engine local`` (``--workers`` decoders, ``--threads`` ORT threads);
+(e) ``tools/scan.py --engine ray`` (one single-thread actor per CPU, decoding inside).
+
+Writes OUT/report.md (a markdown table naming the machine) and OUT/results.json. The
+issue's aim: each engine at >= 80 % of the smaller limit. The model defaults to the demo
+run's export; ``make demo`` writes it (or pass any exported model with ``--model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f", load average {os.getloadavg()[0]:.2f} at start" if hasattr(os, "getloadavg") else ""
+    return f"{cores}-core {names[0] if names else platform.processor() or platform.machine()}, CPU only{load}"
+
+
+def build_pool(folder: Path, count: int, side: int) -> list[Path]:
+    """``count`` JPEGs at ``side`` px (longer side); photos are reused flipped when there are fewer."""
+    marker = folder / "pool.json"
+    if marker.exists() and json.loads(marker.read_text()) == {"count": count, "side": side}:
+        return sorted(folder.glob("*.jpg"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sources = sorted(glob.glob(str(REPO / "work_dirs/real_photos/*/*/*/*.jpg")))
+    sources = sources or sorted(glob.glob(str(REPO / "demo_data/*/*/*.jpg")))
+    if not sources:
+        raise SystemExit("no photographs: run benchmarks/real_photos.py or make demo first")
+    for k in range(count):
+        image = cv2.imread(sources[k % len(sources)], cv2.IMREAD_COLOR)
+        if (k // len(sources)) % 2:
+            image = image[:, ::-1]  # a second pass over the photos: other pixels, same statistics
+        scale = side / max(image.shape[:2])
+        image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)))
+        cv2.imwrite(str(folder / f"{k:06d}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    marker.write_text(json.dumps({"count": count, "side": side}))
+    return sorted(folder.glob("*.jpg"))
+
+
+def measure_decode(pool: Path, size: int, workers: int, batch: int) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from waterdrop.scan.local import _decode_batch, _start_worker
+
+    paths = [(str(p), None) for p in sorted(pool.glob("*.jpg"))]
+    chunks = [paths[k : k + batch] for k in range(0, len(paths), batch)]
+    context = multiprocessing.get_context("spawn")  # as the local engine starts its decoders
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as executor:
+        list(executor.map(_decode_batch, chunks[:workers], [size] * workers))  # start the processes
+        start = time.perf_counter()
+        decoded = sum(len(done) for done in executor.map(_decode_batch, chunks, [size] * len(chunks)))
+        seconds = time.perf_counter() - start
+    return {"images": decoded, "seconds": seconds, "images_per_s": decoded / seconds}
+
+
+def measure_ort(model: Path, threads: int, batch: int, images: int) -> dict:
+    from waterdrop.runtime import Predictor
+
+    predictor = Predictor(model, threads=threads)
+    tensor = np.random.default_rng(0).integers(0, 256, (batch, 3, predictor.size, predictor.size)).astype(np.float32)
+    predictor.session.run(predictor.output_names, {"image": tensor})  # warm-up
+    runs = max(1, images // batch)
+    start = time.perf_counter()
+    for _ in range(runs):
+        predictor.session.run(predictor.output_names, {"image": tensor})
+    seconds = time.perf_counter() - start
+    return {"images": runs * batch, "seconds": seconds, "images_per_s": runs * batch / seconds}
+
+
+def run_tool(command: list[str], count: int, record: Path | None = None) -> dict:
+    """Wall time of a tool in its own process; with ``record`` also its own images/s (scan.json)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    result = {
+        "images": count,
+        "seconds": seconds,
+        "images_per_s": count / seconds,
+        "wall_images_per_s": count / seconds,
+    }
+    if record:
+        run = json.loads(record.read_text())["this_run"]
+        result.update(images_per_s=run["images_per_s"], seconds=run["seconds"])
+    return result
+
+
+def measure_in_subprocess(setting: str, args: argparse.Namespace) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--measure", setting, *sys.argv[1:]], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise SystemExit(f"measuring {setting} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--model", type=Path, default=REPO / "work_dirs/demo/model.onnx")
+    parser.add_argument("--side", type=int, default=640, help="longer side of the pool's JPEGs, px")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decoding processes")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="onnxruntime threads")
+    parser.add_argument("--out", type=Path, default=REPO / "work_dirs/scan_speed")
+    parser.add_argument("--measure", choices=["decode", "ort"], help=argparse.SUPPRESS)  # one setting, in a child
+    args = parser.parse_args()
+    if not args.model.exists():
+        raise SystemExit(f"{args.model} is missing: `make demo` writes work_dirs/demo/model.onnx, or pass --model")
+    pool = args.out / f"pool-{args.images}-{args.side}px"
+    if args.measure:
+        from waterdrop.runtime import Predictor
+
+        size = Predictor(args.model, threads=1).size
+        if args.measure == "decode":
+            result = measure_decode(pool, size, args.workers, args.batch_size)
+        else:
+            result = measure_ort(args.model, args.threads, args.batch_size, args.images)
+        print(json.dumps(result))
+        return
+    count = len(build_pool(pool, args.images, args.side))
+    host = machine()  # before the measurements load the machine
+    model, common = str(args.model), ["--batch-size", str(args.batch_size), "--quiet"]
+    scans = {engine: args.out / f"scan-{engine}" for engine in ("local", "ray")}
+    for folder in scans.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    engine_args = {"local": ["--workers", str(args.workers), "--threads", str(args.threads)], "ray": []}
+    results = {
+        "(a) decode limit": measure_in_subprocess("decode", args),
+        "(b) ORT limit": measure_in_subprocess("ort", args),
+        "(c) tools/predict.py": run_tool(
+            [
+                "tools/predict.py",
+                model,
+                str(pool),
+                "--batch-size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+            ],
+            count,
+        ),
+    }
+    for label, engine in (("(d) local engine", "local"), ("(e) Ray engine", "ray")):
+        command = ["tools/scan.py", model, str(pool), "--out", str(scans[engine]), "--engine", engine, *common]
+        results[label] = run_tool(command + engine_args[engine], count, scans[engine] / "scan.json")
+    limit = min(results["(a) decode limit"]["images_per_s"], results["(b) ORT limit"]["images_per_s"])
+    from waterdrop.runtime import Predictor
+
+    meta = Predictor(args.model, threads=1).meta
+    lines = [
+        "# Pool-scan speed",
+        "",
+        f"{count} JPEGs at {args.side} px (longer side), model {args.model.name} ({meta.get('backbone')}, "
+        f"{meta['input']['size']} px, {len(meta['tasks'])} tasks), batch {args.batch_size}, {args.workers} decoding "
+        f"processes, {args.threads} ORT threads (Ray: one single-thread actor per CPU). Machine: {host}.",
+        "Each setting ran in its own process. Engines: images/s from their own clock (scan.json, model loaded); "
+        "wall: the whole command, start-up included.",
+        "",
+        "| setting | images/s | wall images/s | % of the smaller limit |",
+        "|---|---|---|---|",
+    ]
+    for label, result in results.items():
+        wall = f"{result['wall_images_per_s']:.1f}" if "wall_images_per_s" in result else "-"
+        lines.append(
+            f"| {label} | {result['images_per_s']:.1f} | {wall} | {100 * result['images_per_s'] / limit:.0f} % |"
+        )
+    report = "\n".join(lines) + "\n"
+    print(report)
+    (args.out / "report.md").write_text(report)
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "machine": host,
+                "args": vars(args) | {"model": str(args.model), "out": str(args.out)},
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
