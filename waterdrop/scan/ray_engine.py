@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +39,7 @@ from waterdrop.scan.sources import Entry, read_source, shards
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
 
 
-def import_ray():
+def import_ray() -> ModuleType:
     """Ray and Ray Data, or an ImportError that says how to install them."""
     try:
         import ray

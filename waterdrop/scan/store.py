@@ -37,6 +37,7 @@ class ScanError(RuntimeError):
 
 
 def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex): a scan's rows depend on the model's bytes, not on its name."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
@@ -73,6 +74,7 @@ class ShardStore:
         self._write_record({**spec, "status": "running"})
 
     def shard_path(self, shard: int) -> Path:
+        """Where shard number ``shard`` lives once finished."""
         return self.shards / f"shard-{shard:06d}.parquet"
 
     def temp_path(self, name: str) -> Path:
@@ -158,6 +160,7 @@ class Meter:
         self.bar.update(images)
 
     def skip(self) -> None:
+        """Count a shard that an earlier run finished."""
         self.shards_skipped += 1
 
     def close(self) -> dict:
