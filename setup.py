@@ -47,6 +47,7 @@ setup(
         "waterdrop.engine",
         "waterdrop.evaluation",
         "waterdrop.heads",
+        "waterdrop.scan",
     ],
     package_dir={"waterdrop.heads": "heads"},
     # Partner teams serving the ONNX file install the runtime alone: `pip install waterdrop`.
