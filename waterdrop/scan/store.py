@@ -135,29 +135,43 @@ class ShardStore:
 
 
 class Meter:
-    """This run's counts, and a progress line with images/s (tqdm on stderr).
+    """This run's counts, and a plain progress line on stderr every ``every`` seconds.
+
+    A plain line rather than a bar: long scans run as batch jobs whose stderr goes to a log
+    file, where a bar's carriage returns make one unreadable line (and tqdm is not a
+    dependency of the runtime).
 
     Args:
-        progress: show the line; the counts are kept either way.
+        progress: print the line; the counts are kept either way.
+        every: seconds between two lines.
     """
 
-    def __init__(self, progress: bool = True):
-        from tqdm import tqdm
-
-        self.start = time.perf_counter()
+    def __init__(self, progress: bool = True, every: float = 5.0):
+        self.start = self.last_time = time.perf_counter()
+        self.progress, self.every = progress, every
+        self.done = self.last_done = 0
         self.seen = self.errors = self.shards_written = self.shards_skipped = 0
-        self.bar = tqdm(unit="img", mininterval=2.0, disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
     def add(self, table: pa.Table) -> None:
         """Count a written shard's rows."""
         errors = len(table) - table.column("error").null_count
         self.seen, self.errors = self.seen + len(table), self.errors + errors
         self.shards_written += 1
-        self.bar.set_postfix(errors=self.errors, shards=self.shards_written, refresh=False)
 
     def tick(self, images: int) -> None:
-        """Images done since the last tick (moves the progress line between shards)."""
-        self.bar.update(images)
+        """Images done since the last tick (a batch; shards are counted by ``add``)."""
+        self.done += images
+        now = time.perf_counter()
+        if self.progress and now - self.last_time >= self.every:
+            recent = (self.done - self.last_done) / (now - self.last_time)
+            print(
+                f"scan: {self.done:,} images in {now - self.start:.0f} s, {recent:.1f} img/s now, "
+                f"{self.done / (now - self.start):.1f} img/s overall; {self.errors:,} errors and "
+                f"{self.shards_written:,} shards written so far, {self.shards_skipped:,} shards done before",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last_time, self.last_done = now, self.done
 
     def skip(self) -> None:
         """Count a shard that an earlier run finished."""
@@ -165,7 +179,6 @@ class Meter:
 
     def close(self) -> dict:
         """This run's totals: seen, scored, errors, seconds, images/s, shards written and skipped."""
-        self.bar.close()
         seconds = time.perf_counter() - self.start
         return {
             "seen": self.seen,
