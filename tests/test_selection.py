@@ -33,18 +33,15 @@ TAGS = ["sky", "cloud", "grass", "water", "boat", "tree", "forest", "building", 
 THRESHOLDS = {"disgusting": 0.4, "thriller": 0.3, "scene_tags": {t: 0.5 for t in TAGS}}
 
 
-def _binary(**changes) -> TaskInfo:
-    return TaskInfo(
-        **{
-            "name": "t",
-            "kind": "binary",
-            "labels": ["positive"],
-            "negative_label": "normal",
-            "thresholds": np.array([0.5]),
-            "has_predicted_loss": True,
-            **changes,
-        }
-    )
+def _binary(kind="binary", thresholds=(0.5,), has_predicted_loss=True) -> TaskInfo:
+    thresholds = None if thresholds is None else np.array(thresholds)
+    entry = {"name": "t", "kind": kind, "labels": ["insects", "reptiles"], "negative_label": "normal"}
+    return TaskInfo(entry, ["positive"] if kind == "binary" else [], thresholds, has_predicted_loss)
+
+
+def _tags(labels: list[str]) -> TaskInfo:
+    entry = {"name": "tags", "kind": "multilabel", "labels": labels, "negative_label": "none"}
+    return TaskInfo(entry, labels, np.full(len(labels), 0.5), True)
 
 
 def _scores(probs, predicted=None, truth=None) -> PoolScores:
@@ -130,7 +127,7 @@ def test_select_resolves_the_strategy_and_says_what_is_missing():
     assert [r.strategy for r in select(scores, _binary(has_predicted_loss=False), 2).rankings] == ["band"]
     with pytest.raises(ValueError, match="set loss_prediction in the task YAML.*retrain"):
         select(scores, _binary(has_predicted_loss=False), 2, "loss")
-    with pytest.raises(ValueError, match="graded: it has no threshold.*--strategy loss"):
+    with pytest.raises(ValueError, match="graded: it chooses no threshold.*--strategy loss"):
         select(scores, _binary(kind="graded", thresholds=None), 2, "band")
     assert [r.strategy for r in select(scores, _binary(kind="graded", thresholds=None), 2).rankings] == [
         "predicted_loss"
@@ -149,7 +146,7 @@ def test_select_resolves_the_strategy_and_says_what_is_missing():
 def test_written_rankings_selection_and_undecodable_list(tmp_path):
     scores = _scores([[0.5, 0.1], [0.9, 0.6], [0.3, 0.99]], predicted=[0.2, 0.1, 0.3])
     scores.undecodable = [("bad.jpg", "bad.jpg: empty file")]
-    task = TaskInfo("tags", "multilabel", ["sky", "boat"], "none", np.array([0.5, 0.5]), True)
+    task = _tags(["sky", "boat"])
     summary = write_selection(tmp_path, scores, task, select(scores, task, budget=2), "pool/")
     with open(tmp_path / "band.csv") as f:
         band = list(csv.DictReader(f))
@@ -175,12 +172,11 @@ def test_labeled_manifest_truth_and_its_errors(tmp_path):
         '{"image": "a.jpg", "labels": ["insects"]}\n{"image": "b.jpg", "labels": []}\n\n'
         '{"image": "c.jpg", "labels": ["normal"]}\n'
     )
-    task = _binary(labels=["insects", "reptiles"])
+    task = _binary()
     paths, truth = read_pool(manifest, task)
     assert [p.name for p in paths] == ["a.jpg", "b.jpg", "c.jpg"] and truth[:, 0].tolist() == [1, 0, 0]
     manifest.write_text('{"image": "a.jpg", "labels": ["sky"], "missing": ["boat"]}\n')
-    tags = TaskInfo("tags", "multilabel", ["sky", "boat", "tree"], "none", np.array([0.5] * 3), False)
-    assert read_pool(manifest, tags)[1].tolist() == [[1, -1, 0]]
+    assert read_pool(manifest, _tags(["sky", "boat", "tree"]))[1].tolist() == [[1, -1, 0]]
     manifest.write_text('{"image": "a.jpg", "labels": ["insects"]}\n{"image": "b.jpg", "labels": ["zebra"]}\n')
     with pytest.raises(ValueError, match=r"recalls.jsonl:2: unknown label 'zebra'"):
         read_pool(manifest, task)

@@ -19,35 +19,35 @@ from pathlib import Path
 import numpy as np
 
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.kinds import kind_of
 
 
 @dataclass
 class TaskInfo:
     """What selection needs to know about one task of a trained model."""
 
-    name: str
-    kind: str  # binary | multilabel | graded
-    labels: list[str]
-    negative_label: str
-    thresholds: np.ndarray | None  # (L,) per decision column; None when none was chosen (or graded)
+    entry: dict  # its entry in the ONNX metadata (name, kind, labels, negative_label, thresholds)
+    decisions: list[str]  # the thresholded decisions, one per column of ``prob`` (none for graded)
+    thresholds: np.ndarray | None  # per decision; None when none were chosen yet
     has_predicted_loss: bool
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.entry["kind"]
+
+    def truth(self, names: list[str], missing: list[str]) -> np.ndarray:
+        """A labeled image's truth per decision: 1, 0 or -1 (unknown)."""
+        return kind_of(self.kind).decision_truth(self.entry, names, missing)
 
 
 def task_info(entry: dict, output_keys: list[str]) -> TaskInfo:
     """From a task's entry in the ONNX metadata (or one built the same way from a checkpoint)."""
-    thresholds = None
-    if entry["kind"] == "binary" and entry.get("threshold") is not None:
-        thresholds = np.array([float(entry["threshold"])])
-    elif entry["kind"] == "multilabel" and entry.get("thresholds") is not None:
-        thresholds = np.array([float(entry["thresholds"][label]) for label in entry["labels"]])
-    return TaskInfo(
-        entry["name"],
-        entry["kind"],
-        list(entry["labels"]),
-        entry.get("negative_label", "normal"),
-        thresholds,
-        "predicted_loss" in output_keys,
-    )
+    kind = kind_of(entry["kind"])
+    return TaskInfo(entry, kind.decisions(entry), kind.decision_thresholds(entry), "predicted_loss" in output_keys)
 
 
 def _choose_task(names: list[str], wanted: str | None) -> str:
@@ -95,14 +95,10 @@ def scorer_from_net(net, cfg, task: str, thresholds: dict) -> TaskScorer:
     import torch
 
     config = next(t for t in cfg.tasks if t.name == task)
-    kind = net.heads[task].kind
-    entry = {
-        "name": task,
-        "kind": kind,
-        "labels": config.labels,
-        "negative_label": config.negative_label,
-        "threshold" if kind == "binary" else "thresholds": thresholds.get(task),
-    }
+    kind = kind_of(net.heads[task].kind)
+    entry = {"name": task, "kind": kind.name, "labels": config.labels, "negative_label": config.negative_label}
+    if kind.threshold_key:
+        entry[kind.threshold_key] = thresholds.get(task)
     net = net.eval()
 
     @torch.no_grad()
@@ -118,24 +114,11 @@ def scorer_from_net(net, cfg, task: str, thresholds: dict) -> TaskScorer:
     return TaskScorer(task_info(entry, keys), cfg.model.input_size, run)
 
 
-def _truth_row(task: TaskInfo, names: list[str], missing: list[str]) -> np.ndarray:
-    known = task.labels + ([task.negative_label] if task.kind == "binary" else [])
-    for name in [*names, *missing]:
-        if name not in known:
-            raise ValueError(f"unknown label '{name}'; known labels: {', '.join(known)}")
-    if task.kind == "binary":
-        if missing or len(names) > 1:
-            raise ValueError(f"a binary task takes one label per image and no 'missing', got {names}")
-        return np.array([int(bool(names) and names[0] != task.negative_label)])
-    row = np.array([int(label in names) for label in task.labels])
-    row[[task.labels.index(name) for name in missing]] = -1
-    return row
-
-
 def read_pool(pool: str | Path, task: TaskInfo) -> tuple[list[Path], np.ndarray | None]:
-    """Image paths and, for a JSONL manifest of a binary or multi-label task, the truth (N, L)
-    1 / 0 / -1 unknown (``{"image", "labels", "missing"}`` lines, paths relative to the file,
-    as in tasks). A folder is an unlabeled pool (searched recursively): truth None."""
+    """Image paths, and the truth per decision (N, D) of a JSONL manifest (``{"image", "labels",
+    "missing"}`` lines, paths relative to the file, as in tasks): 1, 0 or -1 unknown; None for a
+    task without thresholded decisions. A folder is an unlabeled pool (searched recursively):
+    truth None."""
     pool = Path(pool)
     if pool.is_dir():
         paths = list_images(pool)
@@ -157,8 +140,8 @@ def read_pool(pool: str | Path, task: TaskInfo) -> tuple[list[Path], np.ndarray 
                     raise ValueError("expected an object with 'image' and 'labels'")
                 names, missing = item["labels"], item.get("missing", [])
                 names, missing = ([v] if isinstance(v, str) else list(v) for v in (names, missing))
-                if task.kind != "graded":
-                    rows.append(_truth_row(task, names, missing))
+                if task.decisions:
+                    rows.append(task.truth(names, missing))
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{pool}:{lineno}: {err}") from err
             paths.append(pool.parent / item["image"])

@@ -145,14 +145,14 @@ class Selection:
 
 
 def resolve_strategy(strategy: str, task: TaskInfo) -> str:
-    """``auto``: the union when the model predicts losses (``loss`` alone for a graded task),
-    else the band."""
+    """``auto``: the union when the model predicts losses (``loss`` alone for a task without
+    thresholded decisions, such as a graded one), else the band."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
     if strategy != "auto":
         return strategy
     if task.has_predicted_loss:
-        return "loss" if task.kind == "graded" else "union"
+        return "union" if task.decisions else "loss"
     return "band"
 
 
@@ -184,13 +184,12 @@ def select(
     if budget < 1:
         raise ValueError(f"the budget must be at least 1 image, got {budget}")
     strategy = resolve_strategy(strategy, task)
-    columns = scores.probs.shape[1]
-    thresholds = np.full(columns, float(threshold)) if threshold is not None else task.thresholds
+    thresholds = np.full(len(task.decisions), float(threshold)) if threshold is not None else task.thresholds
     rankings, band = [], (None, None)
     if strategy in ("band", "union"):
-        if task.kind == "graded":
+        if not task.decisions:
             raise ValueError(
-                f"task {task.name} is graded: it has no threshold, hence no confidence band; use "
+                f"task {task.name} is {task.kind}: it chooses no threshold, hence no confidence band; use "
                 "--strategy loss (the task needs loss_prediction)"
             )
         if thresholds is None:
@@ -236,12 +235,12 @@ FIELDS = ["rank", "path", "score", "prob", "label", "truth", "predicted_loss"]
 
 def _columns(scores: PoolScores, task: TaskInfo, index: int, tag: int) -> dict:
     """The report columns of one image; ``tag`` is the label that decided (-1: none)."""
-    column = tag if tag >= 0 else (0 if scores.probs.shape[1] == 1 else None)
-    known = column is not None and task.kind != "graded"
+    column = tag if tag >= 0 else (0 if len(task.decisions) == 1 else None)
+    known = column is not None
     return {
         "path": str(scores.paths[index]),
         "prob": round(float(scores.probs[index, column]), 6) if known else "",
-        "label": task.labels[tag] if task.kind == "multilabel" and tag >= 0 else "",
+        "label": task.decisions[column] if known else "",
         "truth": int(scores.truth[index, column]) if known and scores.truth is not None else "",
         "predicted_loss": "" if scores.predicted_loss is None else round(float(scores.predicted_loss[index]), 6),
     }

@@ -70,3 +70,26 @@ class TaskKind:
     def runtime_result(self, entry: dict, outputs: dict[str, np.ndarray], row: int, size: tuple[int, int]) -> dict:
         """One image's decision from the model's outputs for this task (``size`` = width, height)."""
         raise NotImplementedError
+
+    # Active learning (``waterdrop.curation.selection``) ranks images by their thresholded decisions.
+
+    def decisions(self, entry: dict) -> list[str]:
+        """Names of the thresholded decisions, one per column of the ``prob`` output; empty when
+        the kind chooses no threshold."""
+        return []
+
+    def decision_thresholds(self, entry: dict) -> np.ndarray | None:
+        """The thresholds of ``decisions`` from the entry (None when none were chosen yet)."""
+        value = entry.get(self.threshold_key) if self.threshold_key else None
+        if value is None:
+            return None
+        names = self.decisions(entry)
+        return np.array([float(value[name]) for name in names] if isinstance(value, dict) else [float(value)])
+
+    def decision_truth(self, entry: dict, names: list[str], missing: list[str]) -> np.ndarray:
+        """A labeled image's truth per decision: 1, 0 or -1 (unknown).
+
+        Raises:
+            ValueError: an unknown or ill-formed label list.
+        """
+        raise NotImplementedError(f"{self.name} tasks have no thresholded decisions")

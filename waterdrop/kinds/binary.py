@@ -61,3 +61,15 @@ class BinaryKind(TaskKind):
             result["subclass"] = entry["labels"][int(np.argmax(probs))]
             result["subclass_scores"] = {label: round(float(p), 6) for label, p in zip(entry["labels"], probs)}
         return result
+
+    def decisions(self, entry):
+        return ["positive"]
+
+    def decision_truth(self, entry, names, missing):
+        known = [entry["negative_label"], *entry["labels"]]
+        unknown = [name for name in [*names, *missing] if name not in known]
+        if unknown:
+            raise ValueError(f"unknown label '{unknown[0]}'; known labels: {', '.join(known)}")
+        if missing or len(names) > 1:
+            raise ValueError(f"a binary task takes one label per image and no 'missing', got {names}")
+        return np.array([int(bool(names) and names[0] != entry["negative_label"])])  # [] is a normal image

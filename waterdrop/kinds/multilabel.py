@@ -82,3 +82,15 @@ class MultiLabelKind(TaskKind):
             result["added_by_relations"] = [label for label, d, a in zip(labels, decided, after) if a and not d]
             result["removed_by_relations"] = [label for label, d, a in zip(labels, decided, after) if d and not a]
         return result
+
+    def decisions(self, entry):
+        return list(entry["labels"])
+
+    def decision_truth(self, entry, names, missing):
+        labels = entry["labels"]
+        unknown = [name for name in [*names, *missing] if name not in labels]
+        if unknown:
+            raise ValueError(f"unknown label '{unknown[0]}'; known labels: {', '.join(labels)}")
+        truth = np.array([int(label in names) for label in labels])
+        truth[[labels.index(name) for name in missing]] = -1
+        return truth
