@@ -8,11 +8,13 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO
 from waterdrop.config import load_registry
 from waterdrop.curation.noisy import o2u_scores
+from waterdrop.curation.outliers import label_outliers, short_run, write_outliers
 from waterdrop.curation.sample_losses import Phase, constant, cyclic, label_probability, record_sample_losses
 from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import task_dataset
@@ -76,6 +78,7 @@ def _colour_task(root, flip_every=10, bad_files=True):
     registry.update(demo_data=None, tasks=["colour.yaml"])
     registry["model"].update(backbone="test_resnet", pretrained=None, input_size=32)
     registry["train"].update(batch_size=16, num_workers=0)
+    registry["train"]["optimizer"]["lr"] = 0.01
     (root / "colour.yaml").write_text(yaml.safe_dump(task))
     (root / "registry.yaml").write_text(yaml.safe_dump(registry))
     return root / "registry.yaml", flipped
@@ -128,3 +131,34 @@ def test_find_noisy_names_an_unknown_task(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "find_noisy.py"), str(registry), "--task", "nope"],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2 and "no task 'nope'" in result.stderr and "colour" in result.stderr
+
+
+def test_label_outliers_are_the_samples_whose_label_stays_improbable(tmp_path):
+    registry, flipped = _colour_task(tmp_path)
+    cfg = load_registry(registry)
+    torch.manual_seed(0)
+    recorded = record_sample_losses(MultiTaskNet(cfg), cfg, "colour", short_run(5, cfg.train.lr),
+                                    printer=lambda m: None)
+    found = label_outliers(recorded, max_prob=0.3, settle_epochs=2)
+    paths = [str(recorded.records[i].path) for i in found]
+    assert len(set(paths) & set(flipped)) >= 0.75 * len(flipped) and len(paths) <= 1.5 * len(flipped)
+    assert np.all(np.nanmean(recorded.label_prob[2:, found], axis=0) < 0.3)
+    files = write_outliers(recorded, found, tmp_path / "out", "colour", top=5)
+    assert len(files["outliers"].read_text().splitlines()) == len(found) + 1
+    assert files["outlier_sheet"].stat().st_size > 0
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        short_run(1, 0.01)
+
+
+def test_clean_data_lists_outliers_for_review(tmp_path):
+    registry, flipped = _colour_task(tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "clean_data.py"), "--outliers", str(registry), "--task", "colour",
+         "--outlier-epochs", "5", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1 undecodable image(s) left out" in result.stdout
+    with open(tmp_path / "out" / "colour_outliers.csv") as f:
+        listed = [row["path"] for row in csv.DictReader(f)]
+    assert len(set(listed) & set(flipped)) >= 0.75 * len(flipped) and len(listed) <= 1.5 * len(flipped), listed
+    assert (tmp_path / "out" / "colour_outliers.png").is_file()

@@ -9,6 +9,14 @@ suffix). Give a task's splits in the order train val test: an image found in two
 dropped from the one given first, so val and test stay intact. DIR receives one cleaned manifest
 per SOURCE (NAME.jsonl, absolute image paths), trimmed copies, report.json and duplicates.png;
 the input files are never changed. Imports no torch.
+
+Loss-based outliers (needs the training install): with --outliers REGISTRY --task T, the
+task is also trained briefly (--outlier-epochs, from the registry's weights) and the
+training samples whose own label keeps a probability under --outlier-prob (averaged over
+the epochs after the first) are listed for review in DIR/<task>_outliers.csv and <task>_outliers.png.
+They are not dropped: a wrong label, an image the task cannot decide, or a rare case.
+
+    python tools/clean_data.py --outliers registry.yaml --task disgusting --out DIR
 """
 
 import argparse
@@ -28,7 +36,7 @@ def source(text: str) -> tuple[str, Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="+", type=source, help="folders or .jsonl manifests, as PATH or NAME=PATH")
+    parser.add_argument("sources", nargs="*", type=source, help="folders or .jsonl manifests, as PATH or NAME=PATH")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
         "--min-pixels", type=int, default=3600, help="smaller images (w x h after trimming) are dropped"
@@ -38,7 +46,22 @@ def main() -> int:
     parser.add_argument("--near-distance", type=int, default=8, help="largest pHash bit distance of a near duplicate")
     parser.add_argument("--exact-only", action="store_true", help="look for exact duplicates only")
     parser.add_argument("--sheet-pairs", type=int, default=8, help="duplicate pairs drawn in duplicates.png")
+    parser.add_argument("--outliers", metavar="REGISTRY", help="list loss-based outliers of --task in it")
+    parser.add_argument("--task", help="the task of --outliers")
+    parser.add_argument("--outlier-epochs", type=int, default=4, help="epochs of the short run (default 4)")
+    parser.add_argument("--outlier-prob", type=float, default=0.3,
+                        help="listed when the label's probability stays under this (default 0.3)")
     args = parser.parse_args()
+    if not args.sources and not args.outliers:
+        parser.error("give SOURCEs to clean, or --outliers REGISTRY --task T, or both")
+    if bool(args.outliers) != bool(args.task):
+        parser.error("--outliers and --task go together")
+    if args.sources and clean_sources(args) != 0:
+        return 2
+    return list_outliers(args) if args.outliers else 0
+
+
+def clean_sources(args) -> int:
     try:
         report = clean(
             args.sources,
@@ -52,6 +75,32 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary())
+    return 0
+
+
+def list_outliers(args) -> int:
+    import torch  # the outlier run trains; cleaning alone stays torch-free
+
+    from waterdrop.config import ConfigError, load_registry
+    from waterdrop.curation.outliers import label_outliers, short_run, write_outliers
+    from waterdrop.curation.sample_losses import record_sample_losses
+    from waterdrop.data.dataset import DataError
+    from waterdrop.model.multitask import MultiTaskNet
+
+    try:
+        cfg = load_registry(args.outliers)
+        torch.manual_seed(cfg.train.seed)
+        recorded = record_sample_losses(MultiTaskNet(cfg), cfg, args.task, short_run(args.outlier_epochs, cfg.train.lr),
+                                        "cuda" if torch.cuda.is_available() else "cpu")
+    except (ConfigError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    found = label_outliers(recorded, args.outlier_prob)
+    files = write_outliers(recorded, found, args.out, args.task)
+    print(f"{len(found)} of {recorded.losses.shape[1]} training images of {args.task} keep their label's probability "
+          f"under {args.outlier_prob} on average after epoch 1 (review, not dropped): {files['outliers']}")
+    if recorded.undecodable:
+        print(f"{len(recorded.undecodable)} undecodable image(s) left out")
     return 0
 
 

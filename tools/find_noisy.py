@@ -52,6 +52,7 @@ def main() -> int:
             net, cfg, _ = load_net(best_checkpoint(args.start), args.registry)
         else:
             cfg = load_registry(args.registry)
+            torch.manual_seed(cfg.train.seed)  # the new heads' initialisation, as training does
             net = MultiTaskNet(cfg)
         recorded = record_sample_losses(net, cfg, args.task, settings.phases(cfg.train.lr),
                                         "cuda" if torch.cuda.is_available() else "cpu")

@@ -121,6 +121,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
         for epoch in range(phase.epochs):
             seed = cfg.train.seed * 1000 + row
             random.seed(seed)
+            torch.manual_seed(seed)
             order = np.random.default_rng(seed).permutation(count)
             loader = DataLoader(dataset, batch_sampler=[order[i:i + batch_size].tolist() for i in range(0, count,
                                                                                                        batch_size)],
