@@ -53,7 +53,7 @@ class SampleLosses:
     ``losses``: the task head's loss (sum of its terms) on the augmented view trained on;
     ``label_prob``: the probability the model gave the sample's own label (binary: of its
     class; multi-label: of the worst-fitting annotated tag); NaN where a sample was not seen
-    (undecodable). ``phases`` names each row's phase.
+    (undecodable). ``phases`` names each row's phase and ``lrs`` gives its mid-epoch rate.
     """
     records: list[Record]
     losses: np.ndarray
@@ -152,9 +152,10 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
                 scores, truth = net.scores_and_truth({task_name: outputs[task_name]}, {task_name: target})[task_name]
                 label_prob[row, ids] = label_probability(head.kind, scores, truth)
             names.append(phase.name)
-            lrs.append(phase.schedule(epoch))
+            lrs.append(phase.schedule(epoch + 0.5))
             printer(f"{task_name}: {phase.name} epoch {epoch + 1}/{phase.epochs}: mean loss "
-                    f"{np.nanmean(losses[row]):.4f}, lr {lrs[-1]:.2e}")
+                    f"{np.nanmean(losses[row]):.4f}, lr {phase.schedule(epoch):.2e} -> "
+                    f"{phase.schedule(epoch + (steps - 1) / steps):.2e}")
             row += 1
     return SampleLosses(list(dataset.records[:count]), losses, label_prob, names, lrs, sorted(undecodable),
                         skipped_batches)
