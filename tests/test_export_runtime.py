@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import bad_input_corpus, huge_png
+from tests.conftest import bad_input_corpus, edit_task, huge_png, write_registry
 from waterdrop.config import load_registry
 from waterdrop.export import METADATA_KEY, DeployGraph, check_parity, export_onnx
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.model.task_bn import TaskBatchNorm
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = {"disgusting": 0.4, "thriller": 0.3, "scene_tags": {t: 0.5 for t in
@@ -22,10 +23,20 @@ THRESHOLDS = {"disgusting": 0.4, "thriller": 0.3, "scene_tags": {t: 0.5 for t in
                                                  "building", "glasses", "ball"]}}
 
 
+def distinct_task_norms(net: MultiTaskNet) -> None:
+    """Make every task's BatchNorm copies differ, as training does (untrained copies are equal:
+    a task routed through the wrong copy would go unnoticed, and the exporter merges equal ones)."""
+    with torch.no_grad():
+        for module in net.modules():
+            for norm in module.branches if isinstance(module, TaskBatchNorm) else []:
+                norm.running_mean.add_(0.1 * torch.randn_like(norm.running_mean))
+                norm.running_var.mul_(1 + torch.rand_like(norm.running_var))
+                norm.weight.mul_(1 + 0.1 * torch.randn_like(norm.weight))
+                norm.bias.add_(0.1 * torch.randn_like(norm.bias))
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, demo_root):
-    from tests.conftest import write_registry
-
     folder = tmp_path_factory.mktemp("export")
     registry = write_registry(folder, demo_root)
     # Export every deploy feature: PCB parts on disgusting, an OHEM cascade on thriller, loss
@@ -53,6 +64,24 @@ def test_every_output_matches_pytorch_at_two_batch_sizes(exported):
     graph = DeployGraph(net, THRESHOLDS).eval()
     assert check_parity(path, graph, cfg.model.input_size, batch_sizes=(5,)) == pytest.approx(
         {k: 0.0 for k in parity}, abs=1e-4)
+
+
+def test_export_runs_each_task_unstacked_with_the_stacked_outputs(tmp_path, demo_root):
+    """What the export traces (each task's levels from the first branched one run on the batch
+    itself, through that task's BatchNorms) gives every output of the stacked batch."""
+    registry = write_registry(tmp_path, demo_root, task_bn_stages=[2, 4])
+    edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 2})
+    edit_task(registry, "scene_tags", loss_prediction={"hidden": 8})
+    torch.manual_seed(0)
+    net = MultiTaskNet(load_registry(registry)).eval()
+    distinct_task_norms(net)
+    images = torch.randint(0, 256, (3, 3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        stacked, per_task = net.forward_all(images), net.forward_all(images, stack_tasks=False)
+    assert list(per_task) == list(stacked) and "scene_tags.predicted_loss" in stacked
+    for name, value in stacked.items():
+        torch.testing.assert_close(per_task[name], value, atol=1e-5, rtol=1e-5)
+    assert net.routing.task_index is None
 
 
 def test_cascade_decision_is_the_and_of_both_networks(exported):

@@ -26,7 +26,12 @@ PARITY_TOLERANCE = 1e-4
 
 class DeployGraph(nn.Module):
     """Every task's deploy outputs, plus ``<task>.decision`` (bool) for cascade tasks: both
-    networks at or above the task's threshold, decided inside the graph."""
+    networks at or above the task's threshold, decided inside the graph.
+
+    The branched levels run once per task, not on the stacked batch (``forward_all`` with
+    ``stack_tasks=False``): onnxruntime then folds every BatchNorm into its convolution, in
+    fp32 and in int8 (see ``waterdrop.quantize``).
+    """
 
     def __init__(self, net: MultiTaskNet, thresholds: dict):
         super().__init__()
@@ -34,7 +39,7 @@ class DeployGraph(nn.Module):
         self.decision_thresholds = {name: float(thresholds[name]) for name in net.cascades}
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.net.forward_all(image)
+        outputs = self.net.forward_all(image, stack_tasks=False)
         for name, threshold in self.decision_thresholds.items():
             outputs[f"{name}.decision"] = outputs[f"{name}.prob"] >= threshold
         return outputs
@@ -107,6 +112,39 @@ def _check_dynamic_batch(model: onnx.ModelProto) -> None:
             raise RuntimeError(f"ONNX {value.name}: batch axis was fixed to {dim.dim_value} during export")
 
 
+def _unshare_convolutions(model: onnx.ModelProto) -> int:
+    """Give every BatchNorm a convolution of its own, so that onnxruntime folds it in.
+
+    Every task's first convolution of the branched levels reads the same input with the same
+    weights; the exporter merges them into one, whose output then feeds every task's BatchNorm,
+    and onnxruntime folds a BatchNorm only into a convolution that nothing else reads. Such a
+    convolution is copied once per further BatchNorm, each copy with its own copy of the weights
+    (onnxruntime would merge copies that share them again). Returns how many copies were made.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+    copies = 0
+    for conv in [node for node in model.graph.node if node.op_type == "Conv" and node.input[1] in weights]:
+        norms = readers.get(conv.output[0], [])
+        if len(norms) < 2 or any(norm.op_type != "BatchNormalization" for norm in norms):
+            continue
+        position = list(model.graph.node).index(conv)
+        for k, norm in enumerate(norms[1:], 1):
+            weight, twin = onnx.TensorProto(), onnx.NodeProto()
+            weight.CopyFrom(weights[conv.input[1]])
+            twin.CopyFrom(conv)
+            weight.name, twin.name = f"{conv.input[1]}.copy{k}", f"{conv.name}.copy{k}"
+            twin.input[1], twin.output[0] = weight.name, f"{conv.output[0]}.copy{k}"
+            model.graph.initializer.append(weight)
+            model.graph.node.insert(position + k, twin)
+            norm.input[0] = twin.output[0]
+            copies += 1
+    return copies
+
+
 def check_parity(path: Path, graph: DeployGraph, size: int, batch_sizes=(1, 3), seed: int = 0) -> dict[str, float]:
     """Max abs difference between onnxruntime and PyTorch for every output at each batch size
     (for boolean outputs: the fraction of disagreeing entries)."""
@@ -150,6 +188,7 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
         external_data=False, verbose=False)
     model = onnx.load(str(path))
     _check_dynamic_batch(model)
+    _unshare_convolutions(model)
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(build_metadata(net, cfg, thresholds, output_names))
     onnx.checker.check_model(model, full_check=True)

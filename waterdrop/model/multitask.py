@@ -181,14 +181,45 @@ class MultiTaskNet(nn.Module):
             arrays[name] = self.heads[name].score_and_truth(predictions, targets[name].cpu().numpy())
         return arrays
 
-    def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features_per_task(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Each task's feature maps of every level, without stacking the batch: the levels before
+        the first branched one run once, the others once per task on the batch itself, with every
+        branched BatchNorm set to that task's copy."""
+        x, shared = self.normalize(images), []
+        for level in range(self.first_branched):
+            x = self.trunk.run_level(level, x)
+            shared.append(x)
+        per_task = []
+        try:
+            for t in range(len(self.task_names)):
+                self.routing.task_index = t
+                feats, y = list(shared), x
+                for level in range(self.first_branched, len(self.trunk.levels)):
+                    y = self.trunk.run_level(level, y)
+                    feats.append(y)
+                per_task.append(feats)
+        finally:
+            self.routing.task_index = None
+        return per_task
+
+    def forward_all(self, images: torch.Tensor, stack_tasks: bool = True) -> dict[str, torch.Tensor]:
         """Deploy outputs of every task for every image; ``<task>.predicted_loss`` (N,) for a
-        task with loss prediction."""
-        feats = self.forward_features(images, None)
+        task with loss prediction.
+
+        ``stack_tasks`` True: the levels from the first branched one run once, on the batch
+        stacked once per task (``forward_features``). False: they run once per task on the batch
+        itself (``features_per_task``); the same outputs. The ONNX export takes the second form:
+        there each branched BatchNorm directly follows its convolution, so onnxruntime folds it
+        into the convolution's weights, which it cannot do across the stacked batch's split.
+        """
+        if stack_tasks:
+            feats, count = self.forward_features(images, None), len(self.task_names)
+            per_task = [[f if level < self.first_branched else f.unflatten(0, (count, -1))[t]
+                         for level, f in enumerate(feats)] for t in range(count)]
+        else:
+            per_task = self.features_per_task(images)
         results = {}
-        for t, name in enumerate(self.task_names):
-            task_feats = [f if level < self.first_branched else f.unflatten(0, (len(self.task_names), -1))[t]
-                          for level, f in enumerate(feats)]
+        for name, task_feats in zip(self.task_names, per_task):
             outputs = self.heads[name](task_feats)
             if name in self.cascades:
                 outputs["cascade"] = self.run_cascade(name, images)

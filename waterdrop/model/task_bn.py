@@ -19,11 +19,14 @@ class TaskRouting:
     ``task_index`` set (a (N,) tensor): each sample goes through its own task's BN.
     ``task_index`` None: the batch is ``num_tasks`` equal chunks and chunk t uses task t's BN
     (inference: every image through every task, in one graph).
+    ``task_index`` an int t: every sample goes through task t's BN, which is then a plain
+    BatchNorm right after its convolution (the ONNX export runs each task this way, so that
+    onnxruntime can fold the BatchNorms into the convolutions).
     """
 
     def __init__(self, num_tasks: int):
         self.num_tasks = num_tasks
-        self.task_index: torch.Tensor | None = None
+        self.task_index: torch.Tensor | int | None = None
 
 
 class TaskBatchNorm(nn.Module):
@@ -36,6 +39,8 @@ class TaskBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         task_index = self._routing.task_index
+        if isinstance(task_index, int):
+            return self.branches[task_index](x)
         if task_index is None:
             # unflatten, not chunk: chunk makes the ONNX exporter fix the batch size.
             chunks = x.unflatten(0, (len(self.branches), -1))
