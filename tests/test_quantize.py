@@ -1,0 +1,183 @@
+"""Static int8 quantization behind the accuracy gate, and BatchNorm folding of the exported graph."""
+
+import collections
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+from tests.conftest import edit_task, write_registry
+from tests.test_export_runtime import distinct_task_norms
+from waterdrop.config import load_registry
+from waterdrop.export import METADATA_KEY, export_onnx
+from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.quantize import calibration_images, load_config, quantize, read_labeled, task_data_from_config
+from waterdrop.runtime import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+GRADES = ["blurry", "soft", "sharp"]
+# torch made unimportable in a subprocess: quantization must run on the runtime install (plus onnx).
+NO_TORCH = ("import sys\n"
+            "class _NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch is blocked in this test')\n"
+            "sys.meta_path.insert(0, _NoTorch())\n")
+
+
+def _grades(root: Path) -> Path:
+    """A folder per grade for val and test: noise blurred less for higher grades."""
+    rng = np.random.default_rng(0)
+    for split in ("val", "test"):
+        for grade, sigma in zip(GRADES, (3.0, 1.2, 0.0)):
+            (root / split / grade).mkdir(parents=True)
+            for i in range(4):
+                image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+                cv2.imwrite(str(root / split / grade / f"{i}.png"), cv2.GaussianBlur(image, (0, 0), sigma)
+                            if sigma else image)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, demo_root) -> tuple[Path, Path]:
+    """Every kind of task (binary with a cascade, multi-label with loss prediction, graded), each
+    with a test split; test_resnet at 64 px with per-task BatchNorm in levels 2 and 4 (level 3
+    between them shared, but run once per task). Returns (registry, model file)."""
+    folder = tmp_path_factory.mktemp("quantize")
+    registry = write_registry(folder, demo_root, task_bn_stages=[2, 4])
+    for name in ("disgusting", "thriller", "scene_tags"):
+        edit_task(registry, name, data={"test": str(demo_root / name / "test.jsonl")})
+    edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 2})
+    edit_task(registry, "scene_tags", loss_prediction={"hidden": 8})
+    grades = _grades(folder / "sharpness")
+    (folder / "tasks" / "sharpness.yaml").write_text(yaml.safe_dump(
+        {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": GRADES,
+         "data": {"train": str(grades / "val"), "val": str(grades / "val"), "test": str(grades / "test")}}))
+    text = yaml.safe_load(registry.read_text())
+    text["tasks"].append("tasks/sharpness.yaml")
+    registry.write_text(yaml.safe_dump(text))
+    cfg = load_registry(registry)
+    torch.manual_seed(0)
+    net = MultiTaskNet(cfg).eval()
+    distinct_task_norms(net)
+    thresholds = {"disgusting": 0.5, "thriller": 0.5, "scene_tags": dict.fromkeys(cfg.tasks[2].labels, 0.5),
+                  "sharpness": None}
+    export_onnx(net, cfg, thresholds, folder / "model.onnx")
+    return registry, folder / "model.onnx"
+
+
+def _metadata(path: Path) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])
+
+
+def _optimized_ops(path: Path, tmp_path: Path) -> collections.Counter:
+    """Operator counts of onnxruntime's optimised graph. The extended level leaves out the NCHWc
+    layout pass, which would turn an unfolded BatchNorm into a 1x1 convolution and hide it."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_int8_file_is_served_and_records_precision_drops_and_thresholds(exported, demo_root, tmp_path):
+    registry, model = exported
+    tasks = task_data_from_config(load_config(registry), Predictor(model).tasks)
+    out = tmp_path / "model.int8.onnx"
+    record = quantize(model, out, [demo_root / "disgusting" / "train"], tasks, max_drop=1.0, calibration_count=8)
+    assert record["written"] and not record["failures"] and out.is_file()
+    meta = _metadata(out)
+    assert meta["precision"] == "int8" and meta["quantization"]["calibration"]["images"] == 8
+    measured = meta["quantization"]["tasks"]
+    assert {name: measured[name]["metric"] for name in measured} == {
+        "disgusting": "ap", "thriller": "ap", "scene_tags": "map", "sharpness": "boundary_ap"}
+    for entry in measured.values():
+        assert entry["split"] == "test" and entry["drop"] == pytest.approx(entry["fp32"] - entry["int8"])
+    tasks_meta = {t["name"]: t for t in meta["tasks"]}
+    for name, key in (("disgusting", "threshold"), ("thriller", "threshold"), ("scene_tags", "thresholds")):
+        chosen = measured[name]["thresholds"]
+        assert chosen["chosen_on"] == "val" and tasks_meta[name][key] == chosen["int8"]
+        assert chosen["fp32"] == (0.5 if key == "threshold" else dict.fromkeys(chosen["fp32"], 0.5))
+    assert measured["sharpness"]["thresholds"] is None
+    # The runtime serves the file as it is, predicted loss included; the cascade decides in the
+    # graph at the int8 threshold.
+    images = sorted((demo_root / "thriller" / "val").glob("*.jpg"))[:4]
+    results = list(Predictor(out).predict_paths(images))
+    assert all(set(r["tasks"]) == {"disgusting", "thriller", "scene_tags", "sharpness"} for r in results)
+    assert all(isinstance(r["tasks"]["scene_tags"]["predicted_loss"], float) for r in results)
+    threshold = tasks_meta["thriller"]["threshold"]
+    assert threshold != 0.5
+    session = Predictor(out).session
+    batch = np.random.default_rng(0).integers(0, 256, (8, 3, 64, 64)).astype(np.float32)
+    prob, decision = session.run(["thriller.prob", "thriller.decision"], {"image": batch})
+    np.testing.assert_array_equal(decision, prob >= np.float32(threshold))
+    assert _optimized_ops(out, tmp_path)["BatchNormalization"] == 0
+
+
+def test_gate_refuses_then_force_writes_without_torch(exported, demo_root, tmp_path):
+    _, model = exported
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for source in sorted((demo_root / "scene_tags" / "train").glob("*.jpg"))[:4]:
+        (calibration / source.name).write_bytes(source.read_bytes())
+    (calibration / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    (calibration / "empty.png").write_bytes(b"")
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(NO_TORCH)
+    out = tmp_path / "model.int8.onnx"
+    data = {"disgusting": demo_root / "disgusting" / "test.jsonl", "thriller": demo_root / "thriller" / "val.jsonl",
+            "scene_tags": demo_root / "scene_tags" / "test.jsonl", "sharpness": model.parent / "sharpness" / "test"}
+    command = [sys.executable, str(REPO / "tools" / "quantize.py"), str(model), "-o", str(out), "--calibration",
+               str(calibration), *[f"--eval={name}={path}" for name, path in data.items()]]
+    env = {"PYTHONPATH": f"{tmp_path / 'blocker'}:{REPO}", "PATH": "/usr/bin:/bin"}
+    refused = subprocess.run([*command, "--max-ap-drop", "-1"], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stderr
+    assert not out.exists()
+    assert "refused: disgusting: ap" in refused.stderr and "the budget is -1.0" in refused.stderr
+    assert "NOT written" in refused.stderr
+    forced = subprocess.run([*command, "--max-ap-drop", "-1", "--force"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert forced.returncode == 0, forced.stderr
+    record = _metadata(out)["quantization"]
+    assert record["forced"] and record["max_drop"] == -1.0
+    assert record["calibration"]["images"] == 4 and record["calibration"]["undecodable"] == 2
+    assert record["tasks"]["thriller"]["split"] == "given"
+    assert record["tasks"]["disgusting"]["thresholds"]["chosen_on"].startswith("kept")
+
+
+def test_undecodable_calibration_images_are_counted_and_skipped(demo_root, tmp_path):
+    (tmp_path / "bad.jpg").write_text("not an image")
+    (tmp_path / "images.jsonl").write_text(
+        "\n".join(json.dumps({"image": str(p)}) for p in sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[:3]))
+    images, bad = calibration_images([tmp_path / "images.jsonl", tmp_path / "bad.jpg"], 10, 32)
+    assert images.shape == (3, 3, 32, 32) and images.dtype == np.uint8
+    assert len(bad) == 1 and "bad.jpg" in bad[0]
+
+
+def test_labels_must_agree_and_graded_truth_is_the_grade_index(exported):
+    registry, model = exported
+    entries = Predictor(model).tasks
+    cfg = load_config(registry)
+    cfg.tasks[1].labels = list(reversed(cfg.tasks[1].labels))
+    with pytest.raises(ValueError, match="task thriller: the model's labels"):
+        task_data_from_config(cfg, entries)
+    paths, truth = read_labeled(model.parent / "sharpness" / "test", entries[3])
+    # Folders in name order: blurry (grade 0), sharp (2), soft (1).
+    assert [p.parent.name for p in paths[::4]] == ["blurry", "sharp", "soft"]
+    assert truth[:, 0].tolist() == [0] * 4 + [2] * 4 + [1] * 4
+
+
+def test_branched_batchnorms_fold_into_their_convolutions(exported, tmp_path):
+    """onnxruntime's optimised fp32 graph keeps no BatchNormalization node. (On this model the
+    stacked batch kept all 18 branched ones; without a convolution of their own, the 6 after the
+    two convolutions that every task's copy of level 2 applies to the shared input stayed.)"""
+    _, model = exported
+    assert _optimized_ops(model, tmp_path)["BatchNormalization"] == 0

@@ -1,0 +1,98 @@
+"""Quantize an exported model to int8 (static QDQ, per-channel), behind an accuracy gate.
+
+    python tools/quantize.py MODEL.onnx --calibration FOLDER_OR_MANIFEST [...]
+        [--registry REGISTRY_OR_RUN | --eval TASK=FOLDER_OR_MANIFEST ...] [-o MODEL.int8.onnx]
+        [--max-ap-drop 0.005] [--force] [--calibration-images 256]
+
+Calibration images (folders, searched recursively, or JSONL manifests; training images of
+every task, not the test splits) go through the runtime's own preprocessing; undecodable ones
+are counted and skipped. Every task is scored
+in fp32 and int8 by its kind's metric (binary: AP; multi-label: mAP; graded: mean boundary
+AP) on its test split (else val) from the registry the model was trained with: by default the
+run folder next to MODEL.onnx (its config/resolved.json); --registry names a run folder or a
+registry YAML (a YAML needs the training install); --eval gives each task's data instead.
+The int8 file is written only when no task drops by more than --max-ap-drop (exit code 1
+otherwise, naming the task and its drop) unless --force. Thresholds are chosen again on the
+int8 scores of each task's val split; the int8 file's metadata records precision, calibration,
+every task's fp32 and int8 metric and drop, and the thresholds. Needs no torch: the runtime
+install plus onnx (pip install "waterdrop[quantize]").
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    from waterdrop.quantize import DEFAULT_MAX_DROP, TaskData, load_config, quantize, task_data_from_config
+except ModuleNotFoundError as err:  # onnx is no dependency of the runtime install
+    sys.exit(f"error: quantization needs onnx beside the runtime ({err}); pip install \"waterdrop[quantize]\"")
+from waterdrop.runtime import Predictor
+
+
+def tasks_to_measure(args: argparse.Namespace) -> dict[str, TaskData]:
+    entries = Predictor(args.model).tasks
+    if args.eval:
+        pairs = [item.split("=", 1) for item in args.eval]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"--eval takes TASK=FOLDER_OR_MANIFEST, got {args.eval}")
+        known = [entry["name"] for entry in entries]
+        unknown = [name for name, _ in pairs if name not in known]
+        if unknown:
+            raise ValueError(f"--eval names tasks {unknown}; the model's tasks are {', '.join(known)}")
+        return {name: TaskData(name, Path(path), "given") for name, path in pairs}
+    source = Path(args.registry) if args.registry else Path(args.model).parent
+    return task_data_from_config(load_config(source), entries)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the fp32 ONNX file written by tools/export.py")
+    parser.add_argument("--calibration", required=True, nargs="+", metavar="FOLDER_OR_MANIFEST",
+                        help="calibration images: folders or JSONL manifests, drawn from at random")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--registry", help="a run folder or a registry YAML giving the tasks' data (default: the "
+                        "run folder of MODEL)")
+    source.add_argument("--eval", action="append", metavar="TASK=PATH",
+                        help="a task's evaluation data (folder per label or JSONL manifest); once per task")
+    parser.add_argument("-o", "--output", help="the int8 file (default: MODEL.int8.onnx)")
+    parser.add_argument("--max-ap-drop", type=float, default=DEFAULT_MAX_DROP,
+                        help=f"largest allowed drop of any task's metric (default {DEFAULT_MAX_DROP})")
+    parser.add_argument("--force", action="store_true", help="write the int8 file even when a task drops more")
+    parser.add_argument("--calibration-images", type=int, default=256, help="how many images calibrate (256)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
+    try:
+        record = quantize(args.model, output, args.calibration, tasks_to_measure(args), args.max_ap_drop, args.force,
+                          args.calibration_images, args.batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    calibration = record["calibration"]
+    print(f"calibrated on {calibration['images']} images of {', '.join(calibration['sources'])}"
+          + (f"; {calibration['undecodable']} undecodable, skipped" if calibration["undecodable"] else ""))
+    print("| task | metric | split | images | fp32 | int8 | drop |\n|---|---|---|---|---|---|---|")
+    for name, task in record["tasks"].items():
+        values = [task["fp32"], task["int8"], task["drop"]]
+        print(f"| {name} | {task['metric']} | {task['split']} | {task['images']} | "
+              + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values) + " |")
+    for name, task in record["tasks"].items():
+        chosen = task["thresholds"]
+        if chosen and isinstance(chosen["int8"], dict):
+            change = max(abs(chosen["int8"][k] - chosen["fp32"][k]) for k in chosen["int8"])
+            print(f"{name}: thresholds per label, {chosen['chosen_on']}; largest change from fp32 {change:.4f}")
+        elif chosen:
+            print(f"{name}: threshold {chosen['chosen_on']}: fp32 {chosen['fp32']:.4f} -> int8 {chosen['int8']:.4f}")
+    for failure in record["failures"]:
+        print(f"{'over the budget (written anyway, --force)' if args.force else 'refused'}: {failure}",
+              file=sys.stderr)
+    if not record["written"]:
+        print(f"{output} NOT written: int8 loses more than {args.max_ap_drop} on a task (--force writes it anyway)"
+              + (f"; the older {output} is left as it was" if output.exists() else ""), file=sys.stderr)
+        return 1
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Static int8 quantization of an exported model, behind an accuracy gate; torch-free.
+
+The fp32 file is pre-processed (``quant_pre_process``: onnxruntime's basic optimisations,
+BatchNorm folding included, and shape inference) and quantized with onnxruntime's
+``quantize_static``: QDQ format, per-channel int8 weights, uint8 activations, MinMax ranges
+calibrated on real images that go through exactly the runtime's preprocessing
+(``read_image`` + ``to_model_input`` at the model's size). Both files are then scored with
+onnxruntime on every task's evaluation data, each task by its kind's validation metric (AP,
+mAP, mean boundary AP); the int8 file is written only when no task loses more than the budget.
+Thresholds are chosen again on the int8 scores of each task's val split, with the kind's own
+rule (``TaskKind.report``, as ``tools/eval.py`` does). Needs the runtime install plus ``onnx``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from waterdrop.config import RegistryConfig, TaskConfig, config_from_dict, load_registry
+from waterdrop.evaluation.metrics import json_safe
+from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.kinds import kind_of
+from waterdrop.runtime import METADATA_KEY, Predictor
+
+DEFAULT_MAX_DROP = 0.005
+# The trunk's operators. The heads' Gemm/MatMul, Sigmoid and Softmax stay fp32 (they cost
+# little): quantized, the probabilities would take 256 values at most, and the ties would move
+# AP and make thresholds coarse.
+QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool"]
+METHOD = ("onnxruntime quantize_static: QDQ, per-channel int8 weights (QInt8), uint8 activations (QUInt8), "
+          f"MinMax calibration; quantized ops: {', '.join(QUANTIZED_OPS)}")
+
+
+@dataclass
+class TaskData:
+    """Where one task is measured. ``gate``: the data the metric is compared on (the test split,
+    else val); ``val``: where thresholds are chosen again (None keeps the fp32 file's);
+    ``config``: the task's config, whose deploy target the kind's threshold rule reads."""
+
+    name: str
+    gate: Path
+    gate_split: str
+    val: Path | None = None
+    config: TaskConfig | None = None
+
+
+def load_config(path: str | Path) -> RegistryConfig:
+    """A run folder or its ``config/resolved.json`` (torch-free), or a registry YAML (loading it
+    checks the heads, which imports torch: the training install)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config" / "resolved.json"
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"{path}: not found; give a run folder, its config/resolved.json or a registry YAML")
+        return config_from_dict(json.loads(path.read_text()))
+    try:
+        return load_registry(path)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"reading the registry YAML {path} needs the training install ({err}); with the runtime "
+                         "install give the run folder (its config/resolved.json) or --eval TASK=PATH") from err
+
+
+def task_data_from_config(cfg: RegistryConfig, entries: list[dict]) -> dict[str, TaskData]:
+    """Each model task's test split (else val) and val split from ``cfg``, whose tasks must have
+    the model's labels in the same order."""
+    tasks = {task.name: task for task in cfg.tasks}
+    data = {}
+    for entry in entries:
+        task = tasks.get(entry["name"])
+        if task is None:
+            raise ValueError(f"task {entry['name']} of the model is not in {cfg.file}")
+        if task.labels != entry["labels"] or task.negative_label != entry["negative_label"]:
+            raise ValueError(f"task {task.name}: the model's labels {entry['labels']} (negative "
+                             f"'{entry['negative_label']}') differ from {cfg.file}'s {task.labels} (negative "
+                             f"'{task.negative_label}')")
+        split = "test" if task.test is not None else "val"
+        data[task.name] = TaskData(task.name, task.test or task.val, split, task.val, task)
+    return data
+
+
+def _manifest(path: Path) -> list[tuple[Path, list[str], list[str]]]:
+    """(image, labels, missing) of every line of a JSONL manifest, paths relative to it. Read here:
+    ``waterdrop.data.dataset`` imports torch."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+                    raise ValueError("expected an object with an 'image' path")
+                names, missing = ([v] if isinstance(v, str) else list(v)
+                                  for v in (item.get("labels", []), item.get("missing", [])))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{path}:{lineno}: {err}") from err
+            rows.append((path.parent / item["image"], names, missing))
+    return rows
+
+
+def _listed(source: Path) -> list[tuple[Path, list[str], list[str]]]:
+    """A JSONL manifest, or a folder with one sub-folder per label (its name is the label)."""
+    if source.is_file() and source.suffix == ".jsonl":
+        rows = _manifest(source)
+    elif source.is_dir():
+        folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+        rows = [(path, [folder.name], []) for folder in folders for path in list_images(folder)]
+    else:
+        raise ValueError(f"{source}: expected a .jsonl manifest or a folder with one sub-folder per label")
+    if not rows:
+        raise ValueError(f"{source}: no images listed")
+    return rows
+
+
+def read_labeled(source: Path, entry: dict) -> tuple[list[Path], np.ndarray]:
+    """Image paths and one truth row per image, as the task's head scores them: per decision
+    (binary: 1/0; multi-label: 1/0/-1 per tag) or, for a kind without decisions (graded), the
+    index of the image's one label (as ``GradedHead.encode_target``)."""
+    kind, paths, rows = kind_of(entry["kind"]), [], []
+    for path, names, missing in _listed(source):
+        try:
+            if kind.decisions(entry):
+                rows.append(kind.decision_truth(entry, names, missing))
+            elif len(names) == 1 and not missing and names[0] in entry["labels"]:
+                rows.append(np.array([entry["labels"].index(names[0])]))
+            else:
+                raise ValueError(f"expected one of {', '.join(entry['labels'])}, got {names}")
+        except ValueError as err:
+            raise ValueError(f"{source}: {path.name}: {err}") from err
+        paths.append(path)
+    return paths, np.stack(rows)
+
+
+def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Up to ``count`` decodable images of folders (recursive), JSONL manifests or files, drawn in
+    a seeded random order (a folder sorted by class would otherwise calibrate on one class),
+    preprocessed as the runtime does (uint8 NCHW, exact: the runtime's float32 holds the same
+    integers); and the undecodable ones met on the way, with the reason."""
+    paths = [row[0] if source.suffix == ".jsonl" else row for source in map(Path, sources)
+             for row in (_manifest(source) if source.suffix == ".jsonl" else list_images(source))]
+    if not paths:
+        raise ValueError(f"{', '.join(map(str, sources))}: no images found")
+    images, bad = [], []
+    for index in np.random.default_rng(seed).permutation(len(paths)):
+        if len(images) == count:
+            break
+        try:
+            images.append(to_model_input([read_image(paths[index])], size)[0].astype(np.uint8))
+        except ImageDecodeError as err:
+            bad.append(str(err))
+    if not images:
+        raise ValueError(f"none of the {len(paths)} calibration images could be decoded")
+    return np.stack(images), bad
+
+
+class ImageReader(CalibrationDataReader):
+    """Feeds the calibration images to onnxruntime's calibrator, ``batch_size`` at a time."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16):
+        self.images, self.batch_size, self.start = images, batch_size, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.start >= len(self.images):
+            return None
+        batch = self.images[self.start:self.start + self.batch_size].astype(np.float32)
+        self.start += self.batch_size
+        return {"image": batch}
+
+    def rewind(self) -> None:
+        self.start = 0
+
+
+def quantize_file(source: Path, target: Path, images: np.ndarray) -> None:
+    """Write the int8 QDQ model of ``source`` to ``target`` (same outputs and metadata)."""
+    with tempfile.TemporaryDirectory(prefix="waterdrop-quantize-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Symbolic shape inference fails on these graphs; onnx's own shape inference still runs.
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(target), ImageReader(images), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=QUANTIZED_OPS, calibrate_method=CalibrationMethod.MinMax)
+
+
+def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
+                batch_size: int = 16) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Each model's ``prob`` output for one task over a split (images decoded once for all of
+    them), the truth, and the undecodable images (left out, as evaluation does)."""
+    paths, truth = read_labeled(source, entry)
+    size, output = next(iter(predictors.values())).size, entry["outputs"]["prob"]
+    kept, bad, scores = [], [], {name: [] for name in predictors}
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for index in range(start, min(start + batch_size, len(paths))):
+            try:
+                images.append(read_image(paths[index]))
+                kept.append(index)
+            except ImageDecodeError as err:
+                bad.append(str(err))
+        if images:
+            batch = to_model_input(images, size)
+            for name, predictor in predictors.items():
+                scores[name].append(predictor.session.run([output], {"image": batch})[0])
+    if not kept:
+        raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")
+    scores = {name: np.concatenate(chunks) for name, chunks in scores.items()}
+    truth = truth[kept]
+    if next(iter(scores.values())).ndim == 1 or not kind_of(entry["kind"]).decisions(entry):
+        truth = truth[:, 0]  # binary and graded scores take one truth value per image
+    return scores, truth, bad
+
+
+def task_metric(entry: dict, scores: np.ndarray, truth: np.ndarray) -> tuple[str, float]:
+    """The kind's primary validation metric (AP, mAP, mean boundary AP) and its name."""
+    metrics, primary = kind_of(entry["kind"]).validation_metrics(scores, truth)
+    return next((name for name, value in metrics.items() if value == primary), "metric"), float(primary)
+
+
+def _set_decision_threshold(model: onnx.ModelProto, output: str, value: float) -> None:
+    """Cascade tasks decide ``prob >= threshold`` inside the graph; give that node ``value``."""
+    node = next((n for n in model.graph.node if output in n.output), None)
+    if node is None or node.op_type != "GreaterOrEqual":
+        raise ValueError(f"{output}: expected a GreaterOrEqual node to carry the cascade's threshold")
+    old, node.input[1] = node.input[1], f"{output}.threshold"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, dtype=np.float32), node.input[1]))
+    if not any(old in n.input for n in model.graph.node):  # else onnxruntime warns about it at every load
+        for unused in [t for t in model.graph.initializer if t.name == old]:
+            model.graph.initializer.remove(unused)
+
+
+def quantize(model_path: str | Path, output_path: str | Path, calibration: list[str | Path], tasks: dict[str, TaskData],
+             max_drop: float = DEFAULT_MAX_DROP, force: bool = False, calibration_count: int = 256,
+             batch_size: int = 16) -> dict:
+    """Quantize, score both files, and write the int8 file unless a task drops more than
+    ``max_drop`` (``force`` writes it anyway). Returns the record also stored in the int8 file's
+    metadata (``quantization``), plus ``written`` and ``failures`` (one message per task over the
+    budget).
+
+    Raises:
+        ValueError: a task without evaluation data, unreadable data, labels that disagree.
+    """
+    model_path, output_path = Path(model_path), Path(output_path)
+    if output_path.resolve() == model_path.resolve():
+        raise ValueError(f"{output_path}: the int8 file must not replace the fp32 file")
+    fp32 = Predictor(model_path)
+    missing = [t["name"] for t in fp32.tasks if t["name"] not in tasks]
+    if missing:
+        raise ValueError(f"no evaluation data for tasks {missing}: every task is measured before int8 is written")
+    images, undecodable = calibration_images(calibration, calibration_count, fp32.size)
+    record = {"method": METHOD, "onnxruntime": onnxruntime.__version__, "source": model_path.name,
+              "calibration": {"sources": list(map(str, calibration)), "images": len(images),
+                              "undecodable": len(undecodable), "undecodable_files": undecodable[:20]},
+              "max_drop": max_drop, "tasks": {}}
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="waterdrop-int8-") as tmp:
+        int8_path = Path(tmp) / "model.int8.onnx"
+        quantize_file(model_path, int8_path, images)
+        predictors = {"fp32": fp32, "int8": Predictor(int8_path)}
+        for entry in json.loads(_raw_metadata(onnx.load(str(model_path))))["tasks"]:
+            data = tasks[entry["name"]]
+            scores, truth, bad = score_split(predictors, entry, data.gate, batch_size)
+            metric, before = task_metric(entry, scores["fp32"], truth)
+            after = task_metric(entry, scores["int8"], truth)[1]
+            record["tasks"][entry["name"]] = {
+                "metric": metric, "split": data.gate_split, "source": str(data.gate), "images": len(truth),
+                "undecodable": len(bad), "fp32": before, "int8": after, "drop": before - after,
+                "thresholds": _thresholds(entry, data, predictors, (scores, truth), batch_size)}
+            if math.isnan(before - after):
+                failures.append(f"{entry['name']}: {metric} cannot be measured on {data.gate} (no positives?)")
+            elif before - after > max_drop:
+                failures.append(f"{entry['name']}: {metric} {before:.4f} (fp32) -> {after:.4f} (int8) on its "
+                                f"{data.gate_split} split ({len(truth)} images), a drop of {before - after:.4f}; "
+                                f"the budget is {max_drop}")
+        record.update(forced=bool(failures) and force, written=not failures or force, failures=failures)
+        if record["written"]:
+            _write(int8_path, output_path, record, images[:2])
+    return json_safe(record)
+
+
+def _raw_metadata(model: onnx.ModelProto) -> str:
+    # quantize_static keeps the input's metadata; raw JSON, not Predictor.meta (it holds objects).
+    return {p.key: p.value for p in model.metadata_props}[METADATA_KEY]
+
+
+def _thresholds(entry: dict, data: TaskData, predictors: dict[str, Predictor], gate: tuple,
+                batch_size: int) -> dict | None:
+    """The thresholds the int8 file gets: chosen again on the int8 scores of the val split with
+    the kind's rule (``TaskKind.report``, as ``tools/eval.py`` chooses them) when the val split
+    and the task's deploy target are known, else the fp32 file's. ``fp32_on_val`` is the same
+    rule on the fp32 scores: it shows how much of a change is the data's, not int8's."""
+    kind = kind_of(entry["kind"])
+    if not kind.threshold_key:
+        return None
+    exported = entry[kind.threshold_key]
+    if data.val is None or data.config is None:
+        return {"fp32": exported, "int8": exported, "chosen_on": "kept: no val split and deploy target given"}
+    scores, truth = gate if data.val == data.gate else score_split(predictors, entry, data.val, batch_size)[:2]
+    return {"fp32": exported, "int8": kind.thresholds(kind.report(data.config, scores["int8"], truth)),
+            "fp32_on_val": kind.thresholds(kind.report(data.config, scores["fp32"], truth)), "chosen_on": "val"}
+
+
+def _write(int8_path: Path, output_path: Path, record: dict, images: np.ndarray) -> None:
+    """Save the int8 model with its metadata (precision, the record, the int8 thresholds, which
+    a cascade task also decides with inside the graph), then check that the runtime serves it."""
+    model = onnx.load(str(int8_path))
+    meta = json.loads(_raw_metadata(model))
+    for entry in meta["tasks"]:
+        chosen = record["tasks"][entry["name"]]["thresholds"]
+        if chosen is not None:
+            entry[kind_of(entry["kind"]).threshold_key] = chosen["int8"]
+        if "decision" in entry["outputs"]:
+            _set_decision_threshold(model, entry["outputs"]["decision"], float(chosen["int8"]))
+    meta["precision"] = "int8"
+    meta["quantization"] = json_safe({k: v for k, v in record.items() if k not in ("written", "failures")})
+    next(p for p in model.metadata_props if p.key == METADATA_KEY).value = json.dumps(meta)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(output_path))
+    Predictor(output_path).predict_batch(images.astype(np.float32), [(images.shape[-1],) * 2] * len(images))
