@@ -55,5 +55,6 @@ setup(
     install_requires=RUNTIME,
     # `scan` (tools/scan.py): Parquet shards; Ray Data (its `data` extra brings pandas) for cluster scans.
     extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "ruff>=0.6"],
+                    "quantize": ["onnx==1.23.2"],  # tools/quantize.py beside the runtime install (no torch)
                     "scan": ["pyarrow==26.0.1", "ray[data]==2.60.0"]},
 )

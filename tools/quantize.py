@@ -78,11 +78,13 @@ def main() -> int:
               + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values) + " |")
     for name, task in record["tasks"].items():
         chosen = task["thresholds"]
-        if chosen and isinstance(chosen["int8"], dict):
+        if chosen and chosen["chosen_on"] != "val":
+            print(f"{name}: thresholds {chosen['chosen_on']}")
+        elif chosen and isinstance(chosen["int8"], dict):
             change = max(abs(chosen["int8"][k] - chosen["fp32"][k]) for k in chosen["int8"])
-            print(f"{name}: thresholds per label, {chosen['chosen_on']}; largest change from fp32 {change:.4f}")
+            print(f"{name}: thresholds per label chosen again on val; largest change from fp32 {change:.4f}")
         elif chosen:
-            print(f"{name}: threshold {chosen['chosen_on']}: fp32 {chosen['fp32']:.4f} -> int8 {chosen['int8']:.4f}")
+            print(f"{name}: threshold chosen again on val: fp32 {chosen['fp32']:.4f} -> int8 {chosen['int8']:.4f}")
     for failure in record["failures"]:
         print(f"{'over the budget (written anyway, --force)' if args.force else 'refused'}: {failure}",
               file=sys.stderr)

@@ -308,7 +308,7 @@ def _thresholds(entry: dict, data: TaskData, predictors: dict[str, Predictor], g
         return None
     exported = entry[kind.threshold_key]
     if data.val is None or data.config is None:
-        return {"fp32": exported, "int8": exported, "chosen_on": "kept: no val split and deploy target given"}
+        return {"fp32": exported, "int8": exported, "chosen_on": "kept from the fp32 file (no val split given)"}
     scores, truth = gate if data.val == data.gate else score_split(predictors, entry, data.val, batch_size)[:2]
     return {"fp32": exported, "int8": kind.thresholds(kind.report(data.config, scores["int8"], truth)),
             "fp32_on_val": kind.thresholds(kind.report(data.config, scores["fp32"], truth)), "chosen_on": "val"}
