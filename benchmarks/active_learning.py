@@ -281,7 +281,25 @@ def report(results: dict, settings: dict) -> list[str]:
                 + " | ".join(reached(entry["curves"][s], target) for s in strategies)
                 + " |"
             )
+        lines += [
+            "",
+            "What each strategy picked (from the model of the round before) and how well the loss "
+            "prediction module ranked the unlabeled pool (Spearman of the predicted loss with the "
+            "cross-entropy of the prediction):",
+            "",
+            "| labels after | strategy | positives picked | picks in the default band | Spearman |",
+            "|---|---|---|---|---|",
+        ]
+        for strategy in strategies:
+            for point in entry["curves"][strategy][1:]:
+                if "positives_chosen" in point:
+                    lines.append(
+                        f"| {point['labels']} | {strategy} | {point['positives_chosen']} / {entry['budget']} "
+                        f"| {point['in_default_band']} | {point['spearman_predicted_vs_true_loss']:.2f} |"
+                    )
         lines.append("")
+    minutes = settings.get("wall_minutes", sum(e.get("wall_minutes", 0) for e in results.values()))
+    lines.append(f"Wall time of the whole benchmark: {minutes:.1f} min.")
     return lines
 
 
@@ -331,7 +349,12 @@ def main() -> int:
     parser.add_argument("--val-size", type=int, default=120, help="validation images per task (stratified; 0 = all)")
     parser.add_argument("--machine-note", default="", help="added to the machine's name in the report")
     parser.add_argument("--out", default=str(REPO / "work_dirs" / "active_learning"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite report.md and the plot from results.json")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((Path(args.out) / "results.json").read_text())
+        write_report(Path(args.out), saved["results"], saved["settings"])
+        return 0
     args.pool_size, args.val_size = args.pool_size or None, args.val_size or None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,12 +390,17 @@ def main() -> int:
     for task_name in args.tasks:
         for seed in args.seeds:
             simulate(task_name, args, seed, results, save)
+    settings["wall_minutes"] = (time.perf_counter() - began) / 60
+    save()
+    write_report(out, results, settings)
+    return 0
+
+
+def write_report(out: Path, results: dict, settings: dict) -> None:
     lines = report(results, settings)
-    lines.append(f"Wall time of the whole benchmark: {(time.perf_counter() - began) / 60:.1f} min.")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "active_learning.png")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
