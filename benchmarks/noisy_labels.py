@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "work_dirs" / "noisy_labels"))
     args = parser.parse_args()
-    out, data = Path(args.out), Path(args.data).resolve()
+    out, data = Path(args.out).resolve(), Path(args.data).resolve()  # task YAMLs need absolute paths
     registry = yaml.safe_load((REPO / "registry.yaml").read_text())
     registry["model"]["input_size"] = args.input_size
     registry["train"].update(epochs=args.epochs, seed=args.seed, log_interval=1000)
@@ -151,6 +151,8 @@ def main() -> None:
         clean_key = f"{name}/clean"
         if clean_key not in results:
             results[clean_key] = {"clean_ap": run_one(registry, copy.deepcopy(task), out / name / "clean")["test_ap"]}
+            out.mkdir(parents=True, exist_ok=True)
+            results_file.write_text(json.dumps(results, indent=2))
         for rate in args.noise:
             key = f"{name}/{rate}"
             print(f"{key}: {round(rate * len(records))} of {len(records)} training labels flipped", flush=True)

@@ -178,7 +178,7 @@ def test_labeled_manifest_truth_and_its_errors(tmp_path):
     manifest.write_text('{"image": "a.jpg", "labels": ["sky"], "missing": ["boat"]}\n')
     assert read_pool(manifest, _tags(["sky", "boat", "tree"]))[1].tolist() == [[1, -1, 0]]
     manifest.write_text('{"image": "a.jpg", "labels": ["insects"]}\n{"image": "b.jpg", "labels": ["zebra"]}\n')
-    with pytest.raises(ValueError, match=r"recalls.jsonl:2: unknown label 'zebra'"):
+    with pytest.raises(ValueError, match=r"recalls.jsonl: image 2 \(.*b.jpg\): unknown label 'zebra'"):
         read_pool(manifest, task)
 
 

@@ -10,7 +10,6 @@ out and listed with the reason, never a crash.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from waterdrop.data.manifest import read_manifest
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
 
@@ -127,26 +127,16 @@ def read_pool(pool: str | Path, task: TaskInfo) -> tuple[list[Path], np.ndarray 
         return paths, None
     if not (pool.is_file() and pool.suffix == ".jsonl"):
         raise ValueError(f"{pool}: expected a folder of images or a .jsonl manifest")
-    # Read here rather than with waterdrop.data.dataset.read_manifest: that module imports
-    # torch, and selection on an ONNX file must run with the runtime install alone.
-    paths, rows = [], []
-    with open(pool, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                if not isinstance(item, dict) or not isinstance(item.get("image"), str) or "labels" not in item:
-                    raise ValueError("expected an object with 'image' and 'labels'")
-                names, missing = item["labels"], item.get("missing", [])
-                names, missing = ([v] if isinstance(v, str) else list(v) for v in (names, missing))
-                if task.decisions:
-                    rows.append(task.truth(names, missing))
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"{pool}:{lineno}: {err}") from err
-            paths.append(pool.parent / item["image"])
-    if not paths:
+    records = read_manifest(pool)
+    if not records:
         raise ValueError(f"{pool}: no images listed")
+    rows = []
+    for number, record in enumerate(records, 1) if task.decisions else ():
+        try:
+            rows.append(task.truth(record.labels, record.missing))
+        except ValueError as err:
+            raise ValueError(f"{pool}: image {number} ({record.path}): {err}") from err
+    paths = [record.path for record in records]
     return paths, np.stack(rows) if rows else None
 
 
