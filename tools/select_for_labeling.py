@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from waterdrop.curation.pool_scores import open_model, read_pool, score_pool
-from waterdrop.curation.selection import STRATEGIES, select, write_selection
+from waterdrop.curation.selection import STRATEGIES, plan, select, write_selection
 
 
 def main() -> int:
@@ -44,6 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         scorer = open_model(args.model, args.task)
+        plan(scorer.task, args.budget, args.strategy, args.threshold)  # refuse before scoring the pool
         paths, truth = read_pool(args.pool, scorer.task)
         scores = score_pool(scorer, paths, truth, args.batch_size, args.workers)
         selection = select(scores, scorer.task, args.budget, args.strategy, args.low, args.high, args.threshold)

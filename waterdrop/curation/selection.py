@@ -156,6 +156,39 @@ def resolve_strategy(strategy: str, task: TaskInfo) -> str:
     return "band"
 
 
+def plan(task: TaskInfo, budget: int, strategy: str = "auto",
+         threshold: float | None = None) -> tuple[str, np.ndarray | None]:
+    """The strategy ``select`` will run and the thresholds it uses. Called before the pool is
+    scored too, so that what the task or the model cannot serve is refused at once.
+
+    Raises:
+        ValueError: a budget under 1, or a strategy the task or the model cannot serve; the
+            message says what to do.
+    """
+    if budget < 1:
+        raise ValueError(f"the budget must be at least 1 image, got {budget}")
+    strategy = resolve_strategy(strategy, task)
+    thresholds = np.full(len(task.decisions), float(threshold)) if threshold is not None else task.thresholds
+    if strategy in ("band", "union"):
+        if not task.decisions:
+            raise ValueError(
+                f"task {task.name} is {task.kind}: it chooses no threshold, hence no confidence band; use "
+                "--strategy loss (the task needs loss_prediction)"
+            )
+        if thresholds is None:
+            raise ValueError(
+                f"no threshold recorded for task {task.name}; evaluate the checkpoint first "
+                "(tools/eval.py records them) or pass --threshold"
+            )
+    if strategy in ("loss", "union") and not task.has_predicted_loss:
+        raise ValueError(
+            f"the model has no {task.name}.predicted_loss output; set loss_prediction in the task "
+            f"YAML (e.g. 'loss_prediction: {{}}' in tasks/{task.name}.yaml), retrain and export "
+            "again, or use --strategy band"
+        )
+    return strategy, thresholds
+
+
 def select(
     scores: PoolScores,
     task: TaskInfo,
@@ -181,34 +214,15 @@ def select(
         ValueError: a strategy the task or the model cannot serve, or a bad band; the message
             says what to do.
     """
-    if budget < 1:
-        raise ValueError(f"the budget must be at least 1 image, got {budget}")
-    strategy = resolve_strategy(strategy, task)
-    thresholds = np.full(len(task.decisions), float(threshold)) if threshold is not None else task.thresholds
+    strategy, thresholds = plan(task, budget, strategy, threshold)
     rankings, band = [], (None, None)
     if strategy in ("band", "union"):
-        if not task.decisions:
-            raise ValueError(
-                f"task {task.name} is {task.kind}: it chooses no threshold, hence no confidence band; use "
-                "--strategy loss (the task needs loss_prediction)"
-            )
-        if thresholds is None:
-            raise ValueError(
-                f"no threshold recorded for task {task.name}; evaluate the checkpoint first "
-                "(tools/eval.py records them) or pass --threshold"
-            )
         band = _band(thresholds, low, high)
         if scores.truth is not None:
             rankings.append(hard_ranking(scores.probs, scores.truth, thresholds, *band))
         else:
             rankings.append(band_ranking(scores.probs, thresholds, *band))
     if strategy in ("loss", "union"):
-        if not task.has_predicted_loss:
-            raise ValueError(
-                f"the model has no {task.name}.predicted_loss output; set loss_prediction in the task "
-                f"YAML (e.g. 'loss_prediction: {{}}' in tasks/{task.name}.yaml), retrain and export "
-                "again, or use --strategy band"
-            )
         rankings.append(
             loss_ranking(scores.predicted_loss, scores.probs if thresholds is not None else None, thresholds)
         )
