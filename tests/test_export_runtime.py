@@ -18,6 +18,13 @@ from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.task_bn import TaskBatchNorm
 
 REPO = Path(__file__).resolve().parents[1]
+# A sitecustomize.py that makes torch unimportable in a subprocess (the runtime install has none).
+NO_TORCH = ("import sys\n"
+            "class _NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch is blocked in this test')\n"
+            "sys.meta_path.insert(0, _NoTorch())\n")
 THRESHOLDS = {"disgusting": 0.4, "thriller": 0.3, "scene_tags": {t: 0.5 for t in
                                                 ["sky", "cloud", "grass", "water", "boat", "tree", "forest",
                                                  "building", "glasses", "ball"]}}
@@ -149,13 +156,7 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
     _, _, path, _ = exported
     blocker = tmp_path / "blocker"
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, _NoTorch())\n")
+    (blocker / "sitecustomize.py").write_text(NO_TORCH)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     huge = huge_png(tmp_path / "huge.png")

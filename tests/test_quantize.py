@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import edit_task, write_registry
-from tests.test_export_runtime import distinct_task_norms
+from tests.test_export_runtime import NO_TORCH, distinct_task_norms
 from waterdrop.config import load_registry
 from waterdrop.export import METADATA_KEY, export_onnx
 from waterdrop.model.multitask import MultiTaskNet
@@ -24,13 +24,6 @@ from waterdrop.runtime import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 GRADES = ["blurry", "soft", "sharp"]
-# torch made unimportable in a subprocess: quantization must run on the runtime install (plus onnx).
-NO_TORCH = ("import sys\n"
-            "class _NoTorch:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ImportError('torch is blocked in this test')\n"
-            "sys.meta_path.insert(0, _NoTorch())\n")
 
 
 def _grades(root: Path) -> Path:
@@ -155,8 +148,8 @@ def test_gate_refuses_then_force_writes_without_torch(exported, demo_root, tmp_p
 
 def test_undecodable_calibration_images_are_counted_and_skipped(demo_root, tmp_path):
     (tmp_path / "bad.jpg").write_text("not an image")
-    (tmp_path / "images.jsonl").write_text(
-        "\n".join(json.dumps({"image": str(p)}) for p in sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[:3]))
+    good = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[:3]
+    (tmp_path / "images.jsonl").write_text("\n".join(json.dumps({"image": str(p), "labels": []}) for p in good))
     images, bad = calibration_images([tmp_path / "images.jsonl", tmp_path / "bad.jpg"], 10, 32)
     assert images.shape == (3, 3, 32, 32) and images.dtype == np.uint8
     assert len(bad) == 1 and "bad.jpg" in bad[0]

@@ -32,6 +32,7 @@ from onnxruntime.quantization import (
 )
 
 from waterdrop.config import RegistryConfig, TaskConfig, config_from_dict, load_registry
+from waterdrop.data.manifest import Record, read_manifest
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
@@ -94,46 +95,27 @@ def task_data_from_config(cfg: RegistryConfig, entries: list[dict]) -> dict[str,
     return data
 
 
-def _manifest(path: Path) -> list[tuple[Path, list[str], list[str]]]:
-    """(image, labels, missing) of every line of a JSONL manifest, paths relative to it. Read here:
-    ``waterdrop.data.dataset`` imports torch."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                if not isinstance(item, dict) or not isinstance(item.get("image"), str):
-                    raise ValueError("expected an object with an 'image' path")
-                names, missing = ([v] if isinstance(v, str) else list(v)
-                                  for v in (item.get("labels", []), item.get("missing", [])))
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: {err}") from err
-            rows.append((path.parent / item["image"], names, missing))
-    return rows
-
-
-def _listed(source: Path) -> list[tuple[Path, list[str], list[str]]]:
+def _records(source: Path) -> list[Record]:
     """A JSONL manifest, or a folder with one sub-folder per label (its name is the label)."""
     if source.is_file() and source.suffix == ".jsonl":
-        rows = _manifest(source)
+        records = read_manifest(source)
     elif source.is_dir():
         folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-        rows = [(path, [folder.name], []) for folder in folders for path in list_images(folder)]
+        records = [Record(path, [folder.name]) for folder in folders for path in list_images(folder)]
     else:
         raise ValueError(f"{source}: expected a .jsonl manifest or a folder with one sub-folder per label")
-    if not rows:
+    if not records:
         raise ValueError(f"{source}: no images listed")
-    return rows
+    return records
 
 
 def read_labeled(source: Path, entry: dict) -> tuple[list[Path], np.ndarray]:
     """Image paths and one truth row per image, as the task's head scores them: per decision
     (binary: 1/0; multi-label: 1/0/-1 per tag) or, for a kind without decisions (graded), the
     index of the image's one label (as ``GradedHead.encode_target``)."""
-    kind, paths, rows = kind_of(entry["kind"]), [], []
-    for path, names, missing in _listed(source):
+    kind, records, rows = kind_of(entry["kind"]), _records(source), []
+    for record in records:
+        names, missing = record.labels, record.missing
         try:
             if kind.decisions(entry):
                 rows.append(kind.decision_truth(entry, names, missing))
@@ -142,9 +124,8 @@ def read_labeled(source: Path, entry: dict) -> tuple[list[Path], np.ndarray]:
             else:
                 raise ValueError(f"expected one of {', '.join(entry['labels'])}, got {names}")
         except ValueError as err:
-            raise ValueError(f"{source}: {path.name}: {err}") from err
-        paths.append(path)
-    return paths, np.stack(rows)
+            raise ValueError(f"{source}: {record.path.name}: {err}") from err
+    return [record.path for record in records], np.stack(rows)
 
 
 def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -152,8 +133,8 @@ def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0
     a seeded random order (a folder sorted by class would otherwise calibrate on one class),
     preprocessed as the runtime does (uint8 NCHW, exact: the runtime's float32 holds the same
     integers); and the undecodable ones met on the way, with the reason."""
-    paths = [row[0] if source.suffix == ".jsonl" else row for source in map(Path, sources)
-             for row in (_manifest(source) if source.suffix == ".jsonl" else list_images(source))]
+    paths = [path for source in map(Path, sources) for path in (
+        [record.path for record in read_manifest(source)] if source.suffix == ".jsonl" else list_images(source))]
     if not paths:
         raise ValueError(f"{', '.join(map(str, sources))}: no images found")
     images, bad = [], []
