@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from waterdrop.config import ConfigError, load_registry
+from waterdrop.config import ConfigError, config_from_dict, config_to_dict, load_registry
+from waterdrop.engine.checkpoint import RunFolderError, check_resumable
 from waterdrop.registry import registered_heads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,3 +105,20 @@ def test_new_task_is_yaml_only(registry_file, demo_root):
 
 def test_heads_are_registered_by_their_modules():
     assert {"BinaryHead", "MultiLabelHead"} <= set(registered_heads())
+
+
+def test_a_run_recorded_before_a_new_config_key_still_resumes(registry_file, tmp_path):
+    cfg = load_registry(registry_file)
+    old = config_to_dict(cfg)
+    for task in old["tasks"]:
+        del task["loss_prediction"]  # what a checkpoint written before that key holds
+    assert config_to_dict(config_from_dict(old)) == config_to_dict(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"meta": {"waterdrop": {"config": old}}}, run / "epoch_1.pth")
+    (run / "last_checkpoint").write_text(str(run / "epoch_1.pth"))
+    check_resumable(run, cfg)  # no error: the missing key reads as its default
+    old["train"]["epochs"] += 1
+    torch.save({"meta": {"waterdrop": {"config": old}}}, run / "epoch_1.pth")
+    with pytest.raises(RunFolderError, match="train.epochs"):
+        check_resumable(run, cfg)

@@ -23,7 +23,7 @@ from waterdrop.engine.checkpoint import (
     load_net,
 )
 from waterdrop.engine.model import WaterdropModel
-from waterdrop.engine.train import run_training
+from waterdrop.engine.train import build_runner, run_training
 from waterdrop.export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +224,15 @@ def test_training_survives_a_bad_input_corpus_and_names_every_skip(registry_file
         assert int(next(csv.DictReader(f))["skipped_images"]) >= len(bad)
     assert report["disgusting"]["skipped_images"] == sorted(str(p) for p in bad)
     assert report["disgusting"]["count"] == demo_lines["val"] + len(good)  # every image scored once, none twice
+
+
+def test_a_training_set_of_one_batch_trains_without_a_warm_up(tmp_path):
+    from tests.test_noisy import _colour_task
+
+    registry, _ = _colour_task(tmp_path, bad_files=False)
+    settings = yaml.safe_load(registry.read_text())
+    settings["train"].update(batch_size=256, epochs=1, warmup_epochs=0.5)  # half of one iteration
+    registry.write_text(yaml.safe_dump(settings))
+    runner = build_runner(load_registry(registry), tmp_path / "run", printer=lambda *a, **k: None)
+    runner.train()
+    assert (tmp_path / "run" / "epoch_1.pth").is_file()

@@ -90,8 +90,12 @@ def check_resumable(work_dir: Path, cfg: RegistryConfig) -> None:
     if last is None:
         return
     recorded = load_checkpoint(last).get("meta", {}).get("waterdrop", {}).get("config")
+    if recorded is None:
+        return
+    # Read back first: a key added to waterdrop since the run started takes its default there.
+    recorded = config_to_dict(config_from_dict(recorded))
     current = config_to_dict(cfg)
-    if recorded is None or recorded == current:
+    if recorded == current:
         return
     changed = _first_difference(recorded, current)
     raise RunFolderError(f"{work_dir}: the config changed since this run started (first difference: {changed}); "

@@ -81,6 +81,8 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     if train.optimizer == "SGD":
         optimizer["momentum"] = train.momentum
     warmup = min(train.warmup_epochs, epochs)
+    if warmup * len(batch_sampler) < 1:  # a warm-up shorter than one iteration is none (mmengine refuses it)
+        warmup = 0
     schedulers = []
     if warmup > 0:
         schedulers.append({"type": "LinearLR", "start_factor": 0.01, "by_epoch": True, "begin": 0, "end": warmup,
