@@ -162,3 +162,12 @@ def test_clean_data_lists_outliers_for_review(tmp_path):
         listed = [row["path"] for row in csv.DictReader(f)]
     assert len(set(listed) & set(flipped)) >= 0.75 * len(flipped) and len(listed) <= 1.5 * len(flipped), listed
     assert (tmp_path / "out" / "colour_outliers.png").is_file()
+
+
+def test_a_multilabel_task_is_recorded_too(registry_file):
+    cfg = load_registry(registry_file)
+    torch.manual_seed(0)
+    recorded = record_sample_losses(MultiTaskNet(cfg), cfg, "scene_tags", [Phase("normal", 1, lambda done: 1e-3)],
+                                    printer=lambda m: None)
+    fit = recorded.label_prob[np.isfinite(recorded.label_prob)]
+    assert np.isfinite(recorded.losses).all() and len(fit) and ((fit >= 0) & (fit <= 1)).all()

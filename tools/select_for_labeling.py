@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         scorer = open_model(args.model, args.task)
-        plan(scorer.task, args.budget, args.strategy, args.threshold)  # refuse before scoring the pool
+        plan(scorer.task, args.budget, args.strategy, args.threshold, args.low, args.high)  # before scoring
         paths, truth = read_pool(args.pool, scorer.task)
         scores = score_pool(scorer, paths, truth, args.batch_size, args.workers)
         selection = select(scores, scorer.task, args.budget, args.strategy, args.low, args.high, args.threshold)

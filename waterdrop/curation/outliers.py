@@ -36,12 +36,13 @@ def label_outliers(recorded: SampleLosses, max_prob: float = 0.3, settle_epochs:
     return found[np.argsort(mean[found], kind="stable")]
 
 
-def write_outliers(recorded: SampleLosses, found: np.ndarray, out: Path, task_name: str,
-                   top: int = 64) -> dict[str, Path]:
-    """``<task>_outliers.csv`` (every outlier) and a contact sheet of the first ``top``."""
+def write_outliers(recorded: SampleLosses, found: np.ndarray, out: Path, task_name: str, top: int = 64,
+                   settle_epochs: int = 1) -> dict[str, Path]:
+    """``<task>_outliers.csv`` (every outlier) and a contact sheet of the first ``top``; the
+    mean probability shown is the one ``label_outliers`` chose them by (same ``settle_epochs``)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"outliers": out / f"{task_name}_outliers.csv"}
-    mean_prob = np.nanmean(recorded.label_prob, axis=0)
+    mean_prob = np.nanmean(recorded.label_prob[settle_epochs:], axis=0)
     with open(files["outliers"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "path", "labels", "label_prob_mean", "label_prob_last"])

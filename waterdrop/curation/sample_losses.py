@@ -105,7 +105,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
         raise ValueError(f"no task '{task_name}' in {cfg.file}; tasks: {', '.join(cfg.task_names)}")
     t = cfg.task_names.index(task_name)
     head = net.heads[task_name]
-    label_probability(head.kind, np.zeros(1), np.zeros(1))  # refuses a kind it cannot rank, before training
+    label_probability(head.kind, np.zeros((1, 1)), np.zeros((1, 1)))  # refuses a kind it cannot rank, now
     dataset = task_dataset(cfg, net, t, "train", augment=True, substitute=False, with_unlabeled=False)
     count = dataset.labeled_count
     epochs = sum(p.epochs for p in phases)

@@ -156,8 +156,8 @@ def resolve_strategy(strategy: str, task: TaskInfo) -> str:
     return "band"
 
 
-def plan(task: TaskInfo, budget: int, strategy: str = "auto",
-         threshold: float | None = None) -> tuple[str, np.ndarray | None]:
+def plan(task: TaskInfo, budget: int, strategy: str = "auto", threshold: float | None = None,
+         low: float | None = None, high: float | None = None) -> tuple[str, np.ndarray | None]:
     """The strategy ``select`` will run and the thresholds it uses. Called before the pool is
     scored too, so that what the task or the model cannot serve is refused at once.
 
@@ -168,6 +168,9 @@ def plan(task: TaskInfo, budget: int, strategy: str = "auto",
     if budget < 1:
         raise ValueError(f"the budget must be at least 1 image, got {budget}")
     strategy = resolve_strategy(strategy, task)
+    if threshold is not None and (not task.decisions or not 0 < threshold < 1):
+        raise ValueError(f"--threshold {threshold}: needs a task with thresholded decisions ({task.name} is "
+                         f"{task.kind}) and a probability strictly between 0 and 1")
     thresholds = np.full(len(task.decisions), float(threshold)) if threshold is not None else task.thresholds
     if strategy in ("band", "union"):
         if not task.decisions:
@@ -180,6 +183,7 @@ def plan(task: TaskInfo, budget: int, strategy: str = "auto",
                 f"no threshold recorded for task {task.name}; evaluate the checkpoint first "
                 "(tools/eval.py records them) or pass --threshold"
             )
+        _band(thresholds, low, high)  # a bad band is refused now too
     if strategy in ("loss", "union") and not task.has_predicted_loss:
         raise ValueError(
             f"the model has no {task.name}.predicted_loss output; set loss_prediction in the task "
@@ -214,7 +218,7 @@ def select(
         ValueError: a strategy the task or the model cannot serve, or a bad band; the message
             says what to do.
     """
-    strategy, thresholds = plan(task, budget, strategy, threshold)
+    strategy, thresholds = plan(task, budget, strategy, threshold, low, high)
     rankings, band = [], (None, None)
     if strategy in ("band", "union"):
         band = _band(thresholds, low, high)
