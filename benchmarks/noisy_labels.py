@@ -40,10 +40,10 @@ from ablation import REPO, machine  # noqa: E402
 from transfer import run_one, task_yaml  # noqa: E402
 
 from waterdrop.config import load_registry
-from waterdrop.curation.noisy import O2USettings, rank, write_manifest
+from waterdrop.curation.noisy import O2USettings, rank
 from waterdrop.curation.sample_losses import record_sample_losses
-from waterdrop.data.dataset import Record, read_records
 from waterdrop.data.demo import ensure_demo_data
+from waterdrop.data.manifest import Record, read_records, write_manifest
 from waterdrop.model.multitask import MultiTaskNet
 
 DEMO_TASKS = ("disgusting", "thriller")

@@ -32,7 +32,7 @@ from onnxruntime.quantization import (
 )
 
 from waterdrop.config import RegistryConfig, TaskConfig, config_from_dict, load_registry
-from waterdrop.data.manifest import Record, read_manifest
+from waterdrop.data.manifest import read_manifest, read_records
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
@@ -95,25 +95,12 @@ def task_data_from_config(cfg: RegistryConfig, entries: list[dict]) -> dict[str,
     return data
 
 
-def _records(source: Path) -> list[Record]:
-    """A JSONL manifest, or a folder with one sub-folder per label (its name is the label)."""
-    if source.is_file() and source.suffix == ".jsonl":
-        records = read_manifest(source)
-    elif source.is_dir():
-        folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-        records = [Record(path, [folder.name]) for folder in folders for path in list_images(folder)]
-    else:
-        raise ValueError(f"{source}: expected a .jsonl manifest or a folder with one sub-folder per label")
-    if not records:
-        raise ValueError(f"{source}: no images listed")
-    return records
-
-
 def read_labeled(source: Path, entry: dict) -> tuple[list[Path], np.ndarray]:
     """Image paths and one truth row per image, as the task's head scores them: per decision
     (binary: 1/0; multi-label: 1/0/-1 per tag) or, for a kind without decisions (graded), the
     index of the image's one label (as ``GradedHead.encode_target``)."""
-    kind, records, rows = kind_of(entry["kind"]), _records(source), []
+    kind, rows = kind_of(entry["kind"]), []
+    records = read_records(source, [entry["negative_label"], *entry["labels"]])
     for record in records:
         names, missing = record.labels, record.missing
         try:

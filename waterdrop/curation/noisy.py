@@ -20,6 +20,7 @@ import numpy as np
 
 from waterdrop.curation.contact_sheet import contact_sheet
 from waterdrop.curation.sample_losses import Phase, SampleLosses, constant, cyclic
+from waterdrop.data.manifest import write_manifest
 
 
 @dataclass
@@ -124,15 +125,3 @@ def write_outputs(ranking: NoisyRanking, out: Path, task_name: str, top: int = 6
                "dropped": int(len(dropped)), "files": {k: str(v) for k, v in files.items()}}
     files["summary"].write_text(json.dumps(summary, indent=2))
     return files
-
-
-def write_manifest(records, path: Path) -> None:
-    """A JSONL manifest of ``records`` with absolute image paths, readable as a task's split."""
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            line = {"image": str(Path(record.path).resolve()), "labels": record.labels}
-            if record.missing:
-                line["missing"] = record.missing
-            if record.boxes:
-                line["boxes"] = record.boxes
-            f.write(json.dumps(line) + "\n")

@@ -21,18 +21,8 @@ from torch.utils.data import Dataset
 from waterdrop.config import AugmentConfig
 
 # Re-exported: manifests are read here for training, and torch-free elsewhere.
-from waterdrop.data.manifest import DataError, Record, read_manifest  # noqa: F401
+from waterdrop.data.manifest import DataError, Record, read_folders, read_manifest, read_records  # noqa: F401
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, resize
-
-
-def read_folders(root: Path, known: list[str]) -> list[Record]:
-    """Folder per class: ``root/<label>/**/*.jpg``; hidden folders and files are skipped."""
-    records = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if folder.name not in known:
-            raise DataError(f"{folder}: folder name '{folder.name}' is not a label; known: {', '.join(known)}")
-        records += [Record(path=p, labels=[folder.name]) for p in list_images(folder)]
-    return records
 
 
 def parse_boxes(boxes) -> tuple[list[str], np.ndarray]:
@@ -70,18 +60,6 @@ def read_unlabeled(source: Path) -> list[Record]:
     if not paths:
         raise DataError(f"{source}: no images found")
     return [Record(path=p, labels=[]) for p in paths]
-
-
-def read_records(source: Path, known: list[str]) -> list[Record]:
-    if source.is_dir():
-        records = read_folders(source, known)
-    elif source.is_file() and source.suffix == ".jsonl":
-        records = read_manifest(source)
-    else:
-        raise DataError(f"{source}: expected a .jsonl manifest or a folder with one sub-folder per label")
-    if not records:
-        raise DataError(f"{source}: no images listed")
-    return records
 
 
 class TrainTransform:
