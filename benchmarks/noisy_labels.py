@@ -40,7 +40,7 @@ from ablation import REPO, machine  # noqa: E402
 from transfer import run_one, task_yaml  # noqa: E402
 
 from waterdrop.config import load_registry
-from waterdrop.curation.noisy import O2USettings, rank
+from waterdrop.curation.noisy import O2USettings, highest_first, rank
 from waterdrop.curation.sample_losses import record_sample_losses
 from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.manifest import Record, read_records, write_manifest
@@ -84,11 +84,6 @@ def ranking_quality(order: np.ndarray, flipped: set[int], rate: float) -> dict:
             "recall_top_r": len(top_r & flipped) / max(1, len(flipped))}
 
 
-def by_loss(losses: np.ndarray) -> np.ndarray:
-    finite = np.nonzero(np.isfinite(losses))[0]
-    return finite[np.argsort(-losses[finite], kind="stable")]
-
-
 def write_registry(registry: dict, task: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "task.yaml").write_text(yaml.safe_dump(task))
@@ -114,8 +109,8 @@ def one_noise_rate(registry: dict, task: dict, records: list[Record], rate: floa
     ranking = rank(recorded)
     result = {"noise": rate, "train_images": len(records), "flipped": len(flipped), "o2u_seconds": o2u_seconds,
               "o2u": ranking_quality(ranking.order, flipped, rate),
-              "final_normal_loss": ranking_quality(by_loss(ranking.final_loss), flipped, rate),
-              "last_epoch_loss": ranking_quality(by_loss(recorded.losses[-1]), flipped, rate)}
+              "final_normal_loss": ranking_quality(highest_first(ranking.final_loss), flipped, rate),
+              "last_epoch_loss": ranking_quality(highest_first(recorded.losses[-1]), flipped, rate)}
     dropped = set(ranking.order[:len(flipped)].tolist())
     write_manifest([r for i, r in enumerate(noisy) if i not in dropped], folder / "cleaned_train.jsonl")
     for name, manifest in (("noisy", "noisy_train.jsonl"), ("cleaned", "cleaned_train.jsonl")):

@@ -82,14 +82,18 @@ def o2u_scores(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, variance
 
 
+def highest_first(values: np.ndarray) -> np.ndarray:
+    """Indices of the finite ``values``, highest first (ties keep their order)."""
+    finite = np.nonzero(np.isfinite(values))[0]
+    return finite[np.argsort(-values[finite], kind="stable")]
+
+
 def rank(recorded: SampleLosses) -> NoisyRanking:
     cyclic_rows = recorded.rows_of("cyclic")
     score, variance = o2u_scores(recorded.losses[cyclic_rows])
     normal_rows = recorded.rows_of("normal")
     final = recorded.losses[normal_rows[-1]] if len(normal_rows) else np.full(len(score), np.nan)
-    ranked = np.nonzero(np.isfinite(score))[0]
-    order = ranked[np.argsort(-score[ranked], kind="stable")]
-    return NoisyRanking(recorded, score, variance, final.astype(np.float64), order)
+    return NoisyRanking(recorded, score, variance, final.astype(np.float64), highest_first(score))
 
 
 def write_outputs(ranking: NoisyRanking, out: Path, task_name: str, top: int = 64,
