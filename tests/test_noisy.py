@@ -15,9 +15,10 @@ from tests.conftest import REPO
 from waterdrop.config import load_registry
 from waterdrop.curation.noisy import o2u_scores
 from waterdrop.curation.outliers import label_outliers, short_run, write_outliers
-from waterdrop.curation.sample_losses import Phase, constant, cyclic, label_probability, record_sample_losses
+from waterdrop.curation.sample_losses import Phase, constant, cyclic, record_sample_losses
 from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import task_dataset
+from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -39,13 +40,13 @@ def test_cyclic_schedule_runs_high_to_low_within_each_cycle():
 
 
 def test_label_probability_per_kind():
-    np.testing.assert_allclose(label_probability("binary", np.array([0.9, 0.9]), np.array([1, 0])), [0.9, 0.1])
+    np.testing.assert_allclose(kind_of("binary").label_probability(np.array([0.9, 0.9]), np.array([1, 0])), [0.9, 0.1])
     scores = np.array([[0.9, 0.2, 0.7], [0.5, 0.5, 0.5]])
     truth = np.array([[1, 0, -1], [-1, -1, -1]])
-    fit = label_probability("multilabel", scores, truth)
+    fit = kind_of("multilabel").label_probability(scores, truth)
     assert fit[0] == pytest.approx(0.8) and np.isnan(fit[1])
     with pytest.raises(ValueError, match="not 'graded'"):
-        label_probability("graded", scores, truth)
+        kind_of("graded").label_probability(scores, truth)
 
 
 def _colour_task(root, flip_every=10, bad_files=True):

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from waterdrop.config import RegistryConfig
 from waterdrop.data.dataset import Record, collate
 from waterdrop.data.loaders import task_dataset
+from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
 #: Epochs done in the phase (fractional) -> learning rate of the heads.
@@ -67,18 +68,6 @@ class SampleLosses:
         return np.array([i for i, name in enumerate(self.phases) if name == phase], dtype=np.int64)
 
 
-def label_probability(kind: str, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """The probability a prediction gives the sample's label (see ``SampleLosses``)."""
-    if kind == "binary":
-        return np.where(truth == 1, scores, 1 - scores)
-    if kind == "multilabel":
-        fit = np.where(truth == 1, scores, 1 - scores)
-        fit = np.where(truth < 0, np.inf, fit)  # unannotated tags say nothing about the label
-        worst = fit.min(axis=1)
-        return np.where(np.isfinite(worst), worst, np.nan)
-    raise ValueError(f"per-sample label probability is defined for binary and multi-label tasks, not '{kind}'")
-
-
 def _optimizer(net: MultiTaskNet, cfg: RegistryConfig) -> tuple[torch.optim.Optimizer, list[float]]:
     """The registry's optimizer with the training's two groups: trunk at lr x trunk_lr_mult."""
     train = cfg.train
@@ -105,7 +94,8 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
         raise ValueError(f"no task '{task_name}' in {cfg.file}; tasks: {', '.join(cfg.task_names)}")
     t = cfg.task_names.index(task_name)
     head = net.heads[task_name]
-    label_probability(head.kind, np.zeros((1, 1)), np.zeros((1, 1)))  # refuses a kind it cannot rank, now
+    kind = kind_of(head.kind)
+    kind.label_probability(np.zeros((1, 1)), np.zeros((1, 1)))  # refuses a kind it cannot rank, now
     dataset = task_dataset(cfg, net, t, "train", augment=True, substitute=False, with_unlabeled=False)
     count = dataset.labeled_count
     epochs = sum(p.epochs for p in phases)
@@ -150,7 +140,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
                 ids = batch["ids"][task_name].numpy()
                 losses[row, ids] = per_sample.detach().float().cpu().numpy()
                 scores, truth = net.scores_and_truth({task_name: outputs[task_name]}, {task_name: target})[task_name]
-                label_prob[row, ids] = label_probability(head.kind, scores, truth)
+                label_prob[row, ids] = kind.label_probability(scores, truth)
             names.append(phase.name)
             lrs.append(phase.schedule(epoch + 0.5))
             printer(f"{task_name}: {phase.name} epoch {epoch + 1}/{phase.epochs}: mean loss "

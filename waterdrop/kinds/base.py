@@ -71,6 +71,15 @@ class TaskKind:
         """One image's decision from the model's outputs for this task (``size`` = width, height)."""
         raise NotImplementedError
 
+    def label_probability(self, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        """Per sample, the probability the prediction gives the sample's own label (NaN when
+        nothing of it is known); what noisy-label tools and loss-based outliers read.
+
+        Raises:
+            ValueError: for a kind without one (graded).
+        """
+        raise ValueError(f"per-sample label probability is defined for binary and multi-label tasks, not '{self.name}'")
+
     # Active learning (``waterdrop.curation.selection``) ranks images by their thresholded decisions.
 
     def decisions(self, entry: dict) -> list[str]:

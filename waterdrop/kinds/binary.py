@@ -62,6 +62,9 @@ class BinaryKind(TaskKind):
             result["subclass_scores"] = {label: round(float(p), 6) for label, p in zip(entry["labels"], probs)}
         return result
 
+    def label_probability(self, scores, truth):
+        return np.where(truth == 1, scores, 1 - scores)
+
     def decisions(self, entry):
         return ["positive"]
 

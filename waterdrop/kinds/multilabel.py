@@ -83,6 +83,12 @@ class MultiLabelKind(TaskKind):
             result["removed_by_relations"] = [label for label, d, a in zip(labels, decided, after) if d and not a]
         return result
 
+    def label_probability(self, scores, truth):
+        """Of the worst-fitting annotated tag; unannotated tags (-1) say nothing about the label."""
+        fit = np.where(truth < 0, np.inf, np.where(truth == 1, scores, 1 - scores))
+        worst = fit.min(axis=1)
+        return np.where(np.isfinite(worst), worst, np.nan)
+
     def decisions(self, entry):
         return list(entry["labels"])
 
