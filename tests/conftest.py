@@ -50,6 +50,13 @@ def edit_task(registry_file: Path, name: str, **changes) -> None:
     path.write_text(yaml.safe_dump(task))
 
 
+def edit_train(registry_file: Path, **changes) -> None:
+    """Set keys of the ``train`` section of a registry written by ``write_registry``."""
+    registry = yaml.safe_load(registry_file.read_text())
+    registry["train"].update(changes)
+    registry_file.write_text(yaml.safe_dump(registry))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("demo"), seed=0, scale=0.04)

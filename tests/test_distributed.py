@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import edit_task
+import pytest
+
+from tests.conftest import edit_task, edit_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,3 +93,35 @@ def test_two_process_gloo_run_uses_our_step_and_skips_a_nan_batch_on_every_rank(
     assert summary["nonfinite_batches_skipped"] == 1
     assert ranks[0]["seen_skips"] and ranks[1]["seen_skips"] and ranks[0]["seen_skips"] != ranks[1]["seen_skips"]
     assert summary["skipped_images"]["disgusting"] == sorted(set(ranks[0]["seen_skips"] + ranks[1]["seen_skips"]))
+
+
+WEIGHTING_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from waterdrop.config import load_registry
+from waterdrop.engine.train import build_runner
+
+runner = build_runner(load_registry(sys.argv[1]), sys.argv[2], launcher="pytorch")
+runner.train()
+weights = runner.model.module.weighting.task_weights().tolist()
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:
+    json.dump({"weights": weights, "iters": len(runner.train_dataloader)}, f)
+"""
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "gradnorm"])
+def test_learned_loss_weights_agree_on_every_rank(registry_file, tmp_path, method):
+    edit_train(registry_file, loss_weighting={"type": method, "lr": 0.05} if method == "gradnorm" else method)
+    script = tmp_path / "ddp_weights.py"
+    script.write_text(WEIGHTING_SCRIPT)
+    work = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(registry_file), str(work)], capture_output=True, text=True,
+                          timeout=420, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ranks = [json.loads((work / f"rank{r}.json").read_text())["weights"] for r in (0, 1)]
+    assert ranks[0] == pytest.approx(ranks[1], rel=1e-6)  # synchronised: gradients (uncertainty), statistics (gradnorm)
+    assert any(abs(w - 1.0) > 1e-4 for w in ranks[0])
+    if method == "gradnorm":
+        assert sum(ranks[0]) == pytest.approx(3.0, rel=1e-5)

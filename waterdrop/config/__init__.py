@@ -9,7 +9,9 @@ from waterdrop.config.schema import (
     CascadeConfig,
     ConfigError,
     DeployConfig,
+    DistillationConfig,
     LossPredictionConfig,
+    LossWeightingConfig,
     MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
@@ -20,7 +22,8 @@ from waterdrop.config.schema import (
 from waterdrop.config.snapshot import config_from_dict, config_to_dict
 
 __all__ = [
-    "AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "LossPredictionConfig", "MeanTeacherConfig",
+    "AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "DistillationConfig", "LossPredictionConfig",
+    "LossWeightingConfig", "MeanTeacherConfig",
     "ModelConfig", "RegistryConfig", "SamplerConfig", "TaskConfig", "TrainConfig", "config_from_dict",
     "config_to_dict", "load_registry", "load_task", "read_yaml",
 ]

@@ -13,6 +13,8 @@ from typing import Any
 from waterdrop.config.reader import Section, read_yaml, resolve_path
 from waterdrop.config.schema import (
     CBAM_MODES,
+    DIVERGENCES,
+    LOSS_WEIGHTINGS,
     OPTIMIZERS,
     REPEAT_FUNCTIONS,
     SAMPLERS,
@@ -22,7 +24,9 @@ from waterdrop.config.schema import (
     CascadeConfig,
     ConfigError,
     DeployConfig,
+    DistillationConfig,
     LossPredictionConfig,
+    LossWeightingConfig,
     MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
@@ -75,7 +79,39 @@ def _load_model(sec: Section, root: Path) -> ModelConfig:
     return model
 
 
-def _load_train(sec: Section) -> TrainConfig:
+def _load_loss_weighting(sec: Section) -> LossWeightingConfig:
+    if isinstance(sec.raw("loss_weighting", "fixed"), str):
+        return LossWeightingConfig(type=sec.string("loss_weighting", "fixed", LOSS_WEIGHTINGS))
+    weighting = sec.section("loss_weighting")
+    config = LossWeightingConfig(type=weighting.string("type", "fixed", LOSS_WEIGHTINGS),
+                                 alpha=weighting.number("alpha", 1.5, low=0),
+                                 lr=weighting.number("lr", 0.025, low=0, low_open=True))
+    weighting.finish()
+    return config
+
+
+def _load_distillation(sec: Section | None, root: Path) -> DistillationConfig | None:
+    """The teacher's tasks are checked against the student's when the model is built."""
+    if sec is None:
+        return None
+    teacher = resolve_path(root, sec.string("teacher"))
+    if not teacher.exists():
+        raise sec.fail("teacher", str(teacher), "an existing run folder or checkpoint of the teacher")
+    overrides = sec.section("tasks")
+    per_task = {}
+    for name in overrides.data:
+        own = overrides.section(str(name))
+        per_task[str(name)] = {key: own.number(key, low=0, low_open=key == "temperature")
+                               for key in ("weight", "temperature") if key in own.data}
+        own.finish()
+    config = DistillationConfig(teacher=teacher, divergence=sec.string("divergence", "js", DIVERGENCES),
+                                weight=sec.number("weight", 1.0, low=0),
+                                temperature=sec.number("temperature", 1.0, low=0, low_open=True), tasks=per_task)
+    sec.finish()
+    return config
+
+
+def _load_train(sec: Section, root: Path) -> TrainConfig:
     opt = sec.section("optimizer")
     sampling = sec.section("task_sampling")
     weights = sampling.raw("weights", {})
@@ -101,6 +137,8 @@ def _load_train(sec: Section) -> TrainConfig:
         sampling_weights={str(k): float(v) for k, v in weights.items()},
         seed=sec.number("seed", 0, int, low=0),
         log_interval=sec.number("log_interval", 10, int, low=1),
+        loss_weighting=_load_loss_weighting(sec),
+        distillation=_load_distillation(sec.optional_section("distillation"), root),
     )
     for s in (opt, sampling, sec):
         s.finish()
@@ -334,7 +372,7 @@ def load_registry(path: str | Path) -> RegistryConfig:
     sec = Section(read_yaml(path), path)
     demo = sec.string("demo_data", None)
     model = _load_model(sec.section("model", required=True), root)
-    train = _load_train(sec.section("train"))
+    train = _load_train(sec.section("train"), root)
     task_files = sec.raw("tasks")
     if not isinstance(task_files, list) or not task_files or not all(isinstance(t, str) for t in task_files):
         raise sec.fail("tasks", task_files, "a non-empty list of task YAML paths")
@@ -347,6 +385,10 @@ def load_registry(path: str | Path) -> RegistryConfig:
     for name in train.sampling_weights:
         if name not in names:
             raise ConfigError(path, "train.task_sampling.weights", f"unknown task '{name}'; tasks: {', '.join(names)}")
+    if train.distillation is not None:
+        for name in train.distillation.tasks:
+            if name not in names:
+                raise ConfigError(path, f"train.distillation.tasks.{name}", f"unknown task; tasks: {', '.join(names)}")
     if train.sampling_policy == "weights" and not any(train.sampling_weights.get(n, 0) > 0 for n in names):
         raise ConfigError(path, "train.task_sampling.weights", "policy 'weights' needs a weight > 0 for some task")
     decays = {t.mean_teacher.ema_decay for t in tasks if t.mean_teacher}

@@ -14,6 +14,8 @@ OPTIMIZERS = ("AdamW", "SGD")
 TARGET_METRICS = ("recall", "precision")
 SAMPLERS = ("plain", "balanced", "repeat_factor")
 REPEAT_FUNCTIONS = ("sqrt", "uniform")
+LOSS_WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
+DIVERGENCES = ("js", "kl")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,33 @@ class ModelConfig:
 
 
 @dataclass
+class LossWeightingConfig:
+    """How the tasks' losses are summed: ``fixed`` (each task's ``loss_weight``), ``uncertainty``
+    (Kendall et al., 2018) or ``gradnorm`` (Chen et al., 2018; ``alpha``, and ``lr`` of its weights)."""
+
+    type: str = "fixed"
+    alpha: float = 1.5
+    lr: float = 0.025
+
+
+@dataclass
+class DistillationConfig:
+    """A teacher run of the same tasks trains the student through a divergence term per task;
+    ``tasks`` overrides ``weight`` / ``temperature`` per task name."""
+
+    teacher: Path
+    divergence: str = "js"
+    weight: float = 1.0
+    temperature: float = 1.0
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def settings(self, task: str) -> tuple[float, float]:
+        """(weight, temperature) of one task."""
+        own = self.tasks.get(task, {})
+        return own.get("weight", self.weight), own.get("temperature", self.temperature)
+
+
+@dataclass
 class TrainConfig:
     epochs: int
     batch_size: int
@@ -52,6 +81,8 @@ class TrainConfig:
     sampling_weights: dict[str, float]
     seed: int
     log_interval: int
+    loss_weighting: LossWeightingConfig = field(default_factory=LossWeightingConfig)
+    distillation: DistillationConfig | None = None
 
 
 @dataclass

@@ -16,7 +16,9 @@ from waterdrop.config.schema import (
     AugmentConfig,
     CascadeConfig,
     DeployConfig,
+    DistillationConfig,
     LossPredictionConfig,
+    LossWeightingConfig,
     MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
@@ -68,11 +70,21 @@ def _task(data: dict) -> TaskConfig:
                                                                relations["excludes"]))
 
 
+def _train(data: dict) -> TrainConfig:
+    train = dict(data)
+    # Both are absent from snapshots taken before they existed: fixed weights, no teacher.
+    train["loss_weighting"] = LossWeightingConfig(**train.get("loss_weighting", {}))
+    distillation = train.get("distillation")
+    train["distillation"] = None if distillation is None else DistillationConfig(
+        **dict(distillation, teacher=Path(distillation["teacher"])))
+    return TrainConfig(**train)
+
+
 def config_from_dict(data: dict) -> RegistryConfig:
     model = dict(data["model"])
     pretrained = model["pretrained"]
     # "imagenet" names packaged weights; any other string was a resolved local file.
     model["pretrained"] = pretrained if pretrained in (None, IMAGENET) else Path(pretrained)
     return RegistryConfig(file=Path(data["file"]), root=Path(data["root"]), demo_data=_path(data["demo_data"]),
-                          model=ModelConfig(**model), train=TrainConfig(**data["train"]),
+                          model=ModelConfig(**model), train=_train(data["train"]),
                           tasks=[_task(t) for t in data["tasks"]])

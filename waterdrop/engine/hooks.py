@@ -18,6 +18,7 @@ from mmengine.model import is_model_wrapper
 
 from waterdrop import __version__
 from waterdrop.evaluation.metrics import json_safe
+from waterdrop.evaluation.plots import task_weights
 
 
 def _memory() -> str:
@@ -29,7 +30,8 @@ def _memory() -> str:
 class WaterdropHook(Hook):
     """Prints a progress line every ``log_interval`` iterations (epoch, each loss term,
     learning rate, images/s, memory), counts undecodable images per epoch, writes
-    ``results.csv`` (one row per epoch) and ``summary.json``, and records the resolved
+    ``results.csv`` (one row per epoch), ``summary.json`` and, with learned task-loss
+    weights, ``loss_weights.png`` (their mean per epoch), and records the resolved
     config (``config_to_dict``) in every checkpoint so eval and export rebuild the model
     from the checkpoint alone.
 
@@ -158,6 +160,8 @@ class WaterdropHook(Hook):
             "last_epoch": self.rows[-1] if self.rows else {},
         }
         (Path(runner.work_dir) / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
+        if any(f"{name}.weight" in row for row in self.rows for name in self.task_names):
+            task_weights(Path(runner.work_dir) / "loss_weights.png", self.rows, self.task_names)
 
     def _write_results(self, work_dir: Path) -> None:
         if not self.rows or not is_main_process():

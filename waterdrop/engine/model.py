@@ -10,7 +10,9 @@ import torch
 from mmengine.model import BaseModel
 
 from waterdrop.config import ConfigError, RegistryConfig
+from waterdrop.engine.distillation import Distiller
 from waterdrop.engine.distributed import all_ranks_agree
+from waterdrop.engine.loss_weighting import TaskLossWeighting, last_shared_weight
 from waterdrop.model.head import Head
 from waterdrop.model.loss_prediction import ranking_loss
 from waterdrop.model.multitask import MultiTaskNet
@@ -61,6 +63,13 @@ class WaterdropModel(BaseModel):
       cutmix, detached), with the pairwise ranking loss over random pairs; term
       ``loss_lossprediction``, times its ``loss_weight``. Skipped with fewer than two
       labeled samples of the task in the batch.
+    * distillation (registry ``train.distillation``): a teacher run of the same tasks adds
+      ``<task>.loss_distill`` (``waterdrop.engine.distillation``); the teacher is not part of
+      this module, so it is never saved or exported.
+
+    The task terms are then weighted by ``train.loss_weighting`` (``waterdrop.engine.loss_weighting``):
+    fixed, uncertainty (learned log-variances) or GradNorm; the weights are logged as
+    ``<task>.weight``.
 
     A batch whose loss is NaN or infinite is skipped (no optimizer step, and the buffers
     its forward pass touched, BatchNorm statistics included, are restored) and counted in
@@ -86,6 +95,9 @@ class WaterdropModel(BaseModel):
             self.teacher = copy.deepcopy(self.net).requires_grad_(False)
             self.ema_decay = teaching[0].ema_decay
             self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        self.weighting = TaskLossWeighting(cfg.train.loss_weighting, cfg.task_names)
+        self.distiller = Distiller(cfg.train.distillation, cfg, self.net) if cfg.train.distillation else None
+        self.amp_loss_scale = 1.0  # set by train_step under AMP, for GradNorm's gradient norms
 
     @property
     def deployed(self) -> MultiTaskNet:
@@ -133,7 +145,14 @@ class WaterdropModel(BaseModel):
                     losses[f"{name}.cascade_{term}"] = per_sample.mean() * weight
         if self.teacher is not None:
             losses.update(self._consistency(outputs, images if images2 is None else images2, task_index))
-        return losses
+        if self.distiller is not None:
+            losses.update(self.distiller.losses(images, task_index, self.net, outputs,
+                                                {name: task.loss_weight for name, task in self.tasks.items()}))
+        # Inside the forward pass, so that under DDP the learned log-variances are part of the
+        # graph it synchronises.
+        if self.weighting.method == "gradnorm" and self.training:
+            self.weighting.gradnorm_step(losses, last_shared_weight(self.net.trunk), self.amp_loss_scale)
+        return self.weighting.weigh(losses)
 
     @staticmethod
     def _loss_prediction_loss(task, predicted: torch.Tensor, true_loss: torch.Tensor) -> torch.Tensor:
@@ -203,6 +222,8 @@ class WaterdropModel(BaseModel):
         # BN statistics are updated by the forward pass itself; a NaN batch would poison them.
         buffers = list(self.buffers())
         saved = [b.detach().clone() for b in buffers]
+        scaler = getattr(optim_wrapper, "loss_scaler", None)
+        self.amp_loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         with optim_wrapper.optim_context(self):
             data = self.data_preprocessor(data, True)
             losses = (run_forward or self._run_forward)(data, mode="loss")

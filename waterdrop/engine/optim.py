@@ -8,16 +8,21 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class TrunkLrConstructor(DefaultOptimWrapperConstructor):
-    """Two parameter groups: the shared trunk (``net.trunk``, its per-task BatchNorms
-    included) at ``lr x trunk_lr_mult``, and the rest (heads, cascade networks) at ``lr``.
+    """Parameter groups: the shared trunk (``net.trunk``, its per-task BatchNorms included)
+    at ``lr x trunk_lr_mult``, the rest (heads, cascade networks) at ``lr``, and the learned
+    task-loss weights (``weighting``, uncertainty weighting's log-variances) at ``lr``
+    without weight decay, which would pull every log-variance to 0 (weight 1).
 
-    Set ``paramwise_cfg={"trunk_lr_mult": m}``. Two groups rather than mmengine's
+    Set ``paramwise_cfg={"trunk_lr_mult": m}``. A few groups rather than mmengine's
     per-parameter groups keep the optimizer step as cheap as without groups.
     """
 
     def add_params(self, params: list, module, prefix: str = "", is_dcn_module=None) -> None:
         trunk_ids = {id(p) for p in module.net.trunk.parameters()}
+        weighting_ids = {id(p) for p in module.weighting.parameters()}
         everything = list(module.parameters())
         params.append({"params": [p for p in everything if id(p) in trunk_ids],
                        "lr": self.base_lr * self.paramwise_cfg["trunk_lr_mult"]})
-        params.append({"params": [p for p in everything if id(p) not in trunk_ids]})
+        params.append({"params": [p for p in everything if id(p) not in trunk_ids | weighting_ids]})
+        if weighting_ids:
+            params.append({"params": [p for p in everything if id(p) in weighting_ids], "weight_decay": 0.0})

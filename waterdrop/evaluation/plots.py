@@ -68,3 +68,19 @@ def multilabel_pr_grid(path: Path, task: str, scores, truth, labels, thresholds:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def task_weights(path: Path, rows: list[dict], task_names: list[str]) -> None:
+    """The learned task-loss weights per epoch (``<task>.weight`` columns of results.csv)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in task_names:
+        points = [(int(row["epoch"]), float(row[f"{name}.weight"])) for row in rows
+                  if row.get(f"{name}.weight") not in (None, "")]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
+    ax.set(xlabel="epoch", ylabel="weight (mean over the epoch)", title="learned task-loss weights")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

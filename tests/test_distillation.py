@@ -1,0 +1,138 @@
+"""Knowledge distillation: the divergences, the teacher's checks, and a teacher that is never saved."""
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import edit_task, edit_train, write_registry
+from waterdrop.config import ConfigError, config_to_dict, load_registry
+from waterdrop.engine.distillation import bernoulli_kl, divergence, soft_probabilities
+from waterdrop.engine.model import WaterdropModel
+from waterdrop.engine.train import run_training
+from waterdrop.model.multitask import MultiTaskNet
+
+
+def _teacher_checkpoint(folder, data_root, seed=1, **model) -> str:
+    """A checkpoint as training writes it (config snapshot + ``net.`` weights), of an untrained net."""
+    cfg = load_registry(write_registry(folder, data_root, **model))
+    torch.manual_seed(seed)
+    net = MultiTaskNet(cfg)
+    checkpoint = folder / "teacher.pth"
+    torch.save({"meta": {"waterdrop": {"config": config_to_dict(cfg)}},
+                "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, checkpoint)
+    return str(checkpoint)
+
+
+def _batch(seed=0):
+    images = torch.randint(0, 256, (6, 3, 64, 64), generator=torch.Generator().manual_seed(seed)).float()
+    tags = torch.zeros(2, 10)
+    tags[0, 0] = 1
+    return images, torch.tensor([0, 0, 1, 1, 2, 2]), {"disgusting": torch.tensor([0, 2]),
+                                                      "thriller": torch.tensor([1, 0]), "scene_tags": tags}
+
+
+def test_divergences_on_hand_made_numbers():
+    p, q = torch.tensor([[0.9, 0.5]]), torch.tensor([[0.6, 0.5]])
+    kl = 0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4)
+    assert bernoulli_kl(p, q)[0, 0].item() == pytest.approx(kl, rel=1e-5)
+    assert divergence(p, q, "kl").item() == pytest.approx(kl / 2, rel=1e-5)  # mean over the two entries
+    m = 0.75
+    js = (0.9 * math.log(0.9 / m) + 0.1 * math.log(0.1 / 0.25)
+          + 0.6 * math.log(0.6 / m) + 0.4 * math.log(0.4 / 0.25)) / 2
+    assert divergence(p, q, "js").item() == pytest.approx(js / 2, rel=1e-5)
+    assert divergence(q, p, "js").item() == pytest.approx(divergence(p, q, "js").item())  # symmetric
+    assert divergence(p, p, "js").item() == pytest.approx(0.0, abs=1e-7)
+    # JS is bounded by log 2 where KL is not: a confidently wrong teacher cannot dominate.
+    sure, wrong = torch.tensor([[1.0]]), torch.tensor([[0.0]])
+    assert divergence(sure, wrong, "js").item() == pytest.approx(math.log(2), rel=1e-3)
+    assert divergence(sure, wrong, "kl").item() > 10
+
+
+def test_temperature_softens_the_logits_of_every_head_kind(registry_file):
+    net = MultiTaskNet(load_registry(registry_file)).eval()
+    feats = net.features_per_task(torch.zeros(2, 3, 64, 64) + 100)
+    for t, name in enumerate(net.task_names):
+        head = net.heads[name]
+        outputs = head(feats[t])
+        soft = soft_probabilities(head, outputs, 4.0)
+        expected = head.predict(dict(outputs, logits=outputs["logits"] / 4.0))
+        key = "tag_prob" if "tag_prob" in expected else "prob"  # the detector's fusion is not taught
+        assert torch.allclose(soft["prob"], expected[key].reshape(2, -1))
+        if "subclass_prob" in expected:
+            assert torch.allclose(soft["subclass_prob"], expected["subclass_prob"])
+
+
+def test_student_gets_a_term_per_task_and_never_holds_the_teacher(registry_file, tmp_path, demo_root):
+    teacher = _teacher_checkpoint(tmp_path / "teacher", demo_root, input_size=96)  # resized to its own size
+    plain = WaterdropModel(load_registry(registry_file))
+    edit_train(registry_file, distillation={"teacher": teacher, "weight": 0.5, "temperature": 2.0,
+                                            "tasks": {"thriller": {"weight": 0}}})
+    model = WaterdropModel(load_registry(registry_file)).train()
+    teacher_buffers = [b.clone() for b in model.distiller.teacher.buffers()]
+    losses = model(*_batch(), mode="loss")
+    # The teacher stays in eval mode: its BatchNorm statistics do not follow the student's batches.
+    assert all(torch.equal(a, b) for a, b in zip(teacher_buffers, model.distiller.teacher.buffers()))
+    assert {k for k in losses if "distill" in k} == {"disgusting.loss_distill", "scene_tags.loss_distill"}
+    assert all(losses[k] > 0 for k in ("disgusting.loss_distill", "scene_tags.loss_distill"))
+    sum(v for k, v in losses.items() if "loss" in k).backward()
+    assert all(p.grad is None for p in model.distiller.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.heads["disgusting"].parameters())
+    # Not a sub-module: not in the state dict, so not in checkpoints or exports.
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert all(not k.startswith("distiller") for k in model.state_dict())
+    assert model.distiller.teacher not in list(model.modules())
+
+
+def test_term_matches_the_divergence_of_both_networks_by_hand(registry_file, tmp_path, demo_root):
+    teacher = _teacher_checkpoint(tmp_path / "teacher", demo_root)
+    for kind in ("js", "kl"):
+        edit_train(registry_file, distillation={"teacher": teacher, "divergence": kind, "weight": 3.0,
+                                                "temperature": 2.0})
+        edit_task(registry_file, "disgusting", loss_weight=0.5)
+        model = WaterdropModel(load_registry(registry_file)).eval()
+        images, task_index, targets = _batch()
+        losses = model(images, task_index, targets, mode="loss")
+        rows = slice(0, 2)
+        with torch.no_grad():
+            ours = model.net.heads["disgusting"](model.net.features_per_task(images[rows])[0])
+            theirs_net = model.distiller.teacher
+            theirs = theirs_net.heads["disgusting"](theirs_net.features_per_task(images[rows])[0])
+        p = soft_probabilities(theirs_net.heads["disgusting"], theirs, 2.0)
+        q = soft_probabilities(model.net.heads["disgusting"], ours, 2.0)
+        expected = (divergence(p["prob"], q["prob"], kind) + divergence(p["subclass_prob"], q["subclass_prob"], kind))
+        expected = expected.mean() * 4.0 * 3.0 * 0.5
+        assert losses["disgusting.loss_distill"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_teacher_of_other_tasks_or_labels_is_refused_with_the_reason(registry_file, tmp_path, demo_root):
+    teacher = _teacher_checkpoint(tmp_path / "teacher", demo_root)
+    labels = yaml.safe_load((registry_file.parent / "tasks" / "thriller.yaml").read_text())["labels"]
+    edit_task(registry_file, "thriller", labels=labels[:-1])
+    edit_train(registry_file, distillation={"teacher": teacher})
+    with pytest.raises(ConfigError, match="task 'thriller' differs in the teacher"):
+        WaterdropModel(load_registry(registry_file))
+    edit_train(registry_file, distillation={"teacher": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="train.distillation.teacher.*existing run folder or checkpoint"):
+        load_registry(registry_file)
+    edit_train(registry_file, distillation={"teacher": teacher, "tasks": {"horror": {"weight": 1}}})
+    with pytest.raises(ConfigError, match="train.distillation.tasks.horror.*unknown task"):
+        load_registry(registry_file)
+    edit_train(registry_file, distillation={"teacher": teacher, "divergence": "mse"})
+    with pytest.raises(ConfigError, match="divergence.*js, kl"):
+        load_registry(registry_file)
+
+
+def test_a_distilled_run_checkpoints_no_teacher_and_leaves_it_unchanged(registry_file, tmp_path, demo_root):
+    teacher = _teacher_checkpoint(tmp_path / "teacher", demo_root)
+    before = torch.load(teacher, weights_only=True)["state_dict"]
+    edit_train(registry_file, distillation={"teacher": teacher, "divergence": "js"})
+    run_training(registry_file, tmp_path / "run", printer=lambda *a, **k: None)
+    state = torch.load(tmp_path / "run" / "epoch_1.pth", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(k.startswith(("net.", "weighting.")) for k in state)
+    assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in before.values())
+    assert all(torch.equal(v, torch.load(teacher, weights_only=True)["state_dict"][k]) for k, v in before.items())
+    with open(tmp_path / "run" / "results.csv") as f:
+        header = f.readline()
+    assert "disgusting.loss_distill" in header

@@ -1,0 +1,119 @@
+"""Knowledge distillation: a trained teacher run of the same tasks teaches the deployed student.
+
+Per task, a divergence between the teacher's and the student's probabilities is added to
+the student's loss: every probability the head reports is a yes/no (Bernoulli) distribution
+(P(positive) and each sub-class probability of a binary head, each tag of a multi-label
+head, each P(grade > k) of a graded one), and the divergence is their mean.
+
+* ``js``: Jensen-Shannon divergence, symmetric and bounded by log 2, so a teacher that is
+  confidently wrong on a sample cannot dominate the batch.
+* ``kl``: KL(teacher || student), the classic form (Hinton et al., 2015).
+
+Both soften the logits by the temperature T first and are multiplied by T^2, so the
+gradients keep their size when T changes. The term is ``<task>.loss_distill``, times the
+task's distillation weight and its ``loss_weight``; unlabeled samples are taught as well.
+
+The teacher is held outside the module tree: it is never in the student's ``state_dict``, so
+never in a checkpoint or an export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from waterdrop.config import ConfigError, DistillationConfig, RegistryConfig
+from waterdrop.engine.checkpoint import best_checkpoint, load_net
+from waterdrop.model.head import Head
+from waterdrop.model.multitask import MultiTaskNet
+
+_EPS = 1e-6
+
+
+def soft_probabilities(head: Head, outputs: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
+    """The head's reported probabilities, (N, M) each, from its logits divided by ``temperature``.
+    A detector-assisted multi-label head is taught its own tags (``tag_prob``), not the fusion."""
+    if "logits" not in outputs:
+        raise ValueError(f"{type(head).__name__} gives no 'logits' output; distillation softens the logits")
+    predictions = head.predict(dict(outputs, logits=outputs["logits"] / temperature))
+    if "tag_prob" in predictions:
+        predictions = {"prob": predictions["tag_prob"]}
+    return {key: value.float().reshape(len(value), -1) for key, value in predictions.items()
+            if key in ("prob", "subclass_prob")}
+
+
+def bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(Bernoulli(p) || Bernoulli(q)), elementwise."""
+    p, q = p.clamp(_EPS, 1 - _EPS), q.clamp(_EPS, 1 - _EPS)
+    return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+
+
+def divergence(teacher: torch.Tensor, student: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample mean divergence between (N, M) Bernoulli probabilities."""
+    if kind == "kl":
+        return bernoulli_kl(teacher, student).mean(dim=1)
+    middle = (teacher + student) / 2
+    return (bernoulli_kl(teacher, middle) + bernoulli_kl(student, middle)).mean(dim=1) / 2
+
+
+class Distiller:
+    """The teacher network of a run and, per taught task, its weight and temperature.
+
+    Raises:
+        ConfigError: the teacher cannot be loaded, or lacks a taught task, or has it with
+            other labels or another kind of head.
+    """
+
+    def __init__(self, spec: DistillationConfig, cfg: RegistryConfig, student: MultiTaskNet):
+        self.spec = spec
+        key = "train.distillation.teacher"
+        try:
+            teacher, teacher_cfg, _ = load_net(best_checkpoint(spec.teacher))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ConfigError(cfg.file, key, f"cannot load the teacher from {spec.teacher}: {err}") from err
+        self.settings: dict[str, tuple[float, float]] = {}
+        self.teacher_index = torch.full((len(cfg.tasks),), -1, dtype=torch.long)
+        for t, task in enumerate(cfg.tasks):
+            weight, temperature = spec.settings(task.name)
+            if weight == 0:
+                continue
+            if task.name not in teacher.task_names:
+                raise ConfigError(cfg.file, key, f"the teacher {spec.teacher} has no task '{task.name}' (it has "
+                                  f"{', '.join(teacher.task_names)}); teach only shared tasks (set "
+                                  f"train.distillation.tasks.{task.name}.weight: 0)")
+            theirs = teacher.heads[task.name]
+            ours = student.heads[task.name]
+            if theirs.labels != ours.labels or theirs.kind != ours.kind:
+                raise ConfigError(cfg.file, key, f"task '{task.name}' differs in the teacher: {theirs.kind} head with "
+                                  f"labels {theirs.labels}, the student has a {ours.kind} head with {ours.labels}")
+            self.settings[task.name] = (weight, temperature)
+            self.teacher_index[t] = teacher.task_names.index(task.name)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.input_size = teacher_cfg.model.input_size
+
+    def losses(self, images: torch.Tensor, task_index: torch.Tensor, student: MultiTaskNet,
+               student_outputs: dict[str, dict[str, torch.Tensor]], loss_weights: dict[str, float]
+               ) -> dict[str, torch.Tensor]:
+        """``<task>.loss_distill`` of every taught task in the batch. ``student_outputs`` are the
+        student's ``forward_tasks`` outputs on ``images``."""
+        mapped = self.teacher_index.to(task_index.device)[task_index]
+        rows = (mapped >= 0).nonzero(as_tuple=True)[0]
+        if not rows.numel():
+            return {}
+        if next(self.teacher.parameters()).device != images.device:
+            self.teacher.to(images.device)
+        self.teacher.eval()
+        seen = images[rows].float()
+        if seen.shape[-1] != self.input_size or seen.shape[-2] != self.input_size:
+            seen = F.interpolate(seen, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            teacher_outputs = self.teacher.forward_tasks(seen, mapped[rows], with_cascade=False)
+        losses = {}
+        for name, (weight, temperature) in self.settings.items():
+            if name not in student_outputs:
+                continue
+            theirs = soft_probabilities(self.teacher.heads[name], teacher_outputs[name], temperature)
+            ours = soft_probabilities(student.heads[name], student_outputs[name], temperature)
+            per_sample = sum(divergence(theirs[key], ours[key], self.spec.divergence) for key in ours if key in theirs)
+            losses[f"{name}.loss_distill"] = (per_sample.mean() * temperature ** 2 * weight * loss_weights[name])
+        return losses
