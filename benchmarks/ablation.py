@@ -85,3 +85,54 @@ def save_report(out: Path, stem: str, lines: list[str], results: dict) -> None:
     (out / f"{stem}.md").write_text(text + "\n")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     print(text)
+
+
+def demo_registry(folder: Path, changes: dict) -> Path:
+    """The repository's registry and task files copied into ``folder`` with absolute data
+    paths (relative ones would resolve against ``folder``), the registry updated by ``changes``."""
+    registry = yaml.safe_load((REPO / "registry.yaml").read_text())
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    for extra in (REPO / "tasks").glob("*_relations.yaml"):
+        (folder / "tasks" / extra.name).write_text(extra.read_text())
+    for task_file in registry["tasks"]:
+        task = yaml.safe_load((REPO / task_file).read_text())
+        task["data"] = {k: None if v is None else str(REPO / v) for k, v in task["data"].items()}
+        (folder / task_file).write_text(yaml.safe_dump(task, sort_keys=False))
+    registry["demo_data"] = str(REPO / registry["demo_data"])
+    registry = merge(registry, changes)
+    registry["train"]["log_interval"] = 1000
+    path = folder / "registry.yaml"
+    path.write_text(yaml.safe_dump(registry, sort_keys=False))
+    return path
+
+
+def headline(report: dict) -> dict[str, float]:
+    """Per task: the AP (binary), mAP (multi-label) or mean boundary AP (graded) of its report."""
+    from waterdrop.kinds import kind_of
+
+    values = {}
+    for task, result in report.items():
+        summary = kind_of(result["kind"]).summary(result)
+        values[task] = next(v for k, v in summary.items() if k != "count")
+    return values
+
+
+def train_and_evaluate(registry: Path, folder: Path) -> dict:
+    """Train one registry into ``folder/run`` (always anew), evaluate its best checkpoint (test
+    splits where the tasks have them) and return the headline metric per task, the training
+    loop's wall time and the run folder."""
+    import time
+
+    from waterdrop.config import load_registry
+    from waterdrop.engine.checkpoint import best_checkpoint, load_net
+    from waterdrop.engine.train import build_runner
+    from waterdrop.evaluation.evaluate import evaluate
+
+    runner = build_runner(load_registry(registry), fresh_run_folder(folder), printer=lambda *a, **k: None)
+    start = time.perf_counter()
+    runner.train()
+    seconds = time.perf_counter() - start
+    net, cfg, _ = load_net(best_checkpoint(folder / "run"))
+    report = evaluate(net, cfg, folder / "run" / "eval")
+    return {"metrics": headline(report), "train_seconds": seconds, "run": str(folder / "run"),
+            "split": {task: r["split"] for task, r in report.items()}, "machine": machine()}

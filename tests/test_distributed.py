@@ -60,6 +60,18 @@ with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
 """
 
 
+def run_two_ranks(script: str, registry_file, work) -> subprocess.CompletedProcess:
+    """Run ``script REGISTRY WORK`` under torchrun with two CPU processes (gloo); it must succeed."""
+    path = registry_file.parent / "ddp_script.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(path), str(registry_file), str(work)], capture_output=True, text=True,
+                          timeout=420, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
 def test_two_process_gloo_run_uses_our_step_and_skips_a_nan_batch_on_every_rank(registry_file, copy_demo, tmp_path):
     root = copy_demo()
     manifest = root / "disgusting" / "train.jsonl"
@@ -69,14 +81,8 @@ def test_two_process_gloo_run_uses_our_step_and_skips_a_nan_batch_on_every_rank(
     edit_task(registry_file, "disgusting", mean_teacher={"rampup_epochs": 0.5},
               data={"train": str(manifest), "val": str(root / "disgusting" / "val.jsonl"),
                     "unlabeled": str(root / "disgusting" / "unlabeled")})
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
     work = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(registry_file), str(work)], capture_output=True, text=True,
-                          timeout=420, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    done = run_two_ranks(SCRIPT, registry_file, work)
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["wrapper"] == "WaterdropDDP" for r in ranks)
     assert all(r["steps"] >= 3 for r in ranks)
@@ -112,14 +118,8 @@ with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:
 @pytest.mark.parametrize("method", ["uncertainty", "gradnorm"])
 def test_learned_loss_weights_agree_on_every_rank(registry_file, tmp_path, method):
     edit_train(registry_file, loss_weighting={"type": method, "lr": 0.05} if method == "gradnorm" else method)
-    script = tmp_path / "ddp_weights.py"
-    script.write_text(WEIGHTING_SCRIPT)
     work = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(registry_file), str(work)], capture_output=True, text=True,
-                          timeout=420, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_two_ranks(WEIGHTING_SCRIPT, registry_file, work)
     ranks = [json.loads((work / f"rank{r}.json").read_text())["weights"] for r in (0, 1)]
     assert ranks[0] == pytest.approx(ranks[1], rel=1e-6)  # synchronised: gradients (uncertainty), statistics (gradnorm)
     assert any(abs(w - 1.0) > 1e-4 for w in ranks[0])
