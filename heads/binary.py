@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from waterdrop.model.head import Head, check_range, pooled
+from waterdrop.model.head import Head, check_range, linear_map, pooled
 from waterdrop.model.losses import sigmoid_focal
 from waterdrop.registry import register_head
 
@@ -43,6 +43,10 @@ class BinaryHead(Head):
     """
 
     kind = "binary"
+    cam_meaning = ("evidence for positive over normal at each position: the sub-class logit maps weighted by "
+                   "the softmax of the image's sub-class logits, minus the normal logit map (the decision "
+                   "linearised; without PCB its spatial mean is the decision logit when there is one sub-class); "
+                   "positive values point at what makes the image positive")
 
     def __init__(self, in_channels, labels, negative_label, *, loss: str = "focal_softmax", alpha: float = 2.0,
                  gamma: float = 2.0, dropout: float = 0.0, label_smoothing: float = 0.0, pcb: dict | None = None):
@@ -86,6 +90,40 @@ class BinaryHead(Head):
         if self.join_global:
             logits = (logits + self.fc(pooled(feature))) / 2
         return {"logits": logits}
+
+    def class_maps(self, feature: torch.Tensor) -> torch.Tensor:
+        """The logits at every position of the deepest feature map, (N, logits, h, w).
+
+        Global pooling: their spatial mean is the logits. PCB: average pooling them in the
+        parts' windows gives each part's logits (a 1x1 convolution commutes with average
+        pooling), so the image's logits are the min (normal) and max (sub-classes) over those.
+        """
+        maps = self.part_fc(feature) if self.part_size else None
+        if self.fc is not None:
+            whole = linear_map(self.fc, feature)
+            maps = whole if maps is None else (maps + whole) / 2
+        return maps
+
+    def cam(self, feats):
+        # d(logsumexp)/d(logit_k) = softmax_k: the positive map is the sub-class maps weighted as
+        # the image's logits weigh them, which is also Grad-CAM's weighting for a global head.
+        maps = self.class_maps(feats[-1])
+        weights = self.forward(feats)["logits"][:, 1:].softmax(dim=1)
+        return (weights[:, :, None, None] * maps[:, 1:]).sum(dim=1) - maps[:, 0]
+
+    def explain_targets(self):
+        # loss: softmax over several sub-classes has only [normal, positive] logits
+        subclasses = self.labels if self.loss_type != "softmax" or len(self.labels) == 1 else []
+        return [None, *subclasses]
+
+    def target_score(self, outputs, target):
+        """None: the positive-vs-normal decision logit (P(positive) is its sigmoid); a sub-class
+        name: that sub-class's logit."""
+        logits = outputs["logits"]
+        if target is None:
+            binary = self._binary_logits(logits)
+            return binary[:, 1] - binary[:, 0]
+        return logits[:, 1 + self.labels.index(target)]
 
     def _binary_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[normal, positive] logits; positive is the logsumexp of the sub-class logits."""

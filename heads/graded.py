@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from waterdrop.model.head import Head, check_range, pooled
+from waterdrop.model.head import Head, check_range, linear_map, pooled
 from waterdrop.registry import register_head
 
 
@@ -27,6 +27,8 @@ class GradedHead(Head):
     """
 
     kind = "graded"
+    cam_meaning = ("the shared score s(x) at each position (its spatial mean is s(x); P(grade above k) = "
+                   "sigmoid(s(x) + b_k)); positive values push towards higher grades")
 
     def __init__(self, in_channels, labels, negative_label, *, dropout: float = 0.0):
         super().__init__(in_channels, labels, negative_label)
@@ -38,6 +40,16 @@ class GradedHead(Head):
 
     def forward(self, feats):
         return {"logits": self.score(self.dropout(pooled(feats[-1]))) + self.boundaries}
+
+    def cam(self, feats):
+        return linear_map(self.score, feats[-1])[:, 0]
+
+    def explain_targets(self):
+        return [None]
+
+    def target_score(self, outputs, target):
+        """The shared score s(x): every boundary's logit minus its bias."""
+        return outputs["logits"][:, 0] - self.boundaries[0]
 
     def loss(self, outputs, target):
         above = (target[:, None] > torch.arange(len(self.labels) - 1, device=target.device)).float()

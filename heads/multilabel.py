@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from waterdrop.model.head import Head, check_range, pooled
+from waterdrop.model.head import Head, check_range, linear_map, pooled
 from waterdrop.model.losses import sigmoid_focal
 from waterdrop.model.ssd import SSDHead
 from waterdrop.registry import register_head
@@ -40,6 +40,8 @@ class MultiLabelHead(Head):
     """
 
     kind = "multilabel"
+    cam_meaning = ("one map per label: the tag logit at each position (its spatial mean is the tag logit); "
+                   "the detector is not part of it")
 
     def __init__(self, in_channels, labels, negative_label, *, loss: str = "bce", gamma: float = 2.0,
                  dropout: float = 0.0, detector: dict | None = None):
@@ -94,6 +96,16 @@ class MultiLabelHead(Head):
         if self.ssd is not None:
             outputs.update(self.ssd([feats[v] for v in self.detector["levels"]]))
         return outputs
+
+    def cam(self, feats):
+        return linear_map(self.fc, feats[-1])
+
+    def explain_targets(self):
+        return list(self.labels)
+
+    def target_score(self, outputs, target):
+        """The tag logit of label ``target`` (before any fusion with the detector)."""
+        return outputs["logits"][:, self.labels.index(target)]
 
     def _split(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tag targets (N, L) and, with a detector, boxes (N, max_boxes, 5)."""

@@ -1,10 +1,14 @@
 """Export a checkpoint to one ONNX file (all tasks, dynamic batch, metadata) and check parity.
 
-    python tools/export.py CHECKPOINT_OR_RUN_FOLDER [-o model.onnx] [--thresholds FILE]
+    python tools/export.py CHECKPOINT_OR_RUN_FOLDER [-o model.onnx] [--thresholds FILE] [--cam]
 
 Thresholds come from --thresholds, else from the checkpoint (eval and train record them
 there), else from <checkpoint folder>/eval/thresholds.json; if none exists the checkpoint
 is evaluated first to choose them.
+
+--cam adds every task's class activation map as the output <task>.cam (and
+<task>.stage2_cam for a cascade): raw maps at the deepest feature level's resolution,
+described under "cam" in the metadata; tools/predict.py --cam draws them.
 """
 
 import argparse
@@ -25,6 +29,7 @@ def main() -> int:
                         "everything else comes from the config stored in the checkpoint")
     parser.add_argument("--thresholds", help="thresholds JSON written by tools/eval.py")
     parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--cam", action="store_true", help="add the class activation maps <task>.cam as outputs")
     args = parser.parse_args()
     checkpoint = best_checkpoint(args.checkpoint)
     net, cfg, meta = load_net(checkpoint, args.registry)
@@ -38,7 +43,7 @@ def main() -> int:
         thresholds, source = meta["thresholds"], checkpoint
     print(f"thresholds from {source}")
     output = Path(args.output) if args.output else checkpoint.parent / "model.onnx"
-    parity = export_onnx(net, cfg, thresholds, output, args.opset)
+    parity = export_onnx(net, cfg, thresholds, output, args.opset, cam=args.cam)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     print(f"parity with PyTorch at batch 1 and 3 (max abs diff, limit {PARITY_TOLERANCE}):")
     for name, diff in parity.items():

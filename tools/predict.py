@@ -1,16 +1,53 @@
 """Score images with an exported model: one JSON line per image on stdout (no torch needed).
 
     python tools/predict.py MODEL.onnx PATH [PATH ...] [--batch-size N] [--device cpu|cuda]
+                            [--cam DIR [--cam-all-tags]]
 
 PATH is an image or a folder (searched recursively). A file that cannot be decoded gives
 an error line for that file and the run goes on.
+
+--cam DIR draws the class activation maps of a model exported with tools/export.py --cam as
+heat-map overlays (red = strongest evidence; each map ReLU'd and divided by its maximum) into
+DIR, one PNG per image and task:
+
+* ``<image stem>.<task>.png``: a binary task's positive-vs-normal evidence, a graded task's score;
+* ``<image stem>.<task>.stage2.png``: the second network of a cascade task;
+* ``<image stem>.<task>.<tag>.png``: a multi-label task, one per tag whose probability is at or
+  above its threshold (before the relation graph), or every tag with --cam-all-tags.
+
+An image whose stem an earlier image already had (same name in another folder) is written as
+``<stem>-2``, ``<stem>-3`` ...; each JSON line lists its overlays under ``cam_files``. A model
+file without the maps is refused (exit 2).
 """
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from waterdrop.runtime import Predictor
+from waterdrop.imageio import ImageDecodeError, read_image
+from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
+from waterdrop.runtime import NO_CAMS, Predictor
+
+
+def write_overlays(folder: Path, stem: str, result: dict, tasks: dict, all_tags: bool) -> list[str]:
+    """The overlays of one image's maps (``result["cams"]``); returns the files' names."""
+    image = read_image(result["image"])
+    names = []
+    for key, cam in result["cams"].items():
+        task, _, stage = key.partition(".")
+        entry = tasks[task]
+        if cam.ndim == 3:  # one map per tag
+            scores = result["tasks"][task]["scores"]
+            maps = [(label, cam[i]) for i, label in enumerate(entry["labels"])
+                    if all_tags or scores[label] >= entry["thresholds"][label]]
+        else:
+            maps = [(None, cam)]
+        for label, one in maps:
+            name = overlay_name(stem, task, label, stage2=stage == "stage2")
+            write_png(folder / name, overlay(image, one))
+            names.append(name)
+    return names
 
 
 def main() -> int:
@@ -20,11 +57,28 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    parser.add_argument("--cam", metavar="DIR", help="write class activation map overlays (PNG) into DIR")
+    parser.add_argument("--cam-all-tags", action="store_true",
+                        help="with --cam: an overlay for every tag of a multi-label task, not only those at or above "
+                             "their threshold")
     args = parser.parse_args()
     predictor = Predictor(args.model, args.device, args.threads)
+    if args.cam and not predictor.cam_outputs:
+        print(f"{args.model}: {NO_CAMS}", file=sys.stderr)
+        return 2
+    folder = Path(args.cam) if args.cam else None
+    if folder:
+        folder.mkdir(parents=True, exist_ok=True)
+    tasks, stems = {t["name"]: t for t in predictor.tasks}, UniqueStems()
     errors = 0
-    for result in predictor.predict_paths(args.paths, args.batch_size):
+    for result in predictor.predict_paths(args.paths, args.batch_size, cams=bool(folder)):
         errors += "error" in result
+        if "cams" in result:
+            try:
+                result["cam_files"] = write_overlays(folder, stems(result["image"]), result, tasks, args.cam_all_tags)
+            except ImageDecodeError as err:  # changed on disk since it was scored
+                result["cam_error"] = str(err)
+            del result["cams"]
         print(json.dumps(result), flush=True)
     if errors:
         print(f"{errors} image(s) could not be decoded", file=sys.stderr)

@@ -31,15 +31,21 @@ class DeployGraph(nn.Module):
     The branched levels run once per task, not on the stacked batch (``forward_all`` with
     ``stack_tasks=False``): onnxruntime then folds every BatchNorm into its convolution, in
     fp32 and in int8 (see ``waterdrop.quantize``).
+
+    With ``cams`` the class activation maps are outputs too (``forward_all`` with ``cams``).
     """
 
-    def __init__(self, net: MultiTaskNet, thresholds: dict):
+    def __init__(self, net: MultiTaskNet, thresholds: dict, cams: bool = False):
         super().__init__()
         self.net = net
+        self.cams = cams
         self.decision_thresholds = {name: float(thresholds[name]) for name in net.cascades}
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.net.forward_all(image, stack_tasks=False)
+        # cams is passed only when asked for: benchmarks/runtime_speed.py swaps forward_all for a
+        # stand-in with the signature it had before cams.
+        extra = {"cams": True} if self.cams else {}
+        outputs = self.net.forward_all(image, stack_tasks=False, **extra)
         for name, threshold in self.decision_thresholds.items():
             outputs[f"{name}.decision"] = outputs[f"{name}.prob"] >= threshold
         return outputs
@@ -56,7 +62,31 @@ class _Ordered(nn.Module):
         return tuple(outputs[name] for name in self.output_names)
 
 
-def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, output_names: list[str]) -> dict:
+def cam_metadata(net: MultiTaskNet, name: str, output_shapes: dict[str, tuple]) -> dict | None:
+    """The ``cam`` entry of one task: output name, layout, map size and feature stride; with a
+    cascade also its second network's map under ``stage2``. None when the head gives no map."""
+    if f"{name}.cam" not in output_shapes:
+        return None
+
+    def describe(output: str, stride: int) -> dict:
+        shape = output_shapes[output]
+        return {"output": output, "shape": "(N, labels, h, w)" if len(shape) == 4 else "(N, h, w)",
+                "size": list(shape[-2:]), "stride": stride}
+
+    entry = {**describe(f"{name}.cam", net.trunk.reductions[-1]), "meaning": net.heads[name].cam_meaning,
+             "values": "raw, not normalised; an overlay takes the ReLU, divides by the maximum, resizes to the "
+                       "image"}
+    if f"{name}.stage2_cam" in output_shapes:
+        entry["stage2"] = describe(f"{name}.stage2_cam", net.cascades[name].trunk.reductions[-1])
+    return entry
+
+
+def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, output_names: list[str],
+                   output_shapes: dict[str, tuple] | None = None) -> dict:
+    """The ``waterdrop`` metadata entry. ``output_shapes`` (of an example batch) is needed only
+    for the class activation map outputs; with them every task gets a ``cam`` entry (null where
+    its head gives no map)."""
+    with_cams = any(n.endswith(".cam") for n in output_names)
     tasks = []
     for task in cfg.tasks:
         head = net.heads[task.name]
@@ -85,6 +115,8 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
             entry[kind.threshold_key] = thresholds[task.name]
         if task.relations:
             entry["relations"] = task.relations.to_dict()
+        if with_cams:
+            entry["cam"] = cam_metadata(net, task.name, output_shapes)
         if head.uses_boxes:
             spec = head.detector
             entry["detector"] = {
@@ -169,8 +201,12 @@ def check_parity(path: Path, graph: DeployGraph, size: int, batch_sizes=(1, 3), 
 
 
 def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: str | Path,
-                opset: int = 18) -> dict[str, float]:
-    """Write the ONNX file, check it, and return the max abs difference per output."""
+                opset: int = 18, cam: bool = False) -> dict[str, float]:
+    """Write the ONNX file, check it, and return the max abs difference per output.
+
+    With ``cam`` the file also has every task's class activation map as ``<task>.cam`` (and
+    ``<task>.stage2_cam`` for a cascade), described in the metadata and checked for parity too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = net.eval().cpu()
@@ -179,9 +215,10 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
     missing = [t.name for t in cfg.tasks if t.name not in thresholds]
     if missing:
         raise ValueError(f"no threshold for tasks {missing}; run tools/eval.py first")
-    graph = DeployGraph(net, thresholds).eval()
+    graph = DeployGraph(net, thresholds, cams=cam).eval()
     with torch.no_grad():
-        output_names = list(graph(example))
+        output_shapes = {name: tuple(value.shape) for name, value in graph(example).items()}
+    output_names = list(output_shapes)
     torch.onnx.export(
         _Ordered(graph, output_names).eval(), (example,), str(path), input_names=["image"], output_names=output_names,
         dynamic_shapes={"image": {0: torch.export.Dim.DYNAMIC}}, opset_version=opset, dynamo=True,
@@ -190,7 +227,7 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
     _check_dynamic_batch(model)
     _unshare_convolutions(model)
     entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(build_metadata(net, cfg, thresholds, output_names))
+    entry.key, entry.value = METADATA_KEY, json.dumps(build_metadata(net, cfg, thresholds, output_names, output_shapes))
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     parity = check_parity(path, graph, size)

@@ -8,6 +8,10 @@
 Each result is a plain dict: ``{"image": path, "tasks": {task: {...}}}``, or
 ``{"image": path, "error": why}`` for a file that cannot be decoded. A task trained with
 ``loss_prediction`` also gives ``"predicted_loss"`` (a float; higher = more worth labeling).
+
+A file exported with ``tools/export.py --cam`` also holds class activation maps; they are
+returned only when asked for (``predict_paths(..., cams=True)``, ``explain_batch``), as numpy
+arrays beside the results, never inside the JSON-ready task results.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationGraph
 
 METADATA_KEY = "waterdrop"
+NO_CAMS = "this model file has no class activation maps; re-export it with tools/export.py --cam"
 
 
 class Predictor:
@@ -62,6 +67,13 @@ class Predictor:
                 task["relation_graph"] = RelationGraph(task["labels"], **task["relations"])
         self.size = int(self.meta["input"]["size"])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        #: Map name (``<task>``, ``<task>.stage2``) -> output name of its class activation map.
+        self.cam_outputs: dict[str, str] = {}
+        for task in self.tasks:
+            cam = task.get("cam") or {}
+            for key, entry in ((task["name"], cam), (f"{task['name']}.stage2", cam.get("stage2") or {})):
+                if entry.get("output") in self.output_names:
+                    self.cam_outputs[key] = entry["output"]
 
     @property
     def tasks(self) -> list[dict]:
@@ -71,16 +83,37 @@ class Predictor:
         """Decisions for RGB uint8 images of any size, one dict of tasks per image."""
         if not images:
             return []
-        return self.predict_batch(to_model_input(images, self.size), [(im.shape[1], im.shape[0]) for im in images])
+        return self.predict_batch(*self._prepared(images))
+
+    def _prepared(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        return to_model_input(images, self.size), [(im.shape[1], im.shape[0]) for im in images]
 
     def predict_batch(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict]:
         """Decisions for a batch already preprocessed by ``to_model_input`` (float32 NCHW), so
         that decoding can happen elsewhere (worker processes); ``sizes`` are the original
         images' (width, height), for boxes in their pixels."""
-        values = self.session.run(self.output_names, {"image": batch})
-        outputs = dict(zip(self.output_names, values))
+        return self._results(self._run(batch), sizes)
+
+    def explain_batch(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
+        """Like ``predict_batch``, and per image its class activation maps: ``{"<task>": map,
+        "<task>.stage2": map}`` with maps (h, w), or (labels, h, w) for a multi-label task, raw
+        as the model gives them (``waterdrop.overlay`` normalises and draws them).
+
+        Raises:
+            ValueError: the file has no class activation maps.
+        """
+        if not self.cam_outputs:
+            raise ValueError(NO_CAMS)
+        outputs = self._run(batch)
+        maps = [{key: outputs[name][row] for key, name in self.cam_outputs.items()} for row in range(len(batch))]
+        return self._results(outputs, sizes), maps
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, {"image": batch})))
+
+    def _results(self, outputs: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> list[dict]:
         results = []
-        for row in range(len(batch)):
+        for row in range(len(sizes)):
             per_task = {}
             for task in self.tasks:
                 task_outputs = {key: outputs[name] for key, name in task["outputs"].items()}
@@ -91,9 +124,16 @@ class Predictor:
             results.append(per_task)
         return results
 
-    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16) -> Iterator[dict]:
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16, cams: bool = False) -> Iterator[dict]:
         """Files or folders (searched recursively), in order; a bad image, and a folder without
-        images, yields an error entry."""
+        images, yields an error entry. With ``cams`` each decoded image's entry also holds its
+        maps under ``"cams"`` (see ``explain_batch``; numpy arrays, so not JSON-ready).
+
+        Raises:
+            ValueError: ``cams`` with a file that has no class activation maps.
+        """
+        if cams and not self.cam_outputs:
+            raise ValueError(NO_CAMS)
         batch_paths, batch_images = [], []
         # A folder without images stands for itself, so that it gets its error entry too.
         for path in (p for given in paths for p in list_images(given) or [Path(given)]):
@@ -103,15 +143,21 @@ class Predictor:
                 batch_images.append(read_image(path))
                 batch_paths.append(path)
             except ImageDecodeError as err:
-                yield from self._flush(batch_paths, batch_images)
+                yield from self._flush(batch_paths, batch_images, cams)
                 batch_paths, batch_images = [], []
                 yield {"image": str(path), "error": str(err)}
                 continue
             if len(batch_images) == batch_size:
-                yield from self._flush(batch_paths, batch_images)
+                yield from self._flush(batch_paths, batch_images, cams)
                 batch_paths, batch_images = [], []
-        yield from self._flush(batch_paths, batch_images)
+        yield from self._flush(batch_paths, batch_images, cams)
 
-    def _flush(self, paths: list, images: list) -> Iterator[dict]:
-        for path, tasks in zip(paths, self.predict_images(images)):
-            yield {"image": str(path), "tasks": tasks}
+    def _flush(self, paths: list, images: list, cams: bool) -> Iterator[dict]:
+        if not images:
+            return
+        if not cams:
+            for path, tasks in zip(paths, self.predict_images(images)):
+                yield {"image": str(path), "tasks": tasks}
+            return
+        for path, tasks, maps in zip(paths, *self.explain_batch(*self._prepared(images))):
+            yield {"image": str(path), "tasks": tasks, "cams": maps}

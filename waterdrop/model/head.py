@@ -6,6 +6,7 @@ import inspect
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _BUILT_IN_ARGS = ("self", "in_channels", "labels", "negative_label")
@@ -31,6 +32,8 @@ class Head(nn.Module):
     #: True when the head trains on the manifest's boxes; it then implements ``encode_boxes``
     #: and ``boxes_beyond_limit`` (how many of an image's boxes it cannot take).
     uses_boxes: bool = False
+    #: What the map of ``cam`` shows, in words (written into the ONNX metadata).
+    cam_meaning: str = ""
 
     def __init__(self, in_channels: list[int], labels: list[str], negative_label: str):
         super().__init__()
@@ -61,6 +64,22 @@ class Head(nn.Module):
         """Deploy outputs; each key becomes the ONNX output ``<task>.<key>``."""
         raise NotImplementedError
 
+    def cam(self, feats: list[torch.Tensor]) -> torch.Tensor | None:
+        """Class activation map (Zhou et al., CVPR 2016) of the head's main decision, computed in
+        the graph: (N, h, w), or (N, L, h, w) with one map per label, at the deepest level's
+        resolution. Raw values (not normalised); None when this head cannot give one."""
+        return None
+
+    def explain_targets(self) -> list[str | None]:
+        """What ``target_score`` can explain: None is the head's main decision or score, a
+        label name that label's logit. Tools explain None alone by default where it is listed,
+        else every label."""
+        return []
+
+    def target_score(self, outputs: dict[str, torch.Tensor], target: str | None) -> torch.Tensor:
+        """The (N,) score that Grad-CAM differentiates for ``target`` (one of ``explain_targets``)."""
+        raise ValueError(f"{type(self).__name__} has nothing to explain")
+
     def encode_target(self, names: list[str], missing: list[str]) -> np.ndarray:
         """Turn a sample's label names into this head's target array.
 
@@ -90,3 +109,9 @@ def check_range(name: str, value: float, low: float, high: float) -> float:
 def pooled(feature: torch.Tensor) -> torch.Tensor:
     """Global average pool of one feature map to (N, C)."""
     return feature.mean(dim=(2, 3))
+
+
+def linear_map(layer: nn.Linear, feature: torch.Tensor) -> torch.Tensor:
+    """``layer`` applied at every position of ``feature`` (N, C, h, w) -> (N, out, h, w). A linear
+    layer commutes with the mean, so the map's spatial mean is ``layer(pooled(feature))``."""
+    return F.conv2d(feature, layer.weight[:, :, None, None], layer.bias)

@@ -41,12 +41,16 @@ class CascadeNet(nn.Module):
         self.trunk = Trunk(backbone, pretrained, cbam)
         self.head = head_class(self.trunk.channels, labels, negative_label, **head_args)
 
-    def forward(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, normalized: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of every level of its own trunk."""
         feats, x = [], normalized
         for level in range(len(self.trunk.levels)):
             x = self.trunk.run_level(level, x)
             feats.append(x)
-        return self.head(feats)
+        return feats
+
+    def forward(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.features(normalized))
 
 
 class MultiTaskNet(nn.Module):
@@ -202,9 +206,12 @@ class MultiTaskNet(nn.Module):
             self.routing.task_index = None
         return per_task
 
-    def forward_all(self, images: torch.Tensor, stack_tasks: bool = True) -> dict[str, torch.Tensor]:
+    def forward_all(self, images: torch.Tensor, stack_tasks: bool = True,
+                    cams: bool = False) -> dict[str, torch.Tensor]:
         """Deploy outputs of every task for every image; ``<task>.predicted_loss`` (N,) for a
-        task with loss prediction.
+        task with loss prediction. With ``cams`` also ``<task>.cam`` for every task whose head
+        gives a class activation map (``Head.cam``), and ``<task>.stage2_cam`` from a cascade
+        task's second network.
 
         ``stack_tasks`` True: the levels from the first branched one run once, on the batch
         stacked once per task (``forward_features``). False: they run once per task on the batch
@@ -220,11 +227,18 @@ class MultiTaskNet(nn.Module):
             per_task = self.features_per_task(images)
         results = {}
         for name, task_feats in zip(self.task_names, per_task):
-            outputs = self.heads[name](task_feats)
+            head = self.heads[name]
+            outputs = head(task_feats)
+            maps = {"cam": head.cam(task_feats) if cams else None}
             if name in self.cascades:
-                outputs["cascade"] = self.run_cascade(name, images)
+                # Its trunk runs once, for its outputs and its map.
+                cascade = self.cascades[name]
+                cascade_feats = cascade.features(self.normalize(images))
+                outputs["cascade"] = cascade.head(cascade_feats)
+                maps["stage2_cam"] = cascade.head.cam(cascade_feats) if cams else None
             for key, value in self.task_predictions(name, outputs).items():
                 results[f"{name}.{key}"] = value
             if name in self.loss_predictors:
                 results[f"{name}.predicted_loss"] = self.loss_predictors[name](task_feats)
+            results.update((f"{name}.{key}", value) for key, value in maps.items() if value is not None)
         return results

@@ -1,0 +1,151 @@
+"""Grad-CAM overlays: where each task of a trained model looks in the given images.
+
+    python tools/explain.py RUN IMAGE [IMAGE ...] [--task T] [--label L] [--stage 1|2] [--level I]
+                            [--out DIR] [--batch-size N]
+
+RUN is a run folder (its best checkpoint) or a checkpoint file; IMAGE are image files or
+folders (searched recursively). Into DIR (default: <checkpoint folder>/explain) it writes
+
+* ``<image stem>.<task>[.<label>][.stage2].png``: the map blended into the image (red = the
+  regions that raise the score most). An image whose stem an earlier image already had
+  (same name in another folder) is written as ``<stem>-2``, ``<stem>-3`` ...;
+* ``index.json`` and ``index.csv``: one row per overlay: image, task, stage, target, score, file.
+
+What is explained, per task (every task unless --task):
+
+* binary: the decision, score = positive minus normal logit (P(positive) is its sigmoid);
+  ``--label all`` adds one map per sub-class (score = its logit), ``--label NAME`` that one alone;
+* multi-label: one map per tag, score = the tag's logit (before fusion with a detector);
+  ``--label NAME`` one tag;
+* graded: the score s(x) (P(grade above k) = sigmoid(s(x) + b_k)).
+
+``target`` is the label explained, empty for a binary decision or a graded score. A cascade
+task is explained at stage 1 and at stage 2 (its second network), or at --stage alone.
+--level picks the feature level (0 = stem ... -1 = deepest, the default; shallower levels give
+finer but less specific maps).
+
+An image that cannot be decoded is named on stderr and counted; the run goes on. Exit 2 for
+a bad argument (an unknown task or label: the message names the known ones), 1 when no image
+could be explained.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from waterdrop.engine.checkpoint import best_checkpoint, load_net
+from waterdrop.explain import check_level, explained_parts, grad_cams, resolve_targets
+from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
+
+COLUMNS = ["image", "task", "stage", "target", "score", "file"]
+
+
+def plan(net: MultiTaskNet, task: str | None, label: str | None, stage: int | None,
+         level: int) -> list[tuple[str, int, list[str | None]]]:
+    """(task, stage, targets) of the maps to draw per image; raises ValueError for a bad choice."""
+    if label not in (None, "all") and task is None:
+        raise ValueError(f"--label {label} needs --task (labels belong to one task)")
+    jobs = []
+    for name in [task] if task else net.task_names:
+        _, head, _ = explained_parts(net, name)
+        if stage is None:
+            stages = [1, 2] if name in net.cascades else [1]
+        elif stage == 2 and task is None and name not in net.cascades:
+            continue  # --stage 2 over every task: the cascade tasks alone
+        else:
+            stages = [stage]
+        for each in stages:
+            trunk, _, _ = explained_parts(net, name, each)  # refuses stage 2 of a task without a cascade
+            check_level(trunk, level)
+            jobs.append((name, each, resolve_targets(head, label)))
+    if not jobs:
+        raise ValueError("no task has a cascade, so there is no stage 2 to explain")
+    return jobs
+
+
+def decoded_batches(given: list[str], batch_size: int, skipped: list[str]) -> Iterator[list[tuple[Path, np.ndarray]]]:
+    """Batches of (path, RGB image), in order; a file that cannot be decoded is named on stderr
+    and added to ``skipped``."""
+    batch = []
+    # A folder without images stands for itself, so that it is reported too.
+    for path in (p for name in given for p in list_images(name) or [Path(name)]):
+        try:
+            if path.is_dir():
+                raise ImageDecodeError(f"{path}: a folder without images")
+            batch.append((path, read_image(path)))
+        except ImageDecodeError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+            skipped.append(str(path))
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def explain_images(net: MultiTaskNet, jobs: list, level: int, paths: list[Path], images: list[np.ndarray],
+                   stems: list[str], out: Path, size: int) -> list[dict]:
+    """Write the overlays of one batch; returns their index rows."""
+    batch = torch.from_numpy(to_model_input(images, size))
+    rows = []
+    for task, stage, targets in jobs:
+        for target, (maps, scores) in zip(targets, grad_cams(net, batch, task, targets, stage, level)):
+            for path, image, stem, cam, score in zip(paths, images, stems, maps.numpy(), scores.tolist()):
+                name = overlay_name(stem, task, target, stage2=stage == 2)
+                write_png(out / name, overlay(image, cam))
+                rows.append({"image": str(path), "task": task, "stage": stage, "target": target,
+                             "score": round(score, 6), "file": name})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a run folder (its best checkpoint) or a .pth checkpoint")
+    parser.add_argument("images", nargs="+", help="images or folders")
+    parser.add_argument("--task", help="explain this task only (default: every task)")
+    parser.add_argument("--label", help="a sub-class of a binary task or a tag of a multi-label task (needs --task), "
+                        "or 'all'")
+    parser.add_argument("--stage", type=int, choices=[1, 2], help="1, or 2 for a cascade's second network "
+                        "(default: both for cascade tasks)")
+    parser.add_argument("--level", type=int, default=-1, help="feature level whose map is weighted (default -1, the "
+                        "deepest)")
+    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/explain)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    try:
+        checkpoint = best_checkpoint(args.run)
+        net, cfg, _ = load_net(checkpoint)
+        jobs = plan(net, args.task, args.label, args.stage, args.level)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else checkpoint.parent / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    stems, skipped, rows, explained = UniqueStems(), [], [], 0
+    for batch in decoded_batches(args.images, args.batch_size, skipped):
+        paths, images = (list(column) for column in zip(*batch))
+        rows += explain_images(net, jobs, args.level, paths, images, [stems(p) for p in paths], out,
+                               cfg.model.input_size)
+        explained += len(paths)
+    (out / "index.json").write_text(json.dumps(rows, indent=1))
+    with open(out / "index.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{explained} image(s) explained: {len(rows)} overlays in {out}")
+    if skipped:
+        print(f"{len(skipped)} image(s) could not be decoded", file=sys.stderr)
+    return 0 if explained else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
