@@ -139,6 +139,9 @@ def grad_cams(net: MultiTaskNet, images: torch.Tensor, task: str, targets: list[
     try:
         with torch.enable_grad():
             feats, chosen = _features(trunk, net.normalize(images), level)
+            if stage == 1 and net.fusion is not None:
+                # The heads read the fusion backbone's map beside the trunk's; the map explains the trunk's part.
+                feats[-1] = torch.cat([feats[-1], net.fusion_map(images, feats[-1].shape[-2:])], dim=1)
             outputs = head(feats)
             scores = [head.target_score(outputs, target) for target in targets]
             # Samples are independent in eval mode: the gradient of the sum is each one's own.

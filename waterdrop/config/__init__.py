@@ -10,6 +10,7 @@ from waterdrop.config.schema import (
     ConfigError,
     DeployConfig,
     DistillationConfig,
+    FusionConfig,
     LossPredictionConfig,
     LossWeightingConfig,
     MeanTeacherConfig,
@@ -22,8 +23,8 @@ from waterdrop.config.schema import (
 from waterdrop.config.snapshot import config_from_dict, config_to_dict
 
 __all__ = [
-    "AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "DistillationConfig", "LossPredictionConfig",
-    "LossWeightingConfig", "MeanTeacherConfig",
-    "ModelConfig", "RegistryConfig", "SamplerConfig", "TaskConfig", "TrainConfig", "config_from_dict",
-    "config_to_dict", "load_registry", "load_task", "read_yaml",
+    "AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "DistillationConfig", "FusionConfig",
+    "LossPredictionConfig", "LossWeightingConfig", "MeanTeacherConfig", "ModelConfig", "RegistryConfig",
+    "SamplerConfig", "TaskConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_registry", "load_task",
+    "read_yaml",
 ]

@@ -25,6 +25,7 @@ from waterdrop.config.schema import (
     ConfigError,
     DeployConfig,
     DistillationConfig,
+    FusionConfig,
     LossPredictionConfig,
     LossWeightingConfig,
     MeanTeacherConfig,
@@ -39,13 +40,10 @@ from waterdrop.relations import RelationError, RelationGraph
 from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights, packaged_weights_file
 
 
-def _load_model(sec: Section, root: Path) -> ModelConfig:
-    stages = sec.raw("task_bn_stages", [-1])
-    if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
-        raise sec.fail("task_bn_stages", stages, "a list of feature-level indices such as [-1]")
-    backbone = sec.string("backbone")
+def _load_weights(sec: Section, backbone: str, root: Path) -> tuple[Path | str | None, list[float], list[float]]:
+    """``pretrained`` of ``sec`` and the normalisation its weights were trained with; the
+    section's own ``mean`` / ``std`` win."""
     pretrained = sec.string("pretrained", None)
-    # Packaged weights bring their own normalisation; the registry's mean/std still win.
     norm_mean, norm_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     if pretrained == IMAGENET:
         try:
@@ -66,14 +64,33 @@ def _load_model(sec: Section, root: Path) -> ModelConfig:
             raise sec.fail(key, value, "three RGB numbers in 0..1")
     if any(s == 0 for s in std):
         raise sec.fail("std", std, "non-zero values")
+    return pretrained, [float(v) for v in mean], [float(v) for v in std]
+
+
+def _load_fusion(sec: Section | None, root: Path) -> FusionConfig | None:
+    if sec is None:
+        return None
+    backbone = sec.string("backbone")
+    pretrained, mean, std = _load_weights(sec, backbone, root)
+    sec.finish()
+    return FusionConfig(backbone=backbone, pretrained=pretrained, mean=mean, std=std)
+
+
+def _load_model(sec: Section, root: Path) -> ModelConfig:
+    stages = sec.raw("task_bn_stages", [-1])
+    if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
+        raise sec.fail("task_bn_stages", stages, "a list of feature-level indices such as [-1]")
+    backbone = sec.string("backbone")
+    pretrained, mean, std = _load_weights(sec, backbone, root)
     model = ModelConfig(
         backbone=backbone,
         pretrained=pretrained,
         cbam=sec.string("cbam", "none", CBAM_MODES),
         task_bn_stages=stages,
         input_size=sec.number("input_size", 224, int, low=32),
-        mean=[float(v) for v in mean],
-        std=[float(v) for v in std],
+        mean=mean,
+        std=std,
+        fusion=_load_fusion(sec.optional_section("fusion"), root),
     )
     sec.finish()
     return model

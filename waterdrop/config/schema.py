@@ -27,6 +27,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class FusionConfig:
+    """A second backbone whose deepest feature map is joined to the trunk's before the heads."""
+
+    backbone: str
+    pretrained: Path | str | None
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
 class ModelConfig:
     backbone: str
     pretrained: Path | str | None  # a local file, "imagenet" (packaged weights) or None
@@ -35,6 +45,7 @@ class ModelConfig:
     input_size: int
     mean: list[float]
     std: list[float]
+    fusion: FusionConfig | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from waterdrop.config.schema import (
     CascadeConfig,
     DeployConfig,
     DistillationConfig,
+    FusionConfig,
     LossPredictionConfig,
     LossWeightingConfig,
     MeanTeacherConfig,
@@ -80,11 +81,18 @@ def _train(data: dict) -> TrainConfig:
     return TrainConfig(**train)
 
 
+def _weights(pretrained: str | None) -> Path | str | None:
+    # "imagenet" names packaged weights; any other string was a resolved local file.
+    return pretrained if pretrained in (None, IMAGENET) else Path(pretrained)
+
+
 def config_from_dict(data: dict) -> RegistryConfig:
     model = dict(data["model"])
-    pretrained = model["pretrained"]
-    # "imagenet" names packaged weights; any other string was a resolved local file.
-    model["pretrained"] = pretrained if pretrained in (None, IMAGENET) else Path(pretrained)
+    model["pretrained"] = _weights(model["pretrained"])
+    fusion = model.get("fusion")  # absent from snapshots taken before fusion models existed
+    if fusion is not None:
+        fusion = FusionConfig(**dict(fusion, pretrained=_weights(fusion["pretrained"])))
+    model["fusion"] = fusion
     return RegistryConfig(file=Path(data["file"]), root=Path(data["root"]), demo_data=_path(data["demo_data"]),
                           model=ModelConfig(**model), train=_train(data["train"]),
                           tasks=[_task(t) for t in data["tasks"]])

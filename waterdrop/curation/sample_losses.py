@@ -71,7 +71,7 @@ class SampleLosses:
 def _optimizer(net: MultiTaskNet, cfg: RegistryConfig) -> tuple[torch.optim.Optimizer, list[float]]:
     """The registry's optimizer with the training's two groups: trunk at lr x trunk_lr_mult."""
     train = cfg.train
-    trunk = {id(p) for p in net.trunk.parameters()}
+    trunk = {id(p) for backbone in net.backbones() for p in backbone.parameters()}
     params = [p for p in net.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in trunk]}, {"params": [p for p in params if id(p) not in trunk]}]
     multipliers = [train.trunk_lr_mult, 1.0]

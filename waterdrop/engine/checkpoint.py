@@ -57,8 +57,9 @@ def load_net(checkpoint_path: str | Path,
     cfg = config_from_dict(meta["config"])
     if registry is not None:
         cfg = _with_data_of(cfg, load_registry(registry), checkpoint_path, registry)
-    # The checkpoint holds every weight: the pretrained file need not exist any more.
-    net = MultiTaskNet(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
+    # The checkpoint holds every weight: the pretrained files need not exist any more.
+    fusion = cfg.model.fusion and dataclasses.replace(cfg.model.fusion, pretrained=None)
+    net = MultiTaskNet(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None, fusion=fusion)))
     # With mean teacher the checkpoint holds student and teacher; the teacher is deployed.
     prefix = "teacher." if any(k.startswith("teacher.") for k in checkpoint["state_dict"]) else "net."
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

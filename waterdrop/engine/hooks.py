@@ -35,9 +35,9 @@ class WaterdropHook(Hook):
     config (``config_to_dict``) in every checkpoint so eval and export rebuild the model
     from the checkpoint alone.
 
-    With ``freeze_trunk_epochs`` N, the shared trunk's weights get no gradients during the
-    first N epochs (only heads and cascade networks learn, and each step is cheaper); its
-    BatchNorm statistics still adapt. This is the usual first phase of transfer learning
+    With ``freeze_trunk_epochs`` N, the shared trunk's weights (and a fusion backbone's) get
+    no gradients during the first N epochs (only heads and cascade networks learn, and each
+    step is cheaper); their BatchNorm statistics still adapt. This is the usual first phase of transfer learning
     on small sets: random heads do not push large gradients into pretrained features.
     """
 
@@ -79,7 +79,8 @@ class WaterdropHook(Hook):
         if generator is not None:
             generator.manual_seed(epoch_seed)
         frozen = runner.epoch < self.freeze_trunk_epochs
-        self._model(runner).net.trunk.requires_grad_(not frozen)
+        for backbone in self._model(runner).net.backbones():
+            backbone.requires_grad_(not frozen)
         if frozen and runner.epoch == 0:
             self.print(f"trunk frozen for the first {self.freeze_trunk_epochs} epoch(s)", flush=True)
         self._epoch_paths: list[tuple[str, str]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from waterdrop.config import ConfigError, ModelConfig, RegistryConfig
@@ -69,6 +70,12 @@ class MultiTaskNet(nn.Module):
     A task with ``cascade`` in its YAML also has a ``CascadeNet`` in ``cascades``; a task with
     ``loss_prediction`` has a ``LossPredictionModule`` in ``loss_predictors``, which reads the
     task's own features (its BN branch) and adds ``predicted_loss`` to its outputs.
+
+    With ``model.fusion`` a second backbone (``fusion``, with its own normalisation) runs on the
+    image, and its deepest feature map (resized to the trunk's where the strides differ) is
+    joined channel-wise to the trunk's deepest level: the heads read both (a fusion model,
+    e.g. a teacher for distillation). It has no per-task BatchNorm. ``channels`` are the
+    feature levels' channels as the heads see them.
     """
 
     def __init__(self, cfg: RegistryConfig):
@@ -84,6 +91,18 @@ class MultiTaskNet(nn.Module):
         if bad:
             raise ConfigError(cfg.file, "model.task_bn_stages",
                               f"got {bad}; {model.backbone} has feature levels 0..{levels - 1} (or -1..-{levels})")
+        self.fusion = None
+        self.channels = list(self.trunk.channels)
+        if model.fusion is not None:
+            try:
+                self.fusion = Trunk(model.fusion.backbone, model.fusion.pretrained)
+            except ValueError as err:
+                raise ConfigError(cfg.file, "model.fusion", str(err)) from err
+            self.channels[-1] += self.fusion.channels[-1]
+            self.register_buffer("fusion_mean", torch.tensor(model.fusion.mean).view(1, 3, 1, 1) * 255,
+                                 persistent=False)
+            self.register_buffer("fusion_std", torch.tensor(model.fusion.std).view(1, 3, 1, 1) * 255,
+                                 persistent=False)
         branched = sorted({s % levels for s in model.task_bn_stages})
         self.routing = TaskRouting(len(cfg.tasks))
         for level in branched:
@@ -96,7 +115,7 @@ class MultiTaskNet(nn.Module):
         for task in cfg.tasks:
             try:
                 heads[task.name] = head_classes[task.head_type](
-                    self.trunk.channels, task.labels, task.negative_label, **task.head_args)
+                    self.channels, task.labels, task.negative_label, **task.head_args)
             except (ValueError, TypeError) as err:
                 raise ConfigError(task.file, "head", str(err)) from err
         self.heads = nn.ModuleDict(heads)
@@ -124,11 +143,25 @@ class MultiTaskNet(nn.Module):
                 raise ConfigError(task.file, "loss_prediction.levels",
                                   f"got {spec.levels}; {model.backbone} has feature levels 0..{levels - 1} (or "
                                   f"-1..-{levels}), each named once")
-            self.loss_predictors[task.name] = LossPredictionModule(self.trunk.channels, chosen, spec.hidden,
+            self.loss_predictors[task.name] = LossPredictionModule(self.channels, chosen, spec.hidden,
                                                                    spec.detach)
+
+    def backbones(self) -> list[nn.Module]:
+        """The shared feature extractors: the trunk, and the fusion backbone where there is one."""
+        return [self.trunk] if self.fusion is None else [self.trunk, self.fusion]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
+
+    def fusion_map(self, images: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """The fusion backbone's deepest feature map of ``images``, resized to ``size`` where its
+        stride differs from the trunk's."""
+        x = (images.float() - self.fusion_mean) / self.fusion_std
+        for level in range(len(self.fusion.levels)):
+            x = self.fusion.run_level(level, x)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
 
     def forward_features(self, images: torch.Tensor, task_index: torch.Tensor | None) -> list[torch.Tensor]:
         """Feature maps of every level. With ``task_index`` None the levels from the first
@@ -141,6 +174,11 @@ class MultiTaskNet(nn.Module):
                 x = x.unsqueeze(0).expand(len(self.task_names), *x.shape).flatten(0, 1)
             x = self.trunk.run_level(level, x)
             feats.append(x)
+        if self.fusion is not None:
+            extra = self.fusion_map(images, feats[-1].shape[-2:])
+            if task_index is None and self.first_branched < len(self.trunk.levels):  # a stacked batch
+                extra = extra.unsqueeze(0).expand(len(self.task_names), *extra.shape).flatten(0, 1)
+            feats[-1] = torch.cat([feats[-1], extra], dim=1)
         return feats
 
     def forward_tasks(self, images: torch.Tensor, task_index: torch.Tensor,
@@ -193,7 +231,7 @@ class MultiTaskNet(nn.Module):
         for level in range(self.first_branched):
             x = self.trunk.run_level(level, x)
             shared.append(x)
-        per_task = []
+        per_task, extra = [], None
         try:
             for t in range(len(self.task_names)):
                 self.routing.task_index = t
@@ -201,6 +239,9 @@ class MultiTaskNet(nn.Module):
                 for level in range(self.first_branched, len(self.trunk.levels)):
                     y = self.trunk.run_level(level, y)
                     feats.append(y)
+                if self.fusion is not None:  # its map is the same for every task: computed once
+                    extra = self.fusion_map(images, feats[-1].shape[-2:]) if extra is None else extra
+                    feats[-1] = torch.cat([feats[-1], extra], dim=1)
                 per_task.append(feats)
         finally:
             self.routing.task_index = None
