@@ -50,6 +50,14 @@ def edit_task(registry_file: Path, name: str, **changes) -> None:
     path.write_text(yaml.safe_dump(task))
 
 
+def add_task(registry_file: Path, task: dict) -> None:
+    """Write one more task YAML beside those of ``write_registry`` and list it in the registry."""
+    (registry_file.parent / "tasks" / f"{task['name']}.yaml").write_text(yaml.safe_dump(task))
+    registry = yaml.safe_load(registry_file.read_text())
+    registry["tasks"].append(f"tasks/{task['name']}.yaml")
+    registry_file.write_text(yaml.safe_dump(registry))
+
+
 def edit_train(registry_file: Path, **changes) -> None:
     """Set keys of the ``train`` section of a registry written by ``write_registry``."""
     registry = yaml.safe_load(registry_file.read_text())

@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from tests.conftest import edit_task, write_registry
+from tests.conftest import add_task, edit_task, write_registry
+from tests.test_export_runtime import NO_TORCH
 from waterdrop.config import config_to_dict, load_registry
 from waterdrop.explain import grad_cam, grad_cams, normalize_maps
 from waterdrop.export import METADATA_KEY, DeployGraph, export_onnx
@@ -31,13 +31,6 @@ from waterdrop.registry import registered_heads
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ["sky", "cloud", "grass", "water", "boat", "tree", "forest", "building", "glasses", "ball"]
 THRESHOLDS = {"disgusting": 0.4, "thriller": 0.3, "scene_tags": dict.fromkeys(TAGS, 0.5), "sharpness": None}
-# A sitecustomize.py that makes torch unimportable in a subprocess (the runtime install has none).
-NO_TORCH = ("import sys\n"
-            "class _NoTorch:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ImportError('torch is blocked in this test')\n"
-            "sys.meta_path.insert(0, _NoTorch())\n")
 
 
 def images(count: int, seed: int = 0) -> torch.Tensor:
@@ -65,12 +58,8 @@ def built(tmp_path_factory, demo_root):
     registry = write_registry(folder, demo_root, cbam="stages")
     edit_task(registry, "disgusting", head={"pcb": {"size": 1, "stride": 1, "join_global": True}})
     edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 2})
-    (folder / "tasks" / "sharpness.yaml").write_text(yaml.safe_dump(
-        {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": ["blurry", "soft", "sharp"],
-         "data": {"train": str(folder / "none"), "val": str(folder / "none")}}))
-    text = yaml.safe_load(registry.read_text())
-    text["tasks"].append("tasks/sharpness.yaml")
-    registry.write_text(yaml.safe_dump(text))
+    add_task(registry, {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": ["blurry", "soft", "sharp"],
+                        "data": {"train": str(folder / "none"), "val": str(folder / "none")}})
     cfg = load_registry(registry)
     torch.manual_seed(0)
     net = MultiTaskNet(cfg).eval()

@@ -12,9 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import yaml
 
-from tests.conftest import edit_task, write_registry
+from tests.conftest import add_task, edit_task, write_registry
 from tests.test_export_runtime import NO_TORCH, distinct_task_norms
 from waterdrop.config import load_registry
 from waterdrop.export import METADATA_KEY, export_onnx
@@ -51,12 +50,9 @@ def exported(tmp_path_factory, demo_root) -> tuple[Path, Path]:
     edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 2})
     edit_task(registry, "scene_tags", loss_prediction={"hidden": 8})
     grades = _grades(folder / "sharpness")
-    (folder / "tasks" / "sharpness.yaml").write_text(yaml.safe_dump(
-        {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": GRADES,
-         "data": {"train": str(grades / "val"), "val": str(grades / "val"), "test": str(grades / "test")}}))
-    text = yaml.safe_load(registry.read_text())
-    text["tasks"].append("tasks/sharpness.yaml")
-    registry.write_text(yaml.safe_dump(text))
+    add_task(registry, {"name": "sharpness", "head": {"type": "GradedHead"}, "labels": GRADES,
+                        "data": {"train": str(grades / "val"), "val": str(grades / "val"),
+                                 "test": str(grades / "test")}})
     cfg = load_registry(registry)
     torch.manual_seed(0)
     net = MultiTaskNet(cfg).eval()
