@@ -101,7 +101,9 @@ def test_term_matches_the_divergence_of_both_networks_by_hand(registry_file, tmp
             theirs = theirs_net.heads["disgusting"](theirs_net.features_per_task(images[rows])[0])
         p = soft_probabilities(theirs_net.heads["disgusting"], theirs, 2.0)
         q = soft_probabilities(model.net.heads["disgusting"], ours, 2.0)
-        expected = (divergence(p["prob"], q["prob"], kind) + divergence(p["subclass_prob"], q["subclass_prob"], kind))
+        # The mean of the two groups: the decision and the sub-classes.
+        expected = (divergence(p["prob"], q["prob"], kind)
+                    + divergence(p["subclass_prob"], q["subclass_prob"], kind)) / 2
         expected = expected.mean() * 4.0 * 3.0 * 0.5
         assert losses["disgusting.loss_distill"].item() == pytest.approx(expected.item(), rel=1e-4)
 
@@ -113,6 +115,14 @@ def test_teacher_of_other_tasks_or_labels_is_refused_with_the_reason(registry_fi
     edit_train(registry_file, distillation={"teacher": teacher})
     with pytest.raises(ConfigError, match="task 'thriller' differs in the teacher"):
         WaterdropModel(load_registry(registry_file))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    edit_train(registry_file, distillation={"teacher": str(garbage)})
+    with pytest.raises(ConfigError, match="train.distillation.teacher.*not a readable waterdrop checkpoint"):
+        WaterdropModel(load_registry(registry_file))
+    edit_train(registry_file, distillation={"teacher": teacher, "weight": 0})
+    with pytest.raises(ConfigError, match="teaches no task"):
+        load_registry(registry_file)
     edit_train(registry_file, distillation={"teacher": str(tmp_path / "nowhere")})
     with pytest.raises(ConfigError, match="train.distillation.teacher.*existing run folder or checkpoint"):
         load_registry(registry_file)

@@ -347,8 +347,9 @@ def test_explain_tool_writes_overlays_and_an_index_and_counts_bad_images(built, 
     assert "broken.jpg" in err and "1 image(s) could not be decoded" in err
     folder = run / "explain"
     rows = json.loads((folder / "index.json").read_text())
-    # Per image: disgusting, thriller at both stages, 10 tags, sharpness.
-    assert len(rows) == 3 * 14 and "3 image(s) explained: 42 overlays" in out
+    # Per image: disgusting's decision and 7 sub-classes, thriller's decision and 5 sub-classes at
+    # both stages, 10 tags, sharpness.
+    assert len(rows) == 3 * 31 and "3 image(s) explained: 93 overlays" in out
     files = {row["file"] for row in rows}
     assert {"00000.disgusting.png", "00000-2.disgusting.png", "00000.thriller.stage2.png", "00000.scene_tags.sky.png",
             "wide.sharpness.png"} <= files
@@ -361,6 +362,10 @@ def test_explain_tool_writes_overlays_and_an_index_and_counts_bad_images(built, 
     code, out, err = _run_tool("explain.py", [run, wide, "--task", "disgusting", "--label", "all", "--out",
                                               tmp_path / "all"], monkeypatch, capsys)
     assert code == 0 and len(json.loads((tmp_path / "all" / "index.json").read_text())) == 1 + 7
+    code, out, err = _run_tool("explain.py", [run, wide, "--task", "disgusting", "--label", "insects", "--out",
+                                              tmp_path / "one"], monkeypatch, capsys)
+    assert code == 0 and [row["target"] for row in json.loads((tmp_path / "one" / "index.json").read_text())] == [
+        "insects"]
     code, _, err = _run_tool("explain.py", [run, wide, "--task", "nope"], monkeypatch, capsys)
     assert code == 2 and "known tasks: disgusting, thriller, scene_tags, sharpness" in err
     code, _, err = _run_tool("explain.py", [run, wide, "--task", "thriller", "--label", "nope"], monkeypatch, capsys)

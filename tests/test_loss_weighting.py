@@ -13,6 +13,7 @@ from waterdrop.engine.loss_weighting import TaskLossWeighting, last_shared_weigh
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.optim import TrunkLrConstructor
 from waterdrop.engine.train import run_training
+from waterdrop.model.trunk import Trunk
 
 
 def _batch(seed=0):
@@ -99,9 +100,10 @@ class _Shared(nn.Module):
 
 
 def _two_task_losses(shared: _Shared, scale_a: float, scale_b: float) -> dict:
+    """Losses of tasks 0 and 1 whose values and gradient norms are in the ratio of the scales."""
     torch.manual_seed(0)
     out = shared.levels[0](torch.randn(4, 2, 3, 3))
-    return {"a.loss_x": scale_a * out.pow(2).mean(), "b.loss_x": scale_b * out.pow(2).mean()}
+    return {0: scale_a * out.pow(2).mean(), 1: scale_b * out.pow(2).mean()}
 
 
 def test_gradnorm_moves_weight_to_the_task_with_the_smaller_gradient_and_keeps_the_sum():
@@ -112,14 +114,14 @@ def test_gradnorm_moves_weight_to_the_task_with_the_smaller_gradient_and_keeps_t
     a, b = weighting.weights.tolist()
     assert a < 1 < b and a + b == pytest.approx(2.0)
     # The first losses were recorded: equal training rates, so only the norms matter.
-    assert weighting.initial_losses.tolist() == pytest.approx([losses["a.loss_x"].item(), losses["b.loss_x"].item()])
+    assert weighting.initial_losses.tolist() == pytest.approx([losses[0].item(), losses[1].item()])
     for _ in range(200):
         weighting.gradnorm_step(_two_task_losses(shared, 10.0, 1.0), last_shared_weight(shared))
     a, b = weighting.weights.tolist()
     # Balanced norms: w_a * 10 g = w_b * g, with w_a + w_b = 2, give w_a = 2/11, up to one step.
     assert a == pytest.approx(2 / 11, abs=0.06) and a + b == pytest.approx(2.0)
-    weighted = weighting.weigh(losses)
-    assert weighted["a.loss_x"].item() == pytest.approx(losses["a.loss_x"].item() * a, rel=1e-5)
+    weighted = weighting.weigh({"a.loss_x": losses[0], "b.loss_x": losses[1]})
+    assert weighted["a.loss_x"].item() == pytest.approx(losses[0].item() * a, rel=1e-5)
     assert weighted["a.weight"].item() == pytest.approx(a)
 
 
@@ -134,12 +136,31 @@ def test_gradnorm_favours_the_task_that_trains_slower():
     assert a < 1 < b
 
 
-def test_gradnorm_step_does_not_depend_on_the_amp_loss_scale_and_skips_nan():
+def test_one_odd_first_batch_does_not_fix_the_weights_for_the_run():
+    shared = _Shared()
+    weighting = TaskLossWeighting(LossWeightingConfig("gradnorm", alpha=1.5, lr=0.025), ["a", "b"])
+    # Task a's first batch had (almost) no loss, e.g. its labeled samples were easy by chance.
+    weighting.gradnorm_step(_two_task_losses(shared, 1e-5, 1.0), last_shared_weight(shared))
+    for _ in range(200):
+        weighting.gradnorm_step(_two_task_losses(shared, 1.0, 1.0), last_shared_weight(shared))
+    # The initial loss is the mean of the first 20 batches, so both tasks train at about the
+    # same rate and keep about the same weight (from one batch, a would take nearly all of it).
+    assert weighting.weights.tolist() == pytest.approx([1.0, 1.0], abs=0.15)
+    assert weighting.initial_batches.tolist() == [20, 20]
+
+
+def test_gradnorm_norms_are_unscaled_from_the_amp_loss_scale_and_nan_is_skipped():
     shared = _Shared()
     plain = TaskLossWeighting(LossWeightingConfig("gradnorm"), ["a", "b"])
     scaled = TaskLossWeighting(LossWeightingConfig("gradnorm"), ["a", "b"])
-    plain.gradnorm_step(_two_task_losses(shared, 3.0, 1.0), last_shared_weight(shared))
-    scaled.gradnorm_step(_two_task_losses(shared, 3.0, 1.0), last_shared_weight(shared), loss_scale=1024.0)
+    losses = _two_task_losses(shared, 3.0, 1.0)
+    by_hand = [torch.autograd.grad(losses[t], shared.levels[0][0].weight, retain_graph=True)[0].norm().item()
+               for t in (0, 1)]
+    norms = plain.gradnorm_step(losses, last_shared_weight(shared))
+    scaled_norms = scaled.gradnorm_step(_two_task_losses(shared, 3.0, 1.0), last_shared_weight(shared),
+                                        loss_scale=1024.0)
+    assert norms.tolist() == pytest.approx(by_hand, rel=1e-5)
+    assert scaled_norms.tolist() == pytest.approx(by_hand, rel=1e-4)
     assert scaled.weights.tolist() == pytest.approx(plain.weights.tolist(), rel=1e-5)
     before = plain.weights.clone()
     plain.gradnorm_step(_two_task_losses(shared, float("nan"), 1.0), last_shared_weight(shared))
@@ -171,3 +192,30 @@ def test_a_run_logs_plots_and_checkpoints_the_learned_weights(registry_file, tmp
     else:
         assert stored.sum().item() == pytest.approx(3.0, rel=1e-5)
     assert all(torch.isfinite(stored))
+
+
+@pytest.mark.parametrize("backbone, cbam, expected", [("test_resnet", "none", "layer4.0.conv2"),
+                                                      ("test_resnet", "blocks", "layer4.0.conv2"),
+                                                      ("test_efficientnet", "stages", "blocks_4.0.conv_pwl")])
+def test_gradnorm_balances_the_main_paths_last_convolution(backbone, cbam, expected):
+    # Not the shortcut projection nor CBAM's spatial convolution, both registered after it.
+    trunk = Trunk(backbone, None, cbam)
+    weight = last_shared_weight(trunk)
+    assert [name for name, m in trunk.levels[-1].named_modules() if getattr(m, "weight", None) is weight] == [expected]
+
+
+def test_a_task_named_with_loss_does_not_turn_its_weight_into_a_loss(registry_file):
+    model = WaterdropModel(load_registry(registry_file))
+    loss, log_vars = model.parse_losses({"gloss.loss_cls": torch.tensor(2.0), "gloss.weight": torch.tensor(5.0),
+                                         "sky.loss_det": torch.tensor([1.0, 3.0])})
+    assert loss.item() == pytest.approx(4.0)
+    assert log_vars["loss"].item() == pytest.approx(4.0) and log_vars["gloss.weight"].item() == 5.0
+
+
+def test_config_errors_name_the_choices_and_refuse_gradnorm_settings_elsewhere(registry_file):
+    edit_train(registry_file, loss_weighting=3)
+    with pytest.raises(ConfigError, match="loss_weighting.*fixed, uncertainty, gradnorm"):
+        load_registry(registry_file)
+    edit_train(registry_file, loss_weighting={"type": "uncertainty", "lr": 0.1})
+    with pytest.raises(ConfigError, match="loss_weighting.lr.*GradNorm setting"):
+        load_registry(registry_file)

@@ -13,10 +13,10 @@ folders (searched recursively). Into DIR (default: <checkpoint folder>/explain) 
 
 What is explained, per task (every task unless --task):
 
-* binary: the decision, score = positive minus normal logit (P(positive) is its sigmoid);
-  ``--label all`` adds one map per sub-class (score = its logit), ``--label NAME`` that one alone;
-* multi-label: one map per tag, score = the tag's logit (before fusion with a detector);
-  ``--label NAME`` one tag;
+* binary: the decision, score = positive minus normal logit (P(positive) is its sigmoid), and
+  one map per sub-class (score = its logit); ``--label NAME`` that sub-class alone;
+* multi-label: one map per tag, score = the tag's logit (before fusion with a detector: a tag
+  that the detector's boxes decide is better seen in the boxes); ``--label NAME`` one tag;
 * graded: the score s(x) (P(grade above k) = sigmoid(s(x) + b_k)).
 
 ``target`` is the label explained, empty for a binary decision or a graded score. A cascade
@@ -112,8 +112,8 @@ def main() -> int:
     parser.add_argument("run", help="a run folder (its best checkpoint) or a .pth checkpoint")
     parser.add_argument("images", nargs="+", help="images or folders")
     parser.add_argument("--task", help="explain this task only (default: every task)")
-    parser.add_argument("--label", help="a sub-class of a binary task or a tag of a multi-label task (needs --task), "
-                        "or 'all'")
+    parser.add_argument("--label", help="only this sub-class of a binary task or tag of a multi-label task (needs "
+                        "--task); default (or 'all'): every target")
     parser.add_argument("--stage", type=int, choices=[1, 2], help="1, or 2 for a cascade's second network "
                         "(default: both for cascade tasks)")
     parser.add_argument("--level", type=int, default=-1, help="feature level whose map is weighted (default -1, the "

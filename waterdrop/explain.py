@@ -53,16 +53,14 @@ def explained_parts(net: MultiTaskNet, task: str, stage: int = 1) -> tuple[Trunk
 
 
 def resolve_targets(head: Head, label: str | None = None) -> list[str | None]:
-    """What to explain for one task: with ``label`` None the head's main decision or score
-    where it has one (None), else every label; ``"all"`` every target; else that label.
+    """What to explain for one task: with ``label`` None or ``"all"`` every target (a binary
+    task's decision and each sub-class, every tag, a graded score); else that label.
 
     Raises:
         ValueError: a label the head cannot explain; the message names those it can.
     """
     targets = head.explain_targets()
-    if label is None:
-        return [None] if None in targets else targets
-    if label == "all":
+    if label in (None, "all"):
         return targets
     if label not in targets:
         raise _target_error(head, label)
@@ -128,6 +126,8 @@ def grad_cam(net: MultiTaskNet, images: torch.Tensor, task: str, target: str | N
 def grad_cams(net: MultiTaskNet, images: torch.Tensor, task: str, targets: list[str | None], stage: int = 1,
               level: int = -1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``grad_cam`` of several targets of one task: one forward pass, one backward pass each."""
+    if torch.is_inference_mode_enabled():  # enable_grad() cannot lift it
+        raise RuntimeError("Grad-CAM needs gradients: call it outside torch.inference_mode() (torch.no_grad() is fine)")
     trunk, head, task_index = explained_parts(net, task, stage)
     for target in targets:
         if target not in head.explain_targets():

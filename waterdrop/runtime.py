@@ -74,6 +74,8 @@ class Predictor:
             for key, entry in ((task["name"], cam), (f"{task['name']}.stage2", cam.get("stage2") or {})):
                 if entry.get("output") in self.output_names:
                     self.cam_outputs[key] = entry["output"]
+        # The maps are computed only when asked for (explain_batch): they are the largest outputs.
+        self.decision_outputs = [name for name in self.output_names if name not in self.cam_outputs.values()]
 
     @property
     def tasks(self) -> list[dict]:
@@ -92,7 +94,7 @@ class Predictor:
         """Decisions for a batch already preprocessed by ``to_model_input`` (float32 NCHW), so
         that decoding can happen elsewhere (worker processes); ``sizes`` are the original
         images' (width, height), for boxes in their pixels."""
-        return self._results(self._run(batch), sizes)
+        return self._results(self._run(batch, self.decision_outputs), sizes)
 
     def explain_batch(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
         """Like ``predict_batch``, and per image its class activation maps: ``{"<task>": map,
@@ -104,19 +106,19 @@ class Predictor:
         """
         if not self.cam_outputs:
             raise ValueError(NO_CAMS)
-        outputs = self._run(batch)
+        outputs = self._run(batch, self.output_names)
         maps = [{key: outputs[name][row] for key, name in self.cam_outputs.items()} for row in range(len(batch))]
         return self._results(outputs, sizes), maps
 
-    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, {"image": batch})))
+    def _run(self, batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(names, self.session.run(names, {"image": batch})))
 
     def _results(self, outputs: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> list[dict]:
         results = []
         for row in range(len(sizes)):
             per_task = {}
             for task in self.tasks:
-                task_outputs = {key: outputs[name] for key, name in task["outputs"].items()}
+                task_outputs = {key: outputs[name] for key, name in task["outputs"].items() if name in outputs}
                 result = kind_of(task["kind"]).runtime_result(task, task_outputs, row, sizes[row])
                 if "predicted_loss" in task_outputs:  # any kind of task may have a loss prediction module
                     result["predicted_loss"] = round(float(task_outputs["predicted_loss"][row]), 6)

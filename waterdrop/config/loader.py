@@ -97,12 +97,20 @@ def _load_model(sec: Section, root: Path) -> ModelConfig:
 
 
 def _load_loss_weighting(sec: Section) -> LossWeightingConfig:
-    if isinstance(sec.raw("loss_weighting", "fixed"), str):
+    value = sec.raw("loss_weighting", "fixed")
+    if isinstance(value, str):
         return LossWeightingConfig(type=sec.string("loss_weighting", "fixed", LOSS_WEIGHTINGS))
+    if not isinstance(value, dict):
+        raise sec.fail("loss_weighting", value, "one of " + ", ".join(LOSS_WEIGHTINGS)
+                       + ", or {type: gradnorm, alpha: 1.5, lr: 0.025}")
     weighting = sec.section("loss_weighting")
     config = LossWeightingConfig(type=weighting.string("type", "fixed", LOSS_WEIGHTINGS),
                                  alpha=weighting.number("alpha", 1.5, low=0),
                                  lr=weighting.number("lr", 0.025, low=0, low_open=True))
+    given = sorted({"alpha", "lr"} & set(weighting.data))
+    if config.type != "gradnorm" and given:
+        raise ConfigError(sec.file, weighting.path(given[0]), f"is a GradNorm setting; {config.type} does not use "
+                          "it (uncertainty weighting's log-variances learn at the optimizer's lr)")
     weighting.finish()
     return config
 
@@ -124,6 +132,9 @@ def _load_distillation(sec: Section | None, root: Path) -> DistillationConfig | 
     config = DistillationConfig(teacher=teacher, divergence=sec.string("divergence", "js", DIVERGENCES),
                                 weight=sec.number("weight", 1.0, low=0),
                                 temperature=sec.number("temperature", 1.0, low=0, low_open=True), tasks=per_task)
+    if config.weight == 0 and not any(own.get("weight", 0) > 0 for own in per_task.values()):
+        raise ConfigError(sec.file, sec.path("weight"), "is 0 and no task has a weight of its own: it teaches no "
+                          "task; set a weight > 0 or set distillation to null")
     sec.finish()
     return config
 

@@ -3,7 +3,9 @@
 Per task, a divergence between the teacher's and the student's probabilities is added to
 the student's loss: every probability the head reports is a yes/no (Bernoulli) distribution
 (P(positive) and each sub-class probability of a binary head, each tag of a multi-label
-head, each P(grade > k) of a graded one), and the divergence is their mean.
+head, each P(grade > k) of a graded one). The divergence is the mean over the head's groups
+(a binary head's decision and its sub-classes count alike) of each group's mean, so that
+a task's term has the same scale whichever kind of head it has.
 
 * ``js``: Jensen-Shannon divergence, symmetric and bounded by log 2, so a teacher that is
   confidently wrong on a sample cannot dominate the batch.
@@ -18,6 +20,8 @@ never in a checkpoint or an export.
 """
 
 from __future__ import annotations
+
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +73,9 @@ class Distiller:
         key = "train.distillation.teacher"
         try:
             teacher, teacher_cfg, _ = load_net(best_checkpoint(spec.teacher))
-        except (OSError, ValueError, RuntimeError) as err:
-            raise ConfigError(cfg.file, key, f"cannot load the teacher from {spec.teacher}: {err}") from err
+        except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+            raise ConfigError(cfg.file, key, f"cannot load the teacher from {spec.teacher}: not a readable waterdrop "
+                              f"checkpoint or run folder ({type(err).__name__}: {str(err).splitlines()[0]})") from err
         self.settings: dict[str, tuple[float, float]] = {}
         self.teacher_index = torch.full((len(cfg.tasks),), -1, dtype=torch.long)
         for t, task in enumerate(cfg.tasks):
@@ -114,6 +119,7 @@ class Distiller:
                 continue
             theirs = soft_probabilities(self.teacher.heads[name], teacher_outputs[name], temperature)
             ours = soft_probabilities(student.heads[name], student_outputs[name], temperature)
-            per_sample = sum(divergence(theirs[key], ours[key], self.spec.divergence) for key in ours if key in theirs)
-            losses[f"{name}.loss_distill"] = (per_sample.mean() * temperature ** 2 * weight * loss_weights[name])
+            groups = [divergence(theirs[key], ours[key], self.spec.divergence) for key in ours if key in theirs]
+            per_sample = torch.stack(groups).mean(dim=0)
+            losses[f"{name}.loss_distill"] = per_sample.mean() * temperature ** 2 * weight * loss_weights[name]
         return losses

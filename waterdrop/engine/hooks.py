@@ -161,8 +161,6 @@ class WaterdropHook(Hook):
             "last_epoch": self.rows[-1] if self.rows else {},
         }
         (Path(runner.work_dir) / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
-        if any(f"{name}.weight" in row for row in self.rows for name in self.task_names):
-            task_weights(Path(runner.work_dir) / "loss_weights.png", self.rows, self.task_names)
 
     def _write_results(self, work_dir: Path) -> None:
         if not self.rows or not is_main_process():
@@ -172,3 +170,6 @@ class WaterdropHook(Hook):
             writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(self.rows)
+        # Every epoch, so that an interrupted run has its plot too.
+        if any(f"{name}.weight" in row for row in self.rows for name in self.task_names):
+            task_weights(work_dir / "loss_weights.png", self.rows, self.task_names)

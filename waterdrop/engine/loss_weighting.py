@@ -8,9 +8,14 @@
 * ``gradnorm`` (Chen et al., ICML 2018): one weight w per task, kept summing to the number of
   tasks. After each batch the weights move so that every task's gradient norm at the last
   shared layer, ||grad_W (w_i L_i)||, approaches the mean norm times r_i^alpha, where r_i is
-  the task's loss relative to its first loss, over the mean of those ratios: a task that
-  trains slower gets more weight. The weights are buffers updated here by a signed step of
-  ``lr``, not by the optimizer.
+  the task's loss relative to its initial loss, over the mean of those ratios: a task that
+  trains slower gets more weight. L_i is the head's own supervised terms on the batch's
+  labeled samples (not consistency, distillation or loss-prediction terms, whose size follows
+  their own schedules), and the initial loss is the mean of the task's first
+  ``INITIAL_BATCHES`` batches, so that one odd first batch cannot fix the weights for the
+  run. The weights are buffers updated here by a signed step of ``lr``, not by the optimizer.
+  Under DDP every rank's norms and losses are averaged (not the norm of the averaged
+  gradient), so every rank takes the same step.
 
 Task weights come after each task's ``loss_weight``, which still scales its terms.
 """
@@ -23,6 +28,9 @@ from mmengine.dist import is_distributed
 from torch import nn
 
 from waterdrop.config import LossWeightingConfig
+from waterdrop.model.cbam import CBAM
+
+INITIAL_BATCHES = 20
 
 
 def task_of(key: str) -> str:
@@ -31,9 +39,14 @@ def task_of(key: str) -> str:
 
 
 def last_shared_weight(trunk: nn.Module) -> nn.Parameter:
-    """The weight of the trunk's last convolution: shared by every task (per-task BatchNorm
-    follows it), it is the layer whose gradient norms GradNorm balances."""
-    convs = [m for m in trunk.levels[-1].modules() if isinstance(m, nn.Conv2d)]
+    """The weight of the last convolution on the trunk's main path: shared by every task
+    (per-task BatchNorm follows it), it is the layer whose gradient norms GradNorm balances.
+    Shortcut projections (timm's ``downsample``) and attention (CBAM, squeeze-and-excitation:
+    ``se``, ``attn``) are registered after it in a block but are not on the main path."""
+    skipped = {name for name, module in trunk.levels[-1].named_modules() if isinstance(module, CBAM)}
+    convs = [module for name, module in trunk.levels[-1].named_modules()
+             if isinstance(module, nn.Conv2d) and not {"downsample", "se", "attn"} & set(name.split("."))
+             and not any(name.startswith(f"{s}.") for s in skipped)]
     return convs[-1].weight
 
 
@@ -55,8 +68,10 @@ class TaskLossWeighting(nn.Module):
             self.log_variances = nn.Parameter(torch.zeros(count))
         if self.method == "gradnorm":
             self.register_buffer("weights", torch.ones(count))
-            # The first loss seen of each task; GradNorm measures training rates against it.
-            self.register_buffer("initial_losses", torch.full((count,), float("nan")))
+            # Each task's initial loss (the mean of its first INITIAL_BATCHES batches) and how many
+            # batches are in it; GradNorm measures training rates against it.
+            self.register_buffer("initial_losses", torch.zeros(count))
+            self.register_buffer("initial_batches", torch.zeros(count))
 
     def task_weights(self) -> torch.Tensor:
         """The current weight of every task (ones with ``fixed``)."""
@@ -85,29 +100,22 @@ class TaskLossWeighting(nn.Module):
                 weighted[f"{name}.weight"] = self.weights[t].clone()
         return weighted
 
-    def task_losses(self, losses: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Each present task's summed terms, by task position."""
-        totals: dict[int, torch.Tensor] = {}
-        for key, value in losses.items():
-            if "loss" in key:
-                t = self.task_names.index(task_of(key))
-                totals[t] = totals[t] + value if t in totals else value
-        return totals
-
-    def gradnorm_step(self, losses: dict[str, torch.Tensor], shared: nn.Parameter, loss_scale: float = 1.0) -> None:
-        """One GradNorm update of the weights from this batch's unweighted task losses.
+    def gradnorm_step(self, task_losses: dict[int, torch.Tensor], shared: nn.Parameter,
+                      loss_scale: float = 1.0) -> torch.Tensor:
+        """One GradNorm update of the weights from this batch's unweighted task losses (by task
+        position; tasks without labeled samples in the batch left out).
 
         ``shared`` is the last shared layer's weight; ``loss_scale`` is the AMP loss scale, so
-        that half-precision gradients do not underflow before their norms are taken. Under
-        DDP the norms and losses are averaged over ranks, so every rank takes the same step.
+        that half-precision gradients do not underflow before their norms are taken. Returns
+        the per-task gradient norms ||grad_W L_i|| used (0 for absent tasks), averaged over
+        DDP ranks.
         """
-        if not shared.requires_grad:  # the trunk is frozen: there is no shared gradient to balance
-            return
         count = len(self.task_names)
-        device = self.weights.device
         # rows: gradient norm of L_i (unweighted), L_i, present (1/0)
-        stats = torch.zeros(3, count, device=device)
-        for t, loss in self.task_losses(losses).items():
+        stats = torch.zeros(3, count, device=self.weights.device)
+        if not shared.requires_grad:  # the trunk is frozen: there is no shared gradient to balance
+            return stats[0]
+        for t, loss in task_losses.items():
             grad, = torch.autograd.grad(loss * loss_scale, shared, retain_graph=True, allow_unused=True)
             if grad is None:
                 continue
@@ -115,22 +123,26 @@ class TaskLossWeighting(nn.Module):
             stats[1, t] = loss.detach().float()
             stats[2, t] = 1.0
         with torch.no_grad():
+            if is_distributed():
+                dist.all_reduce(stats)
+            stats[:2] /= stats[2].clamp(min=1)
             self._update(stats)
+        return stats[0]
 
     def _update(self, stats: torch.Tensor) -> None:
         count = len(self.task_names)
-        if is_distributed():
-            dist.all_reduce(stats)
         if not torch.isfinite(stats).all():  # a NaN batch, on this rank or another: it is skipped anyway
             return
         present = stats[2] > 0
         if not present.any():
             return
-        norms = stats[0][present] / stats[2][present]
-        task_losses = stats[1][present] / stats[2][present]
+        norms, task_losses = stats[0][present], stats[1][present]
+        seen = self.initial_batches[present]
+        settling = seen < INITIAL_BATCHES
         first = self.initial_losses[present]
-        first = torch.where(torch.isnan(first), task_losses, first)
+        first = torch.where(settling, first + (task_losses - first) / (seen + 1), first)
         self.initial_losses[present] = first
+        self.initial_batches[present] = seen + settling.float()
         ratios = task_losses / first.clamp(min=1e-12)
         relative = ratios / ratios.mean().clamp(min=1e-12)
         weights = self.weights[present]

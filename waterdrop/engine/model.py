@@ -119,7 +119,7 @@ class WaterdropModel(BaseModel):
     def _losses(self, images, task_index, targets, labeled, images2) -> dict[str, torch.Tensor]:
         images, mixes = self._cutmix(images, task_index, targets)
         outputs = self.net.forward_tasks(images, task_index, with_cascade=False)
-        losses = {}
+        losses, supervised = {}, {}
         for t, name in enumerate(self.net.task_names):
             if name not in outputs:
                 continue
@@ -129,6 +129,8 @@ class WaterdropModel(BaseModel):
             terms = _task_terms(head, outputs[name], target, mixes.get(name))
             for term, per_sample in terms.items():
                 losses[f"{name}.{term}"] = _masked_mean(per_sample, mask) * task.loss_weight
+            if mask.any():  # GradNorm's training rate: the head's own terms on labeled samples
+                supervised[t] = sum(losses[f"{name}.{term}"] for term in terms)
             sample_loss = sum(terms.values()).detach()  # what OHEM and loss prediction rank by
             if task.loss_prediction is not None and int(mask.sum()) >= 2:
                 losses[f"{name}.loss_lossprediction"] = self._loss_prediction_loss(
@@ -148,11 +150,19 @@ class WaterdropModel(BaseModel):
         if self.distiller is not None:
             losses.update(self.distiller.losses(images, task_index, self.net, outputs,
                                                 {name: task.loss_weight for name, task in self.tasks.items()}))
-        # Inside the forward pass, so that under DDP the learned log-variances are part of the
-        # graph it synchronises.
         if self.weighting.method == "gradnorm" and self.training:
-            self.weighting.gradnorm_step(losses, last_shared_weight(self.net.trunk), self.amp_loss_scale)
+            self.weighting.gradnorm_step(supervised, last_shared_weight(self.net.trunk), self.amp_loss_scale)
+        # Weighted inside the forward pass, so that under DDP the learned log-variances are part
+        # of the graph it synchronises.
         return self.weighting.weigh(losses)
+
+    def parse_losses(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """mmengine's sum of every logged value whose key contains "loss", except that a value
+        counts by its term's name alone: a task named e.g. ``gloss`` must not turn its logged
+        ``gloss.weight`` into a loss."""
+        log_vars = {key: value.mean() for key, value in losses.items()}
+        loss = sum(value for key, value in log_vars.items() if "loss" in key.split(".", 1)[-1])
+        return loss, {"loss": loss, **log_vars}
 
     @staticmethod
     def _loss_prediction_loss(task, predicted: torch.Tensor, true_loss: torch.Tensor) -> torch.Tensor:
