@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from waterdrop.imageio import ImageDecodeError, read_image
+from waterdrop.kinds import kind_of
 from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
 from waterdrop.runtime import NO_CAMS, Predictor
 
@@ -37,13 +38,7 @@ def write_overlays(folder: Path, stem: str, result: dict, tasks: dict, all_tags:
     for key, cam in result["cams"].items():
         task, _, stage = key.partition(".")
         entry = tasks[task]
-        if cam.ndim == 3:  # one map per tag
-            scores = result["tasks"][task]["scores"]
-            maps = [(label, cam[i]) for i, label in enumerate(entry["labels"])
-                    if all_tags or scores[label] >= entry["thresholds"][label]]
-        else:
-            maps = [(None, cam)]
-        for label, one in maps:
+        for label, one in kind_of(entry["kind"]).cam_views(entry, result["tasks"][task], cam, all_tags):
             name = overlay_name(stem, task, label, stage2=stage == "stage2")
             write_png(folder / name, overlay(image, one))
             names.append(name)

@@ -71,6 +71,13 @@ class TaskKind:
         """One image's decision from the model's outputs for this task (``size`` = width, height)."""
         raise NotImplementedError
 
+    def cam_views(self, entry: dict, result: dict, cam: np.ndarray,
+                  every_label: bool) -> list[tuple[str | None, np.ndarray]]:
+        """The heat maps worth drawing from one image's class activation map ``cam`` (the ONNX
+        ``<task>.cam`` row), as (label or None, map (h, w)); ``result`` is the image's
+        ``runtime_result``. One map of the task's decision or score."""
+        return [(None, cam)]
+
     def label_probability(self, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
         """Per sample, the probability the prediction gives the sample's own label (NaN when
         nothing of it is known); what noisy-label tools and loss-based outliers read.

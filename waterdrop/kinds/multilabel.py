@@ -83,6 +83,12 @@ class MultiLabelKind(TaskKind):
             result["removed_by_relations"] = [label for label, d, a in zip(labels, decided, after) if d and not a]
         return result
 
+    def cam_views(self, entry, result, cam, every_label):
+        """One map per tag at or above its threshold (before the relation graph), or per tag."""
+        scores, thresholds = result["scores"], entry["thresholds"]
+        return [(label, cam[i]) for i, label in enumerate(entry["labels"])
+                if every_label or scores[label] >= thresholds[label]]
+
     def label_probability(self, scores, truth):
         """Of the worst-fitting annotated tag; unannotated tags (-1) say nothing about the label."""
         fit = np.where(truth < 0, np.inf, np.where(truth == 1, scores, 1 - scores))
