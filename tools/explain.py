@@ -41,7 +41,7 @@ import torch
 
 from waterdrop.engine.checkpoint import best_checkpoint, load_net
 from waterdrop.explain import check_level, explained_parts, grad_cams, resolve_targets
-from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.imageio import ImageDecodeError, decoded_images, to_model_input
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
 
@@ -75,16 +75,12 @@ def decoded_batches(given: list[str], batch_size: int, skipped: list[str]) -> It
     """Batches of (path, RGB image), in order; a file that cannot be decoded is named on stderr
     and added to ``skipped``."""
     batch = []
-    # A folder without images stands for itself, so that it is reported too.
-    for path in (p for name in given for p in list_images(name) or [Path(name)]):
-        try:
-            if path.is_dir():
-                raise ImageDecodeError(f"{path}: a folder without images")
-            batch.append((path, read_image(path)))
-        except ImageDecodeError as err:
-            print(f"skipped: {err}", file=sys.stderr)
+    for path, image in decoded_images(given):
+        if isinstance(image, ImageDecodeError):
+            print(f"skipped: {image}", file=sys.stderr)
             skipped.append(str(path))
             continue
+        batch.append((path, image))
         if len(batch) == batch_size:
             yield batch
             batch = []

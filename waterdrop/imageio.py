@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,16 @@ def list_images(path: str | Path) -> list[Path]:
         return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     return [path]
+
+
+def decoded_images(given: Iterable[str | Path]) -> Iterator[tuple[Path, np.ndarray | ImageDecodeError]]:
+    """Every image of the given files and folders (searched recursively), in order: decoded
+    (RGB uint8), or the error that says why not. A folder without images stands for itself,
+    with its error, so that it is reported too."""
+    for path in (p for name in given for p in list_images(name) or [Path(name)]):
+        try:
+            if path.is_dir():
+                raise ImageDecodeError(f"{path}: a folder without images")
+            yield path, read_image(path)
+        except ImageDecodeError as err:
+            yield path, err

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.imageio import ImageDecodeError, decoded_images, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationGraph
 
@@ -137,18 +137,14 @@ class Predictor:
         if cams and not self.cam_outputs:
             raise ValueError(NO_CAMS)
         batch_paths, batch_images = [], []
-        # A folder without images stands for itself, so that it gets its error entry too.
-        for path in (p for given in paths for p in list_images(given) or [Path(given)]):
-            try:
-                if path.is_dir():
-                    raise ImageDecodeError(f"{path}: a folder without images")
-                batch_images.append(read_image(path))
-                batch_paths.append(path)
-            except ImageDecodeError as err:
+        for path, image in decoded_images(paths):
+            if isinstance(image, ImageDecodeError):
                 yield from self._flush(batch_paths, batch_images, cams)
                 batch_paths, batch_images = [], []
-                yield {"image": str(path), "error": str(err)}
+                yield {"image": str(path), "error": str(image)}
                 continue
+            batch_images.append(image)
+            batch_paths.append(path)
             if len(batch_images) == batch_size:
                 yield from self._flush(batch_paths, batch_images, cams)
                 batch_paths, batch_images = [], []
