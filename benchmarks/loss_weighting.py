@@ -3,6 +3,9 @@
     python benchmarks/loss_weighting.py [--input-size 96] [--epochs 3] [--methods fixed uncertainty gradnorm]
         [--out work_dirs/loss_weighting]
 
+A method is a ``train.loss_weighting`` value, or ``ROW={...}`` for a named row with settings,
+e.g. ``'uncertainty_lr0.05={type: uncertainty, lr: 0.05}'``.
+
 The repository's registry (three demo tasks, ImageNet EfficientNet-Lite0) at a smaller input
 size so that the tasks are not all at AP 1.0 and a row takes minutes on a CPU; only
 ``train.loss_weighting`` changes between rows. Metrics are on each task's test split
@@ -17,6 +20,8 @@ import csv
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import REPO, demo_registry, train_and_evaluate  # noqa: E402
@@ -42,9 +47,11 @@ def main() -> None:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for method in args.methods:
+        method, _, setting = method.partition("=")
         folder = out / method
         registry = demo_registry(folder, {"model": {"input_size": args.input_size},
-                                          "train": {"epochs": args.epochs, "loss_weighting": method}})
+                                          "train": {"epochs": args.epochs,
+                                                    "loss_weighting": yaml.safe_load(setting) if setting else method}})
         result = train_and_evaluate(registry, folder)
         result["weights"] = last_weights(Path(result["run"]), list(result["metrics"]))
         result.update(input_size=args.input_size, epochs=args.epochs)

@@ -88,7 +88,11 @@ def test_log_variances_are_in_their_own_group_without_weight_decay(registry_file
     assert len(where) == 1
     assert groups[where[0]]["weight_decay"] == 0.0 and groups[where[0]]["params"] == [model.weighting.log_variances]
     assert [g["weight_decay"] for g in groups[:2]] == [0.05, 0.05]
+    assert groups[where[0]]["lr"] == pytest.approx(1e-3)  # the optimizer's, unless given
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    constructor = TrunkLrConstructor({"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}},
+                                     {"trunk_lr_mult": 0.1, "loss_weight_lr": 0.05})
+    assert constructor(model).optimizer.param_groups[-1]["lr"] == pytest.approx(0.05)
 
 
 class _Shared(nn.Module):
@@ -216,6 +220,9 @@ def test_config_errors_name_the_choices_and_refuse_gradnorm_settings_elsewhere(r
     edit_train(registry_file, loss_weighting=3)
     with pytest.raises(ConfigError, match="loss_weighting.*fixed, uncertainty, gradnorm"):
         load_registry(registry_file)
-    edit_train(registry_file, loss_weighting={"type": "uncertainty", "lr": 0.1})
-    with pytest.raises(ConfigError, match="loss_weighting.lr.*GradNorm setting"):
+    edit_train(registry_file, loss_weighting={"type": "uncertainty", "alpha": 0.1})
+    with pytest.raises(ConfigError, match="loss_weighting.alpha.*not a setting of uncertainty"):
+        load_registry(registry_file)
+    edit_train(registry_file, loss_weighting={"type": "fixed", "lr": 0.1})
+    with pytest.raises(ConfigError, match="loss_weighting.lr.*not a setting of fixed"):
         load_registry(registry_file)

@@ -106,11 +106,12 @@ def _load_loss_weighting(sec: Section) -> LossWeightingConfig:
     weighting = sec.section("loss_weighting")
     config = LossWeightingConfig(type=weighting.string("type", "fixed", LOSS_WEIGHTINGS),
                                  alpha=weighting.number("alpha", 1.5, low=0),
-                                 lr=weighting.number("lr", 0.025, low=0, low_open=True))
-    given = sorted({"alpha", "lr"} & set(weighting.data))
-    if config.type != "gradnorm" and given:
-        raise ConfigError(sec.file, weighting.path(given[0]), f"is a GradNorm setting; {config.type} does not use "
-                          "it (uncertainty weighting's log-variances learn at the optimizer's lr)")
+                                 lr=weighting.number("lr", None, low=0, low_open=True))
+    unused = {"fixed": ["alpha", "lr"], "uncertainty": ["alpha"], "gradnorm": []}[config.type]
+    given = [key for key in unused if key in weighting.data]
+    if given:
+        raise ConfigError(sec.file, weighting.path(given[0]), f"is not a setting of {config.type} (alpha is "
+                          "GradNorm's; lr is GradNorm's step or uncertainty weighting's learning rate)")
     weighting.finish()
     return config
 

@@ -51,11 +51,16 @@ class ModelConfig:
 @dataclass
 class LossWeightingConfig:
     """How the tasks' losses are summed: ``fixed`` (each task's ``loss_weight``), ``uncertainty``
-    (Kendall et al., 2018) or ``gradnorm`` (Chen et al., 2018; ``alpha``, and ``lr`` of its weights)."""
+    (Kendall et al., 2018; ``lr``: its log-variances' learning rate, None = the optimizer's) or
+    ``gradnorm`` (Chen et al., 2018; ``alpha``, and ``lr``: the step of its weights, None = 0.025)."""
 
     type: str = "fixed"
     alpha: float = 1.5
-    lr: float = 0.025
+    lr: float | None = None
+
+    @property
+    def gradnorm_lr(self) -> float:
+        return 0.025 if self.lr is None else self.lr
 
 
 @dataclass

@@ -62,7 +62,7 @@ class TaskLossWeighting(nn.Module):
     def __init__(self, config: LossWeightingConfig, task_names: list[str]):
         super().__init__()
         self.method, self.task_names = config.type, list(task_names)
-        self.alpha, self.lr = config.alpha, config.lr
+        self.alpha, self.lr = config.alpha, config.gradnorm_lr
         count = len(task_names)
         if self.method == "uncertainty":
             self.log_variances = nn.Parameter(torch.zeros(count))

@@ -12,7 +12,7 @@ class TrunkLrConstructor(DefaultOptimWrapperConstructor):
     a fusion model's second backbone) at ``lr x trunk_lr_mult``, the rest (heads, cascade
     networks) at ``lr``, and the learned task-loss weights (``weighting``, uncertainty
     weighting's log-variances) at ``lr`` without weight decay, which would pull every
-    log-variance to 0 (weight 1).
+    log-variance to 0 (weight 1), or at their own ``loss_weight_lr`` where it is set.
 
     Set ``paramwise_cfg={"trunk_lr_mult": m}``. A few groups rather than mmengine's
     per-parameter groups keep the optimizer step as cheap as without groups.
@@ -26,4 +26,7 @@ class TrunkLrConstructor(DefaultOptimWrapperConstructor):
                        "lr": self.base_lr * self.paramwise_cfg["trunk_lr_mult"]})
         params.append({"params": [p for p in everything if id(p) not in trunk_ids | weighting_ids]})
         if weighting_ids:
-            params.append({"params": [p for p in everything if id(p) in weighting_ids], "weight_decay": 0.0})
+            group = {"params": [p for p in everything if id(p) in weighting_ids], "weight_decay": 0.0}
+            if self.paramwise_cfg.get("loss_weight_lr"):
+                group["lr"] = self.paramwise_cfg["loss_weight_lr"]
+            params.append(group)

@@ -102,7 +102,8 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
         val_cfg={},
         optim_wrapper={"type": "AmpOptimWrapper" if amp else "OptimWrapper", "optimizer": optimizer,
                        "clip_grad": {"max_norm": 10.0},
-                       "constructor": "TrunkLrConstructor", "paramwise_cfg": {"trunk_lr_mult": train.trunk_lr_mult}},
+                       "constructor": "TrunkLrConstructor", "paramwise_cfg": {"trunk_lr_mult": train.trunk_lr_mult,
+                                                                        "loss_weight_lr": train.loss_weighting.lr}},
         param_scheduler=schedulers,
         default_hooks={
             "checkpoint": {"type": "CheckpointHook", "interval": 1, "save_best": "val/score", "rule": "greater",
