@@ -87,10 +87,10 @@ def main() -> None:
         ensure_demo_data(REPO / "demo_data")
     elif not (Path(args.data) / "manifest.json").is_file():
         sys.exit(f"{args.data}: no real-photo data; run benchmarks/real_photos.py first")
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the teacher's run folder is written into registries elsewhere
     results_file = out / f"{args.suite}.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    teacher_runs = results.get("teacher", {}).get("runs", {})
+    teacher_runs = {k: str(Path(v).resolve()) for k, v in results.get("teacher", {}).get("runs", {}).items()}
     if args.teacher:
         teacher_runs = {"demo": str(Path(args.teacher).resolve())}
     for row in args.rows:
