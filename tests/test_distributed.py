@@ -21,6 +21,7 @@ import torch.distributed as dist
 from waterdrop.config import load_registry
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.model import WaterdropModel
+from waterdrop.engine.distributed import finish_distributed
 from waterdrop.engine.train import build_runner
 
 original, calls, seen_skips = WaterdropModel._losses, [], []
@@ -57,19 +58,24 @@ report = {
 }
 with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
     json.dump(report, f)
+finish_distributed()
 """
 
 
-def run_two_ranks(script: str, registry_file, work) -> subprocess.CompletedProcess:
-    """Run ``script REGISTRY WORK`` under torchrun with two CPU processes (gloo); it must succeed."""
-    path = registry_file.parent / "ddp_script.py"
-    path.write_text(script)
+def torchrun(*args) -> subprocess.CompletedProcess:
+    """Run a script under torchrun with two CPU processes (gloo); it must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(path), str(registry_file), str(work)], capture_output=True, text=True,
-                          timeout=420, env=env, cwd=REPO)
+                           *map(str, args)], capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
+
+
+def run_two_ranks(script: str, registry_file, work) -> subprocess.CompletedProcess:
+    """``script REGISTRY WORK`` under ``torchrun``."""
+    path = registry_file.parent / "ddp_script.py"
+    path.write_text(script)
+    return torchrun(path, registry_file, work)
 
 
 def test_two_process_gloo_run_uses_our_step_and_skips_a_nan_batch_on_every_rank(registry_file, copy_demo, tmp_path):
@@ -105,6 +111,7 @@ WEIGHTING_SCRIPT = """
 import json, sys
 import torch.distributed as dist
 from waterdrop.config import load_registry
+from waterdrop.engine.distributed import finish_distributed
 from waterdrop.engine.train import build_runner
 
 runner = build_runner(load_registry(sys.argv[1]), sys.argv[2], launcher="pytorch")
@@ -112,6 +119,7 @@ runner.train()
 weights = runner.model.module.weighting.task_weights().tolist()
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:
     json.dump({"weights": weights, "iters": len(runner.train_dataloader)}, f)
+finish_distributed()
 """
 
 
@@ -125,3 +133,11 @@ def test_learned_loss_weights_agree_on_every_rank(registry_file, tmp_path, metho
     assert any(abs(w - 1.0) > 1e-4 for w in ranks[0])
     if method == "gradnorm":
         assert sum(ranks[0]) == pytest.approx(3.0, rel=1e-5)
+
+
+def test_tools_train_under_torchrun_evaluates_on_rank_0_and_every_rank_exits_cleanly(registry_file, tmp_path):
+    # The ranks leave the process group together after training; rank 0 then evaluates alone.
+    work = tmp_path / "run"
+    done = torchrun(REPO / "tools" / "train.py", registry_file, "--work-dir", work, "--launcher", "pytorch")
+    assert (work / "eval" / "metrics.json").is_file()
+    assert done.stdout.count("run folder:") == 1  # rank 0 alone reports

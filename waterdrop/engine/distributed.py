@@ -29,6 +29,15 @@ def init_distributed(launcher: str) -> None:
         raise ValueError(f"--launcher {launcher} needs CUDA here; on CPU use torchrun with --launcher pytorch")
 
 
+def finish_distributed() -> None:
+    """Every rank leaves the process group together. A rank that exits while another still
+    works in the group (rank 0 evaluating after training) can abort at shutdown
+    (``terminate called without an active exception``), and torchrun then kills the others."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrapper_config() -> dict:
     """``model_wrapper_cfg`` for the Runner. Tasks absent from a batch leave their BN
     branches and heads without gradients, hence ``find_unused_parameters``. On CPU

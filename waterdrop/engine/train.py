@@ -30,7 +30,7 @@ from waterdrop.engine.checkpoint import (
     load_net,
     store_thresholds,
 )
-from waterdrop.engine.distributed import init_distributed, wrapper_config
+from waterdrop.engine.distributed import finish_distributed, init_distributed, wrapper_config
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
@@ -159,6 +159,7 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     if rank == 0 and not resume:  # a resumed run keeps the record of the run it continues
         _record_run(cfg, work_dir)
     runner.train()
+    finish_distributed()  # rank 0 evaluates alone, outside the group
     if rank != 0:
         return None
     checkpoint = best_checkpoint(work_dir)
