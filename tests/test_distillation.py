@@ -1,6 +1,7 @@
 """Knowledge distillation: the divergences, the teacher's checks, and a teacher that is never saved."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,12 @@ def test_teacher_of_other_tasks_or_labels_is_refused_with_the_reason(registry_fi
     edit_train(registry_file, distillation={"teacher": str(garbage)})
     with pytest.raises(ConfigError, match="train.distillation.teacher.*not a readable waterdrop checkpoint"):
         WaterdropModel(load_registry(registry_file))
+    for size in (0, 100):  # empty, and cut off early as by a full disk
+        truncated = tmp_path / f"truncated_{size}.pth"
+        truncated.write_bytes(Path(teacher).read_bytes()[:size])
+        edit_train(registry_file, distillation={"teacher": str(truncated)})
+        with pytest.raises(ConfigError, match="train.distillation.teacher.*not a readable waterdrop checkpoint"):
+            WaterdropModel(load_registry(registry_file))
     edit_train(registry_file, distillation={"teacher": teacher, "weight": 0})
     with pytest.raises(ConfigError, match="teaches no task"):
         load_registry(registry_file)

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from tests.conftest import edit_task, edit_train
+from waterdrop.engine.distributed import finish_distributed, init_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,3 +143,13 @@ def test_tools_train_under_torchrun_evaluates_on_rank_0_and_every_rank_exits_cle
     done = torchrun(REPO / "tools" / "train.py", registry_file, "--work-dir", work, "--launcher", "pytorch")
     assert (work / "eval" / "metrics.json").is_file()
     assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
+
+
+def test_a_process_group_the_caller_started_is_left_to_the_caller(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        init_distributed("pytorch")  # already started: not ours
+        finish_distributed()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

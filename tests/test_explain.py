@@ -27,6 +27,7 @@ from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.task_bn import TaskBatchNorm
 from waterdrop.overlay import UniqueStems, normalize_map, overlay, overlay_name
 from waterdrop.registry import registered_heads
+from waterdrop.runtime import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ["sky", "cloud", "grass", "water", "boat", "tree", "forest", "building", "glasses", "ball"]
@@ -406,3 +407,13 @@ def test_predict_draws_the_cams_without_torch_and_refuses_a_file_without_them(ex
                              timeout=120)
     assert refused.returncode == 2 and "re-export it with tools/export.py --cam" in refused.stderr
     assert refused.stdout == "" and not (tmp_path / "refused").exists()
+
+
+def test_decisions_skip_only_the_maps_and_a_missing_output_still_fails(exported):
+    with_cams, _, _ = exported
+    predictor = Predictor(with_cams)
+    image = np.zeros((40, 60, 3), np.uint8)
+    assert set(predictor.predict_images([image])[0]) == {t["name"] for t in predictor.tasks}
+    predictor.tasks[0]["outputs"]["prob"] = "not_in_the_file"
+    with pytest.raises(KeyError, match="not_in_the_file"):
+        predictor.predict_images([image])

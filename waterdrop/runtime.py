@@ -114,11 +114,13 @@ class Predictor:
         return dict(zip(names, self.session.run(names, {"image": batch})))
 
     def _results(self, outputs: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> list[dict]:
-        results = []
+        results, cam_names = [], set(self.cam_outputs.values())
         for row in range(len(sizes)):
             per_task = {}
             for task in self.tasks:
-                task_outputs = {key: outputs[name] for key, name in task["outputs"].items() if name in outputs}
+                # Maps are run only when asked for; any other output the metadata names must be there.
+                task_outputs = {key: outputs[name] for key, name in task["outputs"].items()
+                                if name in outputs or name not in cam_names}
                 result = kind_of(task["kind"]).runtime_result(task, task_outputs, row, sizes[row])
                 if "predicted_loss" in task_outputs:  # any kind of task may have a loss prediction module
                     result["predicted_loss"] = round(float(task_outputs["predicted_loss"][row]), 6)

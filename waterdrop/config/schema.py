@@ -52,15 +52,21 @@ class ModelConfig:
 class LossWeightingConfig:
     """How the tasks' losses are summed: ``fixed`` (each task's ``loss_weight``), ``uncertainty``
     (Kendall et al., 2018; ``lr``: its log-variances' learning rate, None = the optimizer's) or
-    ``gradnorm`` (Chen et al., 2018; ``alpha``, and ``lr``: the step of its weights, None = 0.025)."""
+    ``gradnorm`` (Chen et al., 2018; ``alpha``, and ``lr``: the step of its weights, 0.025 by default)."""
 
     type: str = "fixed"
     alpha: float = 1.5
     lr: float | None = None
 
-    @property
-    def gradnorm_lr(self) -> float:
-        return 0.025 if self.lr is None else self.lr
+    def __post_init__(self):
+        # Settings a method does not read are dropped, and GradNorm's default step is spelt
+        # out, so that runs recorded with other defaults still compare equal on resume.
+        if self.type != "gradnorm":
+            self.alpha = 1.5
+        if self.type == "fixed":
+            self.lr = None
+        if self.type == "gradnorm" and self.lr is None:
+            self.lr = 0.025
 
 
 @dataclass

@@ -62,7 +62,7 @@ class TaskLossWeighting(nn.Module):
     def __init__(self, config: LossWeightingConfig, task_names: list[str]):
         super().__init__()
         self.method, self.task_names = config.type, list(task_names)
-        self.alpha, self.lr = config.alpha, config.gradnorm_lr
+        self.alpha, self.lr = config.alpha, config.lr
         count = len(task_names)
         if self.method == "uncertainty":
             self.log_variances = nn.Parameter(torch.zeros(count))
@@ -72,6 +72,17 @@ class TaskLossWeighting(nn.Module):
             # batches are in it; GradNorm measures training rates against it.
             self.register_buffer("initial_losses", torch.zeros(count))
             self.register_buffer("initial_batches", torch.zeros(count))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the initial loss was a mean held NaN for a task not yet
+        # seen and no batch count: a task seen there keeps its first loss as settled.
+        losses_key, batches_key = prefix + "initial_losses", prefix + "initial_batches"
+        if self.method == "gradnorm" and losses_key in state_dict and batches_key not in state_dict:
+            recorded = state_dict[losses_key]
+            seen = torch.isfinite(recorded)
+            state_dict[losses_key] = torch.where(seen, recorded, torch.zeros_like(recorded))
+            state_dict[batches_key] = seen.float() * INITIAL_BATCHES
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def task_weights(self) -> torch.Tensor:
         """The current weight of every task (ones with ``fixed``)."""
