@@ -2,17 +2,19 @@
 
     python benchmarks/distillation.py --suite demo [--input-size 64] [--epochs 3]
     python benchmarks/real_photos.py && python benchmarks/distillation.py --suite real [--tasks collage]
-    common: [--teacher-backbone tf_efficientnet_lite2] [--teacher RUN] [--weight 1.0] [--temperature 2.0]
+    common: [--teacher-backbone tf_efficientnet_lite2] [--teacher-input-size PX] [--teacher-epochs N]
+            [--teacher RUN] [--weight 1.0] [--temperature 2.0]
             [--rows teacher student js kl js_slow] [--out work_dirs/distillation]
 
 The student is the shipped model (the repository's registry: ImageNet EfficientNet-Lite0);
-the teacher is the same registry with a bigger backbone (ImageNet EfficientNet-Lite2) at the
-same input size, trained first (or given with ``--teacher``). Every row has the same data,
-epochs and learning rate; the JS and KL rows add ``train.distillation`` with the teacher's
-run folder. ``js_slow`` is the recipe practitioners report for JS: a 10x lower learning rate
-and twice the epochs (not run by default). ``demo`` trains the three demo tasks jointly; ``real`` trains each real-photo
-task alone, as a team would register it. Metrics are on each task's test split (val picked
-the checkpoint and the thresholds); training time is the training loop's wall time, the
+the teacher is the same registry with a bigger backbone (ImageNet EfficientNet-Lite2), at the
+student's input size and schedule unless told otherwise, trained first (or given with
+``--teacher``). Every student row has the same data, epochs and learning rate; the JS and KL
+rows add ``train.distillation`` with the teacher's run folder. ``js_slow`` is the recipe
+practitioners report for JS: a 10x lower learning rate and twice the epochs (not run by
+default). ``demo`` trains the three demo tasks jointly; ``real`` trains each real-photo task
+alone, as a team would register it. Metrics are on each task's test split (val picked the
+checkpoint and the thresholds); training time is the training loop's wall time, the
 teacher's forward passes included.
 """
 
@@ -37,7 +39,8 @@ ROWS = ("teacher", "student", "js", "kl", "js_slow")
 def row_changes(row: str, args, teacher_run: str | None) -> dict:
     changes = {"model": {"input_size": args.input_size}, "train": {"epochs": args.epochs}}
     if row == "teacher":
-        changes["model"]["backbone"] = args.teacher_backbone
+        changes = {"model": {"input_size": args.teacher_input_size, "backbone": args.teacher_backbone},
+                   "train": {"epochs": args.teacher_epochs}}
     elif row in ("js", "kl", "js_slow"):
         changes["train"]["distillation"] = {"teacher": teacher_run, "divergence": row[:2], "weight": args.weight,
                                             "temperature": args.temperature}
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=None, help="default: 64 (demo), 128 (real)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--teacher-backbone", default="tf_efficientnet_lite2")
+    parser.add_argument("--teacher-input-size", type=int, help="default: the student's")
+    parser.add_argument("--teacher-epochs", type=int, help="default: the student's")
     parser.add_argument("--teacher", help="an already trained teacher run (suite demo) instead of the teacher row")
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=2.0)
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "work_dirs" / "distillation"))
     args = parser.parse_args()
     args.input_size = args.input_size or (64 if args.suite == "demo" else 128)
+    args.teacher_input_size = args.teacher_input_size or args.input_size
+    args.teacher_epochs = args.teacher_epochs or args.epochs
     if args.suite == "demo":
         ensure_demo_data(REPO / "demo_data")
     elif not (Path(args.data) / "manifest.json").is_file():
@@ -99,8 +106,11 @@ def main() -> None:
         if row in ("js", "kl", "js_slow") and not teacher_runs:
             sys.exit("no teacher: include the teacher row or give --teacher RUN")
         result = run_row(row, args, out, teacher_runs)
-        result.update(input_size=args.input_size, epochs=args.epochs, weight=args.weight,
-                      temperature=args.temperature)
+        if row == "teacher":
+            result.update(input_size=args.teacher_input_size, epochs=args.teacher_epochs)
+        else:
+            result.update(input_size=args.input_size, epochs=args.epochs, weight=args.weight,
+                          temperature=args.temperature)
         if row == "teacher":
             result["runs"] = dict(teacher_runs)
         results[row] = result

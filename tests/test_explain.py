@@ -373,6 +373,9 @@ def test_explain_tool_writes_overlays_and_an_index_and_counts_bad_images(built, 
     assert code == 2 and "unknown label 'nope'" in err and "gore_and_blood" in err
     code, _, err = _run_tool("explain.py", [run, bad], monkeypatch, capsys)
     assert code == 1 and "broken.jpg" in err
+    if not torch.cuda.is_available():
+        code, _, err = _run_tool("explain.py", [run, wide, "--device", "cuda"], monkeypatch, capsys)
+        assert code == 2 and "no CUDA device" in err
 
 
 def test_predict_draws_the_cams_without_torch_and_refuses_a_file_without_them(exported, demo_root, tmp_path):
@@ -417,3 +420,12 @@ def test_decisions_skip_only_the_maps_and_a_missing_output_still_fails(exported)
     predictor.tasks[0]["outputs"]["prob"] = "not_in_the_file"
     with pytest.raises(KeyError, match="not_in_the_file"):
         predictor.predict_images([image])
+
+
+def test_maps_come_with_the_image_they_were_computed_on(exported, tmp_path):
+    with_cams, _, _ = exported
+    pixels = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), pixels[:, :, ::-1])
+    entry, = Predictor(with_cams).predict_paths([tmp_path / "a.png"], cams=True)
+    np.testing.assert_array_equal(entry["rgb"], pixels)
+    assert entry["cams"]["disgusting"].shape == (2, 2) and "disgusting" in entry["tasks"]

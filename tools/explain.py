@@ -1,7 +1,7 @@
 """Grad-CAM overlays: where each task of a trained model looks in the given images.
 
     python tools/explain.py RUN IMAGE [IMAGE ...] [--task T] [--label L] [--stage 1|2] [--level I]
-                            [--out DIR] [--batch-size N]
+                            [--out DIR] [--batch-size N] [--device cpu|cuda]
 
 RUN is a run folder (its best checkpoint) or a checkpoint file; IMAGE are image files or
 folders (searched recursively). Into DIR (default: <checkpoint folder>/explain) it writes
@@ -89,13 +89,13 @@ def decoded_batches(given: list[str], batch_size: int, skipped: list[str]) -> It
 
 
 def explain_images(net: MultiTaskNet, jobs: list, level: int, paths: list[Path], images: list[np.ndarray],
-                   stems: list[str], out: Path, size: int) -> list[dict]:
+                   stems: list[str], out: Path, size: int, device: torch.device) -> list[dict]:
     """Write the overlays of one batch; returns their index rows."""
-    batch = torch.from_numpy(to_model_input(images, size))
+    batch = torch.from_numpy(to_model_input(images, size)).to(device)
     rows = []
     for task, stage, targets in jobs:
         for target, (maps, scores) in zip(targets, grad_cams(net, batch, task, targets, stage, level)):
-            for path, image, stem, cam, score in zip(paths, images, stems, maps.numpy(), scores.tolist()):
+            for path, image, stem, cam, score in zip(paths, images, stems, maps.cpu().numpy(), scores.tolist()):
                 name = overlay_name(stem, task, target, stage2=stage == 2)
                 write_png(out / name, overlay(image, cam))
                 rows.append({"image": str(path), "task": task, "stage": stage, "target": target,
@@ -116,7 +116,11 @@ def main() -> int:
                         "deepest)")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/explain)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
     try:
         checkpoint = best_checkpoint(args.run)
         net, cfg, _ = load_net(checkpoint)
@@ -124,13 +128,15 @@ def main() -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    device = torch.device(args.device)
+    net.to(device)
     out = Path(args.out) if args.out else checkpoint.parent / "explain"
     out.mkdir(parents=True, exist_ok=True)
     stems, skipped, rows, explained = UniqueStems(), [], [], 0
     for batch in decoded_batches(args.images, args.batch_size, skipped):
         paths, images = (list(column) for column in zip(*batch))
         rows += explain_images(net, jobs, args.level, paths, images, [stems(p) for p in paths], out,
-                               cfg.model.input_size)
+                               cfg.model.input_size, device)
         explained += len(paths)
     (out / "index.json").write_text(json.dumps(rows, indent=1))
     with open(out / "index.csv", "w", newline="") as handle:

@@ -25,15 +25,15 @@ import json
 import sys
 from pathlib import Path
 
-from waterdrop.imageio import ImageDecodeError, read_image
 from waterdrop.kinds import kind_of
 from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
 from waterdrop.runtime import NO_CAMS, Predictor
 
 
 def write_overlays(folder: Path, stem: str, result: dict, tasks: dict, all_tags: bool) -> list[str]:
-    """The overlays of one image's maps (``result["cams"]``); returns the files' names."""
-    image = read_image(result["image"])
+    """The overlays of one image's maps (``result["cams"]``) on the image as it was scored
+    (``result["rgb"]``); returns the files' names."""
+    image = result["rgb"]
     names = []
     for key, cam in result["cams"].items():
         task, _, stage = key.partition(".")
@@ -69,11 +69,8 @@ def main() -> int:
     for result in predictor.predict_paths(args.paths, args.batch_size, cams=bool(folder)):
         errors += "error" in result
         if "cams" in result:
-            try:
-                result["cam_files"] = write_overlays(folder, stems(result["image"]), result, tasks, args.cam_all_tags)
-            except ImageDecodeError as err:  # changed on disk since it was scored
-                result["cam_error"] = str(err)
-            del result["cams"]
+            result["cam_files"] = write_overlays(folder, stems(result["image"]), result, tasks, args.cam_all_tags)
+            del result["cams"], result["rgb"]
         print(json.dumps(result), flush=True)
     if errors:
         print(f"{errors} image(s) could not be decoded", file=sys.stderr)

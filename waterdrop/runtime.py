@@ -131,7 +131,8 @@ class Predictor:
     def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 16, cams: bool = False) -> Iterator[dict]:
         """Files or folders (searched recursively), in order; a bad image, and a folder without
         images, yields an error entry. With ``cams`` each decoded image's entry also holds its
-        maps under ``"cams"`` (see ``explain_batch``; numpy arrays, so not JSON-ready).
+        maps under ``"cams"`` (see ``explain_batch``) and the decoded RGB image under ``"rgb"``,
+        to draw them on (numpy arrays, so not JSON-ready).
 
         Raises:
             ValueError: ``cams`` with a file that has no class activation maps.
@@ -159,5 +160,5 @@ class Predictor:
             for path, tasks in zip(paths, self.predict_images(images)):
                 yield {"image": str(path), "tasks": tasks}
             return
-        for path, tasks, maps in zip(paths, *self.explain_batch(*self._prepared(images))):
-            yield {"image": str(path), "tasks": tasks, "cams": maps}
+        for path, image, tasks, maps in zip(paths, images, *self.explain_batch(*self._prepared(images))):
+            yield {"image": str(path), "tasks": tasks, "cams": maps, "rgb": image}
