@@ -60,6 +60,7 @@ def exported(tmp_path_factory, demo_root) -> tuple[Path, Path]:
     thresholds = {"disgusting": 0.5, "thriller": 0.5, "scene_tags": dict.fromkeys(cfg.tasks[2].labels, 0.5),
                   "sharpness": None}
     export_onnx(net, cfg, thresholds, folder / "model.onnx")
+    export_onnx(net, cfg, thresholds, folder / "model_cam.onnx", cam=True)  # the same net, with its maps
     return registry, folder / "model.onnx"
 
 
@@ -132,9 +133,12 @@ def test_gate_refuses_then_force_writes_without_torch(exported, demo_root, tmp_p
     assert not out.exists()
     assert "refused: disgusting: ap" in refused.stderr and "the budget is -1.0" in refused.stderr
     assert "NOT written" in refused.stderr
+    # The same net with its maps: forced through, and the maps' agreement is printed.
+    command[2] = str(model.with_name("model_cam.onnx"))
     forced = subprocess.run([*command, "--max-ap-drop", "-1", "--force"], env=env, capture_output=True, text=True,
                             timeout=300)
     assert forced.returncode == 0, forced.stderr
+    assert "scene_tags.cam: int8 maps vs fp32 on 40 maps: correlation" in forced.stdout
     record = _metadata(out)["quantization"]
     assert record["forced"] and record["max_drop"] == -1.0
     assert record["calibration"]["images"] == 4 and record["calibration"]["undecodable"] == 2
@@ -170,3 +174,22 @@ def test_branched_batchnorms_fold_into_their_convolutions(exported, tmp_path):
     two convolutions that every task's copy of level 2 applies to the shared input stayed.)"""
     _, model = exported
     assert _optimized_ops(model, tmp_path)["BatchNormalization"] == 0
+
+
+def test_the_maps_of_an_int8_file_are_compared_with_the_fp32_maps(exported, demo_root, tmp_path):
+    registry, model = exported
+    with_cams = model.with_name("model_cam.onnx")
+    tasks = task_data_from_config(load_config(registry), Predictor(with_cams).tasks)
+    out = tmp_path / "cam.int8.onnx"
+    record = quantize(with_cams, out, [demo_root / "disgusting" / "train"], tasks, max_drop=1.0, calibration_count=8)
+    assert set(record["cams"]) == set(Predictor(with_cams).cam_outputs.values())
+    # 8 images; scene_tags draws one map per tag
+    assert record["cams"]["scene_tags.cam"]["maps"] == 8 * len(load_config(registry).tasks[2].labels)
+    for agreement in record["cams"].values():
+        assert 0 <= agreement["drawn_mean_abs_difference"] < 0.5
+        assert agreement["correlation"] is None or agreement["correlation"] > 0.5
+    assert _metadata(out)["quantization"]["cams"] == record["cams"]
+    results, maps = Predictor(out).explain_batch(*Predictor(out)._prepared([np.zeros((64, 64, 3), np.uint8)]))
+    assert set(maps[0]) == set(Predictor(with_cams).cam_outputs)
+    assert "cams" not in quantize(model, tmp_path / "plain.int8.onnx", [demo_root / "disgusting" / "train"], tasks,
+                                  max_drop=1.0, calibration_count=8)

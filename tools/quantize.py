@@ -85,6 +85,10 @@ def main() -> int:
             print(f"{name}: thresholds per label chosen again on val; largest change from fp32 {change:.4f}")
         elif chosen:
             print(f"{name}: threshold chosen again on val: fp32 {chosen['fp32']:.4f} -> int8 {chosen['int8']:.4f}")
+    for output_name, agreement in record.get("cams", {}).items():
+        correlation = "n/a" if agreement["correlation"] is None else f"{agreement['correlation']:.3f}"
+        print(f"{output_name}: int8 maps vs fp32 on {agreement['maps']} maps: correlation {correlation}, "
+              f"drawn maps differ by {agreement['drawn_mean_abs_difference']:.3f} on average (0-1; not gated)")
     for failure in record["failures"]:
         print(f"{'over the budget (written anyway, --force)' if args.force else 'refused'}: {failure}",
               file=sys.stderr)
