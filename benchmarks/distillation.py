@@ -106,23 +106,22 @@ def main() -> None:
         if row in ("js", "kl", "js_slow") and not teacher_runs:
             sys.exit("no teacher: include the teacher row or give --teacher RUN")
         result = run_row(row, args, out, teacher_runs)
-        if row == "teacher":
-            result.update(input_size=args.teacher_input_size, epochs=args.teacher_epochs)
-        else:
-            result.update(input_size=args.input_size, epochs=args.epochs, weight=args.weight,
-                          temperature=args.temperature)
+        changes = row_changes(row, args, None)
+        result.update(input_size=changes["model"]["input_size"], epochs=changes["train"]["epochs"])
         if row == "teacher":
             result["runs"] = dict(teacher_runs)
+        else:
+            result.update(weight=args.weight, temperature=args.temperature)
         results[row] = result
         out.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=2))
         print(f"{row}: {result['metrics']}  train {result['train_seconds']:.0f} s", flush=True)
     tasks = list(next(iter(results.values()))["metrics"])
-    print(f"\n| row ({args.suite}, {args.input_size} px, {args.epochs} epochs) | " + " | ".join(tasks)
-          + " | train s |")
-    print("|---|" + "---|" * (len(tasks) + 1))
+    print(f"\n| row ({args.suite}) | px | epochs | " + " | ".join(tasks) + " | train s |")
+    print("|---|---|---|" + "---|" * (len(tasks) + 1))
     for row, r in results.items():
-        print(f"| {row} | " + " | ".join(f"{r['metrics'][t]:.4f}" for t in tasks) + f" | {r['train_seconds']:.0f} |")
+        print(f"| {row} | {r['input_size']} | {r['epochs']} | " + " | ".join(f"{r['metrics'][t]:.4f}" for t in tasks)
+              + f" | {r['train_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

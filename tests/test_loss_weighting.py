@@ -48,22 +48,31 @@ def test_snapshot_without_the_key_reads_as_fixed(registry_file):
     assert config_from_dict(data).train.loss_weighting.type == "fixed"
 
 
-@pytest.mark.parametrize("method", ["fixed", "gradnorm"])
+@pytest.mark.parametrize("method", ["fixed", "uncertainty", "gradnorm"])
 def test_a_snapshot_with_the_earlier_recorded_defaults_reads_as_todays(registry_file, method):
-    # Runs recorded alpha 1.5 and lr 0.025 whatever the method; a fixed run must still resume.
+    # Format 1 recorded alpha 1.5 and lr 0.025 whatever the method; such a run must still resume.
     edit_train(registry_file, loss_weighting=method)
     data = config_to_dict(load_registry(registry_file))
+    del data["snapshot_format"]
     data["train"]["loss_weighting"] = {"type": method, "alpha": 1.5, "lr": 0.025}
     assert config_to_dict(config_from_dict(data)) == config_to_dict(load_registry(registry_file))
+    # Today's snapshots say what they mean: an uncertainty lr of 0.025 was asked for.
+    edit_train(registry_file, loss_weighting={"type": "uncertainty", "lr": 0.025})
+    chosen = config_to_dict(load_registry(registry_file))
+    assert config_from_dict(chosen).train.loss_weighting.lr == 0.025
 
 
-def test_a_gradnorm_state_saved_before_batch_counts_loads_with_its_first_losses_settled():
-    weighting = TaskLossWeighting(LossWeightingConfig("gradnorm"), ["a", "b"])
-    older = {"weights": torch.tensor([1.2, 0.8]), "initial_losses": torch.tensor([0.7, float("nan")])}
-    weighting.load_state_dict(older)
-    assert weighting.initial_losses.tolist() == pytest.approx([0.7, 0.0])
-    assert weighting.initial_batches.tolist() == [20, 0]  # b was never seen: its mean starts afresh
-    assert weighting.weights.tolist() == pytest.approx([1.2, 0.8])
+def test_a_gradnorm_state_saved_before_batch_counts_starts_its_baselines_afresh(registry_file):
+    edit_train(registry_file, loss_weighting="gradnorm")
+    model = WaterdropModel(load_registry(registry_file))
+    state = model.state_dict()
+    del state["weighting.initial_batches"]
+    state["weighting.initial_losses"] = torch.tensor([0.7, float("nan"), 0.3])
+    state["weighting.weights"] = torch.tensor([1.2, 0.8, 1.0])
+    model.load_state_dict(state)
+    assert model.weighting.initial_losses.tolist() == [0, 0, 0]
+    assert model.weighting.initial_batches.tolist() == [0, 0, 0]
+    assert model.weighting.weights.tolist() == pytest.approx([1.2, 0.8, 1.0])
 
 
 def test_uncertainty_scales_each_task_by_exp_minus_s_and_adds_half_s(registry_file):

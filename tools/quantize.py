@@ -14,8 +14,10 @@ registry YAML (a YAML needs the training install); --eval gives each task's data
 The int8 file is written only when no task drops by more than --max-ap-drop (exit code 1
 otherwise, naming the task and its drop) unless --force. Thresholds are chosen again on the
 int8 scores of each task's val split; the int8 file's metadata records precision, calibration,
-every task's fp32 and int8 metric and drop, and the thresholds. Needs no torch: the runtime
-install plus onnx (pip install "waterdrop[quantize]").
+every task's fp32 and int8 metric and drop, and the thresholds. A model exported with --cam
+keeps its class activation maps; how closely the int8 maps follow the fp32 maps on 32
+calibration images is printed and recorded (not gated). Needs no torch: the runtime install
+plus onnx (pip install "waterdrop[quantize]").
 """
 
 import argparse

@@ -219,7 +219,7 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
     """Quantize, score both files, and write the int8 file unless a task drops more than
     ``max_drop`` (``force`` writes it anyway). Returns the record also stored in the int8 file's
     metadata (``quantization``), plus ``written`` and ``failures`` (one message per task over the
-    budget).
+    budget). A file with class activation maps also gets ``cams`` (``map_agreement``).
 
     Raises:
         ValueError: a task without evaluation data, unreadable data, labels that disagree.
@@ -257,21 +257,27 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
                                 f"{data.gate_split} split ({len(truth)} images), a drop of {before - after:.4f}; "
                                 f"the budget is {max_drop}")
         if fp32.cam_outputs:
-            record["cams"] = map_agreement(predictors, images[:MAP_IMAGES].astype(np.float32))
+            record["cams"] = map_agreement(predictors, images[:MAP_IMAGES], batch_size)
         record.update(forced=bool(failures) and force, written=not failures or force, failures=failures)
         if record["written"]:
             _write(int8_path, output_path, record, images[:2])
     return json_safe(record)
 
 
-def map_agreement(predictors: dict[str, Predictor], images: np.ndarray) -> dict[str, dict]:
-    """How closely the int8 file's class activation maps follow the fp32 file's, per map
-    output: the mean absolute difference of the maps as drawn (ReLU, divided by their maximum;
-    0 = the same picture, 1 = opposite), and the mean Pearson correlation of the raw maps.
-    Reported, not gated: the maps explain decisions, the gate is on the decisions."""
+def map_agreement(predictors: dict[str, Predictor], images: np.ndarray, batch_size: int = 16) -> dict[str, dict]:
+    """How closely the int8 file's class activation maps follow the fp32 file's on ``images``
+    (uint8 NCHW, as from ``calibration_images``), per map output: the mean absolute difference
+    of the maps as drawn (ReLU, divided by their maximum; 0 = the same picture, 1 = opposite),
+    and the mean Pearson correlation of the raw maps. Reported, not gated: the maps explain
+    decisions, the gate is on the decisions."""
     names = list(predictors["fp32"].cam_outputs.values())
-    maps = {which: dict(zip(names, predictor.session.run(names, {"image": images})))
-            for which, predictor in predictors.items()}
+    chunks = {which: [] for which in predictors}
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].astype(np.float32)
+        for which, predictor in predictors.items():
+            chunks[which].append(predictor.session.run(names, {"image": batch}))
+    maps = {which: {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
+            for which, runs in chunks.items()}
     agreement = {}
     for name in names:
         # One row per drawn map: an image's map, or one tag's map of a multi-label task.

@@ -30,6 +30,10 @@ from waterdrop.config.schema import (
 from waterdrop.relations import RelationGraph
 from waterdrop.weights import IMAGENET
 
+# 2: loss_weighting.lr is recorded as the method reads it (format 1 wrote GradNorm's 0.025 for
+# every method).
+SNAPSHOT_FORMAT = 2
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, RelationGraph):
@@ -46,7 +50,7 @@ def _plain(value: Any) -> Any:
 
 
 def config_to_dict(cfg: RegistryConfig) -> dict:
-    return _plain(cfg)
+    return {**_plain(cfg), "snapshot_format": SNAPSHOT_FORMAT}
 
 
 def _path(value: str | None) -> Path | None:
@@ -71,10 +75,13 @@ def _task(data: dict) -> TaskConfig:
                                                                relations["excludes"]))
 
 
-def _train(data: dict) -> TrainConfig:
+def _train(data: dict, snapshot_format: int) -> TrainConfig:
     train = dict(data)
     # Both are absent from snapshots taken before they existed: fixed weights, no teacher.
-    train["loss_weighting"] = LossWeightingConfig(**train.get("loss_weighting", {}))
+    weighting = dict(train.get("loss_weighting", {}))
+    if snapshot_format < 2 and weighting.get("type") == "uncertainty" and weighting.get("lr") == 0.025:
+        weighting["lr"] = None  # format 1's default, which uncertainty weighting did not read
+    train["loss_weighting"] = LossWeightingConfig(**weighting)
     distillation = train.get("distillation")
     train["distillation"] = None if distillation is None else DistillationConfig(
         **dict(distillation, teacher=Path(distillation["teacher"])))
@@ -94,5 +101,5 @@ def config_from_dict(data: dict) -> RegistryConfig:
         fusion = FusionConfig(**dict(fusion, pretrained=_weights(fusion["pretrained"])))
     model["fusion"] = fusion
     return RegistryConfig(file=Path(data["file"]), root=Path(data["root"]), demo_data=_path(data["demo_data"]),
-                          model=ModelConfig(**model), train=_train(data["train"]),
+                          model=ModelConfig(**model), train=_train(data["train"], data.get("snapshot_format", 1)),
                           tasks=[_task(t) for t in data["tasks"]])

@@ -74,8 +74,9 @@ class Distiller:
         try:
             teacher, teacher_cfg, _ = load_net(best_checkpoint(spec.teacher))
         except (OSError, EOFError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+            reason = (str(err).splitlines() or ["no message"])[0]
             raise ConfigError(cfg.file, key, f"cannot load the teacher from {spec.teacher}: not a readable waterdrop "
-                              f"checkpoint or run folder ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from err
+                              f"checkpoint or run folder ({type(err).__name__}: {reason})") from err
         self.settings: dict[str, tuple[float, float]] = {}
         self.teacher_index = torch.full((len(cfg.tasks),), -1, dtype=torch.long)
         for t, task in enumerate(cfg.tasks):

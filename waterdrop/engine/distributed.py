@@ -16,13 +16,13 @@ from mmengine.dist import init_dist, is_distributed
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 
-# Whether the process group was started here: one a caller started is the caller's to end.
-_started_here = False
+# The process group started here, if any: one a caller started is the caller's to end.
+_started_group = None
 
 
 def init_distributed(launcher: str) -> None:
     """Start the process group once: nccl through mmengine with CUDA, gloo without."""
-    global _started_here
+    global _started_group
     if launcher == "none" or is_distributed():
         return
     if torch.cuda.is_available():
@@ -31,19 +31,19 @@ def init_distributed(launcher: str) -> None:
         dist.init_process_group("gloo")
     else:
         raise ValueError(f"--launcher {launcher} needs CUDA here; on CPU use torchrun with --launcher pytorch")
-    _started_here = True
+    _started_group = dist.group.WORLD
 
 
 def finish_distributed() -> None:
     """Every rank leaves the process group together. A rank that exits while another still
     works in the group (rank 0 evaluating after training) can abort at shutdown
     (``terminate called without an active exception``), and torchrun then kills the others."""
-    global _started_here
+    global _started_group
     if is_distributed():
         dist.barrier()
-        if _started_here:
+        if dist.group.WORLD is _started_group:
             dist.destroy_process_group()
-            _started_here = False
+    _started_group = None
 
 
 def wrapper_config() -> dict:

@@ -74,14 +74,12 @@ class TaskLossWeighting(nn.Module):
             self.register_buffer("initial_batches", torch.zeros(count))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before the initial loss was a mean held NaN for a task not yet
-        # seen and no batch count: a task seen there keeps its first loss as settled.
+        # States saved before the initial loss was a mean have no batch counts, and their first
+        # losses included terms GradNorm no longer measures: every task's baseline starts afresh.
         losses_key, batches_key = prefix + "initial_losses", prefix + "initial_batches"
         if self.method == "gradnorm" and losses_key in state_dict and batches_key not in state_dict:
-            recorded = state_dict[losses_key]
-            seen = torch.isfinite(recorded)
-            state_dict[losses_key] = torch.where(seen, recorded, torch.zeros_like(recorded))
-            state_dict[batches_key] = seen.float() * INITIAL_BATCHES
+            state_dict[losses_key] = torch.zeros_like(state_dict[losses_key])
+            state_dict[batches_key] = torch.zeros_like(state_dict[losses_key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def task_weights(self) -> torch.Tensor:
