@@ -1,15 +1,20 @@
 """Knowledge distillation: the divergences, the teacher's checks, and a teacher that is never saved."""
 
 import math
+import random
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from tests.conftest import edit_task, edit_train, write_registry
 from waterdrop.config import ConfigError, config_to_dict, load_registry
-from waterdrop.engine.distillation import bernoulli_kl, divergence, soft_probabilities
+from waterdrop.data.dataset import collate
+from waterdrop.data.loaders import task_dataset
+from waterdrop.engine.distillation import Distiller, bernoulli_kl, divergence, soft_probabilities
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import run_training
 from waterdrop.model.multitask import MultiTaskNet
@@ -153,3 +158,65 @@ def test_a_distilled_run_checkpoints_no_teacher_and_leaves_it_unchanged(registry
     with open(tmp_path / "run" / "results.csv") as f:
         header = f.readline()
     assert "disgusting.loss_distill" in header
+
+
+def test_a_larger_teacher_sees_the_same_crop_at_its_own_size(registry_file, tmp_path, demo_root):
+    teacher = _teacher_checkpoint(tmp_path / "teacher", demo_root, input_size=96)
+    edit_train(registry_file, distillation={"teacher": teacher})
+    cfg = load_registry(registry_file)
+    net = MultiTaskNet(cfg)
+    random.seed(0)
+    dataset = task_dataset(cfg, net, 0, "train", augment=True, teacher_size=96)
+    samples = [dataset[i] for i in range(3)]
+    for sample in samples:
+        assert sample["image"].shape == (3, 64, 64) and sample["teacher_image"].shape == (3, 96, 96)
+        shrunk = cv2.resize(sample["teacher_image"].transpose(1, 2, 0), (64, 64), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(shrunk.transpose(2, 0, 1), sample["image"])
+    assert collate(samples, cfg.task_names)["teacher_inputs"].shape == (3, 3, 96, 96)
+    smaller = task_dataset(cfg, net, 0, "train", augment=True, teacher_size=48)[0]
+    assert "teacher_image" not in smaller and smaller["image"].shape == (3, 64, 64)
+    # A training run hands the views to the teacher.
+    seen = []
+    original = Distiller.losses
+
+    def recording(self, images, *args):
+        seen.append(None if args[-1] is None else tuple(args[-1].shape[-2:]))
+        return original(self, images, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Distiller, "losses", recording)
+        run_training(registry_file, tmp_path / "run", printer=lambda *a, **k: None)
+    assert seen and set(seen) == {(96, 96)}
+
+
+def test_the_teacher_scores_its_own_views_and_cutmix_pastes_the_same_rectangle(registry_file, tmp_path, demo_root):
+    teacher = _teacher_checkpoint(tmp_path / "teacher", demo_root, input_size=96)
+    edit_train(registry_file, distillation={"teacher": teacher, "temperature": 2.0})
+    model = WaterdropModel(load_registry(registry_file)).eval()
+    images, task_index, targets = _batch()
+    views = torch.randint(0, 256, (6, 3, 96, 96), generator=torch.Generator().manual_seed(5)).float()
+    losses = model(images, task_index, targets, mode="loss", teacher_inputs=views)
+    with torch.no_grad():
+        ours = model.net.heads["disgusting"](model.net.features_per_task(images[:2])[0])
+        theirs_net = model.distiller.teacher
+        theirs = theirs_net.heads["disgusting"](theirs_net.features_per_task(views[:2])[0])
+    p = soft_probabilities(theirs_net.heads["disgusting"], theirs, 2.0)
+    q = soft_probabilities(model.net.heads["disgusting"], ours, 2.0)
+    expected = (divergence(p["prob"], q["prob"], "js") + divergence(p["subclass_prob"], q["subclass_prob"], "js")) / 2
+    assert losses["disgusting.loss_distill"].item() == pytest.approx((expected.mean() * 4.0).item(), rel=1e-4)
+    assert model(images, task_index, targets, mode="loss")["disgusting.loss_distill"].item() != pytest.approx(
+        losses["disgusting.loss_distill"].item(), rel=1e-3)  # without views the teacher sees the batch resized
+    # Cutmix: each image one grey level, in both sizes; the pasted rectangle covers the same
+    # share of both views and brings the same donor.
+    model.tasks["disgusting"].augment.cutmix = 1.0
+    levels = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1) * 40
+    torch.manual_seed(3)
+    mixed, mixes, mixed_views = model._cutmix(levels.expand(6, 3, 64, 64), task_index, targets,
+                                              levels.expand(6, 3, 96, 96))
+    assert "disgusting" in mixes
+    for row in (0, 1):
+        small, large = mixed[row, 0], mixed_views[row, 0]
+        assert set(small.unique().tolist()) == set(large.unique().tolist())
+        pasted_small, pasted_large = (small != levels[row, 0, 0, 0]).float().mean(), (
+            large != levels[row, 0, 0, 0]).float().mean()
+        assert pasted_large.item() == pytest.approx(pasted_small.item(), abs=0.04)

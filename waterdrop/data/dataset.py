@@ -198,12 +198,18 @@ class TaskDataset(Dataset):
             the batch keeps its size). False (evaluation): the sample is dropped instead, so
             no image is scored twice; it comes back with ``image`` None and ``collate``
             leaves it out. Either way its path is reported in ``skipped``.
+        student_size: set when a distillation teacher has a larger input size; ``transform``
+            then works at the teacher's size, ``image`` is its view shrunk to ``student_size``
+            and ``teacher_image`` the view itself: both networks see the same crop, each at
+            its own resolution (upsampling the student's view would hide the detail a
+            high-resolution teacher knows).
     """
 
     def __init__(self, task_index: int, records: list[Record], encode: Callable, transform: Callable,
                  source: Path, unlabeled: list[Record] = (), second_view: bool = False,
-                 encode_boxes: Callable | None = None, substitute: bool = True):
+                 encode_boxes: Callable | None = None, substitute: bool = True, student_size: int | None = None):
         self.task_index, self.transform, self.second_view = task_index, transform, second_view
+        self.student_size = student_size
         self.substitute = substitute
         self.encode_boxes = encode_boxes
         self.boxes_left_out = 0  # boxes beyond the head's limit; set by whoever knows the head
@@ -243,18 +249,21 @@ class TaskDataset(Dataset):
                 view, boxes, kept = self.transform(image, pixel_boxes)
                 target = np.concatenate([target, self.encode_boxes([classes[k] for k in kept],
                                                                    boxes / view.shape[0])])
-                first = _channels_first(view)
             else:
-                first = self._view(image)
-            sample = {"image": first, "task": self.task_index, "target": target, "index": position,
-                      "labeled": position < self.labeled_count, "skipped": skipped}
+                view = self.transform(image)
+            sample = {"image": _channels_first(self._student(view)), "task": self.task_index, "target": target,
+                      "index": position, "labeled": position < self.labeled_count, "skipped": skipped}
+            if self.student_size is not None:
+                sample["teacher_image"] = _channels_first(view)
             if self.second_view:
-                sample["image2"] = self._view(image)
+                sample["image2"] = _channels_first(self._student(self.transform(image)))
             return sample
         raise RuntimeError(f"task {self.task_index}: none of its {len(self.records)} images can be decoded")
 
-    def _view(self, image: np.ndarray) -> np.ndarray:
-        return _channels_first(self.transform(image))
+    def _student(self, view: np.ndarray) -> np.ndarray:
+        if self.student_size is None:
+            return view
+        return cv2.resize(view, (self.student_size, self.student_size), interpolation=cv2.INTER_AREA)
 
 
 def _channels_first(image: np.ndarray) -> np.ndarray:
@@ -290,7 +299,8 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     stood in) are grouped per task in batch order.
 
     ``inputs2`` (second views) is present when some sample has one; samples without a
-    second view repeat their first. Dropped samples (``image`` None) only report their
+    second view repeat their first. ``teacher_inputs`` (the distillation teacher's views,
+    see ``TaskDataset``) is present when every sample has one. Dropped samples (``image`` None) only report their
     skipped paths; a batch of nothing but those has zero inputs.
     """
     skipped = [[task_names[s["task"]], path] for s in samples for path in s["skipped"]]
@@ -315,4 +325,6 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     }
     if any("image2" in s for s in samples):
         batch["inputs2"] = torch.from_numpy(np.stack([s.get("image2", s["image"]) for s in samples]))
+    if all("teacher_image" in s for s in samples):
+        batch["teacher_inputs"] = torch.from_numpy(np.stack([s["teacher_image"] for s in samples]))
     return batch

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def task_dataset(cfg: RegistryConfig, net: MultiTaskNet, t: int, split: str, augment: bool,
-                 substitute: bool = True, with_unlabeled: bool = True) -> TaskDataset:
+                 substitute: bool = True, with_unlabeled: bool = True, teacher_size: int | None = None) -> TaskDataset:
     """The dataset of task ``t`` for ``split``, labels checked by its head.
 
     Args:
@@ -39,6 +39,8 @@ def task_dataset(cfg: RegistryConfig, net: MultiTaskNet, t: int, split: str, aug
         substitute: an undecodable image is replaced by the next readable one (else dropped;
             see ``TaskDataset``).
         with_unlabeled: a mean-teacher task's unlabeled images are appended, with two views.
+        teacher_size: with ``augment``, a distillation teacher's input size; when larger than
+            the model's, each sample also carries the teacher's view of the same crop.
     """
     task = cfg.tasks[t]
     source = getattr(task, split)
@@ -48,8 +50,11 @@ def task_dataset(cfg: RegistryConfig, net: MultiTaskNet, t: int, split: str, aug
     if augment:
         teaching = with_unlabeled and task.mean_teacher is not None
         unlabeled = read_unlabeled(task.unlabeled) if teaching and task.unlabeled else []
-        dataset = TaskDataset(t, records, head.encode_target, TrainTransform(cfg.model.input_size, task.augment),
-                              source, unlabeled, second_view=teaching, encode_boxes=boxes, substitute=substitute)
+        larger = teacher_size if teacher_size and teacher_size > cfg.model.input_size else None
+        transform = TrainTransform(larger or cfg.model.input_size, task.augment)
+        dataset = TaskDataset(t, records, head.encode_target, transform, source, unlabeled, second_view=teaching,
+                              encode_boxes=boxes, substitute=substitute,
+                              student_size=cfg.model.input_size if larger else None)
     else:
         dataset = TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
                               encode_boxes=boxes, substitute=substitute)
@@ -58,12 +63,15 @@ def task_dataset(cfg: RegistryConfig, net: MultiTaskNet, t: int, split: str, aug
     return dataset
 
 
-def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str) -> MultiTaskDataset:
+def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str,
+                   teacher_size: int | None = None) -> MultiTaskDataset:
     """One TaskDataset per task for ``split`` ("train", "val" or "test"); tasks without a
     test split are left out of "test". Training sets of mean-teacher tasks also hold the
-    unlabeled images and give two views."""
+    unlabeled images and give two views; with a distillation teacher of a larger
+    ``teacher_size``, training samples carry its view too."""
     training = split == "train"
-    return MultiTaskDataset([task_dataset(cfg, net, t, split, augment=training, substitute=training)
+    return MultiTaskDataset([task_dataset(cfg, net, t, split, augment=training, substitute=training,
+                                          teacher_size=teacher_size)
                              for t, task in enumerate(cfg.tasks) if getattr(task, split) is not None])
 
 

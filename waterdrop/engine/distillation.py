@@ -15,6 +15,10 @@ Both soften the logits by the temperature T first and are multiplied by T^2, so 
 gradients keep their size when T changes. The term is ``<task>.loss_distill``, times the
 task's distillation weight and its ``loss_weight``; unlabeled samples are taught as well.
 
+A teacher with a larger input size than the student sees each training sample's crop at
+its own resolution (the data loader makes both views of the same augmentation, and cutmix
+pastes the same rectangle in both); otherwise it sees the student's batch resized.
+
 The teacher is held outside the module tree: it is never in the student's ``state_dict``, so
 never in a checkpoint or an export.
 """
@@ -98,10 +102,11 @@ class Distiller:
         self.input_size = teacher_cfg.model.input_size
 
     def losses(self, images: torch.Tensor, task_index: torch.Tensor, student: MultiTaskNet,
-               student_outputs: dict[str, dict[str, torch.Tensor]], loss_weights: dict[str, float]
-               ) -> dict[str, torch.Tensor]:
+               student_outputs: dict[str, dict[str, torch.Tensor]], loss_weights: dict[str, float],
+               teacher_images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``<task>.loss_distill`` of every taught task in the batch. ``student_outputs`` are the
-        student's ``forward_tasks`` outputs on ``images``."""
+        student's ``forward_tasks`` outputs on ``images``; ``teacher_images`` the same views at
+        the teacher's input size, where the data gives them (else ``images`` are resized)."""
         mapped = self.teacher_index.to(task_index.device)[task_index]
         rows = (mapped >= 0).nonzero(as_tuple=True)[0]
         if not rows.numel():
@@ -109,7 +114,7 @@ class Distiller:
         if next(self.teacher.parameters()).device != images.device:
             self.teacher.to(images.device)
         self.teacher.eval()
-        seen = images[rows].float()
+        seen = (images if teacher_images is None else teacher_images)[rows].float()
         if seen.shape[-1] != self.input_size or seen.shape[-2] != self.input_size:
             seen = F.interpolate(seen, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         with torch.no_grad():

@@ -38,6 +38,14 @@ def _task_terms(head: Head, outputs: dict, target: torch.Tensor, mix) -> dict[st
     return {k: lam * v + (1 - lam) * second[k] for k, v in terms.items()}
 
 
+def _paste(images: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, box: tuple[int, int, int, int],
+           scale: float) -> None:
+    """Cutmix in place: ``rows`` get the rectangle ``box`` (top, left, height, width, in the
+    student's pixels; times ``scale`` for another resolution) of ``rows[order]``."""
+    top, left, cut_h, cut_w = (round(value * scale) for value in box)
+    images[rows, :, top:top + cut_h, left:left + cut_w] = images[rows[order], :, top:top + cut_h, left:left + cut_w]
+
+
 def rampup(progress_epochs: float, rampup_epochs: float) -> float:
     """Sigmoid-shaped ramp from ~0 to 1 over ``rampup_epochs`` (Laine & Aila, 2017)."""
     if rampup_epochs <= 0:
@@ -104,9 +112,10 @@ class WaterdropModel(BaseModel):
         """The network that is validated, evaluated and exported."""
         return self.teacher if self.teacher is not None else self.net
 
-    def forward(self, inputs, task_index, targets=None, mode="tensor", labeled=None, inputs2=None, **unused):
+    def forward(self, inputs, task_index, targets=None, mode="tensor", labeled=None, inputs2=None,
+                teacher_inputs=None, **unused):
         if mode == "loss":
-            return self._losses(inputs, task_index, targets, labeled or {}, inputs2)
+            return self._losses(inputs, task_index, targets, labeled or {}, inputs2, teacher_inputs)
         if not len(inputs):  # an evaluation batch whose images were all undecodable
             return [] if mode == "predict" else {}
         outputs = self.deployed.forward_tasks(inputs, task_index)
@@ -116,8 +125,8 @@ class WaterdropModel(BaseModel):
                     for s, t in zip(scores, truth)]
         return outputs
 
-    def _losses(self, images, task_index, targets, labeled, images2) -> dict[str, torch.Tensor]:
-        images, mixes = self._cutmix(images, task_index, targets)
+    def _losses(self, images, task_index, targets, labeled, images2, teacher_images=None) -> dict[str, torch.Tensor]:
+        images, mixes, teacher_images = self._cutmix(images, task_index, targets, teacher_images)
         outputs = self.net.forward_tasks(images, task_index, with_cascade=False)
         losses, supervised = {}, {}
         for t, name in enumerate(self.net.task_names):
@@ -149,7 +158,8 @@ class WaterdropModel(BaseModel):
             losses.update(self._consistency(outputs, images if images2 is None else images2, task_index))
         if self.distiller is not None:
             losses.update(self.distiller.losses(images, task_index, self.net, outputs,
-                                                {name: task.loss_weight for name, task in self.tasks.items()}))
+                                                {name: task.loss_weight for name, task in self.tasks.items()},
+                                                teacher_images))
         if self.weighting.method == "gradnorm" and self.training:
             self.weighting.gradnorm_step(supervised, last_shared_weight(self.net.trunk), self.amp_loss_scale)
         # Weighted inside the forward pass, so that under DDP the learned log-variances are part
@@ -173,8 +183,9 @@ class WaterdropModel(BaseModel):
         spec = task.loss_prediction
         return ranking_loss(predicted[order], true_loss[order], spec.margin) * spec.loss_weight * task.loss_weight
 
-    def _cutmix(self, images, task_index, targets):
-        """Paste a random rectangle of another image of the same task (Yun et al., 2019)."""
+    def _cutmix(self, images, task_index, targets, teacher_images=None):
+        """Paste a random rectangle of another image of the same task (Yun et al., 2019); the
+        distillation teacher's views (another resolution) get the same rectangle, scaled."""
         mixes, copied = {}, False
         height, width = images.shape[-2:]
         for t, name in enumerate(self.net.task_names):
@@ -189,10 +200,12 @@ class WaterdropModel(BaseModel):
             left = int(torch.randint(0, width - cut_w + 1, ()))
             if not copied:
                 images, copied = images.clone(), True
-            images[rows, :, top:top + cut_h, left:left + cut_w] = images[rows[order], :, top:top + cut_h,
-                                                                          left:left + cut_w]
+                teacher_images = None if teacher_images is None else teacher_images.clone()
+            _paste(images, rows, order, (top, left, cut_h, cut_w), 1.0)
+            if teacher_images is not None:
+                _paste(teacher_images, rows, order, (top, left, cut_h, cut_w), teacher_images.shape[-1] / width)
             mixes[name] = (targets[name][order], 1 - cut_h * cut_w / (height * width))
-        return images, mixes
+        return images, mixes, teacher_images
 
     def _consistency(self, student_outputs, views, task_index) -> dict[str, torch.Tensor]:
         taught = [t for t, name in enumerate(self.net.task_names)
