@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from tests.conftest import edit_task, edit_train, write_registry
@@ -175,6 +176,10 @@ def test_a_larger_teacher_sees_the_same_crop_at_its_own_size(registry_file, tmp_
     assert collate(samples, cfg.task_names)["teacher_inputs"].shape == (3, 3, 96, 96)
     smaller = task_dataset(cfg, net, 0, "train", augment=True, teacher_size=48)[0]
     assert "teacher_image" not in smaller and smaller["image"].shape == (3, 64, 64)
+    # A task the teacher does not teach has no view; its row of the batch is a blank, never read.
+    untaught = task_dataset(cfg, net, 1, "train", augment=True)[0]
+    mixed = collate([samples[0], untaught], cfg.task_names)["teacher_inputs"]
+    assert mixed.shape == (2, 3, 96, 96) and not mixed[1].any()
     # A training run hands the views to the teacher.
     seen = []
     original = Distiller.losses
@@ -206,17 +211,22 @@ def test_the_teacher_scores_its_own_views_and_cutmix_pastes_the_same_rectangle(r
     assert losses["disgusting.loss_distill"].item() == pytest.approx((expected.mean() * 4.0).item(), rel=1e-4)
     assert model(images, task_index, targets, mode="loss")["disgusting.loss_distill"].item() != pytest.approx(
         losses["disgusting.loss_distill"].item(), rel=1e-3)  # without views the teacher sees the batch resized
-    # Cutmix: each image one grey level, in both sizes; the pasted rectangle covers the same
-    # share of both views and brings the same donor.
+    # Cutmix: six images of one task, each one grey level, in both sizes. Every row gets the
+    # same donor in both views, over the same share and at the same place.
     model.tasks["disgusting"].augment.cutmix = 1.0
     levels = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1) * 40
+    same_task, targets = torch.zeros(6, dtype=torch.long), {"disgusting": torch.tensor([0, 1, 2, 0, 1, 2])}
     torch.manual_seed(3)
-    mixed, mixes, mixed_views = model._cutmix(levels.expand(6, 3, 64, 64), task_index, targets,
+    mixed, mixes, mixed_views = model._cutmix(levels.expand(6, 3, 64, 64), same_task, targets,
                                               levels.expand(6, 3, 96, 96))
     assert "disgusting" in mixes
-    for row in (0, 1):
+    shrunk = F.interpolate(mixed_views, size=(64, 64), mode="nearest")
+    pasted = []
+    for row in range(6):
         small, large = mixed[row, 0], mixed_views[row, 0]
         assert set(small.unique().tolist()) == set(large.unique().tolist())
-        pasted_small, pasted_large = (small != levels[row, 0, 0, 0]).float().mean(), (
-            large != levels[row, 0, 0, 0]).float().mean()
-        assert pasted_large.item() == pytest.approx(pasted_small.item(), abs=0.04)
+        share = (small != levels[row, 0, 0, 0]).float().mean().item()
+        assert (large != levels[row, 0, 0, 0]).float().mean().item() == pytest.approx(share, abs=0.04)
+        assert (shrunk[row, 0] == small).float().mean().item() > 0.95  # the same place, up to its edges
+        pasted.append(share)
+    assert sum(share > 0 for share in pasted) >= 4  # rows that drew themselves as donor keep their level

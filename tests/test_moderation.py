@@ -153,7 +153,7 @@ def test_cutmix_pastes_a_rectangle_and_weighs_both_targets_by_area(registry_file
     images = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1).expand(4, 3, 32, 32).clone()
     targets = {"disgusting": torch.tensor([0, 1, 2, 3])}
     torch.manual_seed(1)
-    mixed, mixes = model._cutmix(images, torch.tensor([0, 0, 0, 0]), targets)
+    mixed, mixes, _ = model._cutmix(images, torch.tensor([0, 0, 0, 0]), targets)
     second_target, lam = mixes["disgusting"]
     for row in range(4):
         values = mixed[row, 0].unique().tolist()

@@ -188,7 +188,7 @@ class TaskDataset(Dataset):
         task_index: position of the task in the registry.
         records: parsed manifest or folder records.
         encode: the head's ``encode_target``.
-        transform: image -> image at model size.
+        transform: image -> image at model size (at the teacher's, with ``student_size``).
         source: the manifest or folder, for error messages.
         unlabeled: records without labels, appended after the labeled ones (mean teacher).
         second_view: also return a second, independently augmented view (mean teacher).
@@ -300,7 +300,8 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
 
     ``inputs2`` (second views) is present when some sample has one; samples without a
     second view repeat their first. ``teacher_inputs`` (the distillation teacher's views,
-    see ``TaskDataset``) is present when every sample has one. Dropped samples (``image`` None) only report their
+    see ``TaskDataset``) is present when some sample has one; the rows of samples without
+    one (tasks it does not teach) are zeros, never read. Dropped samples (``image`` None) only report their
     skipped paths; a batch of nothing but those has zero inputs.
     """
     skipped = [[task_names[s["task"]], path] for s in samples for path in s["skipped"]]
@@ -325,6 +326,8 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     }
     if any("image2" in s for s in samples):
         batch["inputs2"] = torch.from_numpy(np.stack([s.get("image2", s["image"]) for s in samples]))
-    if all("teacher_image" in s for s in samples):
-        batch["teacher_inputs"] = torch.from_numpy(np.stack([s["teacher_image"] for s in samples]))
+    views = [s["teacher_image"] for s in samples if "teacher_image" in s]
+    if views:
+        blank = np.zeros_like(views[0])
+        batch["teacher_inputs"] = torch.from_numpy(np.stack([s.get("teacher_image", blank) for s in samples]))
     return batch

@@ -64,14 +64,15 @@ def task_dataset(cfg: RegistryConfig, net: MultiTaskNet, t: int, split: str, aug
 
 
 def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str,
-                   teacher_size: int | None = None) -> MultiTaskDataset:
+                   teacher_sizes: dict[str, int] | None = None) -> MultiTaskDataset:
     """One TaskDataset per task for ``split`` ("train", "val" or "test"); tasks without a
     test split are left out of "test". Training sets of mean-teacher tasks also hold the
-    unlabeled images and give two views; with a distillation teacher of a larger
-    ``teacher_size``, training samples carry its view too."""
+    unlabeled images and give two views; a task distilled from a teacher of a larger input
+    size (``teacher_sizes``: task name -> the teacher's size) gives the teacher's view too."""
     training = split == "train"
+    teacher_sizes = teacher_sizes or {}
     return MultiTaskDataset([task_dataset(cfg, net, t, split, augment=training, substitute=training,
-                                          teacher_size=teacher_size)
+                                          teacher_size=teacher_sizes.get(task.name))
                              for t, task in enumerate(cfg.tasks) if getattr(task, split) is not None])
 
 

@@ -60,8 +60,9 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     check_run_folder(work_dir, resume, 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     if resume:
         check_resumable(work_dir, cfg)
-    teacher_size = model.distiller.input_size if model.distiller is not None else None
-    train_set = build_datasets(cfg, model.net, "train", teacher_size)
+    distiller = model.distiller
+    teacher_sizes = {name: distiller.input_size for name in distiller.settings} if distiller else None
+    train_set = build_datasets(cfg, model.net, "train", teacher_sizes)
     if any(task.test is not None for task in cfg.tasks):
         build_datasets(cfg, model.net, "test")  # a bad test split fails now, not after training
     for task, dataset in zip(cfg.tasks, train_set.datasets):
