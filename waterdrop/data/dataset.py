@@ -301,8 +301,8 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     ``inputs2`` (second views) is present when some sample has one; samples without a
     second view repeat their first. ``teacher_inputs`` (the distillation teacher's views,
     see ``TaskDataset``) is present when some sample has one; the rows of samples without
-    one (tasks it does not teach) are zeros, never read. Dropped samples (``image`` None) only report their
-    skipped paths; a batch of nothing but those has zero inputs.
+    one (tasks it does not teach) are zeros, never read. Dropped samples (``image`` None)
+    only report their skipped paths; a batch of nothing but those has zero inputs.
     """
     skipped = [[task_names[s["task"]], path] for s in samples for path in s["skipped"]]
     samples = [s for s in samples if s["image"] is not None]
