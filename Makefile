@@ -33,8 +33,9 @@ runtime-check: install
 	cd work_dirs && ../.venv-runtime/bin/python -c "import importlib.util, sys; \
 		assert importlib.util.find_spec('torch') is None, 'torch is installed'; \
 		import waterdrop.runtime; print('waterdrop.runtime imported without torch')"
+	# exit code 1: one of the images is corrupt on purpose (scored images: 3, error lines: 1)
 	cd work_dirs && ../.venv-runtime/bin/python ../tools/predict.py runtime-check/model.onnx runtime-check/images \
-		> runtime-check/predictions.jsonl
+		> runtime-check/predictions.jsonl; test $$? -eq 1
 	$(PY) -c "import json; rows = [json.loads(l) for l in open('work_dirs/runtime-check/predictions.jsonl')]; \
 		assert len(rows) == 4 and sum('error' in r for r in rows) == 1 and all('tasks' in r for r in rows if 'error' not in r), rows; \
 		print('runtime-only install: 3 images scored, 1 error line')"

@@ -352,7 +352,7 @@ def main() -> None:
               file=sys.stderr)
     checkpoint = best_checkpoint(args.run)
     net, cfg, meta = load_net(checkpoint)
-    thresholds = meta.get("thresholds") or json.loads((checkpoint.parent / "eval/thresholds.json").read_text())
+    thresholds = json.loads((checkpoint.parent / "eval/thresholds.json").read_text())
     size = cfg.model.input_size
     args.out.mkdir(parents=True, exist_ok=True)
     onnx, parity = {}, {}

@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import REPO, machine  # noqa: E402
+from cpu_usage import Usage  # noqa: E402
 from transfer import run_one, task_yaml  # noqa: E402
 
 from waterdrop.config import load_registry
@@ -102,12 +102,13 @@ def one_noise_rate(registry: dict, task: dict, records: list[Record], rate: floa
     noisy_task["data"]["train"] = str(folder / "noisy_train.jsonl")
     cfg = load_registry(write_registry(registry, noisy_task, folder / "o2u"))
     torch.manual_seed(cfg.train.seed)
-    start = time.perf_counter()
-    recorded = record_sample_losses(MultiTaskNet(cfg), cfg, task["name"], settings.phases(cfg.train.lr),
-                                    printer=lambda message: print("  " + message, flush=True))
-    o2u_seconds = time.perf_counter() - start
+    with Usage() as usage:
+        recorded = record_sample_losses(MultiTaskNet(cfg), cfg, task["name"], settings.phases(cfg.train.lr),
+                                        printer=lambda message: print("  " + message, flush=True))
+    o2u_seconds = usage.record["wall_s"]
     ranking = rank(recorded)
     result = {"noise": rate, "train_images": len(records), "flipped": len(flipped), "o2u_seconds": o2u_seconds,
+              "o2u_cpu": usage.record,
               "o2u": ranking_quality(ranking.order, flipped, rate),
               "final_normal_loss": ranking_quality(highest_first(ranking.final_loss), flipped, rate),
               "last_epoch_loss": ranking_quality(highest_first(recorded.losses[-1]), flipped, rate)}

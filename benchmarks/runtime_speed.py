@@ -120,7 +120,7 @@ def build(name: str, folder: Path, calibration_count: int, eval_images: int | No
     if name == "demo":
         checkpoint = best_checkpoint(REPO / "work_dirs/demo")
         net, cfg, meta = load_net(checkpoint)
-        thresholds = meta.get("thresholds") or json.loads((checkpoint.parent / "eval/thresholds.json").read_text())
+        thresholds = json.loads((checkpoint.parent / "eval/thresholds.json").read_text())
     else:
         cfg = load_registry(REPO / "registry.yaml")
         cfg.model.backbone, cfg.model.pretrained, cfg.model.input_size = "resnet50", None, 224

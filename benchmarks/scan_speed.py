@@ -36,6 +36,8 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from cpu_usage import run_measured  # noqa: E402
 
 
 def machine() -> str:
@@ -101,16 +103,16 @@ def measure_ort(model: Path, threads: int, batch: int, images: int) -> dict:
 
 def run_tool(command: list[str], count: int, record: Path | None = None) -> dict:
     """Wall time of a tool in its own process; with ``record`` also its own images/s (scan.json)."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    usage = run_measured([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = usage["wall_s"]
+    if usage["returncode"] not in (0, 1):  # 1: done, with error rows (counted)
+        raise SystemExit(f"{' '.join(command)} failed with exit code {usage['returncode']}")
     result = {
         "images": count,
         "seconds": seconds,
         "images_per_s": count / seconds,
         "wall_images_per_s": count / seconds,
+        "cpu": usage,
     }
     if record:
         run = json.loads(record.read_text())["this_run"]

@@ -26,13 +26,13 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import REPO, fresh_run_folder, machine  # noqa: E402
+from cpu_usage import Usage  # noqa: E402
 
 from waterdrop.config import load_registry
 from waterdrop.engine.checkpoint import best_checkpoint, load_net
@@ -89,15 +89,16 @@ def run_one(registry: dict, task: dict, folder: Path) -> dict:
     (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
     cfg = load_registry(folder / "registry.yaml")
     runner = build_runner(cfg, fresh_run_folder(folder), printer=lambda *a, **k: None)
-    start = time.perf_counter()
-    runner.train()
-    train_seconds = time.perf_counter() - start
+    with Usage() as usage:
+        runner.train()
+    train_seconds = usage.record["wall_s"]
     net, cfg, _ = load_net(best_checkpoint(folder / "run"))
     report = evaluate(net, cfg, folder / "run" / "eval")[task["name"]]
     return {"test_ap": report["ap"], "val_ap": report["val_summary"]["AP"], "test_roc_auc": report["roc_auc"],
             "recall_at_threshold": report["at_threshold"]["recall"],
             "precision_at_1_100": report["deploy"]["precision"], "train_seconds": train_seconds,
-            "epochs": cfg.train.epochs, "input_size": cfg.model.input_size, "backbone": cfg.model.backbone}
+            "epochs": cfg.train.epochs, "input_size": cfg.model.input_size, "backbone": cfg.model.backbone,
+            "train_cpu": usage.record}
 
 
 def main() -> None:

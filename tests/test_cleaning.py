@@ -62,7 +62,7 @@ def test_borders_are_trimmed_into_copies_and_originals_stay(tmp_path):
     save(tmp_path / "data/framed.jpg", framed, quality=75)
     save(tmp_path / "data/plain.png", photo(3))
     before = digests(tmp_path / "data")
-    report = clean([("train", tmp_path / "data")], tmp_path / "out")
+    report = clean([("train", tmp_path / "data")], tmp_path / "out", unlabelled=True)
     assert digests(tmp_path / "data") == before
     lines = {
         Path(item.get("trimmed_from", item["image"])).name: item
@@ -119,7 +119,7 @@ def test_duplicates_within_and_across_splits(tmp_path):
     save(test / "2_leak.png", photo(2))  # exact, train -> test
     save(test / "3_leak.jpg", near_copy(photo(3)))  # near, train -> test
     save(test / "9.png", photo(9))
-    report = clean([("train", train), ("test", test)], tmp_path / "out")
+    report = clean([("train", train), ("test", test)], tmp_path / "out", unlabelled=True)
     found = {
         (name, f.reason, Path(f.duplicate_of).name, f.duplicate_split) for name, f in flags_by_name(report).items()
     }
@@ -154,7 +154,7 @@ def test_distinct_photos_are_not_duplicates(tmp_path):
     assert closest > 8, closest
     for seed, image in enumerate(images):
         save(tmp_path / "data" / f"{seed:02d}.jpg", image)
-    report = clean([("all", tmp_path / "data")], tmp_path / "out")
+    report = clean([("all", tmp_path / "data")], tmp_path / "out", unlabelled=True)
     assert report.flags == [] and report.splits["all"] == {"images": 40, "kept": 40}
     assert report.contact_sheet is None
 
@@ -235,7 +235,7 @@ def test_cli(tmp_path):
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # done, with one undecodable image (counted)
     assert sorted(p.name for p in out.iterdir()) == ["duplicates.png", "held_out.jsonl", "report.json", "train.jsonl"]
     assert len(read_manifest(out / "train.jsonl")) == 1 and len(read_manifest(out / "held_out.jsonl")) == 1
     header, train_row = done.stdout.splitlines()[:2]
@@ -247,4 +247,38 @@ def test_cli(tmp_path):
         text=True,
         timeout=120,
     )
-    assert refused.returncode == 2 and "expected a folder of images" in refused.stderr
+    assert refused.returncode == 2 and "no such source: " in refused.stderr
+    refused = subprocess.run([sys.executable, tool, str(tmp_path / "task/train"), "--out", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "exists already; pass --overwrite" in refused.stderr
+
+
+def test_a_folder_whose_labels_cannot_be_read_is_refused_never_written_as_negatives(tmp_path):
+    # The demo's layout: images directly in train/, labels in train.jsonl beside it.
+    save(tmp_path / "task/train/0.png", photo(1))
+    save(tmp_path / "task/train/1.png", photo(2))
+    (tmp_path / "task/train.jsonl").write_text('{"image": "train/0.png", "labels": ["pos"]}\n'
+                                                '{"image": "train/1.png", "labels": []}\n')
+    tool = str(REPO / "tools/clean_data.py")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, tool, str(tmp_path / "task/train"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "labels cannot be read from the layout" in done.stderr
+    assert str(tmp_path / "task/train.jsonl") in done.stderr and not out.exists()
+    # Said to be unlabelled: the rows carry no labels at all (never [], a negative).
+    done = subprocess.run([sys.executable, tool, str(tmp_path / "task/train"), "--out", str(out), "--unlabelled"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("labels" not in row for row in rows) and "unlabelled" in done.stdout
+    # The manifest keeps its labels; a folder mixing label folders and loose images is refused.
+    done = subprocess.run([sys.executable, tool, str(tmp_path / "task/train.jsonl"), "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["labels"] for line in (tmp_path / "m/train.jsonl").read_text().splitlines()] == [
+        ["pos"], []]
+    save(tmp_path / "mixed/pos/a.png", photo(3))
+    save(tmp_path / "mixed/b.png", photo(4))
+    with pytest.raises(ValueError, match="1 of its images lie directly in it"):
+        clean([("mixed", tmp_path / "mixed")], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

@@ -65,11 +65,24 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     assert "loss_weight: 1.0 -> 2.0" in done.stderr
     edit_task(registry_file, "disgusting", loss_weight=1.0)
 
+    checkpoint = best_checkpoint(work)
+    written = checkpoint.stat().st_mtime_ns
     out = _tool("eval.py", work, "--out", tmp_path / "eval2")
     assert "disgusting: AP" in out and (tmp_path / "eval2" / "metrics.json").is_file()
+    # Outputs: a default folder that has files gets a numbered sibling; a named one is refused
+    # unless --overwrite; the checkpoint is written once, by training.
+    out = _tool("eval.py", work)
+    assert (work / "eval-2" / "thresholds.json").is_file() and str(work / "eval-2") in out
+    done = _run_tool("eval.py", work, "--out", tmp_path / "eval2", timeout=300)
+    assert done.returncode == 2 and "exists already; pass --overwrite" in done.stderr
+    _tool("eval.py", work, "--out", tmp_path / "eval2", "--overwrite")
+    assert checkpoint.stat().st_mtime_ns == written and "thresholds" not in load_checkpoint(checkpoint)["meta"].get(
+        "waterdrop", {})
     out = _tool("export.py", work, "-o", tmp_path / "model.onnx")
     assert "disgusting.prob" in out and "scene_tags.prob" in out
-    assert "thresholds from " + str(best_checkpoint(work)) in out  # eval recorded them in the checkpoint
+    assert "thresholds from " + str(work / "eval" / "thresholds.json") in out  # beside the checkpoint
+    done = _run_tool("export.py", work, "-o", tmp_path / "model.onnx", timeout=300)
+    assert done.returncode == 2 and "model.onnx: the file exists already" in done.stderr
     image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
     out = _tool("predict.py", tmp_path / "model.onnx", image)
     result = json.loads(out.splitlines()[0])
@@ -154,8 +167,9 @@ def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_
     with pytest.raises(ValueError, match="differs"):
         load_net(best_checkpoint(tmp_path / "run"), registry_file)
     assert (tmp_path / "run" / "config" / "resolved.json").is_file()
-    assert meta["thresholds"] == json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
-    parity = export_onnx(net, cfg, meta["thresholds"], tmp_path / "model.onnx")
+    thresholds = json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
+    assert set(thresholds) == {"disgusting", "thriller", "scene_tags"} and "thresholds" not in meta
+    parity = export_onnx(net, cfg, thresholds, tmp_path / "model.onnx")
     assert "thriller.decision" in parity and "disgusting.predicted_loss" in parity and max(parity.values()) <= 1e-4
 
 

@@ -166,7 +166,8 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
     assert probe.returncode != 0 and "blocked" in probe.stderr
     done = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), str(path), str(good[0]), str(bad),
                            str(huge), str(good[1])], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # done, two images could not be decoded
+    assert "2 of 4 image(s) could not be decoded" in done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [Path(x["image"]).name for x in lines] == [good[0].name, "bad.jpg", "huge.png", good[1].name]
     assert "error" in lines[1] and "tasks" in lines[0] and "tasks" in lines[3]
@@ -176,12 +177,40 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
     assert isinstance(lines[0]["tasks"]["scene_tags"]["predicted_loss"], float)
 
 
+def test_predict_and_scan_exit_codes_and_wrong_kinds_of_file(exported, demo_root, tmp_path):
+    _, _, path, _ = exported
+    image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
+
+    def run(tool, *args):
+        return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], capture_output=True,
+                              text=True, timeout=120)
+
+    done = run("predict.py", path, image)
+    assert done.returncode == 0 and json.loads(done.stdout)["tasks"]["scene_tags"]["thresholds"]
+    done = run("predict.py", path, tmp_path / "no_such.jpg")
+    assert done.returncode == 2 and "no such image or folder: " in done.stderr and not done.stdout
+    for model, what in ((image, "a JPEG image"), (tmp_path, "is a folder")):
+        for tool, args in (("predict.py", [image]), ("scan.py", [image.parent, "--out", tmp_path / "scan"])):
+            done = run(tool, model, *args)
+            assert done.returncode == 2 and what in done.stderr, (tool, done.stderr)
+            assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model")
+    done = run("predict.py", text, image)
+    assert done.returncode == 2 and "not an ONNX model file onnxruntime can load" in done.stderr
+    assert "Traceback" not in done.stderr
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    done = run("predict.py", path, corrupt)
+    assert done.returncode == 1 and "error" in json.loads(done.stdout)
+
+
 def test_predict_gives_one_error_line_per_bad_file_and_goes_on(exported, tmp_path):
     _, _, path, _ = exported
     good, bad = bad_input_corpus(tmp_path / "odd")
     done = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), str(path), *map(str, good + bad)],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
     lines = {Path(x["image"]).name: x for x in map(json.loads, done.stdout.splitlines())}
     assert set(lines) == {p.name for p in good + bad}
     assert all("tasks" in lines[p.name] for p in good)

@@ -1,5 +1,7 @@
 """A graded quality score (ordered grades) end to end: YAML -> training -> report -> ONNX -> runtime."""
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -61,9 +63,10 @@ def test_a_graded_task_goes_from_yaml_to_the_runtime(tmp_path, demo_root):
     assert report["kind"] == "graded" and report["split"] == "test" and report["count"] == 30
     assert 0 <= report["mae"] <= 2 and 0 <= report["accuracy"] <= 1 and -1 <= report["spearman"] <= 1
     assert set(report["boundary_ap"]) == {"above blurry", "above soft"}
-    net, cfg, meta = load_net(best_checkpoint(tmp_path / "run"))
-    assert meta["thresholds"]["sharpness"] is None
-    parity = export_onnx(net, cfg, meta["thresholds"], tmp_path / "model.onnx")
+    net, cfg, _ = load_net(best_checkpoint(tmp_path / "run"))
+    thresholds = json.loads((tmp_path / "run" / "eval" / "thresholds.json").read_text())
+    assert thresholds["sharpness"] is None
+    parity = export_onnx(net, cfg, thresholds, tmp_path / "model.onnx")
     assert "sharpness.prob" in parity and max(parity.values()) <= 1e-4
     result = next(Predictor(tmp_path / "model.onnx").predict_paths([data / "test" / "sharp" / "0.png"]))
     graded = result["tasks"]["sharpness"]

@@ -13,11 +13,12 @@ import yaml
 
 from tests.conftest import REPO
 from waterdrop.config import load_registry
-from waterdrop.curation.noisy import o2u_scores
+from waterdrop.curation.noisy import o2u_scores, rank, write_outputs
 from waterdrop.curation.outliers import label_outliers, short_run, write_outliers
-from waterdrop.curation.sample_losses import Phase, constant, cyclic, record_sample_losses
+from waterdrop.curation.sample_losses import Phase, SampleLosses, constant, cyclic, record_sample_losses
 from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import task_dataset
+from waterdrop.data.manifest import Record
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
@@ -113,7 +114,7 @@ def test_find_noisy_ranks_planted_label_errors_first(tmp_path):
         [sys.executable, str(REPO / "tools" / "find_noisy.py"), str(registry), "--task", "colour", "--out", str(out),
          "--normal-epochs", "2", "--cycles", "2", "--cycle-epochs", "2", "--lr-max", "0.01", "--top", "12",
          "--drop", "0.1"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # done, with one undecodable image left out
     assert "1 undecodable image(s) left out" in result.stdout
     with open(out / "colour_ranking.csv") as f:
         rows = list(csv.DictReader(f))
@@ -125,6 +126,24 @@ def test_find_noisy_ranks_planted_label_errors_first(tmp_path):
     kept = [json.loads(line)["image"] for line in (out / "colour_cleaned_train.jsonl").read_text().splitlines()]
     assert len(kept) == 121 - 12 and not set(kept) & {row["path"] for row in rows[:12]}
     assert json.loads((out / "colour_summary.json").read_text())["dropped"] == 12
+
+
+def test_settings_that_make_the_ranking_meaningless_are_refused_or_left_out(tmp_path):
+    registry, _ = _colour_task(tmp_path, bad_files=False)
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "find_noisy.py"), str(registry), "--task", "colour",
+                             "--cycles", "1", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "give at least 2" in result.stderr and not (tmp_path / "out").exists()
+    # Without a normal phase (--from), final_normal_loss would be NaN in every row: left out.
+    records = [Record(tmp_path / f"{i}.png", ["red"]) for i in range(4)]
+    losses = np.array([[0.1, 0.9, 0.3, 0.2], [0.2, 0.8, 0.2, 0.1], [0.1, 0.7, 0.4, 0.3], [0.3, 0.9, 0.1, 0.2]])
+    recorded = SampleLosses(records, losses, np.full((4, 4), 0.5), ["cyclic"] * 4, [0.01] * 4)
+    files = write_outputs(rank(recorded), tmp_path / "ranked", "colour")
+    with open(files["ranking"]) as f:
+        header = next(csv.reader(f))
+    assert header == ["rank", "path", "labels", "score", "loss_mean", "loss_variance"]
+    summary = json.loads(files["summary"].read_text())
+    assert summary["columns_left_out"] == ["final_normal_loss", "label_prob_last"]
 
 
 def test_find_noisy_names_an_unknown_task(tmp_path):
@@ -157,7 +176,7 @@ def test_clean_data_lists_outliers_for_review(tmp_path):
         [sys.executable, str(REPO / "tools" / "clean_data.py"), "--outliers", str(registry), "--task", "colour",
          "--outlier-epochs", "5", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
         timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # one undecodable image
     assert "1 undecodable image(s) left out" in result.stdout
     with open(tmp_path / "out" / "colour_outliers.csv") as f:
         listed = [row["path"] for row in csv.DictReader(f)]

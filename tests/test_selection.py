@@ -58,6 +58,31 @@ def _scores(probs, predicted=None, truth=None) -> PoolScores:
 # --- the strategies on hand-made scores ----------------------------------------------
 
 
+def test_a_default_band_too_narrow_for_the_budget_widens_in_order_until_it_is_filled(tmp_path):
+    # Threshold 0.991 (as on the demo): its default band [0.974, 0.997] holds two of these images.
+    probs = [0.999, 0.98, 0.5, 0.995, 0.9, 0.2, 0.999999, 0.97]
+    task = _binary(thresholds=(0.991,), has_predicted_loss=False)
+    selection = select(_scores(probs), task, budget=5, strategy="band")
+    distance = np.abs(logit(np.array(probs)) - logit(0.991))
+    assert [i for i, _, _ in selection.selected] == np.argsort(distance, kind="stable")[:5].tolist()
+    assert selection.widened_to_odds == pytest.approx(np.exp(np.sort(distance)[4]))
+    assert "held 2 image(s); widened" in selection.notes[0]
+    summary = write_selection(tmp_path, _scores(probs), task, selection)
+    assert summary["selected"] == summary["budget"] == 5 and summary["notes"] == selection.notes
+    with open(tmp_path / "selected.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["in_band"] for r in rows] == ["True", "True", "False", "False", "False"]
+    assert "score" not in rows[0] and all(float(r["threshold"]) == 0.991 for r in rows)
+    # A band the user gave is kept; the note says why the budget is not filled.
+    given = select(_scores(probs), task, budget=5, strategy="band", low=0.98, high=0.999)
+    assert len(given.selected) == 3 and "the band given (--low/--high) holds 3" in given.notes[0]
+    # Labeled recalls: only the confidently wrong are listed, and the note says so.
+    truth = [1, 1, 0, 1, 1, 0, 1, 1]  # positives under the band: 0.9 and 0.97
+    recalls = select(_scores(probs, truth=truth), task, budget=5, strategy="band")
+    assert [i for i, _, _ in recalls.selected] == [4, 7] and "only 2 labeled image(s)" in recalls.notes[0]
+
+
+
 def test_default_band_keeps_odds_within_a_factor_of_three_of_the_threshold():
     low, high = default_band(np.array([0.5, 0.9]))
     np.testing.assert_allclose(low, [0.25, 0.75])
@@ -134,7 +159,10 @@ def test_select_resolves_the_strategy_and_says_what_is_missing():
     ]
     with pytest.raises(ValueError, match="no threshold recorded.*--threshold"):
         select(scores, _binary(thresholds=None), 2, "band")
-    assert select(scores, _binary(thresholds=None), 2, "band", threshold=0.9).rankings[0].order.tolist() == [1]
+    # The default band around 0.9 ([0.75, 0.964]) holds one image; it widens to fill the budget of 2.
+    widened = select(scores, _binary(thresholds=None), 2, "band", threshold=0.9)
+    assert widened.rankings[0].order.tolist() == [1, 0, 2] and [i for i, _, _ in widened.selected] == [1, 0]
+    assert "held 1 image(s); widened" in widened.notes[0]
     with pytest.raises(ValueError, match="low < high"):
         select(scores, _binary(), 2, "band", low=0.6, high=0.4)
     with pytest.raises(ValueError, match="budget"):
@@ -256,7 +284,7 @@ def test_cli_on_an_onnx_file_runs_without_torch(tiny_model, tmp_path):
         1,
         torch_blocked_in=tmp_path,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # done, with one undecodable image (counted)
     assert "1 undecodable" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     images = len(list(pool.glob("*.jpg"))) - 1
@@ -264,7 +292,9 @@ def test_cli_on_an_onnx_file_runs_without_torch(tiny_model, tmp_path):
     band, loss, selected = (_rows(out / f"{name}.csv") for name in ("band", "predicted_loss", "selected"))
     assert len(band) == len(loss) == images  # the band [0, 1] holds every image
     distance = [abs(logit(float(r["prob"])) - logit(0.4)) for r in band]
-    assert distance == sorted(distance) and [float(r["score"]) for r in band] == pytest.approx(distance, abs=1e-5)
+    logodds = [float(r["logodds_from_threshold"]) for r in band]
+    assert distance == sorted(distance) and logodds == pytest.approx(distance, abs=1e-5)
+    assert all(r["threshold"] == "0.4" and r["in_band"] == "True" for r in band)
     predicted = [float(r["predicted_loss"]) for r in loss]
     assert predicted == sorted(predicted, reverse=True)
     expected = []
@@ -276,7 +306,7 @@ def test_cli_on_an_onnx_file_runs_without_torch(tiny_model, tmp_path):
     done = _select(
         tiny_model[1], pool, "--budget", 5, "--task", "disgusting", "--out", tmp_path / "torch", "--low", 0, "--high", 1
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
     by_path = {r["path"]: r for r in _rows(tmp_path / "torch" / "predicted_loss.csv")}
     for row in loss:
         for key in ("prob", "predicted_loss"):

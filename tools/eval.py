@@ -1,38 +1,47 @@
 """Evaluate a checkpoint: thresholds chosen on each task's val split, the report on its test split
 (or on val, marked in-sample, without one): metrics JSON, thresholds, PR curves.
-The chosen thresholds are also recorded in the checkpoint, where export reads them.
 
-    python tools/eval.py CHECKPOINT_OR_RUN_FOLDER [--registry REGISTRY] [--out DIR]
+    python tools/eval.py CHECKPOINT_OR_RUN_FOLDER [--registry REGISTRY] [--out DIR] [--overwrite] [--quiet]
+
+Writes into --out, by default <run folder>/eval (training already wrote one there; a second
+evaluation goes to eval-2, eval-3, ...). The checkpoint is never changed: tools/export.py
+reads the thresholds from <run folder>/eval/thresholds.json, or from --thresholds.
+
+Exit codes: 0 done; 2 a bad argument or config (nothing written).
 """
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from waterdrop.engine.checkpoint import best_checkpoint, load_net, store_thresholds
-from waterdrop.evaluation.evaluate import evaluate, format_report, thresholds_of
+from waterdrop import cli
+from waterdrop.config import ConfigError
+from waterdrop.data.dataset import DataError
+from waterdrop.engine.checkpoint import RunFolderError, best_checkpoint, load_net
+from waterdrop.evaluation.evaluate import evaluate, format_report
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
     parser.add_argument("--registry", help="take the tasks' data paths from this registry (same tasks, other data); "
                         "everything else comes from the config stored in the checkpoint")
-    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
-    parser.add_argument("--no-store", action="store_true",
-                        help="do not record the chosen thresholds in the checkpoint (they are by default)")
-    args = parser.parse_args()
-    checkpoint = best_checkpoint(args.checkpoint)
-    net, cfg, _ = load_net(checkpoint, args.registry)
-    out = Path(args.out) if args.out else checkpoint.parent / "eval"
-    report = evaluate(net, cfg, out, "cuda" if torch.cuda.is_available() else "cpu")
-    if not args.no_store:
-        store_thresholds(checkpoint, thresholds_of(report))
+    parser.add_argument("--out", help="output folder (default: <run folder>/eval, or eval-2, ... when it has files)")
+    cli.add_overwrite(parser)
+    args = cli.start(parser.parse_args())
+    try:
+        checkpoint = best_checkpoint(cli.check_run(args.checkpoint))
+        if args.registry:
+            cli.check_registry(args.registry)
+        net, cfg, _ = load_net(checkpoint, args.registry)
+        out = cli.output_path(args.out, checkpoint.parent / "eval", args.overwrite)
+        report = evaluate(net, cfg, out, "cuda" if torch.cuda.is_available() else "cpu")
+    except (ConfigError, DataError, RunFolderError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cli.EXIT_USAGE
     print(format_report(report))
     print(f"metrics, thresholds and plots: {out}")
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Grad-CAM overlays: where each task of a trained model looks in the given images.
 
     python tools/explain.py RUN IMAGE [IMAGE ...] [--task T] [--label L] [--stage 1|2] [--level I]
-                            [--out DIR] [--batch-size N] [--device cpu|cuda]
+                            [--out DIR] [--batch-size N] [--device cpu|cuda] [--quiet]
 
 RUN is a run folder (its best checkpoint) or a checkpoint file; IMAGE are image files or
-folders (searched recursively). Into DIR (default: <checkpoint folder>/explain) it writes
+folders (searched recursively). Into DIR (default: <run folder>/explain; -2, -3, ... when it
+has files) it writes
 
 * ``<image stem>.<task>[.<label>][.stage2].png``: the map blended into the image (red = the
   regions that raise the score most). An image whose stem an earlier image already had
@@ -24,12 +25,11 @@ task is explained at stage 1 and at stage 2 (its second network), or at --stage 
 --level picks the feature level (0 = stem ... -1 = deepest, the default; shallower levels give
 finer but less specific maps).
 
-An image that cannot be decoded is named on stderr and counted; the run goes on. Exit 2 for
-a bad argument (an unknown task or label: the message names the known ones), 1 when no image
-could be explained.
+An image that cannot be decoded is named on stderr and counted; the run goes on. Exit codes:
+0 every image explained; 1 some (or all) could not be decoded; 2 a bad argument (an unknown
+task or label: the message names the known ones; a missing image path), nothing written.
 """
 
-import argparse
 import csv
 import json
 import sys
@@ -39,11 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from waterdrop import cli
 from waterdrop.engine.checkpoint import best_checkpoint, load_net
 from waterdrop.explain import check_level, explained_parts, grad_cams, resolve_targets
 from waterdrop.imageio import ImageDecodeError, decoded_images, to_model_input
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
+from waterdrop.progress import Progress
 
 COLUMNS = ["image", "task", "stage", "target", "score", "file"]
 
@@ -104,7 +106,7 @@ def explain_images(net: MultiTaskNet, jobs: list, level: int, paths: list[Path],
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("run", help="a run folder (its best checkpoint) or a .pth checkpoint")
     parser.add_argument("images", nargs="+", help="images or folders")
     parser.add_argument("--task", help="explain this task only (default: every task)")
@@ -114,30 +116,34 @@ def main() -> int:
                         "(default: both for cascade tasks)")
     parser.add_argument("--level", type=int, default=-1, help="feature level whose map is weighted (default -1, the "
                         "deepest)")
-    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/explain)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = parser.parse_args()
+    parser.add_argument("--out", help="output folder (default: <run folder>/explain)")
+    cli.add_overwrite(parser)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
+    args = cli.start(parser.parse_args())
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
         return 2
     try:
-        checkpoint = best_checkpoint(args.run)
+        checkpoint = best_checkpoint(cli.check_run(args.run))
+        cli.check_exists(args.images, "image or folder")
         net, cfg, _ = load_net(checkpoint)
         jobs = plan(net, args.task, args.label, args.stage, args.level)
+        out = cli.output_path(args.out, checkpoint.parent / "explain", args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     device = torch.device(args.device)
     net.to(device)
-    out = Path(args.out) if args.out else checkpoint.parent / "explain"
     out.mkdir(parents=True, exist_ok=True)
     stems, skipped, rows, explained = UniqueStems(), [], [], 0
-    for batch in decoded_batches(args.images, args.batch_size, skipped):
-        paths, images = (list(column) for column in zip(*batch))
-        rows += explain_images(net, jobs, args.level, paths, images, [stems(p) for p in paths], out,
-                               cfg.model.input_size, device)
-        explained += len(paths)
+    with Progress("explain") as meter:
+        for batch in decoded_batches(args.images, args.batch_size, skipped):
+            paths, images = (list(column) for column in zip(*batch))
+            rows += explain_images(net, jobs, args.level, paths, images, [stems(p) for p in paths], out,
+                                   cfg.model.input_size, device)
+            explained += len(paths)
+            meter.update(len(paths))
     (out / "index.json").write_text(json.dumps(rows, indent=1))
     with open(out / "index.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
@@ -146,7 +152,7 @@ def main() -> int:
     print(f"{explained} image(s) explained: {len(rows)} overlays in {out}")
     if skipped:
         print(f"{len(skipped)} image(s) could not be decoded", file=sys.stderr)
-    return 0 if explained else 1
+    return cli.EXIT_PARTIAL if skipped or not explained else cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -18,15 +18,20 @@ DIR, one PNG per image and task:
 An image whose stem an earlier image already had (same name in another folder) is written as
 ``<stem>-2``, ``<stem>-3`` ...; each JSON line lists its overlays under ``cam_files``. A model
 file without the maps is refused (exit 2).
+
+Exit codes: 0 every image scored; 1 some could not be decoded (their error lines are in the
+output, the count on stderr); 2 a path that does not exist, or a model that is not an
+exported ONNX file (nothing scored).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from waterdrop import cli
 from waterdrop.kinds import kind_of
 from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
+from waterdrop.progress import Progress
 from waterdrop.runtime import NO_CAMS, Predictor
 
 
@@ -46,35 +51,40 @@ def write_overlays(folder: Path, stem: str, result: dict, tasks: dict, all_tags:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("model", help="ONNX file written by tools/export.py")
     parser.add_argument("paths", nargs="+", help="images or folders")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per onnxruntime run")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="onnxruntime's provider")
+    parser.add_argument("--threads", type=int, help="CPU threads for onnxruntime (default: onnxruntime's)")
     parser.add_argument("--cam", metavar="DIR", help="write class activation map overlays (PNG) into DIR")
     parser.add_argument("--cam-all-tags", action="store_true",
                         help="with --cam: an overlay for every tag of a multi-label task, not only those at or above "
                              "their threshold")
-    args = parser.parse_args()
-    predictor = Predictor(args.model, args.device, args.threads)
-    if args.cam and not predictor.cam_outputs:
-        print(f"{args.model}: {NO_CAMS}", file=sys.stderr)
-        return 2
+    args = cli.start(parser.parse_args())
+    try:
+        cli.check_exists(args.paths, "image or folder")
+        predictor = Predictor(cli.check_onnx_file(args.model), args.device, args.threads)
+        if args.cam and not predictor.cam_outputs:
+            raise cli.UsageError(f"{args.model}: {NO_CAMS}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cli.EXIT_USAGE
     folder = Path(args.cam) if args.cam else None
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
     tasks, stems = {t["name"]: t for t in predictor.tasks}, UniqueStems()
-    errors = 0
-    for result in predictor.predict_paths(args.paths, args.batch_size, cams=bool(folder)):
-        errors += "error" in result
-        if "cams" in result:
-            result["cam_files"] = write_overlays(folder, stems(result["image"]), result, tasks, args.cam_all_tags)
-            del result["cams"], result["rgb"]
-        print(json.dumps(result), flush=True)
-    if errors:
-        print(f"{errors} image(s) could not be decoded", file=sys.stderr)
-    return 0
+    with Progress("predict") as meter:
+        for result in predictor.predict_paths(args.paths, args.batch_size, cams=bool(folder)):
+            meter.update(1, failed="error" in result)
+            if "cams" in result:
+                result["cam_files"] = write_overlays(folder, stems(result["image"]), result, tasks, args.cam_all_tags)
+                del result["cams"], result["rgb"]
+            print(json.dumps(result), flush=True)
+    if meter.failed:
+        print(f"{meter.failed} of {meter.done} image(s) could not be decoded (see their error lines)", file=sys.stderr)
+        return cli.EXIT_PARTIAL
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -12,23 +12,44 @@ AP) on its test split (else val) from the registry the model was trained with: b
 run folder next to MODEL.onnx (its config/resolved.json); --registry names a run folder or a
 registry YAML (a YAML needs the training install); --eval gives each task's data instead.
 The int8 file is written only when no task drops by more than --max-ap-drop (exit code 1
-otherwise, naming the task and its drop) unless --force. Thresholds are chosen again on the
+otherwise, naming the task and its drop, and what to try next) unless --force. The default
+output, MODEL.int8.onnx beside MODEL, is refused when it exists, unless --overwrite. Thresholds are chosen again on the
 int8 scores of each task's val split; the int8 file's metadata records precision, calibration,
 every task's fp32 and int8 metric and drop, and the thresholds. A model exported with --cam
 keeps its class activation maps; how closely the int8 maps follow the fp32 maps on 32
 calibration images is printed and recorded (not gated). Needs no torch: the runtime install
 plus onnx (pip install "waterdrop[quantize]").
+
+Exit codes: 0 written; 1 refused by the gate (nothing written), or written with some
+calibration or evaluation images that could not be decoded (counted); 2 a bad argument
+(nothing written).
+
+When the gate refuses, the fp32 file is the one to serve; to get an int8 file that passes,
+calibrate on more images drawn from every task's training data (--calibration-images 512 with
+all the tasks' train folders or manifests), or accept the drop for that task knowingly
+(--max-ap-drop, or --force and check the task on your own data).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from waterdrop import cli
+
 try:
     from waterdrop.quantize import DEFAULT_MAX_DROP, TaskData, load_config, quantize, task_data_from_config
 except ModuleNotFoundError as err:  # onnx is no dependency of the runtime install
-    sys.exit(f"error: quantization needs onnx beside the runtime ({err}); pip install \"waterdrop[quantize]\"")
+    print(f"error: quantization needs onnx beside the runtime ({err}); pip install \"waterdrop[quantize]\"",
+          file=sys.stderr)
+    sys.exit(cli.EXIT_USAGE)
 from waterdrop.runtime import Predictor
+
+NEXT_STEPS = """what now:
+  - serve {model} (fp32) meanwhile: it is the file that passed evaluation;
+  - calibrate on more images, drawn from every task's training data:
+      --calibration <each task's train folder or manifest> --calibration-images {count}
+  - or accept the drop for this model knowingly: --max-ap-drop <larger>, or --force, and check
+    the task that dropped on your own data before serving the int8 file."""
 
 
 def tasks_to_measure(args: argparse.Namespace) -> dict[str, TaskData]:
@@ -47,7 +68,7 @@ def tasks_to_measure(args: argparse.Namespace) -> dict[str, TaskData]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("model", help="the fp32 ONNX file written by tools/export.py")
     parser.add_argument("--calibration", required=True, nargs="+", metavar="FOLDER_OR_MANIFEST",
                         help="calibration images: folders or JSONL manifests, drawn from at random")
@@ -57,19 +78,22 @@ def main() -> int:
     source.add_argument("--eval", action="append", metavar="TASK=PATH",
                         help="a task's evaluation data (folder per label or JSONL manifest); once per task")
     parser.add_argument("-o", "--output", help="the int8 file (default: MODEL.int8.onnx)")
+    cli.add_overwrite(parser)
     parser.add_argument("--max-ap-drop", type=float, default=DEFAULT_MAX_DROP,
                         help=f"largest allowed drop of any task's metric (default {DEFAULT_MAX_DROP})")
     parser.add_argument("--force", action="store_true", help="write the int8 file even when a task drops more")
-    parser.add_argument("--calibration-images", type=int, default=256, help="how many images calibrate (256)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args()
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
+    parser.add_argument("--calibration-images", type=int, default=256, help="how many images calibrate")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per onnxruntime run")
+    args = cli.start(parser.parse_args())
     try:
+        cli.check_onnx_file(args.model)
+        cli.check_exists(args.calibration, "calibration folder or manifest")
+        output = cli.output_path(args.output, Path(args.model).with_suffix(".int8.onnx"), args.overwrite, folder=False)
         record = quantize(args.model, output, args.calibration, tasks_to_measure(args), args.max_ap_drop, args.force,
                           args.calibration_images, args.batch_size)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     calibration = record["calibration"]
     print(f"calibrated on {calibration['images']} images of {', '.join(calibration['sources'])}"
           + (f"; {calibration['undecodable']} undecodable, skipped" if calibration["undecodable"] else ""))
@@ -95,11 +119,17 @@ def main() -> int:
         print(f"{'over the budget (written anyway, --force)' if args.force else 'refused'}: {failure}",
               file=sys.stderr)
     if not record["written"]:
-        print(f"{output} NOT written: int8 loses more than {args.max_ap_drop} on a task (--force writes it anyway)"
+        print(f"{output} NOT written: int8 loses more than {args.max_ap_drop} on a task"
               + (f"; the older {output} is left as it was" if output.exists() else ""), file=sys.stderr)
-        return 1
+        print(NEXT_STEPS.format(model=args.model, count=max(512, 2 * args.calibration_images)), file=sys.stderr)
+        return cli.EXIT_PARTIAL
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
-    return 0
+    undecodable = calibration["undecodable"] + sum(task.get("undecodable", 0) for task in record["tasks"].values())
+    if undecodable:
+        print(f"{undecodable} image(s) could not be decoded and were left out (listed in the file's metadata, "
+              "quantization)", file=sys.stderr)
+        return cli.EXIT_PARTIAL
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,39 +1,48 @@
 """Scan a pool of images with an exported model into Parquet shards (no torch needed).
 
-    python tools/scan.py MODEL.onnx SOURCE --out DIR [--engine local|ray] [--batch-size N]
-        [--workers N] [--threads N] [--shard-size N] [--ray-address auto] [--window N]
+    python tools/scan.py MODEL.onnx SOURCE [--out DIR] [--engine local|ray] [--batch-size N]
+        [--workers N] [--threads N] [--shard-size N] [--ray-address auto] [--window N] [--quiet]
 
 SOURCE is a folder (searched recursively), a .jsonl manifest ({"image": path relative to
-the manifest}) or a text file of paths (relative to the file). DIR gets
-shards/shard-NNNNNN.parquet (one row per input, bad images as rows with an error) and
-scan.json (settings and totals). Run the same command again to resume a killed scan:
-finished shards are skipped. Needs `pip install waterdrop[scan]`.
+the manifest}) or a text file of paths (relative to the file). DIR (default:
+scans/<source name> beside MODEL, i.e. in its run folder) gets shards/shard-NNNNNN.parquet
+(one row per input, bad images as rows with an error) and scan.json (settings and totals).
+Run the same command again to resume a killed scan: finished shards are skipped. Needs
+`pip install waterdrop[scan]`.
+
+Exit codes: 0 every image scored; 1 the scan finished with error rows (counted on stderr);
+2 a bad argument (a missing source, a file that is not an ONNX model, a DIR holding another
+scan): nothing scanned.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from waterdrop import cli
 from waterdrop.scan import ScanError, scan_local, scan_ray
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("model", help="ONNX file written by tools/export.py")
     parser.add_argument("source", help="folder, .jsonl manifest or text file of paths")
-    parser.add_argument("--out", required=True, help="output folder (shards/ and scan.json)")
-    parser.add_argument("--engine", choices=["local", "ray"], default="local")
+    parser.add_argument("--out", help="output folder (shards/ and scan.json; default: scans/<source name> in the "
+                        "model's folder)")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local processes, or Ray Data (this machine or a cluster)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per onnxruntime run")
     parser.add_argument("--workers", type=int, help="local: decoding processes (default: CPUs); ray: actors")
     parser.add_argument("--threads", type=int, help="onnxruntime threads (local default: CPUs; ray: 1 per actor)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="inputs per shard file")
     parser.add_argument("--ray-address", help="a running Ray cluster ('auto': the one this node joined)")
     parser.add_argument("--window", type=int, default=100_000, help="ray: inputs per Ray Data run")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
-    args = parser.parse_args()
+    args = cli.start(parser.parse_args())
     common = {"batch_size": args.batch_size, "shard_size": args.shard_size, "progress": not args.quiet}
     try:
+        cli.check_exists([args.source], "source")
+        cli.check_onnx_file(args.model)
+        args.out = args.out or cli.run_folder(args.model) / "scans" / Path(args.source).stem
         if args.engine == "local":
             record = scan_local(args.model, args.source, args.out, workers=args.workers, threads=args.threads, **common)
         else:
@@ -49,7 +58,7 @@ def main() -> int:
             )
     except (ScanError, ValueError, ImportError) as err:
         print(f"scan: {err}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     run, whole = record["this_run"], record["all_shards"]
     print(json.dumps({"this_run": run, "all_shards": whole}))
     print(
@@ -58,7 +67,7 @@ def main() -> int:
         f"{whole['rows']} rows in {whole['shards']} shards under {Path(args.out) / 'shards'}",
         file=sys.stderr,
     )
-    return 0
+    return cli.EXIT_PARTIAL if run["errors"] else cli.EXIT_OK
 
 
 if __name__ == "__main__":

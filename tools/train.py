@@ -1,13 +1,22 @@
 """Train every task of a registry jointly on one shared model, then evaluate it.
 
-    python tools/train.py [REGISTRY] [--work-dir DIR] [--epochs N] [--resume]
+    python tools/train.py [REGISTRY] [--work-dir DIR] [--epochs N] [--resume] [--quiet]
     torchrun --nproc-per-node 8 tools/train.py REGISTRY --launcher pytorch
+
+The run folder (default: work_dirs/<registry name>) must hold no other run's checkpoints:
+a second run needs another --work-dir, or --resume to continue the one there. Progress: a
+line every train.log_interval iterations (epoch, each loss term, lr, images/s, memory), a
+validation line per epoch, a progress line while the best checkpoint is evaluated; --quiet
+keeps only the validation lines and the final report.
+
+Exit codes: 0 trained and evaluated; 2 a bad registry, data or run folder (the message says
+which file and key), before training starts.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
+from waterdrop import cli
 from waterdrop.config import ConfigError
 from waterdrop.data.dataset import DataError
 from waterdrop.engine.checkpoint import RunFolderError
@@ -15,23 +24,24 @@ from waterdrop.engine.train import run_training
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("registry", nargs="?", default="registry.yaml", help="registry YAML (default: registry.yaml)")
     parser.add_argument("--work-dir", help="run folder (default: work_dirs/<registry name>)")
     parser.add_argument("--epochs", type=int, help="override train.epochs")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     parser.add_argument("--launcher", default="none", choices=["none", "pytorch", "slurm", "mpi"],
                         help="distributed launcher (pytorch under torchrun)")
-    args = parser.parse_args()
+    args = cli.start(parser.parse_args())
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.registry).stem)
     try:
+        cli.check_registry(args.registry)
         report = run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher)
-    except (ConfigError, DataError, RunFolderError) as err:
+    except (ConfigError, DataError, RunFolderError, cli.UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     if report is not None:  # rank 0 only
         print(f"run folder: {work_dir}")
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

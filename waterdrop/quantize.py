@@ -37,6 +37,7 @@ from waterdrop.evaluation.metrics import json_safe
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.overlay import normalize_map
+from waterdrop.progress import Progress
 from waterdrop.runtime import METADATA_KEY, Predictor
 
 DEFAULT_MAX_DROP = 0.005
@@ -127,13 +128,16 @@ def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0
     if not paths:
         raise ValueError(f"{', '.join(map(str, sources))}: no images found")
     images, bad = [], []
-    for index in np.random.default_rng(seed).permutation(len(paths)):
-        if len(images) == count:
-            break
-        try:
-            images.append(to_model_input([read_image(paths[index])], size)[0].astype(np.uint8))
-        except ImageDecodeError as err:
-            bad.append(str(err))
+    with Progress("calibration images", total=min(count, len(paths))) as meter:
+        for index in np.random.default_rng(seed).permutation(len(paths)):
+            if len(images) == count:
+                break
+            try:
+                images.append(to_model_input([read_image(paths[index])], size)[0].astype(np.uint8))
+                meter.update(1)
+            except ImageDecodeError as err:
+                bad.append(str(err))
+                meter.failed += 1
     if not images:
         raise ValueError(f"none of the {len(paths)} calibration images could be decoded")
     return np.stack(images), bad
@@ -174,6 +178,7 @@ def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
     paths, truth = read_labeled(source, entry)
     size, output = next(iter(predictors.values())).size, entry["outputs"]["prob"]
     kept, bad, scores = [], [], {name: [] for name in predictors}
+    meter = Progress(f"{entry['name']}: scoring {source.name} with {' and '.join(predictors)}", total=len(paths))
     for start in range(0, len(paths), batch_size):
         images = []
         for index in range(start, min(start + batch_size, len(paths))):
@@ -186,6 +191,8 @@ def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
             batch = to_model_input(images, size)
             for name, predictor in predictors.items():
                 scores[name].append(predictor.session.run([output], {"image": batch})[0])
+        meter.update(min(batch_size, len(paths) - start), failed=min(batch_size, len(paths) - start) - len(images))
+    meter.close()
     if not kept:
         raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")
     scores = {name: np.concatenate(chunks) for name, chunks in scores.items()}
@@ -239,7 +246,10 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
     failures = []
     with tempfile.TemporaryDirectory(prefix="waterdrop-int8-") as tmp:
         int8_path = Path(tmp) / "model.int8.onnx"
-        quantize_file(model_path, int8_path, images)
+        with Progress(f"quantizing: onnxruntime calibrates on {len(images)} images", total=1, unit="models",
+                      announce=True) as meter:
+            quantize_file(model_path, int8_path, images)
+            meter.update(1)
         predictors = {"fp32": fp32, "int8": Predictor(int8_path)}
         for entry in json.loads(_raw_metadata(onnx.load(str(model_path))))["tasks"]:
             data = tasks[entry["name"]]

@@ -31,6 +31,19 @@ METADATA_KEY = "waterdrop"
 NO_CAMS = "this model file has no class activation maps; re-export it with tools/export.py --cam"
 
 
+def _open_session(model_path: str | Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """onnxruntime's session, or a one-line ValueError for a path that holds no ONNX model
+    (onnxruntime's own message is a protobuf traceback)."""
+    path = Path(model_path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, not an ONNX model file")
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not an ONNX model file onnxruntime can load ({first[:200]})") from err
+
+
 class Predictor:
     """One exported model, ready to score images.
 
@@ -55,7 +68,7 @@ class Predictor:
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # finds the pip-installed CUDA libraries
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        self.session = _open_session(model_path, options, providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"CUDA was requested but onnxruntime runs on {self.session.get_providers()}")
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)

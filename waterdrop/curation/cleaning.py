@@ -42,6 +42,7 @@ import numpy as np
 
 from waterdrop.curation.contact_sheet import contact_sheet
 from waterdrop.imageio import ImageDecodeError, list_images, read_image
+from waterdrop.progress import Progress
 
 REASONS = ("bad_line", "undecodable", "too_small", "exact_duplicate", "near_duplicate", "trimmed")
 _BANDS = 4  # 16-bit bands of the 64-bit hash
@@ -62,6 +63,7 @@ class Flag:
     duplicate_of: str | None = None
     duplicate_split: str | None = None
     distance: int | None = None
+    pixel_difference: float | None = None  # near duplicates: see ``thumbnail_difference``
     copy: str | None = None
 
 
@@ -98,6 +100,15 @@ class CleaningReport:
         conflicts = sum("labels differ" in flag.message for flag in self.flags)
         if conflicts:
             lines.append(f"{conflicts} duplicate(s) labelled unlike the image kept: look at them in report.json")
+        unlike = [f for f in self.flags if (f.pixel_difference or 0) > LOOKS_DIFFERENT]
+        if unlike:
+            lines.append(f"{len(unlike)} near-duplicate pair(s) look unlike each other: their thumbnails differ by "
+                         f"more than {LOOKS_DIFFERENT:.0f} grey levels (pixel_difference in report.json). Either a "
+                         "crop of the same photo, or different images whose pHashes agree, as happens on smooth, "
+                         "low-detail images; look at duplicates.png, and if they are different images lower "
+                         f"--near-distance (now {self.settings.get('near_distance')}) or use --exact-only")
+        if self.settings.get("unlabelled"):
+            lines.append("unlabelled: the folders' rows carry no labels (an unlabelled pool, not negatives)")
         lines += [f"{name}: {path}" for name, path in self.manifests.items()]
         if self.contact_sheet:
             lines.append(f"duplicate pairs to look at: {self.contact_sheet}")
@@ -115,17 +126,39 @@ class _Image:
     phash: int
 
 
-def read_source(source: Path) -> Iterator[tuple[dict | None, str]]:
+def _folder_items(source: Path, unlabelled: bool) -> list[dict]:
+    """A folder's images as manifest lines: labelled by the first folder under ``source``
+    (``root/<label>/**``), or without a ``labels`` key when ``unlabelled``.
+
+    Raises:
+        ValueError: images lie directly in ``source`` (not under a label folder) and
+            ``unlabelled`` is not set: writing them with no label would make them negatives.
+    """
+    paths = list_images(source)
+    if unlabelled:
+        return [{"image": os.path.abspath(path)} for path in paths]
+    loose = [path for path in paths if len(path.relative_to(source).parts) == 1]
+    if loose:
+        manifest = source.with_suffix(".jsonl")
+        hint = f" (such as {manifest})" if manifest.is_file() else ""
+        layout = "all of its images lie" if len(loose) == len(paths) else f"{len(loose)} of its images lie"
+        raise ValueError(f"{source}: {layout} directly in it, not in one folder per label, so their labels cannot "
+                         f"be read from the layout. Give the task's JSONL manifest instead{hint}, or pass "
+                         "--unlabelled to clean the folder as an unlabelled pool (its rows then carry no labels)")
+    return [{"image": os.path.abspath(path), "labels": [path.relative_to(source).parts[0]]} for path in paths]
+
+
+def read_source(source: Path, unlabelled: bool = False) -> Iterator[tuple[dict | None, str]]:
     """(manifest line with an absolute ``image`` path, "") per image of a folder or a JSONL
     manifest; (None, "manifest:line: why") for a manifest line that cannot be used.
 
-    A folder's images get the label of the first folder under it (``root/<label>/**``); other
-    keys of a manifest line are carried through unchanged.
+    A folder's images get the label of the first folder under it (``root/<label>/**``); with
+    ``unlabelled`` they get no ``labels`` key at all (never ``[]``, which would read as a
+    negative). Other keys of a manifest line are carried through unchanged.
     """
     if source.is_dir():
-        for path in list_images(source):
-            parts = path.relative_to(source).parts
-            yield {"image": os.path.abspath(path), "labels": [parts[0]] if len(parts) > 1 else []}, ""
+        for item in _folder_items(source, unlabelled):
+            yield item, ""
         return
     if not (source.is_file() and source.suffix == ".jsonl"):
         raise ValueError(f"{source}: expected a folder of images or a .jsonl manifest")
@@ -268,12 +301,12 @@ def _find_duplicates(images: list[_Image], near_distance: int | None) -> list[tu
     return found
 
 
-def _scan(
-    name: str, split: int, source: Path, report: CleaningReport, min_pixels: int, border_tolerance: int | None
-) -> Iterator[_Image]:
+def _scan(name: str, split: int, source: Path, report: CleaningReport, min_pixels: int,
+          border_tolerance: int | None, unlabelled: bool, meter: Progress) -> Iterator[_Image]:
     """Decode, trim and hash one split's images, one at a time; problems go to ``report``."""
-    for item, problem in read_source(source):
+    for item, problem in read_source(source, unlabelled):
         report.splits[name]["images"] += 1
+        meter.update(1, failed=item is None)
         if item is None:
             report.add(Flag(name, problem.split(": ")[0], "bad_line", message=problem))
             continue
@@ -281,6 +314,7 @@ def _scan(
             image = read_image(item["image"])
         except ImageDecodeError as err:
             report.add(Flag(name, item["image"], "undecodable", message=str(err)))
+            meter.failed += 1
             continue
         shape = image.shape[:2]
         box = (0, shape[0], 0, shape[1]) if border_tolerance is None else border_box(image, border_tolerance)
@@ -291,6 +325,26 @@ def _scan(
             continue
         digest = hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).digest()
         yield _Image(split, item, box, shape, digest, phash(image))
+
+
+def thumbnail_difference(a: _Image, b: _Image, side: int = 32) -> float:
+    """Mean absolute difference (grey levels, 0-255) of two images' trimmed grey thumbnails.
+
+    pHash keeps only the signs of 63 low-frequency coefficients, so on smooth, low-detail
+    images (gradients, plain backgrounds, synthetic data) different images can share most of
+    them; this says how alike a near-duplicate pair looks. Measured: a re-encoded or resized
+    copy differs by under 1 level; a crop of 5 % per side by 3 to 6 on demo images and 27 on a
+    detailed photograph; the demo's flagged cross-split pairs, different images, by 30 to 111.
+    """
+    def thumbnail(image: _Image) -> np.ndarray:
+        top, bottom, left, right = image.box
+        pixels = cv2.cvtColor(read_image(image.item["image"])[top:bottom, left:right], cv2.COLOR_RGB2GRAY)
+        return cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+    return round(float(np.abs(thumbnail(a) - thumbnail(b)).mean()), 1)
+
+
+LOOKS_DIFFERENT = 20.0  # grey levels of thumbnail difference above which a pHash match is suspect
 
 
 def _keep(image: _Image, name: str, out: Path, number: int, report: CleaningReport) -> dict:
@@ -313,6 +367,7 @@ def clean(
     border_tolerance: int | None = 8,
     near_distance: int | None = 8,
     sheet_pairs: int = 8,
+    unlabelled: bool = False,
 ) -> CleaningReport:
     """Check every image of every split and write the cleaned manifests, copies and report to ``out``.
 
@@ -326,13 +381,16 @@ def clean(
             line to count as border; None keeps images untrimmed.
         near_distance: largest pHash bit distance of a near duplicate; None: exact ones only.
         sheet_pairs: duplicate pairs drawn in ``duplicates.png`` (0: no sheet).
+        unlabelled: folders are unlabelled pools: their rows get no ``labels`` key. Without
+            it a folder must hold one folder per label.
 
     Returns:
         The report, also written to ``out / "report.json"``.
 
     Raises:
         ValueError: a split name that is repeated or not a plain file name, a source that is
-            neither a folder nor a ``.jsonl`` file, or ``near_distance`` outside 0-63.
+            neither a folder nor a ``.jsonl`` file, a folder with images outside label folders
+            (unless ``unlabelled``), or ``near_distance`` outside 0-63.
     """
     start = time.perf_counter()
     names = [name for name, _ in sources]
@@ -343,10 +401,12 @@ def clean(
         raise ValueError(f"near_distance {near_distance}: a pHash distance is 0-63 bits")
     settings = {"min_pixels": min_pixels, "border_tolerance": border_tolerance, "near_distance": near_distance}
     settings["sources"] = {name: str(source) for name, source in sources}
+    settings["unlabelled"] = unlabelled
     report = CleaningReport({name: {"images": 0, "kept": 0} for name in names}, settings=settings)
     images = []
-    for split, (name, source) in enumerate(sources):
-        images += _scan(name, split, Path(source), report, min_pixels, border_tolerance)
+    with Progress("clean") as meter:
+        for split, (name, source) in enumerate(sources):
+            images += _scan(name, split, Path(source), report, min_pixels, border_tolerance, unlabelled, meter)
     dropped = set()
     for i, k, distance in _find_duplicates(images, near_distance):
         this, other = images[i], images[k]
@@ -354,6 +414,8 @@ def clean(
         differ = f"labels differ: {labels[0]} vs {labels[1]}" if labels[0] != labels[1] else ""
         reason = "exact_duplicate" if distance < 0 else "near_duplicate"
         pair = dict(duplicate_of=other.item["image"], duplicate_split=names[other.split], distance=max(distance, 0))
+        if distance >= 0:
+            pair["pixel_difference"] = thumbnail_difference(this, other)
         report.add(Flag(names[this.split], this.item["image"], reason, message=differ, **pair))
         dropped.add(i)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,7 +434,8 @@ def clean(
         paths, captions = [], []
         for f in pairs[:sheet_pairs]:
             paths += [f.image, f.duplicate_of]
-            captions += [f"{f.split}: dropped, {f.distance} bits\n{Path(f.image).name}"]
+            apart = f"{f.distance} bits" + (f", {f.pixel_difference:.0f} grey" if f.pixel_difference else "")
+            captions += [f"{f.split}: dropped, {apart}\n{Path(f.image).name}"]
             captions += [f"{f.duplicate_split}: kept\n{Path(f.duplicate_of).name}"]
         report.contact_sheet = str(contact_sheet(paths, captions, out / "duplicates.png", columns=2))
     report.seconds = time.perf_counter() - start

@@ -43,8 +43,12 @@ class O2USettings:
     def phases(self, registry_lr: float) -> list[Phase]:
         high = self.lr_max or registry_lr
         low = self.lr_min if self.lr_min is not None else high / 100
-        if self.cycles < 1 or self.cycle_epochs < 1 or self.normal_epochs < 0:
-            raise ValueError("need cycles >= 1, cycle_epochs >= 1 and normal_epochs >= 0")
+        if self.cycles < 2:
+            # One cycle never jumps back to the high rate, which is what tells noisy samples apart.
+            raise ValueError(f"cycles {self.cycles}: O2U ranks by the losses over several learning-rate cycles; "
+                             "give at least 2 (default 3)")
+        if self.cycle_epochs < 1 or self.normal_epochs < 0:
+            raise ValueError("need cycle_epochs >= 1 and normal_epochs >= 0")
         phases = [Phase("cyclic", self.cycles * self.cycle_epochs, cyclic(high, low, self.cycle_epochs))]
         if self.normal_epochs:
             phases.insert(0, Phase("normal", self.normal_epochs, constant(high)))
@@ -104,15 +108,20 @@ def write_outputs(ranking: NoisyRanking, out: Path, task_name: str, top: int = 6
     out.mkdir(parents=True, exist_ok=True)
     records, recorded = ranking.records, ranking.recorded
     files = {"ranking": out / f"{task_name}_ranking.csv", "summary": out / f"{task_name}_summary.json"}
+    columns = {"score": ranking.score, "loss_mean": np.nanmean(recorded.losses[recorded.rows_of("cyclic")], axis=0),
+               "loss_variance": ranking.variance, "final_normal_loss": ranking.final_loss,
+               "label_prob_last": recorded.label_prob[-1]}
+    # A column that is the same (or missing) for every ranked sample says nothing: left out
+    # (final_normal_loss without a normal phase).
+    ranked = ranking.order
+    informative = {name: values for name, values in columns.items()
+                   if len(ranked) and np.isfinite(values[ranked]).any() and np.nanstd(values[ranked]) > 0}
     with open(files["ranking"], "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "path", "labels", "score", "loss_mean", "loss_variance", "final_normal_loss",
-                         "label_prob_last"])
-        for position, i in enumerate(ranking.order, 1):
-            writer.writerow([position, records[i].path, "|".join(records[i].labels), f"{ranking.score[i]:.5f}",
-                             f"{np.nanmean(recorded.losses[recorded.rows_of('cyclic'), i]):.5f}",
-                             f"{ranking.variance[i]:.5f}", f"{ranking.final_loss[i]:.5f}",
-                             f"{recorded.label_prob[-1, i]:.4f}"])
+        writer.writerow(["rank", "path", "labels", *informative])
+        for position, i in enumerate(ranked, 1):
+            writer.writerow([position, records[i].path, "|".join(records[i].labels),
+                             *(f"{values[i]:.5f}" for values in informative.values())])
     shown = ranking.order[:top]
     if len(shown):
         files["contact_sheet"] = contact_sheet(
@@ -126,6 +135,7 @@ def write_outputs(ranking: NoisyRanking, out: Path, task_name: str, top: int = 6
         write_manifest([r for i, r in enumerate(records) if i not in left_out], files["cleaned_manifest"])
     summary = {"task": task_name, "ranked": int(len(ranking.order)), "undecodable": recorded.undecodable,
                "skipped_batches": recorded.skipped_batches, "epochs": recorded.phases, "lrs": recorded.lrs,
-               "dropped": int(len(dropped)), "files": {k: str(v) for k, v in files.items()}}
+               "dropped": int(len(dropped)), "columns_left_out": sorted(set(columns) - set(informative)),
+               "files": {k: str(v) for k, v in files.items()}}
     files["summary"].write_text(json.dumps(summary, indent=2))
     return files

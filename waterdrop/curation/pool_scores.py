@@ -20,6 +20,7 @@ import numpy as np
 from waterdrop.data.manifest import read_manifest
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
+from waterdrop.progress import Progress
 
 
 @dataclass
@@ -84,10 +85,12 @@ def open_model(path: str | Path, task: str | None = None) -> TaskScorer:
             return dict(zip(keys, values))
 
         return TaskScorer(task_info(entry, list(entry["outputs"])), predictor.size, run)
-    from waterdrop.engine.checkpoint import best_checkpoint, load_net
+    from waterdrop.engine.checkpoint import best_checkpoint, load_net, recorded_thresholds
 
-    net, cfg, meta = load_net(best_checkpoint(path))
-    return scorer_from_net(net, cfg, _choose_task(cfg.task_names, task), meta.get("thresholds", {}))
+    checkpoint = best_checkpoint(path)
+    net, cfg, meta = load_net(checkpoint)
+    thresholds, _ = recorded_thresholds(checkpoint, meta)
+    return scorer_from_net(net, cfg, _choose_task(cfg.task_names, task), thresholds or {})
 
 
 def scorer_from_net(net, cfg, task: str, thresholds: dict) -> TaskScorer:
@@ -162,7 +165,7 @@ def score_pool(
     """Run the model over the pool; images are decoded in ``workers`` threads (OpenCV releases
     the GIL). Undecodable ones are left out of the scores and listed with the reason."""
     kept, probs, losses, bad = [], [], [], []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(max(1, workers)) as pool, Progress("score pool", total=len(paths)) as meter:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             images = []
@@ -177,6 +180,7 @@ def score_pool(
                 probs.append(np.asarray(outputs["prob"], dtype=np.float64).reshape(len(images), -1))
                 if "predicted_loss" in outputs:
                     losses.append(np.asarray(outputs["predicted_loss"], dtype=np.float64))
+            meter.update(len(chunk), failed=len(chunk) - len(images))
     columns = 1 if scorer.task.thresholds is None else len(scorer.task.thresholds)
     return PoolScores(
         paths=[paths[i] for i in kept],

@@ -24,6 +24,7 @@ from waterdrop.data.dataset import Record, collate
 from waterdrop.data.loaders import task_dataset
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.progress import Progress
 
 #: Epochs done in the phase (fractional) -> learning rate of the heads.
 LrSchedule = Callable[[float], float]
@@ -107,6 +108,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
     steps = -(-count // batch_size)
     undecodable: set[str] = set()
     skipped_batches, row, names, lrs = 0, 0, [], []
+    meter = Progress(f"{task_name}: recording losses", total=epochs * count)
     for phase in phases:
         for epoch in range(phase.epochs):
             seed = cfg.train.seed * 1000 + row
@@ -119,6 +121,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
                                 collate_fn=partial(collate, task_names=cfg.task_names))
             for step, batch in enumerate(loader):
                 undecodable.update(path for _, path in batch["skipped"])
+                meter.update(len(batch["inputs"]) + len(batch["skipped"]), failed=len(batch["skipped"]))
                 if task_name not in batch["targets"]:
                     continue
                 lr = phase.schedule(epoch + step / steps)
@@ -143,9 +146,11 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
                 label_prob[row, ids] = kind.label_probability(scores, truth)
             names.append(phase.name)
             lrs.append(phase.schedule(epoch + 0.5))
+            meter.clear()
             printer(f"{task_name}: {phase.name} epoch {epoch + 1}/{phase.epochs}: mean loss "
                     f"{np.nanmean(losses[row]):.4f}, lr {phase.schedule(epoch):.2e} -> "
                     f"{phase.schedule(epoch + (steps - 1) / steps):.2e}")
             row += 1
+    meter.close()
     return SampleLosses(list(dataset.records[:count]), losses, label_prob, names, lrs, sorted(undecodable),
                         skipped_batches)

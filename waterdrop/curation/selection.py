@@ -5,9 +5,12 @@ Strategies over one task of a trained model:
 * ``band`` (confidence band). On an unlabeled pool: the images whose probability lies in
   the uncertain band [low, high] around the task's deploy threshold, closest to the
   threshold first. Closeness is measured in log-odds, ``|logit(p) - logit(threshold)|`` (the
-  ``score`` column), so that a threshold of 0.99 gets as wide a band in confidence as one of
-  0.5. The default band holds the probabilities whose odds are within a factor of 3 of the
-  threshold's odds (threshold 0.5: [0.25, 0.75]; 0.9: [0.75, 0.964]). On labeled recalls (a
+  ``logodds_from_threshold`` column), so that a threshold of 0.99 gets as wide a band in
+  confidence as one of 0.5. The default band holds the probabilities whose odds are within a
+  factor of 3 of the threshold's odds (threshold 0.5: [0.25, 0.75]; 0.9: [0.75, 0.964]). When
+  it holds fewer images than the budget, it is widened in the same order (the next closest to
+  the threshold) until the budget is filled, and the summary says how far (``in_band`` marks
+  the images beyond the default band); a band the user gave is kept as given. On labeled recalls (a
   JSONL manifest) the hard ones instead: positives scored below ``low`` and negatives scored
   above ``high``, the most confidently wrong (largest log-odds distance) first.
 * ``loss`` (predicted loss): the task's loss prediction module (``loss_prediction`` in the
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +75,10 @@ def _distance(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.abs(logit(probs) - logit(thresholds))
 
 
-def band_ranking(probs: np.ndarray, thresholds: np.ndarray, low: np.ndarray, high: np.ndarray) -> Ranking:
-    """Images with some label's probability in [low, high], the closest to its threshold first.
+def band_ranking(probs: np.ndarray, thresholds: np.ndarray, low: np.ndarray | float = 0.0,
+                 high: np.ndarray | float = 1.0) -> Ranking:
+    """Images with some label's probability in [low, high], the closest to its threshold first
+    (the default band [0, 1] ranks every image).
 
     Args:
         probs: (N, L) probabilities (L = 1 for a binary task).
@@ -142,6 +147,9 @@ class Selection:
     thresholds: np.ndarray | None
     low: np.ndarray | None
     high: np.ndarray | None
+    budget: int = 0
+    notes: list[str] = field(default_factory=list)  # why the budget was widened, or not filled
+    widened_to_odds: float | None = None  # the band as widened to fill the budget (odds factor)
 
 
 def resolve_strategy(strategy: str, task: TaskInfo) -> str:
@@ -219,18 +227,36 @@ def select(
             says what to do.
     """
     strategy, thresholds = plan(task, budget, strategy, threshold, low, high)
-    rankings, band = [], (None, None)
+    rankings, band, notes, widened = [], (None, None), [], None
     if strategy in ("band", "union"):
         band = _band(thresholds, low, high)
         if scores.truth is not None:
             rankings.append(hard_ranking(scores.probs, scores.truth, thresholds, *band))
         else:
             rankings.append(band_ranking(scores.probs, thresholds, *band))
+        if len(rankings[0].order) < budget and strategy == "band" and scores.truth is None:
+            if low is None and high is None:
+                in_band = len(rankings[0].order)
+                rankings[0] = band_ranking(scores.probs, thresholds)
+                taken = rankings[0].scores[:budget]
+                widened = float(np.exp(taken[-1])) if len(taken) else None
+                notes.append(f"the default band (odds within {BAND_ODDS:g}x of the threshold's) held {in_band} "
+                             f"image(s); widened in the same order, to odds within {widened:.3g}x, to fill the budget")
+            else:
+                notes.append(f"the band given (--low/--high) holds {len(rankings[0].order)} image(s), fewer than "
+                             "the budget; widen it, or leave it out to let the default band widen itself")
     if strategy in ("loss", "union"):
         rankings.append(
             loss_ranking(scores.predicted_loss, scores.probs if thresholds is not None else None, thresholds)
         )
-    return Selection(rankings, union_ranking(rankings, budget), thresholds, *band)
+    selected = union_ranking(rankings, budget)
+    if len(selected) < budget:
+        if scores.truth is not None and strategy == "band":
+            notes.append(f"only {len(rankings[0].order)} labeled image(s) are scored on the wrong side of the band "
+                         "(the hard ones to re-check); the others agree with their labels")
+        if len(selected) == len(scores.paths):
+            notes.append(f"the pool holds only {len(scores.paths)} decodable image(s)")
+    return Selection(rankings, selected, thresholds, *band, budget=budget, notes=notes, widened_to_odds=widened)
 
 
 def _band(thresholds: np.ndarray, low: float | None, high: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -248,16 +274,23 @@ def _band(thresholds: np.ndarray, low: float | None, high: float | None) -> tupl
     return low_values, high_values
 
 
-FIELDS = ["rank", "path", "score", "prob", "label", "truth", "predicted_loss"]
+FIELDS = ["rank", "path", "prob", "threshold", "logodds_from_threshold", "in_band", "label", "truth",
+          "predicted_loss"]
 
 
-def _columns(scores: PoolScores, task: TaskInfo, index: int, tag: int) -> dict:
+def _columns(scores: PoolScores, task: TaskInfo, selection: Selection, index: int, tag: int) -> dict:
     """The report columns of one image; ``tag`` is the label that decided (-1: none)."""
     column = tag if tag >= 0 else (0 if len(task.decisions) == 1 else None)
     known = column is not None
+    prob = float(scores.probs[index, column]) if known else None
+    threshold = float(selection.thresholds[column]) if known and selection.thresholds is not None else None
+    banded = threshold is not None and selection.low is not None
     return {
         "path": str(scores.paths[index]),
-        "prob": round(float(scores.probs[index, column]), 6) if known else "",
+        "prob": round(prob, 6) if known else "",
+        "threshold": round(threshold, 6) if threshold is not None else "",
+        "logodds_from_threshold": round(float(_distance(prob, threshold)), 6) if threshold is not None else "",
+        "in_band": bool(selection.low[column] <= prob <= selection.high[column]) if banded else "",
         "label": task.decisions[column] if known else "",
         "truth": int(scores.truth[index, column]) if known and scores.truth is not None else "",
         "predicted_loss": "" if scores.predicted_loss is None else round(float(scores.predicted_loss[index]), 6),
@@ -278,8 +311,8 @@ def write_selection(
         with open(out / files[-1], "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
-            for rank, (index, score, tag) in enumerate(zip(ranking.order, ranking.scores, ranking.tags), 1):
-                writer.writerow({"rank": rank, "score": round(float(score), 6), **_columns(scores, task, index, tag)})
+            for rank, (index, tag) in enumerate(zip(ranking.order, ranking.tags), 1):
+                writer.writerow({"rank": rank, **_columns(scores, task, selection, index, tag)})
     with open(out / "selected.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, ["rank", "path", "picked_by", "rank_there", *FIELDS[2:]])
         writer.writeheader()
@@ -289,8 +322,7 @@ def write_selection(
                     "rank": rank,
                     "picked_by": ranking.strategy,
                     "rank_there": position + 1,
-                    "score": round(float(ranking.scores[position]), 6),
-                    **_columns(scores, task, index, int(ranking.tags[position])),
+                    **_columns(scores, task, selection, index, int(ranking.tags[position])),
                 }
             )
     if scores.undecodable:
@@ -311,7 +343,10 @@ def write_selection(
         "band_low": listed(selection.low),
         "band_high": listed(selection.high),
         "rankings": {r.strategy: len(r.order) for r in selection.rankings},
+        "budget": selection.budget,
         "selected": len(selection.selected),
+        "band_widened_to_odds": selection.widened_to_odds,
+        "notes": selection.notes,
         "files": files + ["selected.csv"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,6 +7,7 @@ which torch's weights-only unpickler refuses; exactly those are allow-listed, no
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -115,11 +116,16 @@ def _first_difference(old, new, where: str = "") -> str:
     return f"{where}: {old!r} -> {new!r}"
 
 
-def store_thresholds(checkpoint_path: str | Path, thresholds: dict) -> None:
-    """Record the thresholds chosen by eval in the checkpoint, so export finds them there."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint.setdefault("meta", {}).setdefault("waterdrop", {})["thresholds"] = thresholds
-    torch.save(checkpoint, checkpoint_path)
+def recorded_thresholds(checkpoint_path: str | Path, meta: dict) -> tuple[dict | None, str | None]:
+    """The thresholds chosen for a checkpoint and where they were found: ``eval/thresholds.json``
+    beside it (training and tools/eval.py write it; the checkpoint itself is never rewritten),
+    else the checkpoint's own record (runs of earlier versions); (None, None) when neither."""
+    beside = Path(checkpoint_path).parent / "eval" / "thresholds.json"
+    if beside.is_file():
+        return json.loads(beside.read_text()), str(beside)
+    if "thresholds" in meta:
+        return meta["thresholds"], f"{checkpoint_path} (recorded there by an earlier version)"
+    return None, None
 
 
 class RunFolderError(ValueError):

@@ -16,7 +16,7 @@ from mmengine.dist import all_gather_object, is_distributed, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
-from waterdrop import __version__
+from waterdrop import __version__, progress
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.evaluation.plots import task_weights
 
@@ -97,7 +97,7 @@ class WaterdropHook(Hook):
             self._sums[key] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
             self._counts[key] += 1
         iters = len(runner.train_dataloader)
-        if (batch_idx + 1) % self.log_interval == 0 or batch_idx + 1 == iters:
+        if ((batch_idx + 1) % self.log_interval == 0 or batch_idx + 1 == iters) and not progress.is_quiet():
             losses = "  ".join(f"{k} {self._sums[k] / self._counts[k]:.4f}" for k in sorted(self._sums))
             speed = self._images / max(time.perf_counter() - self._start, 1e-9)
             lr = max(runner.optim_wrapper.get_lr()["lr"])  # the heads' rate; the trunk's may be lower
@@ -112,6 +112,7 @@ class WaterdropHook(Hook):
             for task, path in paths:
                 self.skipped[task].add(path)
         row = {"epoch": runner.epoch + 1, "lr": max(runner.optim_wrapper.get_lr()["lr"]),
+               "images_per_s": round(self._images / max(time.perf_counter() - self._start, 1e-9), 2),
                "skipped_images": epoch_skipped, "nonfinite_batches": self._model(runner).nonfinite_batches}
         row.update({k: self._sums[k] / self._counts[k] for k in sorted(self._sums)})
         self.rows.append(row)

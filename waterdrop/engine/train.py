@@ -16,7 +16,7 @@ from mmengine.logging import MMLogger
 from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
-from waterdrop import __version__
+from waterdrop import __version__, allocator
 from waterdrop.config import RegistryConfig, config_to_dict, load_registry
 from waterdrop.data.dataset import collate
 from waterdrop.data.demo import ensure_demo_data
@@ -28,14 +28,13 @@ from waterdrop.engine.checkpoint import (
     check_resumable,
     check_run_folder,
     load_net,
-    store_thresholds,
 )
 from waterdrop.engine.distributed import finish_distributed, init_distributed, wrapper_config
 from waterdrop.engine.hooks import WaterdropHook
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers the optimizer constructor)
-from waterdrop.evaluation.evaluate import evaluate, format_report, thresholds_of
+from waterdrop.evaluation.evaluate import evaluate, format_report
 
 
 def _log_details_to_file_only(logger: MMLogger) -> None:
@@ -141,7 +140,7 @@ def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:
     except OSError:
         commit = None
     run = {"waterdrop_version": __version__, "git_commit": commit, "registry": str(cfg.file),
-           "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+           "torch": torch.__version__, "cuda": torch.cuda.is_available(), "malloc": allocator.state()}
     (work_dir / "run.json").write_text(json.dumps(run, indent=2))
 
 
@@ -167,6 +166,5 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     checkpoint = best_checkpoint(work_dir)
     net, cfg, _ = load_net(checkpoint)
     report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu")
-    store_thresholds(checkpoint, thresholds_of(report))
     printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
     return report

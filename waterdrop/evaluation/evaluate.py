@@ -15,6 +15,7 @@ from waterdrop.detection import detect, detection_ap
 from waterdrop.evaluation.metrics import average_precision, json_safe
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.progress import Progress
 
 
 @torch.no_grad()
@@ -25,9 +26,12 @@ def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
     net.eval().to(device)
     scores, truth, skipped = defaultdict(list), defaultdict(list), defaultdict(set)
     raw = defaultdict(lambda: defaultdict(list))
-    for batch in eval_loader(cfg, net, split):
+    loader = eval_loader(cfg, net, split)
+    meter = Progress(f"evaluate {split}", total=len(loader.dataset))
+    for batch in loader:
         for task, path in batch["skipped"]:
             skipped[task].add(path)
+        meter.update(len(batch["inputs"]) + len(batch["skipped"]), failed=len(batch["skipped"]))
         if not len(batch["inputs"]):
             continue
         outputs = net.forward_tasks(batch["inputs"].to(device), batch["task_index"].to(device))
@@ -38,6 +42,7 @@ def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
                 for key, value in net.task_predictions(name, outputs[name]).items():
                     raw[name][key].append(value.float().cpu().numpy())
                 raw[name]["target"].append(batch["targets"][name].numpy())
+    meter.close()
     data = {name: (np.concatenate(scores[name]), np.concatenate(truth[name])) for name in scores}
     details = {name: {k: np.concatenate(v) for k, v in values.items()} for name, values in raw.items()}
     return data, {task: sorted(paths) for task, paths in skipped.items()}, details

@@ -67,7 +67,9 @@ class MultiLabelKind(TaskKind):
         labels, probs = entry["labels"], outputs["prob"][row]
         scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
         decided = probs >= np.array([entry["thresholds"][label] for label in labels])
-        result = {"tags": [label for label, d in zip(labels, decided) if d], "scores": scores}
+        # The thresholds beside the scores, so a score reads as a decision without the metadata.
+        result = {"tags": [label for label, d in zip(labels, decided) if d], "scores": scores,
+                  "thresholds": {label: entry["thresholds"][label] for label in labels}}
         detector = entry.get("detector")
         if detector:
             found = detect(outputs["det_boxes"][row], outputs["det_scores"][row], detector["score_threshold"],

@@ -13,8 +13,8 @@ Columns, one row per input (documented in the README's pool-scan section):
   (``scores``, ``subclass_scores``, ``above``) are lists of float32 in label order; the
   labels are in the Parquet metadata and in scan.json. Detector ``objects`` (a list of
   records) is a JSON string. A field not listed in ``FIELD_TYPES`` (a future kind's) is a
-  JSON string too, so a new field never breaks a scan. The task's ``threshold`` is the
-  same for every image: it is in the metadata, not in the rows.
+  JSON string too, so a new field never breaks a scan. The task's ``threshold`` (or
+  per-label ``thresholds``) is the same for every image: it is in the metadata, not in the rows.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "predicted_loss": pa.float32(),
 }
 #: Fields that are the same on every row; kept once, in the metadata.
-CONSTANT_FIELDS = ("threshold",)
+CONSTANT_FIELDS = ("threshold", "thresholds")
 
 #: What decoding gives the scorer: (resized RGB uint8, original (width, height), None) or
 #: (None, None, why it failed).
