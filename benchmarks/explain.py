@@ -341,7 +341,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from ablation import machine
 
-    from waterdrop.engine.checkpoint import best_checkpoint, load_net
+    from waterdrop.engine.checkpoint import best_checkpoint, load_net, recorded_thresholds
     from waterdrop.export import export_onnx
 
     began = time.perf_counter()
@@ -352,7 +352,7 @@ def main() -> None:
               file=sys.stderr)
     checkpoint = best_checkpoint(args.run)
     net, cfg, meta = load_net(checkpoint)
-    thresholds = json.loads((checkpoint.parent / "eval/thresholds.json").read_text())
+    thresholds = recorded_thresholds(checkpoint, meta)[0]
     size = cfg.model.input_size
     args.out.mkdir(parents=True, exist_ok=True)
     onnx, parity = {}, {}

@@ -109,7 +109,7 @@ def build(name: str, folder: Path, calibration_count: int, eval_images: int | No
     import torch
 
     from waterdrop.config import config_to_dict, load_registry
-    from waterdrop.engine.checkpoint import best_checkpoint, load_net
+    from waterdrop.engine.checkpoint import best_checkpoint, load_net, recorded_thresholds
     from waterdrop.export import export_onnx
     from waterdrop.model.multitask import MultiTaskNet
     from waterdrop.model.task_bn import TaskBatchNorm
@@ -120,7 +120,7 @@ def build(name: str, folder: Path, calibration_count: int, eval_images: int | No
     if name == "demo":
         checkpoint = best_checkpoint(REPO / "work_dirs/demo")
         net, cfg, meta = load_net(checkpoint)
-        thresholds = json.loads((checkpoint.parent / "eval/thresholds.json").read_text())
+        thresholds = recorded_thresholds(checkpoint, meta)[0]
     else:
         cfg = load_registry(REPO / "registry.yaml")
         cfg.model.backbone, cfg.model.pretrained, cfg.model.input_size = "resnet50", None, 224

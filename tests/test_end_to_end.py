@@ -83,6 +83,12 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     assert "thresholds from " + str(work / "eval" / "thresholds.json") in out  # beside the checkpoint
     done = _run_tool("export.py", work, "-o", tmp_path / "model.onnx", timeout=300)
     assert done.returncode == 2 and "model.onnx: the file exists already" in done.stderr
+    # eval/ holds the best checkpoint's thresholds: another checkpoint of the run is not given them.
+    other = sorted(work.glob("epoch_*.pth"))[0]
+    done = _run_tool("export.py", other, "-o", tmp_path / "other.onnx", timeout=300)
+    assert done.returncode == 2 and "holds the thresholds chosen for best_" in done.stderr
+    out = _tool("export.py", work, "--cam")  # beside model.onnx, never over it
+    assert (work / "model.cam.onnx").is_file() and not (work / "model.onnx").exists()
     image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
     out = _tool("predict.py", tmp_path / "model.onnx", image)
     result = json.loads(out.splitlines()[0])

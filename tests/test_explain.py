@@ -403,7 +403,10 @@ def test_predict_draws_the_cams_without_torch_and_refuses_a_file_without_them(ex
     assert tags == [tag for tag in TAGS if scores[tag] >= 0.5]
     assert sorted(p.name for p in out.glob("*.png")) == sorted(first + second)
     assert cv2.imread(str(out / first[0])).shape == (128, 128, 3)
-    every = subprocess.run([*command, "--cam-all-tags"], env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists already; pass --overwrite" in again.stderr  # overlays are kept
+    every = subprocess.run([*command, "--cam-all-tags", "--overwrite"], env=env, capture_output=True, text=True,
+                           timeout=120)
     assert sum(".scene_tags." in name for name in json.loads(every.stdout.splitlines()[0])["cam_files"]) == len(TAGS)
     refused = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), str(without), str(same_name[0]),
                               "--cam", str(tmp_path / "refused")], env=env, capture_output=True, text=True,

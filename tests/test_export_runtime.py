@@ -187,6 +187,9 @@ def test_predict_and_scan_exit_codes_and_wrong_kinds_of_file(exported, demo_root
 
     done = run("predict.py", path, image)
     assert done.returncode == 0 and json.loads(done.stdout)["tasks"]["scene_tags"]["thresholds"]
+    assert "predict  1 images" in done.stderr  # the closing progress line
+    done = run("predict.py", path, image, "--quiet")
+    assert done.returncode == 0 and done.stderr == "" and json.loads(done.stdout)["tasks"]
     done = run("predict.py", path, tmp_path / "no_such.jpg")
     assert done.returncode == 2 and "no such image or folder: " in done.stderr and not done.stdout
     for model, what in ((image, "a JPEG image"), (tmp_path, "is a folder")):

@@ -133,6 +133,7 @@ def test_gate_refuses_then_force_writes_without_torch(exported, demo_root, tmp_p
     assert not out.exists()
     assert "refused: disgusting: ap" in refused.stderr and "the budget is -1.0" in refused.stderr
     assert "NOT written" in refused.stderr and "int8 maps" not in refused.stdout  # this file has no maps
+    assert "what now:" in refused.stderr and "--calibration-images 512" in refused.stderr
     # The same net with its maps: forced through, and the maps' agreement is printed.
     command[2] = str(model.with_name("model_cam.onnx"))
     forced = subprocess.run([*command, "--max-ap-drop", "-1", "--force"], env=env, capture_output=True, text=True,

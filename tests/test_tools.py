@@ -47,6 +47,9 @@ def test_files_of_the_wrong_kind_are_named(tmp_path):
         cli.check_run(jpeg)
     with pytest.raises(cli.UsageError, match="not a registry YAML file"):
         cli.check_registry(jpeg)
+    (tmp_path / "registry.yaml").write_text("tasks: []\n")
+    with pytest.raises(cli.UsageError, match="is a .yaml file; give a run folder or a .pth checkpoint"):
+        cli.check_run(tmp_path / "registry.yaml")
     (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")
     cli.check_exists([tmp_path / "link.jpg"])  # a broken link is an input that fails later, counted
     with pytest.raises(cli.UsageError, match="no such input: .*gone.jpg"):

@@ -9,7 +9,8 @@ suffix). A folder whose images lie directly in it has no labels to read: it is r
 --unlabelled says it is an unlabelled pool (its rows then carry no labels, never an empty list,
 which a binary task reads as a negative). Give a task's splits in the order train val test: an
 image found in two splits is dropped from the one given first, so val and test stay intact. DIR
-(default: work_dirs/clean/<first SOURCE's name>, or -2, -3, ... when that has files) receives
+(default: work_dirs/clean/<name>, or -2, -3, ... when that has files; <name> is the folder the
+SOURCEs share, e.g. cats for data/cats/train data/cats/val, else the first SOURCE's name) receives
 one cleaned manifest per SOURCE (NAME.jsonl, absolute image paths), trimmed copies, report.json
 and duplicates.png; the input files are never changed. Imports no torch.
 
@@ -42,10 +43,17 @@ def source(text: str) -> tuple[str, Path]:
     return Path(text).stem, Path(text)
 
 
+def default_name(sources: list[tuple[str, Path]]) -> str:
+    """The output's name: the folder the splits share (data/cats/{train,val,test} -> cats),
+    else the first source's name."""
+    parents = {path.resolve().parent for _, path in sources}
+    return parents.pop().name if len(parents) == 1 and len(sources) > 1 else sources[0][0]
+
+
 def main() -> int:
     parser = cli.parser(__doc__)
     parser.add_argument("sources", nargs="*", type=source, help="folders or .jsonl manifests, as PATH or NAME=PATH")
-    parser.add_argument("--out", type=Path, help="output folder (default: work_dirs/clean/<name>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: work_dirs/clean/<shared folder's name>)")
     cli.add_overwrite(parser)
     parser.add_argument("--unlabelled", action="store_true",
                         help="folders are unlabelled pools (images directly inside; rows get no labels)")
@@ -68,7 +76,7 @@ def main() -> int:
         parser.error("--outliers and --task go together")
     try:
         cli.check_exists([path for _, path in args.sources], "source")
-        name = args.sources[0][0] if args.sources else args.task
+        name = default_name(args.sources) if args.sources else args.task
         args.out = cli.output_path(args.out, Path("work_dirs") / "clean" / name, args.overwrite)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,7 +7,8 @@ Writes into --out, by default <run folder>/eval (training already wrote one ther
 evaluation goes to eval-2, eval-3, ...). The checkpoint is never changed: tools/export.py
 reads the thresholds from <run folder>/eval/thresholds.json, or from --thresholds.
 
-Exit codes: 0 done; 2 a bad argument or config (nothing written).
+Exit codes: 0 done; 1 done, with undecodable images left out (listed in metrics.json); 2 a
+bad argument or config (nothing written).
 """
 
 import sys
@@ -35,12 +36,19 @@ def main() -> int:
             cli.check_registry(args.registry)
         net, cfg, _ = load_net(checkpoint, args.registry)
         out = cli.output_path(args.out, checkpoint.parent / "eval", args.overwrite)
-        report = evaluate(net, cfg, out, "cuda" if torch.cuda.is_available() else "cpu")
+        report = evaluate(net, cfg, out, "cuda" if torch.cuda.is_available() else "cpu", checkpoint)
     except (ConfigError, DataError, RunFolderError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
     print(format_report(report))
     print(f"metrics, thresholds and plots: {out}")
+    if out != checkpoint.parent / "eval":
+        print(f"to export with these thresholds: tools/export.py {args.checkpoint} "
+              f"--thresholds {out / 'thresholds.json'}")
+    skipped = sum(len(r["skipped_images"]) for r in report.values())
+    if skipped:
+        print(f"{skipped} image(s) could not be decoded and were left out (listed in metrics.json)", file=sys.stderr)
+        return cli.EXIT_PARTIAL
     return cli.EXIT_OK
 
 

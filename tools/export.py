@@ -35,9 +35,10 @@ def choose_thresholds(given: str | None, checkpoint: Path, meta: dict, net, cfg)
     thresholds, source = recorded_thresholds(checkpoint, meta)
     if thresholds is not None:
         return thresholds, source
-    folder = checkpoint.parent / "eval"
-    print(f"{folder / 'thresholds.json'} not found: evaluating {checkpoint.name} to choose thresholds")
-    return thresholds_of(evaluate(net, cfg, folder)), str(folder / "thresholds.json")
+    folder = cli.fresh_folder(checkpoint.parent / "eval")
+    print(f"{checkpoint.parent / 'eval' / 'thresholds.json'} not found: evaluating {checkpoint.name} into {folder} "
+          "to choose thresholds")
+    return thresholds_of(evaluate(net, cfg, folder, checkpoint=checkpoint)), str(folder / "thresholds.json")
 
 
 def main() -> int:

@@ -6,9 +6,9 @@
 PATH is an image or a folder (searched recursively). A file that cannot be decoded gives
 an error line for that file and the run goes on.
 
---cam DIR draws the class activation maps of a model exported with tools/export.py --cam as
-heat-map overlays (red = strongest evidence; each map ReLU'd and divided by its maximum) into
-DIR, one PNG per image and task:
+--cam DIR (refused when it holds files, unless --overwrite) draws the class activation maps of
+a model exported with tools/export.py --cam as heat-map overlays (red = strongest evidence;
+each map ReLU'd and divided by its maximum) into DIR, one PNG per image and task:
 
 * ``<image stem>.<task>.png``: a binary task's positive-vs-normal evidence, a graded task's score;
 * ``<image stem>.<task>.stage2.png``: the second network of a cascade task;
@@ -61,16 +61,17 @@ def main() -> int:
     parser.add_argument("--cam-all-tags", action="store_true",
                         help="with --cam: an overlay for every tag of a multi-label task, not only those at or above "
                              "their threshold")
+    cli.add_overwrite(parser)
     args = cli.start(parser.parse_args())
     try:
         cli.check_exists(args.paths, "image or folder")
         predictor = Predictor(cli.check_onnx_file(args.model), args.device, args.threads)
         if args.cam and not predictor.cam_outputs:
             raise cli.UsageError(f"{args.model}: {NO_CAMS}")
+        folder = cli.output_path(args.cam, args.cam, args.overwrite) if args.cam else None
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
-    folder = Path(args.cam) if args.cam else None
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
     tasks, stems = {t["name"]: t for t in predictor.tasks}, UniqueStems()
@@ -80,6 +81,7 @@ def main() -> int:
             if "cams" in result:
                 result["cam_files"] = write_overlays(folder, stems(result["image"]), result, tasks, args.cam_all_tags)
                 del result["cams"], result["rgb"]
+            meter.clear()  # on a terminal the progress line shares the screen with the JSON lines
             print(json.dumps(result), flush=True)
     if meter.failed:
         print(f"{meter.failed} of {meter.done} image(s) could not be decoded (see their error lines)", file=sys.stderr)

@@ -42,7 +42,7 @@ def main() -> int:
     try:
         cli.check_exists([args.source], "source")
         cli.check_onnx_file(args.model)
-        args.out = args.out or cli.run_folder(args.model) / "scans" / Path(args.source).stem
+        args.out = args.out or cli.run_folder(args.model) / "scans" / (Path(args.source).resolve().stem or "pool")
         if args.engine == "local":
             record = scan_local(args.model, args.source, args.out, workers=args.workers, threads=args.threads, **common)
         else:

@@ -9,10 +9,12 @@ line every train.log_interval iterations (epoch, each loss term, lr, images/s, m
 validation line per epoch, a progress line while the best checkpoint is evaluated; --quiet
 keeps only the validation lines and the final report.
 
-Exit codes: 0 trained and evaluated; 2 a bad registry, data or run folder (the message says
-which file and key), before training starts.
+Exit codes: 0 trained and evaluated; 1 the same, with undecodable images skipped (counted,
+listed in summary.json and eval/metrics.json); 2 a bad registry, data or run folder (the
+message says which file and key), before training starts.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -39,8 +41,15 @@ def main() -> int:
     except (ConfigError, DataError, RunFolderError, cli.UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
-    if report is not None:  # rank 0 only
-        print(f"run folder: {work_dir}")
+    if report is None:  # ranks other than 0
+        return cli.EXIT_OK
+    print(f"run folder: {work_dir}")
+    summary = json.loads((Path(work_dir) / "summary.json").read_text())
+    skipped = summary["skipped_image_count"] + sum(len(r["skipped_images"]) for r in report.values())
+    if skipped:
+        print(f"{skipped} image(s) could not be decoded and were skipped (listed in summary.json and "
+              "eval/metrics.json)", file=sys.stderr)
+        return cli.EXIT_PARTIAL
     return cli.EXIT_OK
 
 

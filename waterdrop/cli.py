@@ -63,7 +63,7 @@ def add_overwrite(made: argparse.ArgumentParser) -> None:
 
 def start(args: argparse.Namespace) -> argparse.Namespace:
     """Apply the shared switches of parsed arguments; returns them."""
-    progress.set_quiet(getattr(args, "quiet", False))
+    progress.set_quiet(getattr(args, "quiet", False) or progress.is_quiet())
     return args
 
 
@@ -134,8 +134,9 @@ def check_run(path: str | Path) -> Path:
     if path.is_file() and path.suffix.lower() == ".onnx":
         raise UsageError(f"{path} is an exported ONNX model; this tool needs the run folder or .pth checkpoint it "
                          f"was exported from (e.g. {path.parent})")
-    if path.is_file() and (_signature(path) or "").endswith("image"):
-        raise UsageError(f"{path} is {_signature(path)}; give a run folder or a .pth checkpoint")
+    if path.is_file() and path.suffix.lower() not in (".pth", ".pt"):
+        found = _signature(path) or f"a {path.suffix or 'suffix-less'} file"
+        raise UsageError(f"{path} is {found}; give a run folder or a .pth checkpoint")
     return path
 
 

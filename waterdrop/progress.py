@@ -63,8 +63,12 @@ class Progress:
             self._show(self.started)
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, error_type, *exc) -> None:
+        if error_type is None:
+            self.close()
+        else:  # the step failed: its error says so, a final count would only hide it
+            self.clear()
+            self.closed = True
 
     def update(self, done: int = 1, failed: int = 0) -> None:
         """``done`` more units finished, ``failed`` of them (or others) could not be used."""

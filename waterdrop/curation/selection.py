@@ -234,7 +234,7 @@ def select(
             rankings.append(hard_ranking(scores.probs, scores.truth, thresholds, *band))
         else:
             rankings.append(band_ranking(scores.probs, thresholds, *band))
-        if len(rankings[0].order) < budget and strategy == "band" and scores.truth is None:
+        if len(rankings[0].order) < budget and strategy == "band" and scores.truth is None and len(scores.paths):
             if low is None and high is None:
                 in_band = len(rankings[0].order)
                 rankings[0] = band_ranking(scores.probs, thresholds)
@@ -255,7 +255,8 @@ def select(
             notes.append(f"only {len(rankings[0].order)} labeled image(s) are scored on the wrong side of the band "
                          "(the hard ones to re-check); the others agree with their labels")
         if len(selected) == len(scores.paths):
-            notes.append(f"the pool holds only {len(scores.paths)} decodable image(s)")
+            notes.append(f"the pool holds only {len(scores.paths)} decodable image(s)" if len(scores.paths) else
+                         "no image of the pool could be decoded")
     return Selection(rankings, selected, thresholds, *band, budget=budget, notes=notes, widened_to_odds=widened)
 
 

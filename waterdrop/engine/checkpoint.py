@@ -122,6 +122,12 @@ def recorded_thresholds(checkpoint_path: str | Path, meta: dict) -> tuple[dict |
     else the checkpoint's own record (runs of earlier versions); (None, None) when neither."""
     beside = Path(checkpoint_path).parent / "eval" / "thresholds.json"
     if beside.is_file():
+        record = beside.with_name("evaluated.json")
+        chosen_for = json.loads(record.read_text())["checkpoint"] if record.is_file() else None
+        if chosen_for and Path(chosen_for).name != Path(checkpoint_path).name:
+            raise ValueError(f"{beside} holds the thresholds chosen for {Path(chosen_for).name}, not for "
+                             f"{Path(checkpoint_path).name}; evaluate it (tools/eval.py {checkpoint_path}) and "
+                             "pass that evaluation's thresholds.json with --thresholds")
         return json.loads(beside.read_text()), str(beside)
     if "thresholds" in meta:
         return meta["thresholds"], f"{checkpoint_path} (recorded there by an earlier version)"

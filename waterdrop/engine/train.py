@@ -165,6 +165,6 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
         return None
     checkpoint = best_checkpoint(work_dir)
     net, cfg, _ = load_net(checkpoint)
-    report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu")
+    report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu", checkpoint)
     printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
     return report

@@ -72,8 +72,10 @@ def detector_report(head, details: dict, truth: np.ndarray) -> dict:
             "detections_per_image": float(np.mean([len(f) for f in found])), "classes": tags}
 
 
-def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device: str = "cpu") -> dict:
+def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device: str = "cpu",
+             checkpoint: str | Path | None = None) -> dict:
     """Write ``metrics.json``, ``thresholds.json`` and PNG plots under ``out_dir``; return the metrics.
+    With ``checkpoint``, ``evaluated.json`` records which file the thresholds were chosen for.
 
     Thresholds are always chosen on ``val``. A task with a ``test`` split is reported on it,
     at those thresholds; a task without one is reported on ``val`` and marked in-sample
@@ -109,6 +111,8 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         report[task.name] = result
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
     (out_dir / "thresholds.json").write_text(json.dumps(thresholds_of(report), indent=2))
+    if checkpoint is not None:
+        (out_dir / "evaluated.json").write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}))
     return report
 
 

@@ -23,9 +23,12 @@ be on storage that every node sees at the same path (NFS or similar).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +40,23 @@ from waterdrop.runtime import Predictor
 from waterdrop.scan.rows import RowBuilder, decode_for_model
 from waterdrop.scan.sources import Entry, read_source, shards
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
+
+
+@contextmanager
+def _without(logger: logging.Logger, notice: str) -> Iterator[None]:
+    """Drop one notice from what ``logger``'s handlers print (records of its children included)."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return notice not in record.getMessage()
+
+    drop = Drop()
+    for handler in logger.handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in logger.handlers:
+            handler.removeFilter(drop)
 
 
 def import_ray() -> ModuleType:
@@ -108,10 +128,15 @@ def scan_ray(
         The scan.json record.
     """
     ray = import_ray()
+    # Ray's own INFO lines (start-up, Dataset plans, progress logged every 10 s when stderr is
+    # not a terminal) would bury the scan's one progress line; warnings and errors still show.
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
-        ray.init(address=address, ignore_reinit_error=True)
+        ray.init(address=address, ignore_reinit_error=True, **quiet)
     elif not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        with _without(logging.getLogger("ray"), "Token authentication is enabled"):  # our own local instance
+            ray.init(include_dashboard=False, **quiet)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     builder = RowBuilder(Predictor(model, threads=1))  # the driver only needs the schema
