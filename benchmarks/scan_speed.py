@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,10 +104,12 @@ def measure_ort(model: Path, threads: int, batch: int, images: int) -> dict:
 
 def run_tool(command: list[str], count: int, record: Path | None = None) -> dict:
     """Wall time of a tool in its own process; with ``record`` also its own images/s (scan.json)."""
-    usage = run_measured([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with tempfile.TemporaryFile("w+") as errors:
+        usage = run_measured([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=errors)
+        if usage["returncode"] not in (0, 1):  # 1: done, with error rows (counted)
+            errors.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed:\n{errors.read()[-3000:]}")
     seconds = usage["wall_s"]
-    if usage["returncode"] not in (0, 1):  # 1: done, with error rows (counted)
-        raise SystemExit(f"{' '.join(command)} failed with exit code {usage['returncode']}")
     result = {
         "images": count,
         "seconds": seconds,

@@ -20,6 +20,7 @@ Exit codes: 0 done; 1 done, with undecodable training images left out (listed in
 summary); 2 a bad argument or config (nothing written).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def main() -> int:
         record = ranking.records[i]
         print(f"  {position:3d}. score {ranking.score[i]:+.3f}  {','.join(record.labels) or '(none)':20s} "
               f"{record.path}")
+    left_out = json.loads(files["summary"].read_text())["columns_left_out"]
+    if left_out:
+        print(f"left out of the ranking, the same for every image here: {', '.join(left_out)}")
     for name, path in files.items():
         print(f"{name}: {path}")
     return cli.EXIT_PARTIAL if recorded.undecodable else cli.EXIT_OK

@@ -5,9 +5,9 @@
 
 The run folder (default: work_dirs/<registry name>) must hold no other run's checkpoints:
 a second run needs another --work-dir, or --resume to continue the one there. Progress: a
-line every train.log_interval iterations (epoch, each loss term, lr, images/s, memory), a
-validation line per epoch, a progress line while the best checkpoint is evaluated; --quiet
-keeps only the validation lines and the final report.
+line every train.log_interval iterations (epoch, each loss term, lr, images/s, time left,
+memory), a validation line per epoch, a progress line while the best checkpoint is
+evaluated; --quiet keeps only the validation lines and the final report.
 
 Exit codes: 0 trained and evaluated; 1 the same, with undecodable images skipped (counted,
 listed in summary.json and eval/metrics.json); 2 a bad registry, data or run folder (the

@@ -32,12 +32,13 @@ M_MMAP_THRESHOLD = -3
 # over after a run's largest phase does not stay with the process for good.
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = 256 << 20
+FALLBACK_MMAP_THRESHOLD = 32 << 20  # the largest glibc before 2.26 accepts (HEAP_MAX_SIZE / 2)
 
 _state: str | None = None
 
 
 def state() -> str:
-    """``tuned``, ``system`` (switched off by the user) or ``unavailable: <why>``."""
+    """``tuned``, ``partly tuned``, ``system`` (switched off by the user) or ``unavailable: <why>``."""
     return _state or "not applied"
 
 
@@ -48,14 +49,22 @@ def configure() -> str:
         return _state
     if os.environ.get(SWITCH, "").lower() in ("system", "off", "0"):
         _state = "system"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        _state = "unavailable: not glibc"  # other allocators do not have glibc's mmap churn
+    elif platform.system() != "Linux":
+        _state = "unavailable: not Linux"  # other systems' allocators do not have glibc's mmap churn
+    elif platform.libc_ver()[0] != "glibc":
+        _state = "unavailable: not glibc"
+        _hint("this C library is not glibc, so waterdrop cannot tune its malloc; preloading jemalloc or tcmalloc "
+              "(LD_PRELOAD) can")
     else:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        applied = (libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD))
-                   and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD)))
-        _state = "tuned" if applied else "unavailable: mallopt refused"
-        if not applied:
-            print(f"waterdrop: glibc refused the malloc settings; CPU training may run ~1.5x slower "
-                  f"(set {SWITCH}=system to silence this)", file=sys.stderr)
+        mmap = any(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(v)) for v in (MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD))
+        trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD))
+        _state = "tuned" if mmap and trim else "partly tuned" if mmap or trim else "unavailable: mallopt refused"
+        if _state != "tuned":
+            _hint(f"glibc refused {'a' if mmap or trim else 'the'} malloc setting")
     return _state
+
+
+def _hint(why: str) -> None:
+    print(f"waterdrop: {why}; CPU training may run about 1.5x slower (set {SWITCH}=system to silence this)",
+          file=sys.stderr)

@@ -28,7 +28,7 @@ def is_quiet() -> bool:
     return _quiet
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60:02d}:{seconds % 60:02d}"
@@ -89,9 +89,9 @@ class Progress:
             parts.append(f"{self.done} {self.unit}")
         slow = 0 < rate < 1  # "12.0 s per epoch" reads better than "0.1 epochs/s"
         parts.append(f"{1 / rate:.1f} s per {self.unit.rstrip('s')}" if slow else f"{rate:.1f} {self.unit}/s")
-        parts.append(f"elapsed {_clock(elapsed)}")
+        parts.append(f"elapsed {clock(elapsed)}")
         if self.total and rate > 0 and self.done < self.total:
-            parts.append(f"left ~{_clock((self.total - self.done) / rate)}")
+            parts.append(f"left ~{clock((self.total - self.done) / rate)}")
         if self.failed:
             parts.append(f"{self.failed} failed")
         return "  ".join(parts)

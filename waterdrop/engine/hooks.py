@@ -99,10 +99,14 @@ class WaterdropHook(Hook):
         iters = len(runner.train_dataloader)
         if ((batch_idx + 1) % self.log_interval == 0 or batch_idx + 1 == iters) and not progress.is_quiet():
             losses = "  ".join(f"{k} {self._sums[k] / self._counts[k]:.4f}" for k in sorted(self._sums))
-            speed = self._images / max(time.perf_counter() - self._start, 1e-9)
+            elapsed = max(time.perf_counter() - self._start, 1e-9)
+            speed = self._images / elapsed
             lr = max(runner.optim_wrapper.get_lr()["lr"])  # the heads' rate; the trunk's may be lower
+            # Training time left at this epoch's pace (validation not counted).
+            iters_left = iters - batch_idx - 1 + (runner.max_epochs - runner.epoch - 1) * iters
+            left = progress.clock(iters_left * elapsed / (batch_idx + 1))
             self.print(f"epoch {runner.epoch + 1}/{runner.max_epochs}  iter {batch_idx + 1}/{iters}  {losses}  "
-                       f"lr {lr:.2e}  {speed:.1f} img/s  {_memory()}", flush=True)
+                       f"lr {lr:.2e}  {speed:.1f} img/s  left ~{left}  {_memory()}", flush=True)
 
     def after_train_epoch(self, runner) -> None:
         # Under DDP each rank decoded its own share of the batches: sum the skips over ranks.
