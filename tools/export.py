@@ -25,6 +25,7 @@ from waterdrop.data.dataset import DataError
 from waterdrop.engine.checkpoint import RunFolderError, best_checkpoint, load_net, recorded_thresholds
 from waterdrop.evaluation.evaluate import evaluate, thresholds_of
 from waterdrop.export import PARITY_TOLERANCE, export_onnx
+from waterdrop.progress import Progress
 
 
 def choose_thresholds(given: str | None, checkpoint: Path, meta: dict, net, cfg) -> tuple[dict, str]:
@@ -63,7 +64,10 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
     print(f"thresholds from {source}")
-    parity = export_onnx(net, cfg, thresholds, output, args.opset, cam=args.cam)
+    with Progress("export: tracing, writing and checking against PyTorch", total=1, unit="models",
+                  announce=True) as meter:
+        parity = export_onnx(net, cfg, thresholds, output, args.opset, cam=args.cam)
+        meter.update(1)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     print(f"parity with PyTorch at batch 1 and 3 (max abs diff, limit {PARITY_TOLERANCE}):")
     for name, diff in parity.items():
