@@ -123,7 +123,7 @@ def main() -> int:
     args = cli.start(parser.parse_args())
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     try:
         checkpoint = best_checkpoint(cli.check_run(args.run))
         cli.check_exists(args.images, "image or folder")

@@ -6,7 +6,7 @@ Writes <run folder>/model.onnx by default (model.cam.onnx with --cam); an existi
 refused unless --overwrite. Thresholds come from --thresholds, else from <run
 folder>/eval/thresholds.json (training writes it), else from the checkpoint (runs recorded
 before thresholds moved beside it); if none exists the checkpoint is evaluated first to
-choose them, into <run folder>/eval.
+choose them, into <run folder>/eval (eval-2, ... when eval holds other files).
 
 Exit codes: 0 written; 2 a bad argument (nothing written).
 

@@ -57,7 +57,7 @@ def main() -> int:
     settings = O2USettings(normal, args.cycles, args.cycle_epochs, args.lr_max, args.lr_min)
     try:
         cli.check_registry(args.registry)
-        phases = settings.phases(1.0)  # refuses meaningless settings before anything runs
+        settings.phases(1.0)  # refuses meaningless settings before anything is loaded
         base = cli.run_folder(cli.check_run(args.start)) if args.start else Path("work_dirs")
         out = cli.output_path(args.out, base / "noisy" / args.task, args.overwrite)
         if args.start:

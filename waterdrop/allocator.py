@@ -18,7 +18,6 @@ processes and Ray actors. ``WATERDROP_MALLOC=system`` keeps glibc's defaults.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import sys
@@ -56,7 +55,7 @@ def configure() -> str:
         _hint("this C library is not glibc, so waterdrop cannot tune its malloc; preloading jemalloc or tcmalloc "
               "(LD_PRELOAD) can")
     else:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: the glibc it runs on, no library search
         mmap = any(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(v)) for v in (MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD))
         trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD))
         _state = "tuned" if mmap and trim else "partly tuned" if mmap or trim else "unavailable: mallopt refused"

@@ -137,7 +137,7 @@ def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0
                 meter.update(1)
             except ImageDecodeError as err:
                 bad.append(str(err))
-                meter.failed += 1
+                meter.update(0, failed=1)
     if not images:
         raise ValueError(f"none of the {len(paths)} calibration images could be decoded")
     return np.stack(images), bad
@@ -191,7 +191,8 @@ def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
             batch = to_model_input(images, size)
             for name, predictor in predictors.items():
                 scores[name].append(predictor.session.run([output], {"image": batch})[0])
-        meter.update(min(batch_size, len(paths) - start), failed=min(batch_size, len(paths) - start) - len(images))
+        tried = min(batch_size, len(paths) - start)
+        meter.update(tried, failed=tried - len(images))
     meter.close()
     if not kept:
         raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")

@@ -314,7 +314,7 @@ def _scan(name: str, split: int, source: Path, report: CleaningReport, min_pixel
             image = read_image(item["image"])
         except ImageDecodeError as err:
             report.add(Flag(name, item["image"], "undecodable", message=str(err)))
-            meter.failed += 1
+            meter.update(0, failed=1)
             continue
         shape = image.shape[:2]
         box = (0, shape[0], 0, shape[1]) if border_tolerance is None else border_box(image, border_tolerance)

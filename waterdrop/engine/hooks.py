@@ -87,6 +87,10 @@ class WaterdropHook(Hook):
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._start, self._images = time.perf_counter(), 0
 
+    def _elapsed(self) -> float:
+        """Seconds since this epoch's first batch."""
+        return max(time.perf_counter() - self._start, 1e-9)
+
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         self._model(runner).epoch_progress = runner.epoch + batch_idx / len(runner.train_dataloader)
 
@@ -99,7 +103,7 @@ class WaterdropHook(Hook):
         iters = len(runner.train_dataloader)
         if ((batch_idx + 1) % self.log_interval == 0 or batch_idx + 1 == iters) and not progress.is_quiet():
             losses = "  ".join(f"{k} {self._sums[k] / self._counts[k]:.4f}" for k in sorted(self._sums))
-            elapsed = max(time.perf_counter() - self._start, 1e-9)
+            elapsed = self._elapsed()
             speed = self._images / elapsed
             lr = max(runner.optim_wrapper.get_lr()["lr"])  # the heads' rate; the trunk's may be lower
             # Training time left at this epoch's pace (validation not counted).
@@ -116,7 +120,7 @@ class WaterdropHook(Hook):
             for task, path in paths:
                 self.skipped[task].add(path)
         row = {"epoch": runner.epoch + 1, "lr": max(runner.optim_wrapper.get_lr()["lr"]),
-               "images_per_s": round(self._images / max(time.perf_counter() - self._start, 1e-9), 2),
+               "images_per_s": round(self._images / self._elapsed(), 2),
                "skipped_images": epoch_skipped, "nonfinite_batches": self._model(runner).nonfinite_batches}
         row.update({k: self._sums[k] / self._counts[k] for k in sorted(self._sums)})
         self.rows.append(row)

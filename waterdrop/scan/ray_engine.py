@@ -129,7 +129,9 @@ def scan_ray(
     """
     ray = import_ray()
     # Ray's own INFO lines (start-up, Dataset plans, progress logged every 10 s when stderr is
-    # not a terminal) would bury the scan's one progress line; warnings and errors still show.
+    # not a terminal) would bury the scan's one progress line. The driver still shows Ray's
+    # warnings and errors; actors' own output stays in Ray's log files, and an actor's
+    # exception still fails the scan with its traceback.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
         ray.init(address=address, ignore_reinit_error=True, **quiet)
