@@ -140,8 +140,8 @@ def build(name: str, folder: Path, calibration_count: int, eval_images: int | No
     for suffix in ("", "_stacked"):
         files[f"fp32{suffix}"] = str(folder / f"model{suffix}.onnx")
         if suffix:  # the export before issue 12: the stacked batch, no convolution copies
-            with mock.patch.object(type(net), "forward_all", lambda self, images, stack_tasks=True:
-                                   forward_all(self, images, True)), \
+            with mock.patch.object(type(net), "forward_all", lambda self, images, stack_tasks=True, cams=False:
+                                   forward_all(self, images, True, cams)), \
                     mock.patch("waterdrop.export._unshare_convolutions", lambda model: 0):
                 export_onnx(net, cfg, thresholds, files["fp32_stacked"])
         else:

@@ -89,7 +89,7 @@ def test_labels_from_text_file(registry_file):
     tasks = registry_file.parent / "tasks"
     (tasks / "tags.txt").write_text("sky\ncloud\n\ngrass\n")
     _edit(tasks / "scene_tags.yaml",
-          lambda t: t.update(labels="tags.txt", relations=None, deploy={"target": {"recall": 0.9}}))
+          lambda t: t.update(labels="tags.txt", relations=None, detector=None, deploy={"target": {"recall": 0.9}}))
     assert load_registry(registry_file).tasks[-1].labels == ["sky", "cloud", "grass"]
 
 
@@ -109,9 +109,12 @@ def test_heads_are_registered_by_their_modules():
 
 def test_a_run_recorded_before_a_new_config_key_still_resumes(registry_file, tmp_path):
     cfg = load_registry(registry_file)
-    old = config_to_dict(cfg)
-    for task in old["tasks"]:
-        del task["loss_prediction"]  # what a checkpoint written before that key holds
+    old = {**config_to_dict(cfg), "snapshot_format": 2}
+    for task in old["tasks"]:  # what a checkpoint written before loss prediction and feature settings holds
+        features = task.pop("features")
+        task.update(cascade=None, mean_teacher=None)
+        if "detector" in features:
+            task["head_args"] = {**task["head_args"], "detector": features["detector"]}
     assert config_to_dict(config_from_dict(old)) == config_to_dict(cfg)
     run = tmp_path / "run"
     run.mkdir()

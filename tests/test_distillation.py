@@ -14,10 +14,10 @@ import yaml
 from tests.conftest import edit_task, edit_train, write_registry
 from waterdrop.config import ConfigError, config_to_dict, load_registry
 from waterdrop.data.dataset import collate
-from waterdrop.data.loaders import task_dataset
-from waterdrop.engine.distillation import Distiller, bernoulli_kl, divergence, soft_probabilities
+from waterdrop.data.loaders import DataNeeds, task_dataset
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import run_training
+from waterdrop.features.distillation import Distillation, bernoulli_kl, divergence, soft_probabilities
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -65,8 +65,7 @@ def test_temperature_softens_the_logits_of_every_head_kind(registry_file):
         outputs = head(feats[t])
         soft = soft_probabilities(head, outputs, 4.0)
         expected = head.predict(dict(outputs, logits=outputs["logits"] / 4.0))
-        key = "tag_prob" if "tag_prob" in expected else "prob"  # the detector's fusion is not taught
-        assert torch.allclose(soft["prob"], expected[key].reshape(2, -1))
+        assert torch.allclose(soft["prob"], expected["prob"].reshape(2, -1))  # a detector's assist is not taught
         if "subclass_prob" in expected:
             assert torch.allclose(soft["subclass_prob"], expected["subclass_prob"])
 
@@ -77,19 +76,20 @@ def test_student_gets_a_term_per_task_and_never_holds_the_teacher(registry_file,
     edit_train(registry_file, distillation={"teacher": teacher, "weight": 0.5, "temperature": 2.0,
                                             "tasks": {"thriller": {"weight": 0}}})
     model = WaterdropModel(load_registry(registry_file)).train()
-    teacher_buffers = [b.clone() for b in model.distiller.teacher.buffers()]
+    distillation = model.features["distillation"]
+    teacher_buffers = [b.clone() for b in distillation.teacher.buffers()]
     losses = model(*_batch(), mode="loss")
     # The teacher stays in eval mode: its BatchNorm statistics do not follow the student's batches.
-    assert all(torch.equal(a, b) for a, b in zip(teacher_buffers, model.distiller.teacher.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(teacher_buffers, distillation.teacher.buffers()))
     assert {k for k in losses if "distill" in k} == {"disgusting.loss_distill", "scene_tags.loss_distill"}
     assert all(losses[k] > 0 for k in ("disgusting.loss_distill", "scene_tags.loss_distill"))
     sum(v for k, v in losses.items() if "loss" in k).backward()
-    assert all(p.grad is None for p in model.distiller.teacher.parameters())
+    assert all(p.grad is None for p in distillation.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.heads["disgusting"].parameters())
     # Not a sub-module: not in the state dict, so not in checkpoints or exports.
     assert model.state_dict().keys() == plain.state_dict().keys()
-    assert all(not k.startswith("distiller") for k in model.state_dict())
-    assert model.distiller.teacher not in list(model.modules())
+    assert all("distillation" not in k for k in model.state_dict())
+    assert distillation.teacher not in list(model.modules())
 
 
 def test_term_matches_the_divergence_of_both_networks_by_hand(registry_file, tmp_path, demo_root):
@@ -104,7 +104,7 @@ def test_term_matches_the_divergence_of_both_networks_by_hand(registry_file, tmp
         rows = slice(0, 2)
         with torch.no_grad():
             ours = model.net.heads["disgusting"](model.net.features_per_task(images[rows])[0])
-            theirs_net = model.distiller.teacher
+            theirs_net = model.features["distillation"].teacher
             theirs = theirs_net.heads["disgusting"](theirs_net.features_per_task(images[rows])[0])
         p = soft_probabilities(theirs_net.heads["disgusting"], theirs, 2.0)
         q = soft_probabilities(model.net.heads["disgusting"], ours, 2.0)
@@ -167,29 +167,30 @@ def test_a_larger_teacher_sees_the_same_crop_at_its_own_size(registry_file, tmp_
     cfg = load_registry(registry_file)
     net = MultiTaskNet(cfg)
     random.seed(0)
-    dataset = task_dataset(cfg, net, 0, "train", augment=True, teacher_size=96)
+    dataset = task_dataset(cfg, net, 0, "train", augment=True, needs=DataNeeds(view_size=96))
     samples = [dataset[i] for i in range(3)]
     for sample in samples:
-        assert sample["image"].shape == (3, 64, 64) and sample["teacher_image"].shape == (3, 96, 96)
-        shrunk = cv2.resize(sample["teacher_image"].transpose(1, 2, 0), (64, 64), interpolation=cv2.INTER_AREA)
+        assert sample["image"].shape == (3, 64, 64) and sample["large_image"].shape == (3, 96, 96)
+        shrunk = cv2.resize(sample["large_image"].transpose(1, 2, 0), (64, 64), interpolation=cv2.INTER_AREA)
         np.testing.assert_array_equal(shrunk.transpose(2, 0, 1), sample["image"])
-    assert collate(samples, cfg.task_names)["teacher_inputs"].shape == (3, 3, 96, 96)
-    smaller = task_dataset(cfg, net, 0, "train", augment=True, teacher_size=48)[0]
-    assert "teacher_image" not in smaller and smaller["image"].shape == (3, 64, 64)
+    assert collate(samples, cfg.task_names)["large_inputs"].shape == (3, 3, 96, 96)
+    smaller = task_dataset(cfg, net, 0, "train", augment=True, needs=DataNeeds(view_size=48))[0]
+    assert "large_image" not in smaller and smaller["image"].shape == (3, 64, 64)
     # A task the teacher does not teach has no view; its row of the batch is a blank, never read.
     untaught = task_dataset(cfg, net, 1, "train", augment=True)[0]
-    mixed = collate([samples[0], untaught], cfg.task_names)["teacher_inputs"]
+    mixed = collate([samples[0], untaught], cfg.task_names)["large_inputs"]
     assert mixed.shape == (2, 3, 96, 96) and not mixed[1].any()
     # A training run hands the views to the teacher.
     seen = []
-    original = Distiller.losses
+    original = Distillation.loss_terms
 
-    def recording(self, images, *args):
-        seen.append(None if args[-1] is None else tuple(args[-1].shape[-2:]))
-        return original(self, images, *args)
+    def recording(self, batch):
+        views = batch.extras.get("large_inputs")
+        seen.append(None if views is None else tuple(views.shape[-2:]))
+        return original(self, batch)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Distiller, "losses", recording)
+        patch.setattr(Distillation, "loss_terms", recording)
         run_training(registry_file, tmp_path / "run", printer=lambda *a, **k: None)
     assert seen and set(seen) == {(96, 96)}
 
@@ -200,10 +201,10 @@ def test_the_teacher_scores_its_own_views_and_cutmix_pastes_the_same_rectangle(r
     model = WaterdropModel(load_registry(registry_file)).eval()
     images, task_index, targets = _batch()
     views = torch.randint(0, 256, (6, 3, 96, 96), generator=torch.Generator().manual_seed(5)).float()
-    losses = model(images, task_index, targets, mode="loss", teacher_inputs=views)
+    losses = model(images, task_index, targets, mode="loss", large_inputs=views)
     with torch.no_grad():
         ours = model.net.heads["disgusting"](model.net.features_per_task(images[:2])[0])
-        theirs_net = model.distiller.teacher
+        theirs_net = model.features["distillation"].teacher
         theirs = theirs_net.heads["disgusting"](theirs_net.features_per_task(views[:2])[0])
     p = soft_probabilities(theirs_net.heads["disgusting"], theirs, 2.0)
     q = soft_probabilities(model.net.heads["disgusting"], ours, 2.0)
@@ -217,8 +218,9 @@ def test_the_teacher_scores_its_own_views_and_cutmix_pastes_the_same_rectangle(r
     levels = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1) * 40
     same_task, targets = torch.zeros(6, dtype=torch.long), {"disgusting": torch.tensor([0, 1, 2, 0, 1, 2])}
     torch.manual_seed(3)
-    mixed, mixes, mixed_views = model._cutmix(levels.expand(6, 3, 64, 64), same_task, targets,
-                                              levels.expand(6, 3, 96, 96))
+    mixed, mixes, extras = model._cutmix(levels.expand(6, 3, 64, 64), same_task, targets,
+                                         {"large_inputs": levels.expand(6, 3, 96, 96)})
+    mixed_views = extras["large_inputs"]
     assert "disgusting" in mixes
     shrunk = F.interpolate(mixed_views, size=(64, 64), mode="nearest")
     pasted = []

@@ -45,7 +45,7 @@ def poisoned(self, *args, **kwargs):
 WaterdropModel._losses = poisoned
 runner = build_runner(load_registry(sys.argv[1]), sys.argv[2], launcher="pytorch")
 model = runner.model.module
-teacher_before = [p.detach().clone() for p in model.teacher.parameters()]
+teacher_before = [p.detach().clone() for p in model.deployed.parameters()]
 runner.train()
 rank = dist.get_rank()
 report = {
@@ -54,8 +54,8 @@ report = {
     "seen_skips": sorted(set(seen_skips)),
     "steps": len(calls),
     "nonfinite": model.nonfinite_batches,
-    "teacher_changed": any(not torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters())),
-    "teacher_sum": float(sum(p.double().sum() for p in model.teacher.parameters())),
+    "teacher_changed": any(not torch.equal(a, b) for a, b in zip(teacher_before, model.deployed.parameters())),
+    "teacher_sum": float(sum(p.double().sum() for p in model.deployed.parameters())),
     "student_sum": float(sum(p.double().sum() for p in model.net.parameters())),
 }
 with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:

@@ -168,8 +168,9 @@ def test_every_recipe_trains_evaluates_and_exports_together(registry_file, demo_
     edit_task(registry_file, "scene_tags", labels=list(reversed(load_registry(registry_file).tasks[2].labels)))
     net, cfg, meta = load_net(best_checkpoint(tmp_path / "run"))
     assert cfg.tasks[2].labels == list(report["scene_tags"]["labels"]) and cfg.tasks[2].relations is not None
-    assert cfg.tasks[0].mean_teacher is not None and cfg.tasks[1].cascade is not None
-    assert cfg.tasks[1].loss_prediction.levels == [-2, -1] and not cfg.tasks[1].loss_prediction.detach
+    assert "mean_teacher" in cfg.tasks[0].features and "cascade" in cfg.tasks[1].features
+    lossprediction = cfg.tasks[1].features["loss_prediction"]
+    assert lossprediction.levels == [-2, -1] and not lossprediction.detach
     with pytest.raises(ValueError, match="differs"):
         load_net(best_checkpoint(tmp_path / "run"), registry_file)
     assert (tmp_path / "run" / "config" / "resolved.json").is_file()

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from tests.conftest import add_task, edit_task, write_registry
 from tests.test_export_runtime import NO_TORCH
 from waterdrop.config import config_to_dict, load_registry
+from waterdrop.contract import METADATA_KEY
 from waterdrop.explain import grad_cam, grad_cams, normalize_maps
-from waterdrop.export import METADATA_KEY, DeployGraph, export_onnx
+from waterdrop.export import DeployGraph, export_onnx
 from waterdrop.model.cbam import CBAM
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.task_bn import TaskBatchNorm
@@ -213,20 +214,20 @@ def test_grad_cam_goes_through_the_tasks_own_batchnorm_copies(built):
 def test_cascade_stage_two_is_explained_by_the_second_network(built):
     net, _, _ = built
     batch = images(2, seed=4)
-    cascade = net.cascades["thriller"]
+    cascade = net.features["cascade"].per_task["thriller"]
     first, _ = grad_cam(net, batch, "thriller", stage=1)
     second, scores = grad_cam(net, batch, "thriller", stage=2)
     assert second.shape == (2, 64, 64) and not torch.allclose(first, second, atol=1e-3)
     with torch.no_grad():
-        logits = cascade(net.normalize(batch))["logits"]
+        logits = cascade.head(cascade.trunk(net.normalize(batch)))["logits"]
     torch.testing.assert_close(scores, logits[:, 1:].logsumexp(dim=1) - logits[:, 0])
     # Changing the second network's head changes stage 2 only.
     changed = copy.deepcopy(net)
     with torch.no_grad():
-        changed.cascades["thriller"].head.fc.weight.mul_(-1)
+        changed.features["cascade"].per_task["thriller"].head.fc.weight.mul_(-1)
     torch.testing.assert_close(grad_cam(changed, batch, "thriller", stage=1)[0], first, atol=0, rtol=0)
     assert not torch.allclose(grad_cam(changed, batch, "thriller", stage=2)[0], second, atol=1e-3)
-    with pytest.raises(ValueError, match="task 'disgusting' has no cascade.*tasks with one: thriller"):
+    with pytest.raises(ValueError, match="task 'disgusting' has 1 stage.*tasks with a stage 2: thriller"):
         grad_cam(net, batch, "disgusting", stage=2)
 
 
@@ -264,9 +265,9 @@ def test_onnx_cams_match_pytorch_at_batch_one_and_three(built, exported):
         got = dict(zip(names, session.run(names, {"image": batch.numpy()})))
         with torch.no_grad():
             per_task = net.features_per_task(batch)
-            cascade = net.cascades["thriller"]
+            cascade = net.features["cascade"].per_task["thriller"]
             expected = {f"{t}.cam": net.heads[t].cam(feats) for t, feats in zip(net.task_names, per_task)}
-            expected["thriller.stage2_cam"] = cascade.head.cam(cascade.features(net.normalize(batch)))
+            expected["thriller.stage2_cam"] = cascade.head.cam(cascade.trunk(net.normalize(batch)))
         assert got["scene_tags.cam"].shape == (count, len(TAGS), 2, 2) and got["disgusting.cam"].shape == (count, 2, 2)
         for name in names:
             np.testing.assert_allclose(got[name], expected[name].numpy(), atol=1e-4, rtol=0)

@@ -13,7 +13,8 @@ import yaml
 
 from tests.conftest import bad_input_corpus, edit_task, huge_png, write_registry
 from waterdrop.config import load_registry
-from waterdrop.export import METADATA_KEY, DeployGraph, check_parity, export_onnx
+from waterdrop.contract import METADATA_KEY
+from waterdrop.export import DeployGraph, check_parity, export_onnx
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.task_bn import TaskBatchNorm
 

@@ -108,7 +108,7 @@ def test_a_fusion_teacher_teaches_a_plain_student(tmp_path, demo_root, registry_
                 "state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, checkpoint)
     edit_train(registry_file, distillation={"teacher": str(checkpoint)})
     model = WaterdropModel(load_registry(registry_file))
-    assert model.distiller.teacher.fusion is not None
+    assert model.features["distillation"].teacher.fusion is not None
     images = torch.randint(0, 256, (4, 3, 64, 64)).float()
     losses = model(images, torch.tensor([0, 0, 1, 1]), {"disgusting": torch.tensor([0, 1]),
                                                          "thriller": torch.tensor([2, 0])}, mode="loss")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from waterdrop.engine.model import _task_terms
+from waterdrop.model.head import mixed_terms
 from waterdrop.registry import registered_heads
 
 CHANNELS = [8, 16, 32]
@@ -76,4 +76,4 @@ def test_a_loss_term_mmengine_would_not_optimise_is_an_error():
     outputs, target = head(_feats(2)), torch.tensor([0, 1])
     head.loss = lambda out, tgt: {"aux_cls": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"BinaryHead.loss returned terms \['aux_cls'\].*logged but never optimised"):
-        _task_terms(head, outputs, target, None)
+        mixed_terms(head, outputs, target, None)

@@ -7,7 +7,8 @@ from tests.conftest import edit_task
 from waterdrop.config import ConfigError, config_from_dict, config_to_dict, load_registry
 from waterdrop.engine import model as engine_model
 from waterdrop.engine.model import WaterdropModel
-from waterdrop.model.loss_prediction import LossPredictionModule, ranking_loss
+from waterdrop.features import loss_prediction
+from waterdrop.features.loss_prediction import LossPredictionModule, ranking_loss
 from waterdrop.model.multitask import MultiTaskNet
 
 TERM = "disgusting.loss_lossprediction"
@@ -49,7 +50,7 @@ def test_term_is_trained_and_reaches_the_module_but_not_the_trunk(registry_file)
     losses = model(*_batch(), mode="loss")
     assert torch.isfinite(losses[TERM]) and losses[TERM] > 0
     losses[TERM].backward()
-    module = model.net.loss_predictors["disgusting"]
+    module = model.net.features["loss_prediction"].per_task["disgusting"]
     # Every weight learns (the output bias cancels in p_i - p_j, so only the weights are checked).
     assert all(p.grad is not None for p in module.parameters())
     assert all(p.grad.abs().sum() > 0 for n, p in module.named_parameters() if n.endswith("weight"))
@@ -72,7 +73,7 @@ def test_target_is_the_heads_detached_per_sample_loss_of_labeled_samples_under_c
     )
     model = WaterdropModel(load_registry(registry_file))
     seen = {}
-    original_terms, original_rank = engine_model._task_terms, engine_model.ranking_loss
+    original_terms, original_rank = engine_model.mixed_terms, loss_prediction.ranking_loss
 
     def terms(head, outputs, target, mix):
         seen["mixed"] = mix is not None
@@ -83,8 +84,8 @@ def test_target_is_the_heads_detached_per_sample_loss_of_labeled_samples_under_c
         seen.update(true_loss=true_loss, margin=margin, predicted=predicted)
         return original_rank(predicted, true_loss, margin)
 
-    monkeypatch.setattr(engine_model, "_task_terms", terms)
-    monkeypatch.setattr(engine_model, "ranking_loss", rank)
+    monkeypatch.setattr(engine_model, "mixed_terms", terms)
+    monkeypatch.setattr(loss_prediction, "ranking_loss", rank)
     images, task_index, targets = _batch()
     labeled = {"disgusting": torch.tensor([True, True, False, True, True, False])}
     losses = model(images, task_index, targets, mode="loss", labeled=labeled)
@@ -103,7 +104,7 @@ def test_works_beside_mean_teacher_and_cascade(registry_file):
     edit_task(registry_file, "disgusting", loss_prediction={}, mean_teacher={"rampup_epochs": 0})
     edit_task(registry_file, "thriller", loss_prediction={}, cascade={"backbone": "test_resnet", "hard_per_batch": 2})
     model = WaterdropModel(load_registry(registry_file))
-    assert "disgusting" in model.teacher.loss_predictors  # the EMA copy carries the module along
+    assert "disgusting" in model.deployed.features["loss_prediction"].per_task  # the EMA copy carries the module along
     images = torch.randint(0, 256, (8, 3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
     task_index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     targets = {"disgusting": torch.tensor([0, 1, 2, 0]), "thriller": torch.tensor([0, 1, 0, 2])}
@@ -128,9 +129,9 @@ def test_forward_all_reads_each_tasks_own_branch_like_forward_tasks(registry_fil
 @pytest.mark.parametrize(
     ("value", "key", "words"),
     [
-        ({"levels": "deep"}, "loss_prediction.levels", "distinct feature-level indices"),
-        ({"levels": []}, "loss_prediction.levels", "non-empty list"),
-        ({"levels": [1, 1]}, "loss_prediction.levels", "distinct"),
+        ({"levels": "deep"}, "loss_prediction.levels", "a list of feature levels in 0..4"),
+        ({"levels": []}, "loss_prediction.levels", "each named once"),
+        ({"levels": [1, 1]}, "loss_prediction.levels", "each named once"),
         ({"hidden": 0}, "loss_prediction.hidden", ">= 1"),
         ({"hidden": 2.5}, "loss_prediction.hidden", "an integer"),
         ({"margin": -1}, "loss_prediction.margin", ">= 0"),
@@ -148,18 +149,22 @@ def test_bad_settings_are_config_errors_naming_the_key(registry_file, value, key
 
 
 @pytest.mark.parametrize("levels", [[7], [4, -1]])
-def test_levels_the_backbone_lacks_are_refused_when_the_model_is_built(registry_file, levels):
+def test_levels_the_trunk_lacks_are_refused_when_the_registry_loads(registry_file, levels):
     edit_task(registry_file, "disgusting", loss_prediction={"levels": levels})
-    with pytest.raises(ConfigError, match="key 'loss_prediction.levels'.*feature levels 0..4"):
-        MultiTaskNet(load_registry(registry_file))
+    with pytest.raises(ConfigError, match="key 'loss_prediction.levels'.*feature levels in 0..4"):
+        load_registry(registry_file)
 
 
 def test_snapshot_keeps_the_setting_and_old_snapshots_mean_off(registry_file):
     edit_task(registry_file, "disgusting", loss_prediction={"hidden": 32, "margin": 0.5})
     cfg = load_registry(registry_file)
-    assert cfg.tasks[0].loss_prediction.levels == [-4, -3, -2, -1] and cfg.tasks[0].loss_prediction.detach
+    setting = cfg.tasks[0].features["loss_prediction"]
+    assert setting.levels == [-4, -3, -2, -1] and setting.detach
     snapshot = config_to_dict(cfg)
-    assert config_from_dict(snapshot).tasks[0].loss_prediction == cfg.tasks[0].loss_prediction
-    for task in snapshot["tasks"]:
-        del task["loss_prediction"]
-    assert config_from_dict(snapshot).tasks[0].loss_prediction is None
+    assert config_from_dict(snapshot).tasks[0].features["loss_prediction"] == setting
+    old = {**snapshot, "snapshot_format": 2,
+           "tasks": [{**{k: v for k, v in task.items() if k != "features"}, "cascade": None, "mean_teacher": None}
+                     for task in snapshot["tasks"]]}
+    assert "loss_prediction" not in config_from_dict(old).tasks[0].features  # written before the key existed
+    old["tasks"][0]["loss_prediction"] = snapshot["tasks"][0]["features"]["loss_prediction"]
+    assert config_from_dict(old).tasks[0].features["loss_prediction"] == setting

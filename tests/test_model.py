@@ -31,8 +31,7 @@ def test_stacked_inference_equals_per_sample_routing(registry_file):
     with torch.no_grad():
         stacked = net.forward_all(images)
         for t, name in enumerate(net.task_names):
-            head = net.heads[name]
-            routed = head.predict(net.forward_tasks(images, torch.full((3,), t))[name])
+            routed = net.task_predictions(name, net.forward_tasks(images, torch.full((3,), t))[name])
             for key, value in routed.items():
                 torch.testing.assert_close(stacked[f"{name}.{key}"], value, atol=1e-5, rtol=1e-5)
 
@@ -102,7 +101,7 @@ def test_cbam_starts_as_identity_and_its_attention_only_scales_down():
 
 
 def test_bad_stage_index_and_unknown_backbone_are_config_errors(tmp_path, demo_root):
-    with pytest.raises(ConfigError, match="task_bn_stages.*feature levels 0..4"):
+    with pytest.raises(ConfigError, match="task_bn_stages.*feature levels in 0..4"):
         MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, task_bn_stages=[7])))
     with pytest.raises(ConfigError, match="unknown timm backbone 'resnet_nope'"):
         MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone="resnet_nope")))
@@ -144,6 +143,6 @@ def test_the_cascade_trunk_starts_from_the_registry_weights_and_cbam(tmp_path, d
     registry = write_registry(tmp_path, demo_root, pretrained=str(weights), cbam="stages")
     edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 4})
     net = MultiTaskNet(load_registry(registry))
-    second = net.cascades["thriller"].trunk
+    second = net.features["cascade"].per_task["thriller"].trunk
     torch.testing.assert_close(second.levels[1].layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     assert any(isinstance(m, CBAM) for m in second.modules())

@@ -15,8 +15,10 @@ from waterdrop.config import AugmentConfig, ConfigError, config_to_dict, load_re
 from waterdrop.data.dataset import TrainTransform, distort_color, erase_random_rectangle, rotate
 from waterdrop.data.sampler import BalancedStream, MultiTaskBatchSampler, PlainStream, WithUnlabeled
 from waterdrop.engine.checkpoint import load_net
-from waterdrop.engine.model import WaterdropModel, _task_terms, rampup
+from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import build_runner
+from waterdrop.features.mean_teacher import rampup
+from waterdrop.model.head import mixed_terms
 from waterdrop.registry import registered_heads
 
 BinaryHead = registered_heads()["BinaryHead"]
@@ -153,7 +155,7 @@ def test_cutmix_pastes_a_rectangle_and_weighs_both_targets_by_area(registry_file
     images = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1).expand(4, 3, 32, 32).clone()
     targets = {"disgusting": torch.tensor([0, 1, 2, 3])}
     torch.manual_seed(1)
-    mixed, mixes, _ = model._cutmix(images, torch.tensor([0, 0, 0, 0]), targets)
+    mixed, mixes, _ = model._cutmix(images, torch.tensor([0, 0, 0, 0]), targets, {})
     second_target, lam = mixes["disgusting"]
     for row in range(4):
         values = mixed[row, 0].unique().tolist()
@@ -163,9 +165,9 @@ def test_cutmix_pastes_a_rectangle_and_weighs_both_targets_by_area(registry_file
         assert pasted == pytest.approx(0 if source == row else 1 - lam, abs=1e-6)
     head = model.net.heads["disgusting"]
     outputs = head(_feats(4, channels=head.in_channels[-1]))
-    mixed_terms = _task_terms(head, outputs, targets["disgusting"], (second_target, lam))
+    terms = mixed_terms(head, outputs, targets["disgusting"], (second_target, lam))
     first, second = head.loss(outputs, targets["disgusting"]), head.loss(outputs, second_target)
-    torch.testing.assert_close(mixed_terms["loss_focal"], lam * first["loss_focal"] + (1 - lam) * second["loss_focal"])
+    torch.testing.assert_close(terms["loss_focal"], lam * first["loss_focal"] + (1 - lam) * second["loss_focal"])
 
 
 # --- OHEM cascade --------------------------------------------------------------------
@@ -178,8 +180,9 @@ def test_cascade_trains_on_the_highest_loss_samples_only(registry_file):
     model.net.heads["disgusting"].loss = lambda outputs, target: {"loss_cls": per_sample * outputs["logits"].sum() * 0
                                                                  + per_sample}
     seen = []
-    original = model.net.run_cascade
-    model.net.run_cascade = lambda name, images: seen.append(images[:, 0, 0, 0].tolist()) or original(name, images)
+    cascade = model.net.features["cascade"]
+    original = cascade._run
+    cascade._run = lambda task, images, cams=False: seen.append(images[:, 0, 0, 0].tolist()) or original(task, images)
     images = torch.arange(5, dtype=torch.float).view(5, 1, 1, 1).expand(5, 3, 64, 64).clone()
     losses = model(images, torch.zeros(5, dtype=torch.long), {"disgusting": torch.tensor([0, 1, 0, 2, 0])},
                    mode="loss")
@@ -200,8 +203,9 @@ def test_mean_teacher_ema_consistency_and_unlabeled_masking(registry_file, tmp_p
     edit_task(registry_file, "disgusting", mean_teacher={"ema_decay": 0.9, "rampup_epochs": 0})
     cfg = load_registry(registry_file)
     model = WaterdropModel(cfg)
-    assert not any(p.requires_grad for p in model.teacher.parameters())
-    assert model.deployed is model.teacher
+    teacher = model.features["mean_teacher"].teacher
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert model.deployed is teacher and model.deployed_prefix() == "features.mean_teacher.teacher."
     images = torch.randint(0, 256, (4, 3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
     batch = {"inputs": images, "inputs2": images.flip(3), "task_index": torch.zeros(4, dtype=torch.long),
              "targets": {"disgusting": torch.tensor([1, 0, 0, 0])},
@@ -213,17 +217,18 @@ def test_mean_teacher_ema_consistency_and_unlabeled_masking(registry_file, tmp_p
     torch.testing.assert_close(losses["disgusting.loss_focal"], alone["disgusting.loss_focal"])
 
     model.train()
-    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    teacher_before = [p.clone() for p in teacher.parameters()]
     wrapper = OptimWrapper(torch.optim.SGD(model.net.parameters(), lr=0.1))
     model.train_step(batch, wrapper)
     decay = min(0.9, 2 / 11)
-    for before, teacher, student in zip(teacher_before, model.teacher.parameters(), model.net.parameters()):
-        torch.testing.assert_close(teacher, decay * before + (1 - decay) * student, atol=1e-6, rtol=1e-5)
+    for before, after, student in zip(teacher_before, teacher.parameters(), model.net.parameters()):
+        torch.testing.assert_close(after, decay * before + (1 - decay) * student, atol=1e-6, rtol=1e-5)
     checkpoint = tmp_path / "epoch_1.pth"
     torch.save({"state_dict": model.state_dict(),
-                "meta": {"waterdrop": {"config": config_to_dict(load_registry(registry_file))}}}, checkpoint)
+                "meta": {"waterdrop": {"config": config_to_dict(load_registry(registry_file)),
+                                       "deployed": model.deployed_prefix()}}}, checkpoint)
     net, _, _ = load_net(checkpoint)
-    torch.testing.assert_close(next(net.parameters()), next(model.teacher.parameters()))
+    torch.testing.assert_close(next(net.parameters()), next(teacher.parameters()))
 
 
 def test_rampup_goes_from_near_zero_to_one():

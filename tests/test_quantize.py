@@ -16,7 +16,8 @@ import torch
 from tests.conftest import add_task, edit_task, write_registry
 from tests.test_export_runtime import NO_TORCH, distinct_task_norms
 from waterdrop.config import load_registry
-from waterdrop.export import METADATA_KEY, export_onnx
+from waterdrop.contract import METADATA_KEY
+from waterdrop.export import export_onnx
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.quantize import calibration_images, load_config, quantize, read_labeled, task_data_from_config
 from waterdrop.runtime import Predictor

@@ -12,9 +12,9 @@ from waterdrop.data.dataset import DataError, EvalTransform, TrainTransform, cro
 from waterdrop.data.loaders import build_datasets
 from waterdrop.data.sampler import RepeatFactorStream, repeat_factors
 from waterdrop.detection import detection_ap, nms
-from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import build_runner
 from waterdrop.evaluation.metrics import multilabel_report
+from waterdrop.features.detector import BoxEncoder
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.ssd import SSDHead
 from waterdrop.registry import registered_heads
@@ -178,38 +178,56 @@ def test_bad_boxes_in_a_manifest_name_the_line(registry_file, copy_demo):
         build_datasets(cfg, MultiTaskNet(cfg), "train")
 
 
-def test_detector_settings_are_checked(registry_file):
-    head_class = registered_heads()["MultiLabelHead"]
-    with pytest.raises(ValueError, match="detector.classes must be a non-empty list of this task's labels"):
-        head_class([8, 16, 32], ["a", "b"], "none", detector={"classes": ["c"]})
-    with pytest.raises(ValueError, match="detector.fusion must be one of max, mean, none"):
-        head_class([8, 16, 32], ["a", "b"], "none", detector={"classes": ["a"], "fusion": "vote"})
+@pytest.mark.parametrize(("detector", "key", "message"), [
+    ({"classes": ["cat"]}, "detector.classes", "non-empty list of this task's labels"),
+    ({"classes": ["ball"], "fusion": "vote"}, "detector.fusion", "one of max, mean, none"),
+    ({"classes": ["ball"], "levels": [7]}, "detector.levels", "feature levels in 0..4"),
+    ({"classes": ["ball"], "max_boxes": 0}, "detector.max_boxes", ">= 1"),
+    ({"classes": ["ball"], "nms": 0.5}, "detector.nms", "unknown key"),
+])
+def test_detector_settings_are_checked(registry_file, detector, key, message):
+    edit_task(registry_file, "scene_tags", detector=detector)
+    with pytest.raises(ConfigError, match=f"scene_tags.yaml: key '{key}'.*{message}"):
+        load_registry(registry_file)
+
+
+def test_detector_needs_a_multilabel_head_without_cutmix_and_left_the_head(registry_file):
     edit_task(registry_file, "scene_tags", augment={"cutmix": 0.5})
     with pytest.raises(ConfigError, match="cutmix cannot be used with a detector"):
-        WaterdropModel(load_registry(registry_file))
+        load_registry(registry_file)
+    edit_task(registry_file, "scene_tags", augment={"cutmix": 0.0}, head={"detector": {"classes": ["ball"]}})
+    with pytest.raises(ConfigError, match="key 'head.detector'.*move 'detector:' out of 'head:'"):
+        load_registry(registry_file)
+    edit_task(registry_file, "scene_tags", head={"detector": None})
+    edit_task(registry_file, "disgusting", detector={"classes": ["insects"]})
+    with pytest.raises(ConfigError, match="disgusting.yaml: key 'detector': needs a multi-label head"):
+        load_registry(registry_file)
 
 
-def test_an_unannotated_tag_does_not_teach_its_detector_class_background():
-    head = registered_heads()["MultiLabelHead"]([8, 16, 32], ["a", "b"], "none",
-                                                detector={"classes": ["a", "b"], "levels": [0, 1]})
-    feats = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 2, 2)]
-    # Image 0 has "a" missing (not annotated) and no boxes; image 1 is fully annotated, no objects.
-    tags = np.stack([head.encode_target([], ["a"]), head.encode_target([], [])])
-    boxes = np.stack([head.encode_boxes([], np.zeros((0, 4)))] * 2)
-    target = torch.from_numpy(np.concatenate([tags, boxes], axis=1))
-    outputs = head(feats)
+def test_an_unannotated_tag_does_not_teach_its_detector_class_background(registry_file):
+    edit_task(registry_file, "scene_tags", detector={"classes": ["glasses", "ball"], "levels": [1, 2]})
+    net = MultiTaskNet(load_registry(registry_file))
+    head, detector = net.heads["scene_tags"], net.features["detector"]
+    feats = [torch.randn(2, c, 4, 4) for c in net.channels]
+    # Image 0 has "glasses" missing (not annotated) and no boxes; image 1 is fully annotated, no objects.
+    target = torch.from_numpy(np.stack([head.encode_target([], ["glasses"]), head.encode_target([], [])]))
+    encode = BoxEncoder(["glasses", "ball"], 10)
+    boxes = torch.from_numpy(np.stack([encode([], np.zeros((0, 4)))] * 2))
+    outputs = net.task_outputs("scene_tags", feats, torch.zeros(2, 3, 64, 64))
     outputs["det_logits"].retain_grad()
-    head.loss(outputs, target)["loss_det"].sum().backward()
+    detector.sample_terms("scene_tags", outputs, target, {"boxes": boxes})["loss_det"].sum().backward()
     grad = outputs["det_logits"].grad
-    assert grad[0, :, 1].abs().max() == 0  # class "a" (logit 1 after background) of image 0: untouched
+    assert grad[0, :, 1].abs().max() == 0  # class "glasses" (logit 1 after background) of image 0: untouched
     assert grad[0, :, 2].abs().max() > 0 and grad[1, :, 1].abs().max() > 0
 
 
 def test_boxes_beyond_max_boxes_are_counted_and_reported(registry_file, tmp_path):
-    head = registered_heads()["MultiLabelHead"]([8, 16, 32], ["a", "b", "c"], "none",
-                                                detector={"classes": ["a", "b"], "max_boxes": 2})
-    assert head.boxes_beyond_limit(["a", "b", "a", "c"]) == 1 and head.boxes_beyond_limit(["a", "c"]) == 0
-    edit_task(registry_file, "scene_tags", head={"detector": {"classes": ["glasses", "ball"], "max_boxes": 1}})
+    encode = BoxEncoder(["a", "b"], 2)
+    assert encode.beyond_limit(["a", "b", "a", "c"]) == 1 and encode.beyond_limit(["a", "c"]) == 0
+    assert encode(["c", "a", "b", "a"], np.array([[0, 0, 1, 1], [0.1, 0.1, 0.2, 0.2], [0, 0, 0.5, 0.5],
+                                                  [0.3, 0.3, 0.4, 0.4]])).ravel().tolist() == pytest.approx(
+        [0, 0.1, 0.1, 0.2, 0.2, 1, 0, 0, 0.5, 0.5])
+    edit_task(registry_file, "scene_tags", detector={"classes": ["glasses", "ball"], "max_boxes": 1})
     cfg = load_registry(registry_file)
     dataset = build_datasets(cfg, MultiTaskNet(cfg), "train").datasets[2]
     expected = sum(max(0, len(classes) - 1) for classes, _ in dataset.boxes)

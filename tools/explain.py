@@ -41,7 +41,7 @@ import torch
 
 from waterdrop import cli
 from waterdrop.engine.checkpoint import best_checkpoint, load_net
-from waterdrop.explain import check_level, explained_parts, grad_cams, resolve_targets
+from waterdrop.explain import check_level, explained_parts, grad_cams, resolve_targets, stage_count
 from waterdrop.imageio import ImageDecodeError, decoded_images, to_model_input
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.overlay import UniqueStems, overlay, overlay_name, write_png
@@ -59,17 +59,17 @@ def plan(net: MultiTaskNet, task: str | None, label: str | None, stage: int | No
     for name in [task] if task else net.task_names:
         _, head, _ = explained_parts(net, name)
         if stage is None:
-            stages = [1, 2] if name in net.cascades else [1]
-        elif stage == 2 and task is None and name not in net.cascades:
-            continue  # --stage 2 over every task: the cascade tasks alone
+            stages = list(range(1, stage_count(net, name) + 1))
+        elif stage > 1 and task is None and stage_count(net, name) < stage:
+            continue  # --stage 2 over every task: the tasks with a second network alone
         else:
             stages = [stage]
         for each in stages:
-            trunk, _, _ = explained_parts(net, name, each)  # refuses stage 2 of a task without a cascade
+            trunk, _, _ = explained_parts(net, name, each)  # refuses a stage the task does not have
             check_level(trunk, level)
             jobs.append((name, each, resolve_targets(head, label)))
     if not jobs:
-        raise ValueError("no task has a cascade, so there is no stage 2 to explain")
+        raise ValueError(f"no task has a stage {stage} (a cascade's second network) to explain")
     return jobs
 
 

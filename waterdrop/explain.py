@@ -7,7 +7,8 @@ parameter receives a gradient, and in eval mode.
 
 Each task is explained through its own path: its BatchNorm copies in the branched levels
 (``net.routing.task_index``), CBAM where the trunk has it, and its head's own forward (a PCB
-head's max over parts included). Stage 2 of a cascade task is its ``CascadeNet``: its own
+head's max over parts included). Stages 2 and on are the further networks its features
+add to its decision (``TaskFeature.stages``, e.g. a cascade's second network): their own
 trunk and head.
 
 The class activation maps in the ONNX file (``Head.cam``) need no backward pass and no torch;
@@ -33,23 +34,29 @@ def normalize_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
 
 
+def stage_count(net: MultiTaskNet, task: str) -> int:
+    """How many networks take part in ``task``'s decision: its own, and its features' further ones."""
+    return 1 + sum(len(feature.stages(task)) for feature in net.features.values())
+
+
 def explained_parts(net: MultiTaskNet, task: str, stage: int = 1) -> tuple[Trunk, Head, int | None]:
-    """The trunk, head and BatchNorm copy (task index; None for a cascade's own trunk) that
-    make ``task``'s decision at ``stage``.
+    """The trunk, head and BatchNorm copy (task index; None for a further network's own trunk)
+    that make ``task``'s decision at ``stage``.
 
     Raises:
-        ValueError: an unknown task, or stage 2 of a task without a cascade.
+        ValueError: an unknown task or stage.
     """
     if task not in net.heads:
         raise ValueError(f"unknown task '{task}'; known tasks: {', '.join(net.task_names)}")
     if stage == 1:
         return net.trunk, net.heads[task], net.task_names.index(task)
-    if stage == 2:
-        if task not in net.cascades:
-            having = ", ".join(net.cascades) or "none"
-            raise ValueError(f"task '{task}' has no cascade, so no stage 2; tasks with one: {having}")
-        return net.cascades[task].trunk, net.cascades[task].head, None
-    raise ValueError(f"stage must be 1 or 2, got {stage}")
+    further = [parts for feature in net.features.values() for parts in feature.stages(task)]
+    if isinstance(stage, int) and 2 <= stage <= len(further) + 1:
+        trunk, head = further[stage - 2]
+        return trunk, head, None
+    having = ", ".join(name for name in net.task_names if stage_count(net, name) >= stage) or "none"
+    raise ValueError(f"task '{task}' has {len(further) + 1} stage(s), no stage {stage}; tasks with a stage "
+                     f"{stage}: {having}")
 
 
 def resolve_targets(head: Head, label: str | None = None) -> list[str | None]:
@@ -90,14 +97,10 @@ def check_level(trunk: Trunk, level: int) -> int:
 def _features(trunk: Trunk, x: torch.Tensor, level: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every level's feature map, the chosen level's as a leaf that requires a gradient; the
     levels up to it run without building a graph."""
-    feats, chosen = [], None
-    for index in range(len(trunk.levels)):
-        with torch.set_grad_enabled(index > level):
-            x = trunk.run_level(index, x)
-        if index == level:
-            x = chosen = x.detach().requires_grad_(True)
-        feats.append(x)
-    return feats, chosen
+    with torch.no_grad():
+        early = trunk(x, stop=level + 1)
+    chosen = early[-1].detach().requires_grad_(True)
+    return early[:-1] + [chosen] + trunk(chosen, start=level + 1), chosen
 
 
 def grad_cam(net: MultiTaskNet, images: torch.Tensor, task: str, target: str | None = None, stage: int = 1,
@@ -111,7 +114,7 @@ def grad_cam(net: MultiTaskNet, images: torch.Tensor, task: str, target: str | N
         target: one of the head's ``explain_targets``: None for the binary decision (positive
             minus normal logit, P(positive) is its sigmoid) or the graded score; a sub-class
             of a binary task (its logit); a tag of a multi-label task (its logit).
-        stage: 1, or 2 for the second network of a cascade task.
+        stage: 1, or 2 and on for the further networks of the task's features (a cascade's second).
         level: the feature level whose map is weighted (-1: the deepest).
 
     Returns:

@@ -17,16 +17,16 @@ from torch import nn
 
 from waterdrop import __version__
 from waterdrop.config import RegistryConfig
+from waterdrop.contract import METADATA_KEY, metadata, outputs_of, task_entry
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
-METADATA_KEY = "waterdrop"
 PARITY_TOLERANCE = 1e-4
 
 
 class DeployGraph(nn.Module):
-    """Every task's deploy outputs, plus ``<task>.decision`` (bool) for cascade tasks: both
-    networks at or above the task's threshold, decided inside the graph.
+    """Every task's deploy outputs, plus the decisions its features make inside the graph at
+    the chosen thresholds (a cascade's ``<task>.decision``: both networks at or above it).
 
     The branched levels run once per task, not on the stacked batch (``forward_all`` with
     ``stack_tasks=False``): onnxruntime then folds every BatchNorm into its convolution, in
@@ -39,15 +39,15 @@ class DeployGraph(nn.Module):
         super().__init__()
         self.net = net
         self.cams = cams
-        self.decision_thresholds = {name: float(thresholds[name]) for name in net.cascades}
+        self.thresholds = dict(thresholds)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        # cams is passed only when asked for: benchmarks/runtime_speed.py swaps forward_all for a
-        # stand-in with the signature it had before cams.
-        extra = {"cams": True} if self.cams else {}
-        outputs = self.net.forward_all(image, stack_tasks=False, **extra)
-        for name, threshold in self.decision_thresholds.items():
-            outputs[f"{name}.decision"] = outputs[f"{name}.prob"] >= threshold
+        outputs = self.net.forward_all(image, stack_tasks=False, cams=self.cams)
+        for name in self.net.task_names:
+            predictions = {key: outputs[output] for key, output in outputs_of(name, list(outputs)).items()}
+            for feature in self.net.features.values():
+                decided = feature.graph_decisions(name, predictions, self.thresholds[name])
+                outputs.update((f"{name}.{key}", value) for key, value in decided.items())
         return outputs
 
 
@@ -63,8 +63,9 @@ class _Ordered(nn.Module):
 
 
 def cam_metadata(net: MultiTaskNet, name: str, output_shapes: dict[str, tuple]) -> dict | None:
-    """The ``cam`` entry of one task: output name, layout, map size and feature stride; with a
-    cascade also its second network's map under ``stage2``. None when the head gives no map."""
+    """The ``cam`` entry of one task: output name, layout, map size and feature stride, and the
+    same of its features' own maps (a cascade's second network's under ``stage2``). None when
+    the head gives no map."""
     if f"{name}.cam" not in output_shapes:
         return None
 
@@ -76,8 +77,10 @@ def cam_metadata(net: MultiTaskNet, name: str, output_shapes: dict[str, tuple]) 
     entry = {**describe(f"{name}.cam", net.trunk.reductions[-1]), "meaning": net.heads[name].cam_meaning,
              "values": "raw, not normalised; an overlay takes the ReLU, divides by the maximum, resizes to the "
                        "image"}
-    if f"{name}.stage2_cam" in output_shapes:
-        entry["stage2"] = describe(f"{name}.stage2_cam", net.cascades[name].trunk.reductions[-1])
+    for feature in net.features.values():
+        for key, (output, stride) in feature.extra_cams(name).items():
+            if f"{name}.{output}" in output_shapes:
+                entry[key] = describe(f"{name}.{output}", stride)
     return entry
 
 
@@ -90,50 +93,19 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
     tasks = []
     for task in cfg.tasks:
         head = net.heads[task.name]
-        entry = {
-            "name": task.name,
-            "kind": head.kind,
-            "head": task.head_type,
-            "labels": task.labels,
-            "negative_label": task.negative_label,
-            "outputs": {n.split(".", 1)[1]: n for n in output_names if n.split(".", 1)[0] == task.name},
-        }
-        if task.name in net.cascades:
-            entry["cascade"] = {"backbone": task.cascade.backbone,
-                                "rule": "decision = stage1_prob >= threshold and stage2_prob >= threshold; "
-                                        "prob = min(stage1_prob, stage2_prob)"}
-        if task.loss_prediction is not None:
-            entry["loss_prediction"] = {
-                "levels": net.loss_predictors[task.name].levels,
-                "meaning": "predicted_loss: the loss the task's head is predicted to have on the image (Yoo and "
-                           "Kweon, 2019); only its order is meaningful: label the images with the highest first"}
-        kind = kind_of(head.kind)
-        if kind.uses_target:
-            entry["deploy"] = {"prevalence": task.deploy.prevalence,
-                               task.deploy.target_metric: task.deploy.target_value}
-        if kind.threshold_key:
-            entry[kind.threshold_key] = thresholds[task.name]
-        if task.relations:
-            entry["relations"] = task.relations.to_dict()
+        entry = task_entry(task.name, kind_of(head.kind), task.head_type, task.labels, task.negative_label,
+                           outputs_of(task.name, output_names), thresholds[task.name],
+                           {"prevalence": task.deploy.prevalence, task.deploy.target_metric: task.deploy.target_value},
+                           task.relations.to_dict() if task.relations else None)
         if with_cams:
             entry["cam"] = cam_metadata(net, task.name, output_shapes)
-        if head.uses_boxes:
-            spec = head.detector
-            entry["detector"] = {
-                "classes": spec["classes"], "score_threshold": spec["score_threshold"], "nms_iou": spec["nms_iou"],
-                "fusion": spec["fusion"],
-                "format": "det_boxes (N, anchors, 4): x1, y1, x2, y2 as fractions of the image; det_scores "
-                          "(N, anchors, classes): per-class probabilities; before NMS (the runtime applies it)"}
+        task_shapes = {key: (output_shapes or {}).get(name) for key, name in entry["outputs"].items()}
+        for key, feature in net.features.items():
+            described = feature.metadata(task.name, task_shapes)
+            if described is not None:
+                entry[key] = described
         tasks.append(entry)
-    return {
-        "format": 1,
-        "waterdrop_version": __version__,
-        "backbone": cfg.model.backbone,
-        "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 255],
-                  "size": cfg.model.input_size, "resize": "stretch to size x size",
-                  "normalization": {"mean": cfg.model.mean, "std": cfg.model.std, "applied": "inside the model"}},
-        "tasks": tasks,
-    }
+    return metadata(tasks, cfg.model.backbone, cfg.model.input_size, cfg.model.mean, cfg.model.std, __version__)
 
 
 def _check_dynamic_batch(model: onnx.ModelProto) -> None:
@@ -204,8 +176,9 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
                 opset: int = 18, cam: bool = False) -> dict[str, float]:
     """Write the ONNX file, check it, and return the max abs difference per output.
 
-    With ``cam`` the file also has every task's class activation map as ``<task>.cam`` (and
-    ``<task>.stage2_cam`` for a cascade), described in the metadata and checked for parity too.
+    With ``cam`` the file also has every task's class activation map as ``<task>.cam`` (and its
+    features' maps, e.g. a cascade's ``<task>.stage2_cam``), described in the metadata and
+    checked for parity too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

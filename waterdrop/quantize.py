@@ -32,13 +32,14 @@ from onnxruntime.quantization import (
 )
 
 from waterdrop.config import RegistryConfig, TaskConfig, config_from_dict, load_registry
+from waterdrop.contract import METADATA_KEY
 from waterdrop.data.manifest import read_manifest, read_records
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.overlay import normalize_map
 from waterdrop.progress import Progress
-from waterdrop.runtime import METADATA_KEY, Predictor
+from waterdrop.runtime import Predictor
 
 DEFAULT_MAX_DROP = 0.005
 MAP_IMAGES = 32  # calibration images on which the class activation maps are compared
@@ -190,7 +191,7 @@ def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
         if images:
             batch = to_model_input(images, size)
             for name, predictor in predictors.items():
-                scores[name].append(predictor.session.run([output], {"image": batch})[0])
+                scores[name].append(predictor.outputs(batch, [output])[output])
         tried = min(batch_size, len(paths) - start)
         meter.update(tried, failed=tried - len(images))
     meter.close()
@@ -286,8 +287,8 @@ def map_agreement(predictors: dict[str, Predictor], images: np.ndarray, batch_si
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].astype(np.float32)
         for which, predictor in predictors.items():
-            chunks[which].append(predictor.session.run(names, {"image": batch}))
-    maps = {which: {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
+            chunks[which].append(predictor.outputs(batch, names))
+    maps = {which: {name: np.concatenate([run[name] for run in runs]) for name in names}
             for which, runs in chunks.items()}
     agreement = {}
     for name in names:

@@ -16,19 +16,22 @@ arrays beside the results, never inside the JSON-ready task results.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from waterdrop.contract import read_metadata
 from waterdrop.imageio import ImageDecodeError, decoded_images, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationGraph
 
-METADATA_KEY = "waterdrop"
 NO_CAMS = "this model file has no class activation maps; re-export it with tools/export.py --cam"
+
+
+#: Result fields any kind of task may have (typed as in ``TaskKind.result_fields``).
+COMMON_RESULT_FIELDS = {"predicted_loss": "float32"}
 
 
 def _open_session(model_path: str | Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
@@ -71,10 +74,7 @@ class Predictor:
         self.session = _open_session(model_path, options, providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"CUDA was requested but onnxruntime runs on {self.session.get_providers()}")
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"{model_path}: no '{METADATA_KEY}' metadata; export it with tools/export.py")
-        self.meta = json.loads(raw)
+        self.meta = read_metadata(self.session.get_modelmeta().custom_metadata_map, str(model_path))
         for task in self.meta["tasks"]:
             if task.get("relations"):
                 task["relation_graph"] = RelationGraph(task["labels"], **task["relations"])
@@ -107,7 +107,7 @@ class Predictor:
         """Decisions for a batch already preprocessed by ``to_model_input`` (float32 NCHW), so
         that decoding can happen elsewhere (worker processes); ``sizes`` are the original
         images' (width, height), for boxes in their pixels."""
-        return self._results(self._run(batch, self.decision_outputs), sizes)
+        return self._results(self.outputs(batch, self.decision_outputs), sizes)
 
     def explain_batch(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
         """Like ``predict_batch``, and per image its class activation maps: ``{"<task>": map,
@@ -119,11 +119,12 @@ class Predictor:
         """
         if not self.cam_outputs:
             raise ValueError(NO_CAMS)
-        outputs = self._run(batch, self.output_names)
+        outputs = self.outputs(batch, self.output_names)
         maps = [{key: outputs[name][row] for key, name in self.cam_outputs.items()} for row in range(len(batch))]
         return self._results(outputs, sizes), maps
 
-    def _run(self, batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    def outputs(self, batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        """The named outputs (``<task>.<key>``) of a float32 NCHW batch, RGB 0..255 at ``size``."""
         return dict(zip(names, self.session.run(names, {"image": batch})))
 
     def _results(self, outputs: dict[str, np.ndarray], sizes: list[tuple[int, int]]) -> list[dict]:
@@ -135,7 +136,7 @@ class Predictor:
                 task_outputs = {key: outputs[name] for key, name in task["outputs"].items()
                                 if name in outputs or name not in cam_names}
                 result = kind_of(task["kind"]).runtime_result(task, task_outputs, row, sizes[row])
-                if "predicted_loss" in task_outputs:  # any kind of task may have a loss prediction module
+                if "predicted_loss" in task_outputs:  # any kind of task may have a loss prediction
                     result["predicted_loss"] = round(float(task_outputs["predicted_loss"][row]), 6)
                 per_task[task["name"]] = result
             results.append(per_task)

@@ -9,6 +9,7 @@ from waterdrop.config.schema import (
     CascadeConfig,
     ConfigError,
     DeployConfig,
+    DetectorConfig,
     DistillationConfig,
     FusionConfig,
     LossPredictionConfig,
@@ -19,12 +20,13 @@ from waterdrop.config.schema import (
     SamplerConfig,
     TaskConfig,
     TrainConfig,
+    blamed_on,
 )
 from waterdrop.config.snapshot import config_from_dict, config_to_dict
 
 __all__ = [
-    "AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "DistillationConfig", "FusionConfig",
-    "LossPredictionConfig", "LossWeightingConfig", "MeanTeacherConfig", "ModelConfig", "RegistryConfig",
-    "SamplerConfig", "TaskConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_registry", "load_task",
-    "read_yaml",
+    "AugmentConfig", "CascadeConfig", "ConfigError", "DeployConfig", "DetectorConfig", "DistillationConfig",
+    "FusionConfig", "LossPredictionConfig", "LossWeightingConfig", "MeanTeacherConfig", "ModelConfig",
+    "RegistryConfig", "SamplerConfig", "TaskConfig", "TrainConfig", "blamed_on", "config_from_dict", "config_to_dict",
+    "load_registry", "load_task", "read_yaml",
 ]

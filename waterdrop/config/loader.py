@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from waterdrop.config.reader import Section, read_yaml, resolve_path
+from waterdrop.config.plugins import HeadDeclaration, head_declarations, kind_declarations
+from waterdrop.config.reader import Section, read_settings, read_yaml, resolve_path
 from waterdrop.config.schema import (
     CBAM_MODES,
     DIVERGENCES,
+    FEATURE_SETTINGS,
     LOSS_WEIGHTINGS,
     OPTIMIZERS,
     REPEAT_FUNCTIONS,
@@ -21,21 +23,18 @@ from waterdrop.config.schema import (
     SAMPLING_POLICIES,
     TARGET_METRICS,
     AugmentConfig,
-    CascadeConfig,
     ConfigError,
     DeployConfig,
     DistillationConfig,
     FusionConfig,
-    LossPredictionConfig,
     LossWeightingConfig,
-    MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
     SamplerConfig,
     TaskConfig,
     TrainConfig,
+    feature_levels,
 )
-from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationError, RelationGraph
 from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights, packaged_weights_file
 
@@ -78,8 +77,9 @@ def _load_fusion(sec: Section | None, root: Path) -> FusionConfig | None:
 
 def _load_model(sec: Section, root: Path) -> ModelConfig:
     stages = sec.raw("task_bn_stages", [-1])
-    if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
-        raise sec.fail("task_bn_stages", stages, "a list of feature-level indices such as [-1]")
+    problem = feature_levels()(stages, {})
+    if problem:
+        raise sec.fail("task_bn_stages", stages, problem + ", such as [-1]")
     backbone = sec.string("backbone")
     pretrained, mean, std = _load_weights(sec, backbone, root)
     model = ModelConfig(
@@ -232,7 +232,7 @@ def _load_target(sec: Section, key: str) -> tuple[str, float]:
 
 
 def _load_deploy(sec: Section, labels: list[str], kind) -> DeployConfig:
-    """``kind`` (the task's ``TaskKind``) says whether a target is required or refused."""
+    """``kind`` (the declaration of the task's kind) says whether a target is required or refused."""
     if not kind.uses_target:
         if "target" in sec.data:
             raise ConfigError(sec.file, sec.path("target"), f"a {kind.name} task chooses no threshold; leave it out")
@@ -258,19 +258,22 @@ def _load_deploy(sec: Section, labels: list[str], kind) -> DeployConfig:
     return deploy
 
 
-def _check_head(sec: Section, head_type: str, args: dict[str, Any]) -> type:
-    """The registered head class of ``head.type``, after checking its arguments."""
-    from waterdrop.registry import registered_heads
-
-    heads = registered_heads()
+def _check_head(sec: Section, head_type: str, args: dict[str, Any]) -> HeadDeclaration:
+    """The declaration of the registered head ``head.type``, after checking its arguments."""
+    heads = head_declarations()
     if head_type not in heads:
         raise sec.fail("type", head_type, "a registered head: " + ", ".join(sorted(heads)))
-    accepted = heads[head_type].config_args()
+    head = heads[head_type]
+    if "detector" in args and "detector" not in head.args and args["detector"] is None:
+        del args["detector"]  # what a multi-label task's YAML used to say for "off"
+    if "detector" in args and "detector" not in head.args:
+        raise ConfigError(sec.file, sec.path("detector"), "detector assist is a feature of the task now: move "
+                          "'detector:' out of 'head:' to the top level of the task YAML")
     for key in args:
-        if key not in accepted:
+        if key not in head.args and not head.any_args:
             raise ConfigError(sec.file, sec.path(key), f"unknown argument of {head_type}; it accepts: "
-                              + (", ".join(accepted) or "no arguments"))
-    return heads[head_type]
+                              + (", ".join(head.args) or "no arguments"))
+    return head
 
 
 def _load_augment(sec: Section) -> AugmentConfig:
@@ -302,42 +305,22 @@ def _load_sampler(sec: Section) -> SamplerConfig:
     return config
 
 
-def _load_cascade(sec: Section | None) -> CascadeConfig | None:
-    if sec is None:
-        return None
-    cascade = CascadeConfig(backbone=sec.string("backbone"),
-                            hard_per_batch=sec.number("hard_per_batch", 8, int, low=1),
-                            loss_weight=sec.number("loss_weight", 1.0, low=0))
-    sec.finish()
-    return cascade
-
-
-def _load_mean_teacher(sec: Section | None) -> MeanTeacherConfig | None:
-    if sec is None:
-        return None
-    teacher = MeanTeacherConfig(ema_decay=sec.number("ema_decay", 0.99, low=0, high=1, low_open=True),
-                                consistency_weight=sec.number("consistency_weight", 10.0, low=0),
-                                rampup_epochs=sec.number("rampup_epochs", 3.0, low=0),
-                                unlabeled_fraction=sec.number("unlabeled_fraction", 0.5, low=0, high=0.95))
-    sec.finish()
-    return teacher
-
-
-def _load_loss_prediction(sec: Section | None) -> LossPredictionConfig | None:
-    """Levels are checked against the backbone when the model is built (``MultiTaskNet``)."""
-    if sec is None:
-        return None
-    levels = sec.raw("levels", [-4, -3, -2, -1])
-    if (not isinstance(levels, list) or not levels or len(set(levels)) != len(levels)
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in levels)):
-        raise sec.fail("levels", levels, "a non-empty list of distinct feature-level indices such as [-4, -3, -2, -1]")
-    config = LossPredictionConfig(levels=levels,
-                                  hidden=sec.number("hidden", 128, int, low=1, high=4096),
-                                  margin=sec.number("margin", 1.0, low=0),
-                                  loss_weight=sec.number("loss_weight", 1.0, low=0),
-                                  detach=sec.boolean("detach", True))
-    sec.finish()
-    return config
+def _check_features(task: TaskConfig, kind) -> None:
+    """The per-task features against the task and each other."""
+    path, features = task.file, task.features
+    if "cascade" in features and kind.name != "binary":
+        raise ConfigError(path, "cascade", f"needs a binary head; {task.head_type} is {kind.name}")
+    if "detector" in features and kind.name != "multilabel":
+        raise ConfigError(path, "detector", f"needs a multi-label head; {task.head_type} is {kind.name}")
+    if "detector" in features and task.augment.cutmix > 0:
+        raise ConfigError(path, "augment.cutmix", "cutmix cannot be used with a detector (the pasted rectangle would "
+                          "carry boxes the targets do not list); set it to 0")
+    if task.unlabeled is not None and "mean_teacher" not in features:
+        raise ConfigError(path, "data.unlabeled", "unlabeled images are only used by mean_teacher; "
+                          "set mean_teacher or set data.unlabeled to null")
+    if "mean_teacher" in features and task.augment.cutmix > 0:
+        raise ConfigError(path, "augment.cutmix", "cutmix cannot be combined with mean_teacher in one task (the "
+                          "teacher's consistency target would be the unmixed image); set one of them off")
 
 
 def load_task(path: Path, root: Path) -> TaskConfig:
@@ -346,7 +329,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
     head = sec.section("head", required=True)
     head_type = head.string("type")
     head_args = {k: v for k, v in head.data.items() if k != "type"}
-    kind = kind_of(_check_head(head, head_type, head_args).kind)
+    kind = kind_declarations()[_check_head(head, head_type, head_args).kind]
     data = sec.section("data", required=True)
     unlabeled, test = data.string("unlabeled", None), data.string("test", None)
     labels, parents = _load_labels(sec, path.parent)
@@ -365,11 +348,13 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         loss_weight=sec.number("loss_weight", 1.0, low=0),
         deploy=_load_deploy(sec.section("deploy"), labels, kind),
         augment=_load_augment(sec.section("augment")),
-        cascade=_load_cascade(sec.optional_section("cascade")),
-        mean_teacher=_load_mean_teacher(sec.optional_section("mean_teacher")),
-        loss_prediction=_load_loss_prediction(sec.optional_section("loss_prediction")),
         relations=_load_relations(sec, path.parent, labels, parents),
     )
+    for key, settings in FEATURE_SETTINGS.items():
+        given = sec.optional_section(key)
+        if given is not None:
+            task.features[key] = read_settings(given, settings, {"labels": labels})
+    _check_features(task, kind)
     if not task.name.replace("_", "").isalnum():
         raise sec.fail("name", task.name, "letters, digits and underscores (it names ONNX outputs)")
     if task.negative_label in task.labels:
@@ -383,12 +368,6 @@ def load_task(path: Path, root: Path) -> TaskConfig:
     if task.sampler.type not in kind.samplers:
         raise ConfigError(path, "sampler.type", f"{task.sampler.type} is not for {kind.name} tasks; they take: "
                           + ", ".join(kind.samplers))
-    if task.unlabeled is not None and task.mean_teacher is None:
-        raise ConfigError(path, "data.unlabeled", "unlabeled images are only used by mean_teacher; "
-                          "set mean_teacher or set data.unlabeled to null")
-    if task.mean_teacher is not None and task.augment.cutmix > 0:
-        raise ConfigError(path, "augment.cutmix", "cutmix cannot be combined with mean_teacher in one task (the "
-                          "teacher's consistency target would be the unmixed image); set one of them off")
     for s in (data, sec):
         s.finish()
     return task
@@ -420,7 +399,7 @@ def load_registry(path: str | Path) -> RegistryConfig:
                 raise ConfigError(path, f"train.distillation.tasks.{name}", f"unknown task; tasks: {', '.join(names)}")
     if train.sampling_policy == "weights" and not any(train.sampling_weights.get(n, 0) > 0 for n in names):
         raise ConfigError(path, "train.task_sampling.weights", "policy 'weights' needs a weight > 0 for some task")
-    decays = {t.mean_teacher.ema_decay for t in tasks if t.mean_teacher}
+    decays = {t.features["mean_teacher"].ema_decay for t in tasks if "mean_teacher" in t.features}
     if len(decays) > 1:
         raise ConfigError(path, "tasks", f"mean_teacher.ema_decay differs between tasks ({sorted(decays)}); the "
                           "teacher is one copy of the shared model, so they must agree")

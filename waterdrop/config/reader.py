@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +99,29 @@ def read_yaml(path: Path) -> Any:
 def resolve_path(root: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else root / path
+
+
+def read_settings(sec: Section, settings: type, context: dict | None = None) -> Any:
+    """A settings dataclass (``waterdrop.config.schema.setting`` fields) from ``sec``: each field
+    read by its name, type, default and limits; unknown keys are errors."""
+    hints = typing.get_type_hints(settings)
+    values = {}
+    for spec in dataclasses.fields(settings):
+        meta, kind = spec.metadata, hints[spec.name]
+        default = (spec.default if spec.default is not dataclasses.MISSING
+                   else spec.default_factory() if spec.default_factory is not dataclasses.MISSING else REQUIRED)
+        if kind is bool:
+            value = sec.boolean(spec.name, default)
+        elif kind in (int, float):
+            value = sec.number(spec.name, default, kind, low=meta.get("low"), high=meta.get("high"),
+                               low_open=meta.get("low_open", False))
+        elif kind is str:
+            value = sec.string(spec.name, default, meta.get("choices", ()))
+        else:
+            value = sec.raw(spec.name, default)
+        problem = meta["check"](value, context or {}) if meta.get("check") else None
+        if problem:
+            raise sec.fail(spec.name, value, problem)
+        values[spec.name] = value
+    sec.finish()
+    return settings(**values)

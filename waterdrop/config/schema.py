@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,10 @@ SAMPLERS = ("plain", "balanced", "repeat_factor")
 REPEAT_FUNCTIONS = ("sqrt", "uniform")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
 DIVERGENCES = ("js", "kl")
+#: Feature levels of every trunk (timm's ``features_only`` default: the stem and four stages);
+#: level settings are checked against it here, the trunk checks it is so.
+FEATURE_LEVELS = 5
+FUSION_RULES = ("max", "mean", "none")
 
 
 class ConfigError(ValueError):
@@ -24,6 +30,53 @@ class ConfigError(ValueError):
     def __init__(self, file: str | Path, key: str, problem: str):
         self.file, self.key = str(file), key
         super().__init__(f"{file}: key '{key}': {problem}")
+
+
+@contextmanager
+def blamed_on(file: str | Path, key: str) -> Iterator[None]:
+    """Turn the ValueError or TypeError of building what a config value describes (a timm
+    backbone, a head from its arguments) into a ConfigError naming that value's file and key:
+    such checks need the library that builds it, which the config layer does not import."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(file, key, str(err)) from err
+
+
+def setting(default: Any = MISSING, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+            choices: tuple[str, ...] = (), check: Callable[[Any, dict], str | None] | None = None) -> Any:
+    """A field of a settings dataclass that ``waterdrop.config.reader.read_settings`` reads from
+    YAML by its name and type: no default means required; numbers are checked against ``low``
+    and ``high``, strings against ``choices``; ``check(value, context)`` returns what was expected
+    when the value is wrong (``context`` holds e.g. the task's ``labels``)."""
+    metadata = {"low": low, "high": high, "low_open": low_open, "choices": choices, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def feature_levels(distinct: bool = False) -> Callable[[Any, dict], str | None]:
+    """A ``check`` of a list of feature-level indices."""
+
+    def check(levels: Any, context: dict) -> str | None:
+        count = FEATURE_LEVELS
+        if (not isinstance(levels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
+                or any(not -count <= v < count for v in levels)
+                or distinct and (not levels or len({v % count for v in levels}) != len(levels))):
+            return (f"a list of feature levels in 0..{count - 1} (or -1..-{count})"
+                    + (", each named once" if distinct else ""))
+        return None
+
+    return check
+
+
+def task_labels(classes: Any, context: dict) -> str | None:
+    """A ``check`` of a non-empty list of the task's labels."""
+    if not isinstance(classes, list) or not classes or any(c not in context["labels"] for c in classes):
+        return "a non-empty list of this task's labels"
+    return None
 
 
 @dataclass
@@ -114,9 +167,6 @@ class DeployConfig:
     target_value: float
     label_targets: dict[str, tuple[str, float]] = field(default_factory=dict)
 
-    def target_for(self, label: str) -> tuple[str, float]:
-        """(metric, value) for one label: its override, else the task's target."""
-        return self.label_targets.get(label, (self.target_metric, self.target_value))
 
 
 @dataclass
@@ -137,28 +187,57 @@ class SamplerConfig:
     function: str = "sqrt"
 
 
+# Settings of the per-task features (``waterdrop.features``), read by their fields alone.
+
+
 @dataclass
 class CascadeConfig:
-    backbone: str
-    hard_per_batch: int
-    loss_weight: float
+    backbone: str = setting()
+    hard_per_batch: int = setting(8, low=1)
+    loss_weight: float = setting(1.0, low=0)
+
+
+@dataclass
+class DetectorConfig:
+    classes: list[str] = setting(check=task_labels)
+    levels: list[int] = setting([-3, -2], check=feature_levels())
+    anchor_scale: float = setting(2.0, low=0.1, high=32.0)
+    fusion: str = setting("max", choices=FUSION_RULES)
+    max_boxes: int = setting(10, low=1, high=1000)
+    loss_weight: float = setting(1.0, low=0, high=100)
+    score_threshold: float = setting(0.3, low=0, high=1)
+    nms_iou: float = setting(0.45, low=0, high=1)
 
 
 @dataclass
 class MeanTeacherConfig:
-    ema_decay: float
-    consistency_weight: float
-    rampup_epochs: float
-    unlabeled_fraction: float
+    ema_decay: float = setting(0.99, low=0, high=1, low_open=True)
+    consistency_weight: float = setting(10.0, low=0)
+    rampup_epochs: float = setting(3.0, low=0)
+    unlabeled_fraction: float = setting(0.5, low=0, high=0.95)
 
 
 @dataclass
 class LossPredictionConfig:
-    levels: list[int]
-    hidden: int
-    margin: float
-    loss_weight: float
-    detach: bool
+    levels: list[int] = setting([-4, -3, -2, -1], check=feature_levels(distinct=True))
+    hidden: int = setting(128, low=1, high=4096)
+    margin: float = setting(1.0, low=0)
+    loss_weight: float = setting(1.0, low=0)
+    detach: bool = setting(True)
+
+
+#: The settings of each per-task feature, by its YAML key (``waterdrop.features``).
+FEATURE_SETTINGS: dict[str, type] = {"cascade": CascadeConfig, "detector": DetectorConfig,
+                                     "loss_prediction": LossPredictionConfig, "mean_teacher": MeanTeacherConfig}
+
+
+def register_feature_settings(key: str, settings: type) -> None:
+    """Make ``key`` a task YAML key whose mapping becomes ``settings`` (a dataclass of ``setting``
+    fields); its feature registers itself in ``waterdrop.features`` under the same key."""
+    existing = FEATURE_SETTINGS.get(key)
+    if existing is not None and existing is not settings:
+        raise ValueError(f"task key '{key}' already holds the settings {existing.__name__}")
+    FEATURE_SETTINGS[key] = settings
 
 
 @dataclass
@@ -177,10 +256,9 @@ class TaskConfig:
     loss_weight: float
     deploy: DeployConfig
     augment: AugmentConfig
-    cascade: CascadeConfig | None = None
-    mean_teacher: MeanTeacherConfig | None = None
-    loss_prediction: LossPredictionConfig | None = None
     relations: RelationGraph | None = None
+    #: Per-task features in use (``waterdrop.features``): YAML key -> its settings.
+    features: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

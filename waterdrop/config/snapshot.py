@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from waterdrop.config.schema import (
+    FEATURE_SETTINGS,
     AugmentConfig,
-    CascadeConfig,
     DeployConfig,
     DistillationConfig,
     FusionConfig,
-    LossPredictionConfig,
     LossWeightingConfig,
-    MeanTeacherConfig,
     ModelConfig,
     RegistryConfig,
     SamplerConfig,
@@ -31,8 +29,12 @@ from waterdrop.relations import RelationGraph
 from waterdrop.weights import IMAGENET
 
 # 2: loss_weighting.lr is recorded as the method reads it (format 1 wrote GradNorm's 0.025 for
-# every method).
-SNAPSHOT_FORMAT = 2
+# every method). 3: a task's features are under "features" (before: cascade, mean_teacher and
+# loss_prediction beside the task's other keys, and the detector among the head's arguments).
+SNAPSHOT_FORMAT = 3
+# The detector's defaults when it was a head argument (format < 3 stored what the YAML gave).
+_OLD_DETECTOR_DEFAULTS = {"levels": [-3, -2], "anchor_scale": 2.0, "fusion": "max", "max_boxes": 10,
+                          "loss_weight": 1.0, "score_threshold": 0.3, "nms_iou": 0.45}
 
 
 def _plain(value: Any) -> Any:
@@ -57,7 +59,21 @@ def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def _task(data: dict) -> TaskConfig:
+def _old_features(data: dict) -> dict:
+    """The features of a task snapshot taken before format 3."""
+    features = {key: data.pop(key) for key in ("cascade", "mean_teacher", "loss_prediction") if data.get(key)}
+    head_args = dict(data["head_args"])
+    if head_args.get("detector"):
+        features["detector"] = {**_OLD_DETECTOR_DEFAULTS, **head_args.pop("detector")}
+    head_args.pop("detector", None)
+    data["head_args"] = head_args
+    return features
+
+
+def _task(data: dict, snapshot_format: int) -> TaskConfig:
+    data = dict(data)
+    # A task snapshot with "features" is of format 3 at least, whatever the format says.
+    features = data["features"] if "features" in data else _old_features(data)
     deploy = dict(data["deploy"])
     deploy["label_targets"] = {k: tuple(v) for k, v in deploy["label_targets"].items()}
     augment = dict(data["augment"], crop_scale=tuple(data["augment"]["crop_scale"]))
@@ -67,10 +83,7 @@ def _task(data: dict) -> TaskConfig:
         file=Path(data["file"]), train=Path(data["train"]), val=Path(data["val"]), test=_path(data["test"]),
         unlabeled=_path(data["unlabeled"]), sampler=SamplerConfig(**data["sampler"]),
         deploy=DeployConfig(**deploy), augment=AugmentConfig(**augment),
-        cascade=CascadeConfig(**data["cascade"]) if data["cascade"] else None,
-        mean_teacher=MeanTeacherConfig(**data["mean_teacher"]) if data["mean_teacher"] else None,
-        # Absent from snapshots taken before loss prediction existed: off.
-        loss_prediction=LossPredictionConfig(**data["loss_prediction"]) if data.get("loss_prediction") else None,
+        features={key: FEATURE_SETTINGS[key](**value) for key, value in features.items()},
         relations=None if relations is None else RelationGraph(data["labels"], relations["implies"],
                                                                relations["excludes"]))
 
@@ -102,4 +115,4 @@ def config_from_dict(data: dict) -> RegistryConfig:
     model["fusion"] = fusion
     return RegistryConfig(file=Path(data["file"]), root=Path(data["root"]), demo_data=_path(data["demo_data"]),
                           model=ModelConfig(**model), train=_train(data["train"], data.get("snapshot_format", 1)),
-                          tasks=[_task(t) for t in data["tasks"]])
+                          tasks=[_task(t, data.get("snapshot_format", 1)) for t in data["tasks"]])

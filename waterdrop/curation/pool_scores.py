@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from waterdrop.contract import output_name, outputs_of, task_entry
 from waterdrop.data.manifest import read_manifest
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
@@ -81,8 +82,8 @@ def open_model(path: str | Path, task: str | None = None) -> TaskScorer:
         keys = [k for k in entry["outputs"] if k in ("prob", "predicted_loss")]
 
         def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-            values = predictor.session.run([entry["outputs"][k] for k in keys], {"image": batch})
-            return dict(zip(keys, values))
+            values = predictor.outputs(batch, [entry["outputs"][k] for k in keys])
+            return {k: values[entry["outputs"][k]] for k in keys}
 
         return TaskScorer(task_info(entry, list(entry["outputs"])), predictor.size, run)
     from waterdrop.engine.checkpoint import best_checkpoint, load_net, recorded_thresholds
@@ -98,23 +99,18 @@ def scorer_from_net(net, cfg, task: str, thresholds: dict) -> TaskScorer:
     import torch
 
     config = next(t for t in cfg.tasks if t.name == task)
-    kind = kind_of(net.heads[task].kind)
-    entry = {"name": task, "kind": kind.name, "labels": config.labels, "negative_label": config.negative_label}
-    if kind.threshold_key:
-        entry[kind.threshold_key] = thresholds.get(task)
     net = net.eval()
 
     @torch.no_grad()
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
         outputs = net.forward_all(torch.from_numpy(batch))
-        return {
-            key.split(".", 1)[1]: value.float().numpy()
-            for key, value in outputs.items()
-            if key.split(".", 1)[0] == task
-        }
+        return {key: outputs[name].float().numpy() for key, name in outputs_of(task, list(outputs)).items()}
 
-    keys = ["prob"] + (["predicted_loss"] if task in net.loss_predictors else [])
-    return TaskScorer(task_info(entry, keys), cfg.model.input_size, run)
+    size = cfg.model.input_size
+    given = run(np.zeros((1, 3, size, size), np.float32))  # which outputs the task's features add
+    entry = task_entry(task, kind_of(net.heads[task].kind), config.head_type, config.labels, config.negative_label,
+                       {key: output_name(task, key) for key in given}, thresholds.get(task))
+    return TaskScorer(task_info(entry, list(given)), size, run)
 
 
 def read_pool(pool: str | Path, task: TaskInfo) -> tuple[list[Path], np.ndarray | None]:

@@ -97,7 +97,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
     head = net.heads[task_name]
     kind = kind_of(head.kind)
     kind.label_probability(np.zeros((1, 1)), np.zeros((1, 1)))  # refuses a kind it cannot rank, now
-    dataset = task_dataset(cfg, net, t, "train", augment=True, substitute=False, with_unlabeled=False)
+    dataset = task_dataset(cfg, net, t, "train", augment=True, substitute=False)
     count = dataset.labeled_count
     epochs = sum(p.epochs for p in phases)
     losses = np.full((epochs, count), np.nan, np.float32)
@@ -129,7 +129,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
                     group["lr"] = lr * multiplier
                 images = batch["inputs"].to(device)
                 target = batch["targets"][task_name].to(device)
-                outputs = net.forward_tasks(images, batch["task_index"].to(device), with_cascade=False)
+                outputs = net.forward_tasks(images, batch["task_index"].to(device), complete=False)
                 per_sample = sum(head.loss(outputs[task_name], target).values())
                 loss = per_sample.mean()
                 if not torch.isfinite(loss):

@@ -192,17 +192,17 @@ class TaskDataset(Dataset):
         source: the manifest or folder, for error messages.
         unlabeled: records without labels, appended after the labeled ones (mean teacher).
         second_view: also return a second, independently augmented view (mean teacher).
-        encode_boxes: the head's ``encode_boxes`` when it trains on boxes; the encoded boxes
-            of each (augmented) sample are appended to its target.
+        encode_boxes: when a feature reads boxes (``DataNeeds.boxes``): it encodes the boxes of
+            each (augmented) sample, which comes back as ``boxes``.
         substitute: an undecodable image is replaced by the next readable one (training:
             the batch keeps its size). False (evaluation): the sample is dropped instead, so
             no image is scored twice; it comes back with ``image`` None and ``collate``
             leaves it out. Either way its path is reported in ``skipped``.
-        student_size: set when a distillation teacher has a larger input size; ``transform``
-            then works at the teacher's size, ``image`` is its view shrunk to ``student_size``
-            and ``teacher_image`` the view itself: both networks see the same crop, each at
-            its own resolution (upsampling the student's view would hide the detail a
-            high-resolution teacher knows).
+        student_size: set when a feature asks for a larger view (``DataNeeds.view_size``, a
+            distillation teacher's input size); ``transform`` then works at that size, ``image``
+            is its view shrunk to ``student_size`` and ``large_image`` the view itself: both
+            networks see the same crop, each at its own resolution (upsampling the student's
+            view would hide the detail a high-resolution teacher knows).
     """
 
     def __init__(self, task_index: int, records: list[Record], encode: Callable, transform: Callable,
@@ -212,7 +212,7 @@ class TaskDataset(Dataset):
         self.student_size = student_size
         self.substitute = substitute
         self.encode_boxes = encode_boxes
-        self.boxes_left_out = 0  # boxes beyond the head's limit; set by whoever knows the head
+        self.boxes_left_out = 0  # boxes beyond the encoder's limit; set by whoever knows it
         self.targets, self.boxes = [], []
         for i, record in enumerate(records):
             try:
@@ -243,18 +243,20 @@ class TaskDataset(Dataset):
                 if not self.substitute:
                     return {"image": None, "task": self.task_index, "skipped": skipped}
                 continue
-            target = self.targets[position]
+            encoded = None
             if self.encode_boxes is not None:
                 classes, pixel_boxes = self.boxes[position]
                 view, boxes, kept = self.transform(image, pixel_boxes)
-                target = np.concatenate([target, self.encode_boxes([classes[k] for k in kept],
-                                                                   boxes / view.shape[0])])
+                encoded = self.encode_boxes([classes[k] for k in kept], boxes / view.shape[0])
             else:
                 view = self.transform(image)
-            sample = {"image": _channels_first(self._student(view)), "task": self.task_index, "target": target,
-                      "index": position, "labeled": position < self.labeled_count, "skipped": skipped}
+            sample = {"image": _channels_first(self._student(view)), "task": self.task_index,
+                      "target": self.targets[position], "index": position, "labeled": position < self.labeled_count,
+                      "skipped": skipped}
+            if encoded is not None:
+                sample["boxes"] = encoded
             if self.student_size is not None:
-                sample["teacher_image"] = _channels_first(view)
+                sample["large_image"] = _channels_first(view)
             if self.second_view:
                 sample["image2"] = _channels_first(self._student(self.transform(image)))
             return sample
@@ -299,9 +301,10 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     stood in) are grouped per task in batch order.
 
     ``inputs2`` (second views) is present when some sample has one; samples without a
-    second view repeat their first. ``teacher_inputs`` (the distillation teacher's views,
-    see ``TaskDataset``) is present when some sample has one; the rows of samples without
-    one (tasks it does not teach) are zeros, never read. Dropped samples (``image`` None)
+    second view repeat their first. ``large_inputs`` (the larger views, see ``TaskDataset``)
+    is present when some sample has one; the rows of samples without one are zeros, never
+    read. ``boxes`` (encoded boxes) are grouped per task like targets, for the tasks whose
+    samples carry them. Dropped samples (``image`` None)
     only report their skipped paths; a batch of nothing but those has zero inputs.
     """
     skipped = [[task_names[s["task"]], path] for s in samples for path in s["skipped"]]
@@ -309,13 +312,15 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     if not samples:
         return {"inputs": torch.zeros((0, 3, 1, 1), dtype=torch.uint8), "task_index": torch.zeros(0, dtype=torch.long),
                 "targets": {}, "labeled": {}, "ids": {}, "skipped": skipped}
-    targets, labeled, ids = {}, {}, {}
+    targets, labeled, ids, boxes = {}, {}, {}, {}
     for t, name in enumerate(task_names):
         rows = [s for s in samples if s["task"] == t]
         if rows:
             targets[name] = torch.from_numpy(np.stack([s["target"] for s in rows]))
             labeled[name] = torch.tensor([s.get("labeled", True) for s in rows])
             ids[name] = torch.tensor([s["index"] for s in rows], dtype=torch.long)
+            if "boxes" in rows[0]:
+                boxes[name] = torch.from_numpy(np.stack([s["boxes"] for s in rows]))
     batch = {
         "inputs": torch.from_numpy(np.stack([s["image"] for s in samples])),
         "task_index": torch.tensor([s["task"] for s in samples], dtype=torch.long),
@@ -326,8 +331,10 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     }
     if any("image2" in s for s in samples):
         batch["inputs2"] = torch.from_numpy(np.stack([s.get("image2", s["image"]) for s in samples]))
-    views = [s["teacher_image"] for s in samples if "teacher_image" in s]
+    views = [s["large_image"] for s in samples if "large_image" in s]
     if views:
         blank = np.zeros_like(views[0])
-        batch["teacher_inputs"] = torch.from_numpy(np.stack([s.get("teacher_image", blank) for s in samples]))
+        batch["large_inputs"] = torch.from_numpy(np.stack([s.get("large_image", blank) for s in samples]))
+    if boxes:
+        batch["boxes"] = boxes
     return batch

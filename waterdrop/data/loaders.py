@@ -6,7 +6,10 @@ imported, so this layer stays below the model and the engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,54 +33,85 @@ if TYPE_CHECKING:
     from waterdrop.model.multitask import MultiTaskNet
 
 
+@dataclass
+class DataNeeds:
+    """What a task's features ask of its data (``TaskFeature.data_needs``).
+
+    Attributes:
+        second_view: training samples also carry a second, independently augmented view
+            (batch key ``inputs2``).
+        unlabeled: a folder or manifest of unlabeled images that join the training data,
+            filling ``unlabeled_fraction`` of the task's batch slots (masked out of the
+            supervised terms: batch key ``labeled``).
+        view_size: training samples also carry the same crop at this input size when it is
+            larger than the model's (batch key ``large_inputs``).
+        boxes: encodes a sample's boxes, ``boxes(classes, xyxy_fractions) -> array`` with
+            ``boxes.beyond_limit(classes)``, how many it leaves out (batch key ``boxes``).
+    """
+
+    second_view: bool = False
+    unlabeled: Path | None = None
+    unlabeled_fraction: float = 0.0
+    view_size: int | None = None
+    boxes: Callable | None = None
+
+
+def network_needs(cfg: RegistryConfig, net: MultiTaskNet) -> dict[str, DataNeeds]:
+    """Per task, what the features of ``net`` ask of its data (training features ask more:
+    see ``WaterdropModel.data_needs``)."""
+    needs = {task.name: DataNeeds() for task in cfg.tasks}
+    for name, task_needs in needs.items():
+        for feature in net.features.values():
+            feature.data_needs(name, task_needs, net)
+    return needs
+
+
 def task_dataset(cfg: RegistryConfig, net: MultiTaskNet, t: int, split: str, augment: bool,
-                 substitute: bool = True, with_unlabeled: bool = True, teacher_size: int | None = None) -> TaskDataset:
+                 substitute: bool = True, needs: DataNeeds | None = None) -> TaskDataset:
     """The dataset of task ``t`` for ``split``, labels checked by its head.
 
     Args:
         augment: the task's training augmentations (else the runtime's plain resize).
         substitute: an undecodable image is replaced by the next readable one (else dropped;
             see ``TaskDataset``).
-        with_unlabeled: a mean-teacher task's unlabeled images are appended, with two views.
-        teacher_size: with ``augment``, a distillation teacher's input size; when larger than
-            the model's, each sample also carries the teacher's view of the same crop.
+        needs: what its features read (None: those of ``net``); unlabeled images, second views
+            and larger views come only with ``augment``.
     """
     task = cfg.tasks[t]
     source = getattr(task, split)
     head = net.heads[task.name]
+    needs = needs or network_needs(cfg, net)[task.name]
     records = read_records(source, [task.negative_label, *task.labels])
-    boxes = head.encode_boxes if head.uses_boxes else None
     if augment:
-        teaching = with_unlabeled and task.mean_teacher is not None
-        unlabeled = read_unlabeled(task.unlabeled) if teaching and task.unlabeled else []
-        larger = teacher_size if teacher_size and teacher_size > cfg.model.input_size else None
+        unlabeled = read_unlabeled(needs.unlabeled) if needs.unlabeled else []
+        larger = needs.view_size if needs.view_size and needs.view_size > cfg.model.input_size else None
         transform = TrainTransform(larger or cfg.model.input_size, task.augment)
-        dataset = TaskDataset(t, records, head.encode_target, transform, source, unlabeled, second_view=teaching,
-                              encode_boxes=boxes, substitute=substitute,
+        dataset = TaskDataset(t, records, head.encode_target, transform, source, unlabeled,
+                              second_view=needs.second_view, encode_boxes=needs.boxes, substitute=substitute,
                               student_size=cfg.model.input_size if larger else None)
     else:
         dataset = TaskDataset(t, records, head.encode_target, EvalTransform(cfg.model.input_size), source,
-                              encode_boxes=boxes, substitute=substitute)
-    # Boxes over the head's limit are not trained or scored; counted so the run can say so.
-    dataset.boxes_left_out = sum(head.boxes_beyond_limit(classes) for classes, _ in dataset.boxes)
+                              encode_boxes=needs.boxes, substitute=substitute)
+    if needs.boxes is not None:  # boxes over the encoder's limit are not trained or scored; counted
+        dataset.boxes_left_out = sum(needs.boxes.beyond_limit(classes) for classes, _ in dataset.boxes)
     return dataset
 
 
 def build_datasets(cfg: RegistryConfig, net: MultiTaskNet, split: str,
-                   teacher_sizes: dict[str, int] | None = None) -> MultiTaskDataset:
+                   needs: dict[str, DataNeeds] | None = None) -> MultiTaskDataset:
     """One TaskDataset per task for ``split`` ("train", "val" or "test"); tasks without a
-    test split are left out of "test". Training sets of mean-teacher tasks also hold the
-    unlabeled images and give two views; a task distilled from a teacher of a larger input
-    size (``teacher_sizes``: task name -> the teacher's size) gives the teacher's view too."""
+    test split are left out of "test". ``needs``: per task, what its features read (None:
+    those of ``net``)."""
     training = split == "train"
-    teacher_sizes = teacher_sizes or {}
+    needs = needs or network_needs(cfg, net)
     return MultiTaskDataset([task_dataset(cfg, net, t, split, augment=training, substitute=training,
-                                          teacher_size=teacher_sizes.get(task.name))
+                                          needs=needs[task.name])
                              for t, task in enumerate(cfg.tasks) if getattr(task, split) is not None])
 
 
-def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTaskNet) -> list:
-    """Per task, how its batch slots are filled (see ``waterdrop.data.sampler``)."""
+def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, needs: dict[str, DataNeeds]) -> list:
+    """Per task, how its batch slots are filled (see ``waterdrop.data.sampler``); unlabeled
+    images fill the fraction of the slots their feature asked for."""
     streams = []
     for task, dataset in zip(cfg.tasks, train_set.datasets):
         labeled = np.arange(dataset.labeled_count)
@@ -92,7 +126,7 @@ def task_streams(cfg: RegistryConfig, train_set: MultiTaskDataset, net: MultiTas
         else:
             labeled_stream = partial(PlainStream, labeled)
         if len(dataset) > dataset.labeled_count:
-            fraction = task.mean_teacher.unlabeled_fraction
+            fraction = needs[task.name].unlabeled_fraction
             unlabeled = np.arange(dataset.labeled_count, len(dataset))
             streams.append(lambda rng, make=labeled_stream, u=unlabeled, f=fraction: WithUnlabeled(make(rng=rng), u,
                                                                                                     f, rng))

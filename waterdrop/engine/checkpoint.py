@@ -61,8 +61,10 @@ def load_net(checkpoint_path: str | Path,
     # The checkpoint holds every weight: the pretrained files need not exist any more.
     fusion = cfg.model.fusion and dataclasses.replace(cfg.model.fusion, pretrained=None)
     net = MultiTaskNet(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None, fusion=fusion)))
-    # With mean teacher the checkpoint holds student and teacher; the teacher is deployed.
-    prefix = "teacher." if any(k.startswith("teacher.") for k in checkpoint["state_dict"]) else "net."
+    # The checkpoint may hold more than one network (a mean teacher's beside the student): the
+    # deployed one is named in it. Older checkpoints kept a mean teacher under "teacher.".
+    prefix = meta.get("deployed") or ("teacher." if any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+                                      else "net.")
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state)
     return net.eval(), cfg, meta

@@ -137,7 +137,8 @@ class WaterdropHook(Hook):
         self._write_results(Path(runner.work_dir))
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint.setdefault("meta", {})["waterdrop"] = {"config": self.config, "version": __version__}
+        checkpoint.setdefault("meta", {})["waterdrop"] = {"config": self.config, "version": __version__,
+                                                          "deployed": self._model(runner).deployed_prefix()}
         # What a resumed run needs beyond mmengine's state: the model's random stream
         # (dropout, cutmix) and the run's counts.
         checkpoint["meta"]["waterdrop_resume"] = {

@@ -20,7 +20,7 @@ from waterdrop import __version__, allocator
 from waterdrop.config import RegistryConfig, config_to_dict, load_registry
 from waterdrop.data.dataset import collate
 from waterdrop.data.demo import ensure_demo_data
-from waterdrop.data.loaders import build_datasets, eval_loader, task_streams
+from waterdrop.data.loaders import build_datasets, eval_loader, network_needs, task_streams
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
 from waterdrop.engine.checkpoint import (
     allow_mmengine_checkpoints,
@@ -59,20 +59,20 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     check_run_folder(work_dir, resume, 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     if resume:
         check_resumable(work_dir, cfg)
-    distiller = model.distiller
-    teacher_sizes = {name: distiller.input_size for name in distiller.settings} if distiller else None
-    train_set = build_datasets(cfg, model.net, "train", teacher_sizes)
+    needs = network_needs(cfg, model.net)
+    model.data_needs(needs)
+    train_set = build_datasets(cfg, model.net, "train", needs)
     if any(task.test is not None for task in cfg.tasks):
         build_datasets(cfg, model.net, "test")  # a bad test split fails now, not after training
     for task, dataset in zip(cfg.tasks, train_set.datasets):
         if dataset.boxes_left_out and rank == 0:
             printer(f"warning: {task.name}: {dataset.boxes_left_out} boxes in the training data are beyond "
-                    "head.detector.max_boxes per image and are not trained; raise max_boxes to use them")
-    # Unlabeled images (mean teacher) neither weigh in the task sampling nor lengthen the epoch.
+                    "detector.max_boxes per image and are not trained; raise max_boxes to use them")
+    # Unlabeled images (a feature asked for them) neither weigh in the task sampling nor lengthen the epoch.
     labeled = [dataset.labeled_count for dataset in train_set.datasets]
     weights = task_weights(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
     batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
-                                          task_streams(cfg, train_set, model.net), rank, world_size, labeled)
+                                          task_streams(cfg, train_set, needs), rank, world_size, labeled)
     # Own generator, re-seeded every epoch by WaterdropHook; non-persistent workers so that
     # they are re-seeded too (see "Resume" in the README).
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=train.num_workers,

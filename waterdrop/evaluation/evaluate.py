@@ -11,8 +11,8 @@ import torch
 
 from waterdrop.config import RegistryConfig
 from waterdrop.data.loaders import eval_loader
-from waterdrop.detection import detect, detection_ap
-from waterdrop.evaluation.metrics import average_precision, json_safe
+from waterdrop.evaluation.metrics import json_safe
+from waterdrop.features.base import registered_features
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.progress import Progress
@@ -22,10 +22,12 @@ from waterdrop.progress import Progress
 def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
                   device: str = "cpu") -> tuple[dict, dict, dict]:
     """Scores and truth per task over its ``split`` ("val" or "test"), the skipped
-    (undecodable) paths, and for heads that detect boxes their full predictions and targets."""
+    (undecodable) paths, and for tasks whose features report on the split (``TaskFeature.reports``)
+    every prediction and the loader's per-task extras (e.g. ``boxes``)."""
     net.eval().to(device)
     scores, truth, skipped = defaultdict(list), defaultdict(list), defaultdict(set)
     raw = defaultdict(lambda: defaultdict(list))
+    reported = {task.name for task in cfg.tasks if any(f.reports(task.name) for f in net.features.values())}
     loader = eval_loader(cfg, net, split)
     meter = Progress(f"evaluate {split}", total=len(loader.dataset))
     for batch in loader:
@@ -38,38 +40,25 @@ def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
         for name, (s, t) in net.scores_and_truth(outputs, batch["targets"]).items():
             scores[name].append(s)
             truth[name].append(t)
-            if net.heads[name].uses_boxes:
+            if name in reported:
                 for key, value in net.task_predictions(name, outputs[name]).items():
                     raw[name][key].append(value.float().cpu().numpy())
-                raw[name]["target"].append(batch["targets"][name].numpy())
+                for key, value in batch.items():
+                    if isinstance(value, dict) and name in value and key not in ("targets", "labeled", "ids"):
+                        raw[name][f"extra.{key}"].append(value[name].numpy())
     meter.close()
     data = {name: (np.concatenate(scores[name]), np.concatenate(truth[name])) for name in scores}
     details = {name: {k: np.concatenate(v) for k, v in values.items()} for name, values in raw.items()}
     return data, {task: sorted(paths) for task, paths in skipped.items()}, details
 
 
-def detector_report(head, details: dict, truth: np.ndarray) -> dict:
-    """Detector mAP@0.5 per class, and the AP of the detector classes' tags with and without
-    the detector's assist."""
-    spec, labels = head.detector, head.labels
-    boxes = details["target"][:, len(labels):].reshape(len(truth), -1, 5)
-    truths = [[(int(row[0]), row[1:]) for row in image if row[0] >= 0] for image in boxes]
-    # mAP is scored over all candidate boxes (a low threshold), as is usual for AP. Greedy NMS
-    # never lets a lower score suppress a higher one, so the reported detections are these
-    # candidates at or above the score threshold.
-    ranked = [detect(b, s, 0.01, spec["nms_iou"]) for b, s in zip(details["det_boxes"], details["det_scores"])]
-    found = [[d for d in image if d[1] >= spec["score_threshold"]] for image in ranked]
-    aps = detection_ap(ranked, truths, len(spec["classes"]))
-    tags = {}
-    for c, label in enumerate(spec["classes"]):
-        j = labels.index(label)
-        known = truth[:, j] >= 0
-        tags[label] = {"ap_with_detector": average_precision(details["prob"][known, j], truth[known, j]),
-                       "ap_tag_only": average_precision(details["tag_prob"][known, j], truth[known, j]),
-                       "detector_ap50": aps[c]}
-    valid = [a for a in aps if not np.isnan(a)]
-    return {"map50": float(np.mean(valid)) if valid else float("nan"), "fusion": spec["fusion"],
-            "detections_per_image": float(np.mean([len(f) for f in found])), "classes": tags}
+def feature_reports(net: MultiTaskNet, task: str, details: dict, truth: np.ndarray) -> dict:
+    """The entries of the task's features in its report (``TaskFeature.report``)."""
+    predictions = {k: v for k, v in details.items() if not k.startswith("extra.")}
+    extras = {k.removeprefix("extra."): v for k, v in details.items() if k.startswith("extra.")}
+    entries = {key: feature.report(task, predictions, truth, extras) for key, feature in net.features.items()
+               if feature.reports(task)}
+    return {key: entry for key, entry in entries.items() if entry is not None}
 
 
 def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device: str = "cpu",
@@ -103,7 +92,7 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         scores, truth = data[task.name]
         kind.plot(out_dir, task, result, scores, truth)
         if task.name in split_details:
-            result["detector"] = detector_report(net.heads[task.name], split_details[task.name], truth)
+            result.update(feature_reports(net, task.name, split_details[task.name], truth))
         result["kind"] = kind.name
         result["split"] = split
         result["in_sample"] = split == "val"
@@ -133,6 +122,9 @@ def format_report(report: dict) -> str:
             lines.append(f"{task}: IN-SAMPLE on its validation split (it also picked the checkpoint and the "
                          "thresholds; add data.test to the task YAML for an honest figure)")
         lines += kind_of(r["kind"]).format(task, r)
+        for key, feature in registered_features().items():
+            if isinstance(r.get(key), dict):
+                lines += feature.format_report(r[key])
         if r["skipped_images"]:
             lines.append(f"  skipped {len(r['skipped_images'])} undecodable images")
     return "\n".join(lines)

@@ -42,6 +42,11 @@ class TaskKind:
     uses_label_targets: bool = False
     #: The per-task samplers that make sense for this kind (``plain`` always does).
     samplers: tuple[str, ...] = ("plain",)
+    #: The type of each field of ``runtime_result``, for tables such as a scan's columns:
+    #: ``float32``, ``bool``, ``string``, ``strings`` (a list), ``scores`` (per-label float32 in
+    #: label order), or ``constant`` (the same for every image, e.g. its threshold). A field
+    #: not listed is stored as JSON.
+    result_fields: dict[str, str] = {}
 
     def validation_metrics(self, scores: np.ndarray, truth: np.ndarray) -> tuple[dict[str, float], float]:
         """Metrics logged each epoch (short names), and the primary one (higher is better)

@@ -16,6 +16,8 @@ class BinaryKind(TaskKind):
     threshold_key = "threshold"
     uses_prevalence = True
     samplers = ("plain", "balanced")
+    result_fields = {"score": "float32", "threshold": "constant", "positive": "bool", "stage_scores": "scores",
+                     "subclass": "string", "subclass_scores": "scores"}
 
     def validation_metrics(self, scores, truth):
         ap = average_precision(scores, truth)

@@ -29,6 +29,7 @@ class GradedKind(TaskKind):
     name = "graded"
     threshold_key = None
     uses_target = False
+    result_fields = {"grade": "string", "score": "float32", "above": "scores"}
 
     def validation_metrics(self, scores, truth):
         aps = boundary_aps(scores, truth)

@@ -17,6 +17,8 @@ class MultiLabelKind(TaskKind):
     threshold_key = "thresholds"
     uses_label_targets = True
     samplers = ("plain", "repeat_factor")
+    result_fields = {"tags": "strings", "scores": "scores", "thresholds": "constant", "added_by_relations": "strings",
+                     "removed_by_relations": "strings"}
 
     def validation_metrics(self, scores, truth):
         """mAP over labels with positives; unknown truth (-1) is left out per label."""
@@ -45,12 +47,6 @@ class MultiLabelKind(TaskKind):
             lines.append(f"  after the relation graph: micro P {after['precision']:.3f}  R {after['recall']:.3f}  "
                          f"F1 {after['f1']:.3f}")
         lines.append("  AP " + "  ".join(f"{k} {v['ap']:.2f}" for k, v in report["labels"].items()))
-        if "detector" in report:
-            det = report["detector"]
-            lines.append(f"  detector mAP@0.5 {det['map50']:.3f}; tag AP with / without the detector "
-                         f"(fusion {det['fusion']}): " + "  ".join(
-                             f"{k} {v['ap_with_detector']:.2f} / {v['ap_tag_only']:.2f}"
-                             for k, v in det["classes"].items()))
         if report["fallback_labels"]:
             lines.append(f"  default threshold (too few positives): {', '.join(report['fallback_labels'])}")
         return lines

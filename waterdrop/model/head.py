@@ -29,9 +29,6 @@ class Head(nn.Module):
 
     #: The kind of task (``waterdrop.kinds``): "binary", "multilabel" or "graded".
     kind: str = ""
-    #: True when the head trains on the manifest's boxes; it then implements ``encode_boxes``
-    #: and ``boxes_beyond_limit`` (how many of an image's boxes it cannot take).
-    uses_boxes: bool = False
     #: What the map of ``cam`` shows, in words (written into the ONNX metadata).
     cam_meaning: str = ""
 
@@ -115,3 +112,20 @@ def linear_map(layer: nn.Linear, feature: torch.Tensor) -> torch.Tensor:
     """``layer`` applied at every position of ``feature`` (N, C, h, w) -> (N, out, h, w). A linear
     layer commutes with the mean, so the map's spatial mean is ``layer(pooled(feature))``."""
     return F.conv2d(feature, layer.weight[:, :, None, None], layer.bias)
+
+
+def mixed_terms(head: Head, outputs: dict, target: torch.Tensor, mix) -> dict[str, torch.Tensor]:
+    """The head's per-sample loss terms; under cutmix ``mix = (second_target, lam)`` weighs both
+    targets by area."""
+    terms = head.loss(outputs, target)
+    # mmengine optimises only the logged values whose key contains "loss"; anything else
+    # would be shown in the logs and silently not trained.
+    untrained = [term for term in terms if "loss" not in term]
+    if untrained:
+        raise ValueError(f"{type(head).__name__}.loss returned terms {untrained}; every term name must contain "
+                         "'loss' (e.g. 'loss_cls'), or it is logged but never optimised")
+    if mix is None:
+        return terms
+    second_target, lam = mix
+    second = head.loss(outputs, second_target)
+    return {k: lam * v + (1 - lam) * second[k] for k, v in terms.items()}

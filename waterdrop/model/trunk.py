@@ -10,23 +10,26 @@ import torch
 from timm.models import EfficientNetFeatures, FeatureListNet, MobileNetV3Features
 from torch import nn
 
+from waterdrop.config.schema import FEATURE_LEVELS
 from waterdrop.model.cbam import CBAM
 from waterdrop.model.pretrained import load_packaged
 from waterdrop.weights import IMAGENET
 
 
 def _ordered_children(features: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
-    """Children in execution order, and the position after which each feature level is taken."""
+    """Children in execution order, and the position after which each feature level is taken
+    (from timm's public ``feature_info``)."""
+    taken_after = [name.replace(".", "_") for name in features.feature_info.module_name()]
     if isinstance(features, FeatureListNet):
         children = list(features.items())
         names = [name for name, _ in children]
-        return children, [names.index(n) for n in features.return_layers]
+        return children, [names.index(n) for n in taken_after]
     if isinstance(features, (EfficientNetFeatures, MobileNetV3Features)):
         stem = [(n, getattr(features, n)) for n in ("conv_stem", "bn1", "act1") if hasattr(features, n)]
         blocks = [(f"blocks_{i}", b) for i, b in enumerate(features.blocks)]
-        # _stage_out_idx: 0 is the stem's output, i + 1 the output of block i.
-        ends = [len(stem) - 1 + i for i in sorted(features._stage_out_idx)]
-        return stem + blocks, ends
+        names = [name for name, _ in stem + blocks]
+        # A level taken inside the stem is the whole stem's output.
+        return stem + blocks, [names.index(n) if n.startswith("blocks_") else len(stem) - 1 for n in taken_after]
     raise ValueError(f"{type(features).__name__} feature extractors are not supported; use a CNN that timm "
                      "builds as FeatureListNet or EfficientNetFeatures (resnet, resnext, densenet, mobilenet, "
                      "efficientnet)")
@@ -92,6 +95,8 @@ class Trunk(nn.Module):
             own = features.state_dict()
             features.load_state_dict({k: v for k, v in mapped.items() if k in own})
         children, ends = _ordered_children(features)
+        if len(ends) != FEATURE_LEVELS:  # level settings were checked against that count
+            raise ValueError(f"'{backbone}' has {len(ends)} feature levels; waterdrop needs {FEATURE_LEVELS}")
         self.channels: list[int] = features.feature_info.channels()
         self.reductions: list[int] = features.feature_info.reduction()
         levels, start = [], 0
@@ -103,5 +108,12 @@ class Trunk(nn.Module):
         self.attention = nn.ModuleList(
             CBAM(c) if cbam == "stages" and i > 0 else nn.Identity() for i, c in enumerate(self.channels))
 
-    def run_level(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        return self.attention[index](self.levels[index](x))
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """Feature maps of levels ``start`` to ``stop`` (exclusive; None: the deepest included),
+        ``x`` being the input of level ``start``: the normalised image for level 0, else the
+        map of level ``start - 1``."""
+        maps = []
+        for level, attention in list(zip(self.levels, self.attention))[start:stop]:
+            x = attention(level(x))
+            maps.append(x)
+        return maps

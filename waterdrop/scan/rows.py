@@ -12,7 +12,7 @@ Columns, one row per input (documented in the README's pool-scan section):
   (list of strings), ``stage_scores`` (list of float32). Per-label scores
   (``scores``, ``subclass_scores``, ``above``) are lists of float32 in label order; the
   labels are in the Parquet metadata and in scan.json. Detector ``objects`` (a list of
-  records) is a JSON string. A field not listed in ``FIELD_TYPES`` (a future kind's) is a
+  records) is a JSON string. A field its kind does not type (``TaskKind.result_fields``) is a
   JSON string too, so a new field never breaks a scan. The task's ``threshold`` (or
   per-label ``thresholds``) is the same for every image: it is in the metadata, not in the rows.
 """
@@ -26,29 +26,15 @@ import numpy as np
 import pyarrow as pa
 
 from waterdrop.imageio import ImageDecodeError, read_image, resize, to_model_input
-from waterdrop.runtime import Predictor
+from waterdrop.kinds import kind_of
+from waterdrop.runtime import COMMON_RESULT_FIELDS, Predictor
 
 SCAN_METADATA_KEY = b"waterdrop.scan"
 
 _SCORES = pa.list_(pa.float32())
-#: Arrow type of each field of a task's runtime result. Keyed by field, not by kind: the
-#: kinds share names (``score`` is binary's probability and graded's expected grade).
-FIELD_TYPES: dict[str, pa.DataType] = {
-    "score": pa.float32(),
-    "positive": pa.bool_(),
-    "stage_scores": _SCORES,
-    "subclass": pa.string(),
-    "subclass_scores": _SCORES,
-    "tags": pa.list_(pa.string()),
-    "scores": _SCORES,
-    "added_by_relations": pa.list_(pa.string()),
-    "removed_by_relations": pa.list_(pa.string()),
-    "grade": pa.string(),
-    "above": _SCORES,
-    "predicted_loss": pa.float32(),
-}
-#: Fields that are the same on every row; kept once, in the metadata.
-CONSTANT_FIELDS = ("threshold", "thresholds")
+#: Arrow type of each type name of ``TaskKind.result_fields``.
+ARROW_TYPES: dict[str, pa.DataType] = {"float32": pa.float32(), "bool": pa.bool_(), "string": pa.string(),
+                                       "strings": pa.list_(pa.string()), "scores": _SCORES}
 
 #: What decoding gives the scorer: (resized RGB uint8, original (width, height), None) or
 #: (None, None, why it failed).
@@ -106,13 +92,16 @@ class RowBuilder:
             pa.field("height", pa.int32()),
             pa.field("error", pa.string()),
         ]
+        self.types: dict[str, dict[str, str]] = {}
+        kinds = {entry["name"]: entry["kind"] for entry in predictor.tasks}
         for task, result in probe.items():
-            self.fields[task] = [key for key in result if key not in CONSTANT_FIELDS]
-            self.constants[task] = {key: result[key] for key in CONSTANT_FIELDS if key in result}
+            types = self.types[task] = {**kind_of(kinds[task]).result_fields, **COMMON_RESULT_FIELDS}
+            self.fields[task] = [key for key in result if types.get(key) != "constant"]
+            self.constants[task] = {key: result[key] for key in result if types.get(key) == "constant"}
             for key in self.fields[task]:
-                if isinstance(result[key], dict) and FIELD_TYPES.get(key) == _SCORES:
+                if isinstance(result[key], dict) and types.get(key) == "scores":
                     self.labels[f"{task}.{key}"] = list(result[key])
-                columns.append(pa.field(f"{task}.{key}", FIELD_TYPES.get(key, pa.string())))
+                columns.append(pa.field(f"{task}.{key}", ARROW_TYPES.get(types.get(key), pa.string())))
         self.metadata = {
             "tasks": self.constants,
             "list_labels": self.labels,
@@ -134,7 +123,7 @@ class RowBuilder:
                 row["width"], row["height"] = size
                 for task, result in results[k].items():
                     for key in self.fields[task]:
-                        row[f"{task}.{key}"] = self._value(key, result[key])
+                        row[f"{task}.{key}"] = self._value(self.types[task].get(key), result[key])
             rows.append(row)
         return rows
 
@@ -143,9 +132,8 @@ class RowBuilder:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
     @staticmethod
-    def _value(key: str, value):
-        kind = FIELD_TYPES.get(key)
-        if kind is None:
+    def _value(kind: str | None, value):
+        if kind not in ARROW_TYPES:
             return json.dumps(value)
         if isinstance(value, dict):  # label -> score, in label order
             return list(value.values())

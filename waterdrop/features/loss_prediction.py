@@ -1,10 +1,15 @@
-"""Loss prediction module (Yoo and Kweon, "Learning Loss for Active Learning", CVPR 2019).
+"""Loss prediction (Yoo and Kweon, "Learning Loss for Active Learning", CVPR 2019).
 
-A small network beside a task's head that predicts, from the trunk's features, the loss the
-head would have on an image. Unlabeled images with the highest predicted loss are the ones
-worth labeling next (``waterdrop.curation.selection``). It is trained with the paper's
+A small network beside a task's head that predicts, from the task's feature maps, the loss
+the head would have on an image. Unlabeled images with the highest predicted loss are the
+ones worth labeling next (``waterdrop.curation.selection``). It is trained with the paper's
 pairwise ranking loss: only the order of two samples' losses is learned, not their scale,
 because the scale of the head's loss drifts as training goes on.
+
+Settings (task YAML ``loss_prediction``, ``waterdrop.config.schema.LossPredictionConfig``):
+the feature ``levels`` it reads, the ``hidden`` width, the ranking ``margin``, its
+``loss_weight`` (term ``<task>.loss_lossprediction``) and ``detach``. The deploy output is
+``<task>.predicted_loss`` (N,).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from waterdrop.config import RegistryConfig
+from waterdrop.features.base import LossBatch, TaskFeature, register_feature
 from waterdrop.model.head import pooled
 
 
@@ -70,3 +77,48 @@ def ranking_loss(predicted: torch.Tensor, target: torch.Tensor, margin: float) -
     p_i, p_j = predicted[:half], predicted[half : 2 * half]
     l_i, l_j = target[:half].detach(), target[half : 2 * half].detach()
     return torch.clamp(-torch.sign(l_i - l_j) * (p_i - p_j) + margin, min=0).mean()
+
+
+@register_feature
+class LossPrediction(TaskFeature):
+    key = "loss_prediction"
+
+    def __init__(self, cfg: RegistryConfig, net):
+        super().__init__(cfg, net)
+        levels = len(net.channels)
+        for task, spec in self.settings.items():
+            self.per_task[task] = LossPredictionModule(net.channels, [v % levels for v in spec.levels], spec.hidden,
+                                                       spec.detach)
+        self.loss_weights = {task.name: task.loss_weight for task in cfg.tasks}
+
+    def renamed_state(self):
+        return {"loss_predictors.": "features.loss_prediction.per_task."}
+
+    def add_outputs(self, task, feats, images, outputs, complete, cams):
+        if task in self.per_task:
+            outputs["predicted_loss"] = self.per_task[task](feats)
+
+    def deploy_outputs(self, task, outputs):
+        return {"predicted_loss": outputs["predicted_loss"]} if "predicted_loss" in outputs else {}
+
+    def metadata(self, task, output_shapes):
+        if task not in self.per_task:
+            return None
+        return {"levels": self.per_task[task].levels,
+                "meaning": "predicted_loss: the loss the task's head is predicted to have on the image (Yoo and "
+                           "Kweon, 2019); only its order is meaningful: label the images with the highest first"}
+
+    def loss_terms(self, batch: LossBatch) -> dict[str, torch.Tensor]:
+        """The ranking loss over the task's labeled samples of the batch (two at least)."""
+        losses = {}
+        for task, spec in self.settings.items():
+            mask = batch.labeled.get(task)
+            if task not in batch.outputs or int(mask.sum()) < 2:
+                continue
+            predicted, true_loss = batch.outputs[task]["predicted_loss"][mask], batch.sample_losses[task][mask]
+            # The batch's order follows the task's sampler, which may group samples (a balanced
+            # sampler puts normal images first); random pairs avoid pairing by group.
+            order = torch.randperm(len(predicted), device=predicted.device)
+            loss = ranking_loss(predicted[order], true_loss[order], spec.margin)
+            losses[f"{task}.loss_lossprediction"] = loss * spec.loss_weight * self.loss_weights[task]
+        return losses
