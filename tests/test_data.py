@@ -10,11 +10,12 @@ import pytest
 
 from tests.conftest import huge_png, png_chunk, write_registry
 from waterdrop.config import load_registry
-from waterdrop.data.dataset import DataError, collate
+from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import build_datasets
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
 from waterdrop.imageio import ImageDecodeError, read_image
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.records import DataError
 
 
 def _jpeg(path, image):

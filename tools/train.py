@@ -20,9 +20,9 @@ from pathlib import Path
 
 from waterdrop import cli
 from waterdrop.config import ConfigError
-from waterdrop.data.dataset import DataError
 from waterdrop.engine.checkpoint import RunFolderError
 from waterdrop.engine.train import run_training
+from waterdrop.records import DataError
 
 
 def main() -> int:
