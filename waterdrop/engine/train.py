@@ -21,7 +21,7 @@ from waterdrop.config import RegistryConfig, config_to_dict, load_registry
 from waterdrop.data.dataset import collate
 from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.loaders import build_datasets, eval_loader, task_streams
-from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
+from waterdrop.data.sampler import MultiTaskBatchSampler, task_sampling_probabilities
 from waterdrop.engine.checkpoint import (
     allow_mmengine_checkpoints,
     best_checkpoint,
@@ -70,7 +70,7 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
                     "head.detector.max_boxes per image and are not trained; raise max_boxes to use them")
     # Unlabeled images (mean teacher) neither weigh in the task sampling nor lengthen the epoch.
     labeled = [dataset.labeled_count for dataset in train_set.datasets]
-    weights = task_weights(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
+    weights = task_sampling_probabilities(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
     batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
                                           task_streams(cfg, train_set, model.net), rank, world_size, labeled)
     # Own generator, re-seeded every epoch by WaterdropHook; non-persistent workers so that
