@@ -56,9 +56,9 @@ from waterdrop.engine.checkpoint import best_checkpoint, load_net
 from waterdrop.engine.train import build_runner
 from waterdrop.evaluation.evaluate import predict_split
 from waterdrop.evaluation.metrics import average_precision
-from waterdrop.imageio import list_images
 from waterdrop.kinds import kind_of
 from waterdrop.kinds.graded import spearman
+from waterdrop.records import DataError, read_lines
 
 STRATEGIES = ("random", "band", "loss", "union")
 
@@ -80,15 +80,12 @@ def machine(note: str) -> str:
 
 def read_items(source: Path) -> list[dict]:
     """A split as manifest items with absolute image paths: a .jsonl manifest or a folder per class."""
-    if source.suffix == ".jsonl":
-        items = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-        return [{**item, "image": str(source.parent / item["image"])} for item in items]
-    return [
-        {"image": str(p), "labels": [folder.name]}
-        for folder in sorted(source.iterdir())
-        if folder.is_dir()
-        for p in list_images(folder)
-    ]
+    items = []
+    for item, problem in read_lines(source):
+        if item is None:
+            raise DataError(problem)
+        items.append(item)
+    return items
 
 
 def stratified(items: list[dict], size: int | None, seed: int) -> list[dict]:

@@ -43,8 +43,8 @@ from waterdrop.config import load_registry
 from waterdrop.curation.noisy import O2USettings, highest_first, rank
 from waterdrop.curation.sample_losses import record_sample_losses
 from waterdrop.data.demo import ensure_demo_data
-from waterdrop.data.manifest import Record, read_records, write_manifest
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.records import Record, read_records, write_manifest
 
 DEMO_TASKS = ("disgusting", "thriller")
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO, bad_input_corpus
 
 from waterdrop.curation.cleaning import Flag, border_box, clean, close_pairs, hamming, phash
-from waterdrop.data.dataset import read_folders, read_manifest
 from waterdrop.imageio import read_image
+from waterdrop.records import read_class_folders, read_labeled_manifest
 
 
 def photo(seed: int, height: int = 96, width: int = 128) -> np.ndarray:
@@ -106,7 +106,7 @@ def test_small_and_uniform_images_are_dropped(tmp_path):
         name: "too_small" for name in ("tiny.png", "blank.png", "framed_tiny.png")
     }
     assert flags["framed_tiny.png"].message == "40 x 40 once trimmed" and flags["blank.png"].message.startswith("0 x 0")
-    assert [Path(r.path).name for r in read_manifest(tmp_path / "out/train.jsonl")] == ["ok.png"]
+    assert [Path(r.path).name for r in read_labeled_manifest(tmp_path / "out/train.jsonl")] == ["ok.png"]
 
 
 def test_duplicates_within_and_across_splits(tmp_path):
@@ -196,7 +196,7 @@ def test_bad_files_and_lines_are_counted_and_extra_keys_carried(tmp_path):
     }
     out = [json.loads(line) for line in open(tmp_path / "out/train.jsonl")]
     assert out[0] == {**extra, "image": str(tmp_path / "photo.jpg")}
-    records = read_manifest(tmp_path / "out/train.jsonl")  # the trainer's own reader resolves the paths
+    records = read_labeled_manifest(tmp_path / "out/train.jsonl")  # the trainer's own reader resolves the paths
     duplicates = {flag.image for flag in report.flags if flag.reason == "exact_duplicate"}  # rgba.png = deep16.png
     kept = [tmp_path / "photo.jpg", *(p for p in good if str(p) not in duplicates)]
     assert [r.path for r in records] == kept and records[0].missing == ["dog"] and len(duplicates) == 1
@@ -206,8 +206,8 @@ def test_folder_labels_follow_the_class_folders(tmp_path):
     save(tmp_path / "data/cat/a.jpg", photo(1))
     save(tmp_path / "data/dog/deep/b.jpg", photo(2))
     clean([("train", tmp_path / "data")], tmp_path / "out")
-    records = read_manifest(tmp_path / "out/train.jsonl")
-    expected = read_folders(tmp_path / "data", ["cat", "dog"])
+    records = read_labeled_manifest(tmp_path / "out/train.jsonl")
+    expected = read_class_folders(tmp_path / "data", ["cat", "dog"])
     assert [(r.path, r.labels) for r in records] == [(r.path, r.labels) for r in expected]
 
 
@@ -237,7 +237,7 @@ def test_cli(tmp_path):
     )
     assert done.returncode == 1, done.stderr  # done, with one undecodable image (counted)
     assert sorted(p.name for p in out.iterdir()) == ["duplicates.png", "held_out.jsonl", "report.json", "train.jsonl"]
-    assert len(read_manifest(out / "train.jsonl")) == 1 and len(read_manifest(out / "held_out.jsonl")) == 1
+    assert [len(read_labeled_manifest(out / f"{name}.jsonl")) for name in ("train", "held_out")] == [1, 1]
     header, train_row = done.stdout.splitlines()[:2]
     assert header.split() == ["split", "images", "kept", "undecodable", "exact_duplicate", "cross_split"]
     assert train_row.split() == ["train", "3", "1", "1", "1", "1"]

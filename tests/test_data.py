@@ -10,11 +10,12 @@ import pytest
 
 from tests.conftest import huge_png, png_chunk, write_registry
 from waterdrop.config import load_registry
-from waterdrop.data.dataset import DataError, collate
+from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import build_datasets
-from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
+from waterdrop.data.sampler import MultiTaskBatchSampler, task_sampling_probabilities
 from waterdrop.imageio import ImageDecodeError, read_image
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.records import DataError
 
 
 def _jpeg(path, image):
@@ -141,9 +142,9 @@ def test_folder_per_class_data(tmp_path, demo_root):
 
 def test_sampler_mixes_tasks_by_policy_and_shards_under_ddp():
     sizes = [300, 100]
-    weights = task_weights("size", sizes, ["a", "b"], {})
+    weights = task_sampling_probabilities("size", sizes, ["a", "b"], {})
     assert weights.tolist() == [0.75, 0.25]
-    assert task_weights("weights", sizes, ["a", "b"], {"b": 2.0}).tolist() == [0.0, 1.0]
+    assert task_sampling_probabilities("weights", sizes, ["a", "b"], {"b": 2.0}).tolist() == [0.0, 1.0]
     sampler = MultiTaskBatchSampler(sizes, 20, weights, seed=3)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 20

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,30 @@ def test_train_reports_config_errors_cleanly(registry_file, tmp_path):
     assert done.returncode == 2
     assert "registry.yaml: key 'model.backbone': got 5 (int); expected a non-empty string" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("launcher, environment, generates", [
+    ("none", {"RANK": "1"}, True),  # one process: rank 0, whatever a surrounding launcher set
+    ("pytorch", {"RANK": "0"}, True),
+    ("pytorch", {"RANK": "1"}, False),
+    ("slurm", {"SLURM_PROCID": "2"}, False),
+])
+def test_the_train_tool_generates_the_demo_data_on_rank_0_alone(registry_file, monkeypatch, capsys, launcher,
+                                                                 environment, generates):
+    registry = yaml.safe_load(registry_file.read_text())
+    registry["demo_data"] = "demo"
+    registry_file.write_text(yaml.safe_dump(registry))
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    generated = []
+    monkeypatch.setattr("waterdrop.data.demo.ensure_demo_data", lambda folder: generated.append(folder) or True)
+    prepare_demo_data = runpy.run_path(str(REPO / "tools" / "train.py"))["prepare_demo_data"]
+    prepare_demo_data(str(registry_file), launcher)
+    folder = registry_file.parent / "demo"
+    assert generated == ([folder] if generates else [])
+    assert capsys.readouterr().out == (f"generated the demo data in {folder}\n" if generates else "")
 
 
 def test_nonfinite_loss_skips_the_step_and_stops_when_it_persists(registry_file):

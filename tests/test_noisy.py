@@ -18,9 +18,9 @@ from waterdrop.curation.outliers import label_outliers, short_run, write_outlier
 from waterdrop.curation.sample_losses import Phase, SampleLosses, constant, cyclic, record_sample_losses
 from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import task_dataset
-from waterdrop.data.manifest import Record
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.records import Record
 
 
 def test_o2u_scores_normalise_each_epoch_then_average():

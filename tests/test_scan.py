@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from tests.conftest import huge_png, write_registry
-from waterdrop.scan import RowBuilder, ScanError, read_source, scan_local
+from waterdrop.scan import RowBuilder, ScanError, scan_local, source_entries
 from waterdrop.scan.sources import walk_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,9 +178,9 @@ def test_path_list_and_manifest_sources_resolve_relative_paths(model, pool, tmp_
 
 def test_sources_refuse_an_image_and_walk_in_a_stable_order(pool):
     with pytest.raises(ValueError, match="is an image"):
-        read_source(pool / "a" / "img00.jpg")
+        source_entries(pool / "a" / "img00.jpg")
     with pytest.raises(ValueError, match="no such"):
-        read_source(pool / "nowhere")
+        source_entries(pool / "nowhere")
     walked = [os.path.relpath(path, pool) for path in walk_folder(pool)]
     assert walked[:4] == ["a/img00.jpg", "a/img03.png", "a/img06.jpg", "a/img09.png"]
     assert ".hidden.jpg" not in walked and "notes.txt" not in walked and len(walked) == 16

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import edit_task
 from waterdrop.config import AugmentConfig, ConfigError, load_registry
-from waterdrop.data.dataset import DataError, EvalTransform, TrainTransform, crop_boxes, rotate_boxes, rotation_matrix
+from waterdrop.data.dataset import EvalTransform, TrainTransform, crop_boxes, rotate_boxes, rotation_matrix
 from waterdrop.data.loaders import build_datasets
 from waterdrop.data.sampler import RepeatFactorStream, repeat_factors
 from waterdrop.detection import detection_ap, nms
@@ -17,6 +17,7 @@ from waterdrop.evaluation.metrics import multilabel_report
 from waterdrop.features.detector import BoxEncoder
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.ssd import SSDHead
+from waterdrop.records import DataError
 from waterdrop.registry import registered_heads
 from waterdrop.relations import RelationError, RelationGraph
 

@@ -112,8 +112,8 @@ def list_outliers(args) -> int:
     from waterdrop.config import ConfigError, load_registry
     from waterdrop.curation.outliers import label_outliers, short_run, write_outliers
     from waterdrop.curation.sample_losses import record_sample_losses
-    from waterdrop.data.dataset import DataError
     from waterdrop.model.multitask import MultiTaskNet
+    from waterdrop.records import DataError
 
     try:
         cfg = load_registry(args.outliers)

@@ -17,9 +17,9 @@ import torch
 
 from waterdrop import cli
 from waterdrop.config import ConfigError
-from waterdrop.data.dataset import DataError
 from waterdrop.engine.checkpoint import RunFolderError, best_checkpoint, load_net
 from waterdrop.evaluation.evaluate import evaluate, format_report
+from waterdrop.records import DataError
 
 
 def main() -> int:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from waterdrop import cli
 from waterdrop.config import ConfigError
-from waterdrop.data.dataset import DataError
 from waterdrop.engine.checkpoint import RunFolderError, best_checkpoint, load_net, recorded_thresholds
 from waterdrop.evaluation.evaluate import evaluate, thresholds_of
 from waterdrop.export import PARITY_TOLERANCE, export_onnx
 from waterdrop.progress import Progress
+from waterdrop.records import DataError
 
 
 def choose_thresholds(given: str | None, checkpoint: Path, meta: dict, net, cfg) -> tuple[dict, str]:

@@ -30,9 +30,9 @@ from waterdrop import cli
 from waterdrop.config import ConfigError, load_registry
 from waterdrop.curation.noisy import O2USettings, rank, write_outputs
 from waterdrop.curation.sample_losses import record_sample_losses
-from waterdrop.data.dataset import DataError
 from waterdrop.engine.checkpoint import RunFolderError, best_checkpoint, load_net
 from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.records import DataError
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from waterdrop import cli
 from waterdrop.curation.pool_scores import open_model, read_pool, score_pool
-from waterdrop.curation.selection import STRATEGIES, plan, select, write_selection
+from waterdrop.curation.selection import STRATEGIES, select, selection_plan, write_selection
 
 
 def main() -> int:
@@ -56,7 +56,7 @@ def main() -> int:
         if Path(args.model).suffix.lower() != ".onnx":
             cli.check_run(args.model)
         scorer = open_model(args.model, args.task)
-        plan(scorer.task, args.budget, args.strategy, args.threshold, args.low, args.high)  # before scoring
+        selection_plan(scorer.task, args.budget, args.strategy, args.threshold, args.low, args.high)  # before scoring
         out = cli.output_path(args.out, cli.run_folder(args.model) / "selection" / scorer.task.name, args.overwrite)
         paths, truth = read_pool(args.pool, scorer.task)
         scores = score_pool(scorer, paths, truth, args.batch_size, args.workers)

@@ -15,14 +15,29 @@ message says which file and key), before training starts.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from waterdrop import cli
-from waterdrop.config import ConfigError
-from waterdrop.data.dataset import DataError
+from waterdrop.config import ConfigError, load_registry
+from waterdrop.data.demo import ensure_demo_data
 from waterdrop.engine.checkpoint import RunFolderError
 from waterdrop.engine.train import run_training
+from waterdrop.records import DataError
+
+# Where each launcher puts this process's rank; the process group, which knows it too, starts later.
+RANK_VARIABLES = {"pytorch": "RANK", "slurm": "SLURM_PROCID", "mpi": "OMPI_COMM_WORLD_RANK"}
+
+
+def prepare_demo_data(registry: str, launcher: str) -> None:
+    """Generate the registry's demo data on first use, on rank 0 alone (``run_training`` holds
+    the other ranks until every rank has arrived)."""
+    folder = load_registry(registry).demo_data
+    variable = RANK_VARIABLES.get(launcher)
+    rank = int(os.environ.get(variable, "0")) if variable else 0
+    if folder is not None and rank == 0 and ensure_demo_data(folder):
+        print(f"generated the demo data in {folder}")
 
 
 def main() -> int:
@@ -37,6 +52,7 @@ def main() -> int:
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.registry).stem)
     try:
         cli.check_registry(args.registry)
+        prepare_demo_data(args.registry, args.launcher)
         report = run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher)
     except (ConfigError, DataError, RunFolderError, cli.UsageError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -33,12 +33,12 @@ from onnxruntime.quantization import (
 
 from waterdrop.config import RegistryConfig, TaskConfig, config_from_dict, load_registry
 from waterdrop.contract import METADATA_KEY
-from waterdrop.data.manifest import read_manifest, read_records
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.overlay import normalize_map
 from waterdrop.progress import Progress
+from waterdrop.records import is_manifest, read_records, read_unlabeled
 from waterdrop.runtime import Predictor
 
 DEFAULT_MAX_DROP = 0.005
@@ -125,7 +125,7 @@ def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0
     preprocessed as the runtime does (uint8 NCHW, exact: the runtime's float32 holds the same
     integers); and the undecodable ones met on the way, with the reason."""
     paths = [path for source in map(Path, sources) for path in (
-        [record.path for record in read_manifest(source)] if source.suffix == ".jsonl" else list_images(source))]
+        [record.path for record in read_unlabeled(source)] if is_manifest(source) else list_images(source))]
     if not paths:
         raise ValueError(f"{', '.join(map(str, sources))}: no images found")
     images, bad = [], []

@@ -41,8 +41,9 @@ import cv2
 import numpy as np
 
 from waterdrop.curation.contact_sheet import contact_sheet
-from waterdrop.imageio import ImageDecodeError, list_images, read_image
+from waterdrop.imageio import ImageDecodeError, read_image
 from waterdrop.progress import Progress
+from waterdrop.records import read_lines
 
 REASONS = ("bad_line", "undecodable", "too_small", "exact_duplicate", "near_duplicate", "trimmed")
 _BANDS = 4  # 16-bit bands of the 64-bit hash
@@ -124,57 +125,6 @@ class _Image:
     shape: tuple[int, int]
     digest: bytes
     phash: int
-
-
-def _folder_items(source: Path, unlabelled: bool) -> list[dict]:
-    """A folder's images as manifest lines: labelled by the first folder under ``source``
-    (``root/<label>/**``), or without a ``labels`` key when ``unlabelled``.
-
-    Raises:
-        ValueError: images lie directly in ``source`` (not under a label folder) and
-            ``unlabelled`` is not set: writing them with no label would make them negatives.
-    """
-    paths = list_images(source)
-    if unlabelled:
-        return [{"image": os.path.abspath(path)} for path in paths]
-    loose = [path for path in paths if len(path.relative_to(source).parts) == 1]
-    if loose:
-        manifest = source.with_suffix(".jsonl")
-        hint = f" (such as {manifest})" if manifest.is_file() else ""
-        layout = "all of its images lie" if len(loose) == len(paths) else f"{len(loose)} of its images lie"
-        raise ValueError(f"{source}: {layout} directly in it, not in one folder per label, so their labels cannot "
-                         f"be read from the layout. Give the task's JSONL manifest instead{hint}, or pass "
-                         "--unlabelled to clean the folder as an unlabelled pool (its rows then carry no labels)")
-    return [{"image": os.path.abspath(path), "labels": [path.relative_to(source).parts[0]]} for path in paths]
-
-
-def read_source(source: Path, unlabelled: bool = False) -> Iterator[tuple[dict | None, str]]:
-    """(manifest line with an absolute ``image`` path, "") per image of a folder or a JSONL
-    manifest; (None, "manifest:line: why") for a manifest line that cannot be used.
-
-    A folder's images get the label of the first folder under it (``root/<label>/**``); with
-    ``unlabelled`` they get no ``labels`` key at all (never ``[]``, which would read as a
-    negative). Other keys of a manifest line are carried through unchanged.
-    """
-    if source.is_dir():
-        for item in _folder_items(source, unlabelled):
-            yield item, ""
-        return
-    if not (source.is_file() and source.suffix == ".jsonl"):
-        raise ValueError(f"{source}: expected a folder of images or a .jsonl manifest")
-    with open(source, encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                item = None
-            if not isinstance(item, dict) or not isinstance(item.get("image"), str):
-                yield None, f"{source}:{lineno}: expected a JSON object with an 'image' path"
-                continue
-            # abspath, not resolve: a user's symlinked data folder keeps its name.
-            yield {**item, "image": os.path.abspath(source.parent / item["image"])}, ""
 
 
 def _uniform_run(lines: np.ndarray, tolerance: int, chunk: int = 64) -> tuple[int, float | None]:
@@ -304,7 +254,7 @@ def _find_duplicates(images: list[_Image], near_distance: int | None) -> list[tu
 def _scan(name: str, split: int, source: Path, report: CleaningReport, min_pixels: int,
           border_tolerance: int | None, unlabelled: bool, meter: Progress) -> Iterator[_Image]:
     """Decode, trim and hash one split's images, one at a time; problems go to ``report``."""
-    for item, problem in read_source(source, unlabelled):
+    for item, problem in read_lines(source, unlabelled):
         report.splits[name]["images"] += 1
         meter.update(1, failed=item is None)
         if item is None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from waterdrop.curation.contact_sheet import contact_sheet
 from waterdrop.curation.sample_losses import Phase, SampleLosses, constant, cyclic
-from waterdrop.data.manifest import write_manifest
+from waterdrop.records import write_manifest
 
 
 @dataclass

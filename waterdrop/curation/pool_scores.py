@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from waterdrop.contract import output_name, outputs_of, task_entry
-from waterdrop.data.manifest import read_manifest
-from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
+from waterdrop.imageio import ImageDecodeError, read_image, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.progress import Progress
+from waterdrop.records import is_manifest, read_labeled_manifest, read_unlabeled
 
 
 @dataclass
@@ -119,16 +119,9 @@ def read_pool(pool: str | Path, task: TaskInfo) -> tuple[list[Path], np.ndarray 
     task without thresholded decisions. A folder is an unlabeled pool (searched recursively):
     truth None."""
     pool = Path(pool)
-    if pool.is_dir():
-        paths = list_images(pool)
-        if not paths:
-            raise ValueError(f"{pool}: no images found")
-        return paths, None
-    if not (pool.is_file() and pool.suffix == ".jsonl"):
-        raise ValueError(f"{pool}: expected a folder of images or a .jsonl manifest")
-    records = read_manifest(pool)
-    if not records:
-        raise ValueError(f"{pool}: no images listed")
+    if not is_manifest(pool):  # a folder; anything else is refused by the unlabeled reader
+        return [record.path for record in read_unlabeled(pool)], None
+    records = read_labeled_manifest(pool)
     rows = []
     for number, record in enumerate(records, 1) if task.decisions else ():
         try:

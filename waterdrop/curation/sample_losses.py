@@ -20,11 +20,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from waterdrop.config import RegistryConfig
-from waterdrop.data.dataset import Record, collate
+from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import task_dataset
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.progress import Progress
+from waterdrop.records import Record
 
 #: Epochs done in the phase (fractional) -> learning rate of the heads.
 LrSchedule = Callable[[float], float]

@@ -164,7 +164,7 @@ def resolve_strategy(strategy: str, task: TaskInfo) -> str:
     return "band"
 
 
-def plan(task: TaskInfo, budget: int, strategy: str = "auto", threshold: float | None = None,
+def selection_plan(task: TaskInfo, budget: int, strategy: str = "auto", threshold: float | None = None,
          low: float | None = None, high: float | None = None) -> tuple[str, np.ndarray | None]:
     """The strategy ``select`` will run and the thresholds it uses. Called before the pool is
     scored too, so that what the task or the model cannot serve is refused at once.
@@ -226,7 +226,7 @@ def select(
         ValueError: a strategy the task or the model cannot serve, or a bad band; the message
             says what to do.
     """
-    strategy, thresholds = plan(task, budget, strategy, threshold, low, high)
+    strategy, thresholds = selection_plan(task, budget, strategy, threshold, low, high)
     rankings, band, notes, widened = [], (None, None), [], None
     if strategy in ("band", "union"):
         band = _band(thresholds, low, high)

@@ -1,4 +1,4 @@
-"""Task datasets from JSONL manifests or folder-per-class trees, and their multi-task union.
+"""Task datasets over the records of a split (``waterdrop.records``), and their multi-task union.
 
 An image that cannot be decoded is skipped: the sample is taken from the next readable
 image of the same task and the skipped path travels with the batch (``skipped``), so it
@@ -8,7 +8,6 @@ is counted and reported per epoch, never silently dropped.
 from __future__ import annotations
 
 import bisect
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from waterdrop.config import AugmentConfig
-
-# Re-exported: manifests are read here for training, and torch-free elsewhere.
-from waterdrop.data.manifest import DataError, Record, read_folders, read_manifest, read_records  # noqa: F401
-from waterdrop.imageio import ImageDecodeError, list_images, read_image, resize
+from waterdrop.imageio import ImageDecodeError, read_image, resize
+from waterdrop.records import DataError, Record
 
 
 def parse_boxes(boxes) -> tuple[list[str], np.ndarray]:
@@ -40,26 +37,6 @@ def parse_boxes(boxes) -> tuple[list[str], np.ndarray]:
         classes.append(entry["label"])
         coordinates.append(box)
     return classes, np.asarray(coordinates, dtype=np.float64).reshape(-1, 4)
-
-
-def read_unlabeled(source: Path) -> list[Record]:
-    """Unlabeled images: a folder (searched recursively) or a JSONL manifest whose labels are ignored."""
-    if source.is_file() and source.suffix == ".jsonl":
-        paths = []
-        with open(source, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        paths.append(source.parent / json.loads(line)["image"])
-                    except (ValueError, KeyError, TypeError) as err:
-                        raise DataError(f"{source}:{lineno}: expected an object with an 'image' path") from err
-    elif source.is_dir():
-        paths = list_images(source)
-    else:
-        raise DataError(f"{source}: expected a folder of images or a .jsonl manifest")
-    if not paths:
-        raise DataError(f"{source}: no images found")
-    return [Record(path=p, labels=[]) for p in paths]
 
 
 class TrainTransform:
@@ -214,13 +191,13 @@ class TaskDataset(Dataset):
         self.encode_boxes = encode_boxes
         self.boxes_left_out = 0  # boxes beyond the encoder's limit; set by whoever knows it
         self.targets, self.boxes = [], []
-        for i, record in enumerate(records):
+        for record in records:
             try:
                 self.targets.append(encode(record.labels, record.missing))
                 if encode_boxes is not None:
                     self.boxes.append(parse_boxes(record.boxes))
             except ValueError as err:
-                where = f"line {i + 1}" if source.suffix == ".jsonl" else str(record.path)
+                where = f"line {record.line}" if record.line else str(record.path)
                 raise DataError(f"{source}: {where}: {err}") from err
         self.labeled_count = len(records)
         # Unlabeled samples carry a placeholder target; they are masked out of supervised losses.

@@ -29,9 +29,7 @@ IMAGE_SIZE = 128
 
 DISGUSTING_SUBCLASSES = ["insects", "reptiles", "skin_and_body", "organs_and_raw_meat", "dense_clusters",
                          "dirty_objects", "other"]
-SCENE_TAGS = ["sky", "cloud", "grass", "water", "boat", "tree", "forest", "building", "glasses", "ball"]
 SMALL_OBJECTS = ["glasses", "ball"]
-IMPLIES = {"forest": ["tree"], "boat": ["water"], "cloud": ["sky"]}
 
 THRILLER_SUBCLASSES = ["horror_makeup_and_monsters", "gore_and_blood", "sick_tissue_and_organs",
                        "dense_insects_frogs_snakes", "other"]

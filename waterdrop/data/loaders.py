@@ -24,10 +24,9 @@ from waterdrop.data.dataset import (
     TaskDataset,
     TrainTransform,
     collate,
-    read_records,
-    read_unlabeled,
 )
 from waterdrop.data.sampler import BalancedStream, PlainStream, RepeatFactorStream, WithUnlabeled, repeat_factors
+from waterdrop.records import read_records, read_unlabeled
 
 if TYPE_CHECKING:
     from waterdrop.model.multitask import MultiTaskNet

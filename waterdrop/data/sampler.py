@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 
-def task_weights(policy: str, sizes: list[int], names: list[str], weights: dict[str, float]) -> np.ndarray:
+def task_sampling_probabilities(policy: str, sizes: list[int], names: list[str],
+                                weights: dict[str, float]) -> np.ndarray:
     """Probability that a batch slot goes to each task.
 
     ``size``: proportional to the task's training set; ``uniform``: equal;

@@ -18,7 +18,7 @@ from mmengine.model import is_model_wrapper
 
 from waterdrop import __version__, progress
 from waterdrop.evaluation.metrics import json_safe
-from waterdrop.evaluation.plots import task_weights
+from waterdrop.evaluation.plots import loss_weight_curves
 
 
 def _memory() -> str:
@@ -182,4 +182,4 @@ class WaterdropHook(Hook):
             writer.writerows(self.rows)
         # Every epoch, so that an interrupted run has its plot too.
         if any(f"{name}.weight" in row for row in self.rows for name in self.task_names):
-            task_weights(work_dir / "loss_weights.png", self.rows, self.task_names)
+            loss_weight_curves(work_dir / "loss_weights.png", self.rows, self.task_names)

@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader
 from waterdrop import __version__, allocator
 from waterdrop.config import RegistryConfig, config_to_dict, load_registry
 from waterdrop.data.dataset import collate
-from waterdrop.data.demo import ensure_demo_data
 from waterdrop.data.loaders import build_datasets, eval_loader, network_needs, task_streams
-from waterdrop.data.sampler import MultiTaskBatchSampler, task_weights
+from waterdrop.data.sampler import MultiTaskBatchSampler, task_sampling_probabilities
 from waterdrop.engine.checkpoint import (
     allow_mmengine_checkpoints,
     best_checkpoint,
@@ -70,7 +69,7 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
                     "detector.max_boxes per image and are not trained; raise max_boxes to use them")
     # Unlabeled images (a feature asked for them) neither weigh in the task sampling nor lengthen the epoch.
     labeled = [dataset.labeled_count for dataset in train_set.datasets]
-    weights = task_weights(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
+    weights = task_sampling_probabilities(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
     batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
                                           task_streams(cfg, train_set, needs), rank, world_size, labeled)
     # Own generator, re-seeded every epoch by WaterdropHook; non-persistent workers so that
@@ -152,9 +151,7 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     work_dir = Path(work_dir)
     init_distributed(launcher)
     rank, _ = get_dist_info()
-    if cfg.demo_data is not None and rank == 0 and ensure_demo_data(cfg.demo_data):
-        printer(f"generated the demo data in {cfg.demo_data}")
-    if is_distributed():
+    if is_distributed():  # what rank 0 prepared before the call (tools/train.py: the demo data) is there for all
         barrier()
     runner = build_runner(cfg, work_dir, epochs, resume, launcher, printer)
     if rank == 0 and not resume:  # a resumed run keeps the record of the run it continues

@@ -70,7 +70,7 @@ def multilabel_pr_grid(path: Path, task: str, scores, truth, labels, thresholds:
     plt.close(fig)
 
 
-def task_weights(path: Path, rows: list[dict], task_names: list[str]) -> None:
+def loss_weight_curves(path: Path, rows: list[dict], task_names: list[str]) -> None:
     """The learned task-loss weights per epoch (``<task>.weight`` columns of results.csv)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in task_names:

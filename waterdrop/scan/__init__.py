@@ -18,7 +18,7 @@ except ImportError as err:  # the runtime install does not have it
 from waterdrop.scan.local import scan_local
 from waterdrop.scan.ray_engine import scan_ray  # imports Ray itself only when called
 from waterdrop.scan.rows import RowBuilder, decode_for_model
-from waterdrop.scan.sources import Entry, read_source
+from waterdrop.scan.sources import Entry, source_entries
 from waterdrop.scan.store import ScanError, ShardStore
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "ScanError",
     "ShardStore",
     "decode_for_model",
-    "read_source",
     "scan_local",
     "scan_ray",
+    "source_entries",
 ]

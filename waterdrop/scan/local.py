@@ -24,7 +24,7 @@ from pathlib import Path
 
 from waterdrop.runtime import Predictor
 from waterdrop.scan.rows import Decoded, RowBuilder, decode_for_model
-from waterdrop.scan.sources import Entry, read_source, shards
+from waterdrop.scan.sources import Entry, shards, source_entries
 from waterdrop.scan.store import Meter, ShardStore, scan_spec
 
 #: Session config entries for a session that shares its cores with decoding processes.
@@ -61,7 +61,7 @@ def scan_local(
 
     Args:
         model: the exported .onnx file.
-        source: a folder, a .jsonl manifest or a text file of paths (see ``read_source``).
+        source: a folder, a .jsonl manifest or a text file of paths (see ``source_entries``).
         out: the output folder.
         batch_size: images per onnxruntime run.
         workers: decoding processes (default: the CPUs this process may use).
@@ -94,7 +94,7 @@ def scan_local(
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
-        for shard, entries in shards(read_source(source), shard_size):
+        for shard, entries in shards(source_entries(source), shard_size):
             if store.is_done(shard, entries):
                 meter.skip()
                 continue

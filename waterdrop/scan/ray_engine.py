@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
 from waterdrop.scan.rows import RowBuilder, decode_for_model
-from waterdrop.scan.sources import Entry, read_source, shards
+from waterdrop.scan.sources import Entry, shards, source_entries
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
 
 
@@ -185,7 +185,7 @@ def scan_ray(
 
     members: list[tuple[int, list[Entry]]] = []
     number = 0
-    for shard, entries in shards(read_source(source), shard_size):
+    for shard, entries in shards(source_entries(source), shard_size):
         if store.is_done(shard, entries):
             meter.skip()
             continue

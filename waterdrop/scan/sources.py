@@ -1,4 +1,5 @@
-"""Streaming readers for a scan's SOURCE: a folder, a JSONL manifest or a text file of paths.
+"""Streaming readers for a scan's SOURCE: a folder, a JSONL manifest (parsed by
+``waterdrop.records``, as every task split is) or a text file of paths.
 
 Pools hold millions of images, so nothing here loads or sorts a whole source: each reader
 is a generator that holds one line, or one folder's entries, at a time. The order is
@@ -16,13 +17,13 @@ detects that when it resumes.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from waterdrop.imageio import IMAGE_SUFFIXES
+from waterdrop.records import is_manifest, parse_manifest
 
 
 class Entry(NamedTuple):
@@ -64,28 +65,20 @@ def read_path_list(list_file: str | Path) -> Iterator[Entry]:
                 yield Entry(os.path.normpath(os.path.join(base, path)))
 
 
-def read_manifest(manifest: str | Path) -> Iterator[Entry]:
-    """JSON lines ``{"image": path relative to the manifest, ...}``; other keys are ignored.
+def manifest_entries(manifest: str | Path) -> Iterator[Entry]:
+    """The images of a manifest (read by ``waterdrop.records.parse_manifest``); other keys are ignored.
 
-    A line that is not such an object still gives an entry (named ``MANIFEST:LINE``) whose
-    problem becomes that row's error, so a typo in line 3,000,000 costs one row, not the scan.
+    A line that names no image still gives an entry (named ``MANIFEST:LINE``) whose problem
+    becomes that row's error, so a typo in line 3,000,000 costs one row, not the scan.
     """
-    base = os.path.dirname(os.path.abspath(manifest))
-    with open(manifest, encoding="utf-8", errors="surrogateescape") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                image = json.loads(line)["image"]
-                if not isinstance(image, str) or not image:
-                    raise TypeError("'image' is not a non-empty string")
-            except (ValueError, TypeError, KeyError) as err:
-                yield Entry(f"{manifest}:{number}", f"manifest line {number} is not {{'image': path}} ({err})")
-                continue
-            yield Entry(os.path.normpath(os.path.join(base, image)))
+    for line in parse_manifest(manifest):
+        if line.item is None:
+            yield Entry(f"{manifest}:{line.number}", f"manifest line {line.number}: {line.problem}")
+        else:
+            yield Entry(os.path.abspath(line.item["image"]))
 
 
-def read_source(source: str | Path) -> Iterator[Entry]:
+def source_entries(source: str | Path) -> Iterator[Entry]:
     """The entries of a folder (recursive), a ``.jsonl`` manifest or a text file of paths.
 
     Raises:
@@ -99,7 +92,7 @@ def read_source(source: str | Path) -> Iterator[Entry]:
     suffix = os.path.splitext(source)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         raise ValueError(f"{source} is an image; give a folder, a .jsonl manifest or a text file of paths")
-    return read_manifest(source) if suffix == ".jsonl" else read_path_list(source)
+    return manifest_entries(source) if is_manifest(source) else read_path_list(source)
 
 
 def shards(entries: Iterable[Entry], shard_size: int) -> Iterator[tuple[int, list[Entry]]]:
