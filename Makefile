@@ -32,7 +32,9 @@ runtime-check: install
 	$(PY) tests/make_runtime_fixture.py work_dirs/runtime-check
 	cd work_dirs && ../.venv-runtime/bin/python -c "import importlib.util, sys; \
 		assert importlib.util.find_spec('torch') is None, 'torch is installed'; \
-		import waterdrop.runtime; print('waterdrop.runtime imported without torch')"
+		import waterdrop.runtime; print('waterdrop.runtime imported without torch'); \
+		from waterdrop.config import load_registry; cfg = load_registry('../registry.yaml'); \
+		print('registry.yaml loaded without torch:', ', '.join(cfg.task_names))"
 	# exit code 1: one of the images is corrupt on purpose (scored images: 3, error lines: 1)
 	cd work_dirs && ../.venv-runtime/bin/python ../tools/predict.py runtime-check/model.onnx runtime-check/images \
 		> runtime-check/predictions.jsonl; test $$? -eq 1

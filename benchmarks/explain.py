@@ -135,7 +135,8 @@ def chunk_maps(net, predictor, batch: np.ndarray, tags: list[int], size: int) ->
 
 def detector_points(net, outputs: dict, chunk: list[dict], size: int) -> np.ndarray:
     """The centre of the detector's highest-scoring box of each item's tag (NaN: not a detector class)."""
-    detector = net.heads[TASK].detector or {"classes": []}
+    settings = net.features["detector"].settings.get(TASK) if "detector" in net.features else None
+    detector = {"classes": settings.classes if settings else []}
     boxes, scores = outputs[f"{TASK}.det_boxes"], outputs[f"{TASK}.det_scores"]
     points = []
     for k, item in enumerate(chunk):

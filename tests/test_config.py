@@ -1,5 +1,7 @@
 """Config validation: every error names the file, the key and what was expected."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,9 @@ import torch
 import yaml
 
 from waterdrop.config import ConfigError, config_from_dict, config_to_dict, load_registry
+from waterdrop.config.plugins import head_declarations, kind_declarations
 from waterdrop.engine.checkpoint import RunFolderError, check_resumable
+from waterdrop.kinds import kind_of
 from waterdrop.registry import registered_heads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,3 +129,29 @@ def test_a_run_recorded_before_a_new_config_key_still_resumes(registry_file, tmp
     torch.save({"meta": {"waterdrop": {"config": old}}}, run / "epoch_1.pth")
     with pytest.raises(RunFolderError, match="train.epochs"):
         check_resumable(run, cfg)
+
+
+def test_a_registry_loads_without_torch_kinds_or_heads(registry_file):
+    # The config layer sits below kinds and heads: it reads their declarations from source.
+    code = ("import sys\n"
+            "for name in ('torch', 'timm', 'mmengine'):\n"
+            "    sys.modules[name] = None  # unimportable\n"
+            "from waterdrop.config import load_registry\n"
+            f"cfg = load_registry({str(registry_file)!r})\n"
+            "print(','.join(cfg.task_names), ','.join(cfg.tasks[2].features))\n"
+            "print(','.join(m for m in ('waterdrop.kinds', 'waterdrop.heads', 'waterdrop.model.head') "
+            "if m in sys.modules) or 'none')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["disgusting,thriller,scene_tags", "detector", "none"]
+
+
+def test_head_and_kind_declarations_read_from_source_match_the_classes():
+    heads = registered_heads()
+    assert set(head_declarations()) == set(heads)
+    for name, declared in head_declarations().items():
+        assert declared.kind == heads[name].kind and list(declared.args) == heads[name].config_args()
+    for name, declared in kind_declarations().items():
+        kind = kind_of(name)
+        assert (declared.uses_target, declared.uses_prevalence, declared.uses_label_targets, declared.samplers) == (
+            kind.uses_target, kind.uses_prevalence, kind.uses_label_targets, kind.samplers)

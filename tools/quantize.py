@@ -10,7 +10,7 @@ are counted and skipped. Every task is scored
 in fp32 and int8 by its kind's metric (binary: AP; multi-label: mAP; graded: mean boundary
 AP) on its test split (else val) from the registry the model was trained with: by default the
 run folder next to MODEL.onnx (its config/resolved.json); --registry names a run folder or a
-registry YAML (a YAML needs the training install); --eval gives each task's data instead.
+registry YAML; --eval gives each task's data instead.
 The int8 file is written only when no task drops by more than --max-ap-drop (exit code 1
 otherwise, naming the task and its drop, and what to try next) unless --force. The default
 output, MODEL.int8.onnx beside MODEL, is refused when it exists, unless --overwrite. Thresholds are chosen again on the

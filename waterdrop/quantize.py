@@ -65,8 +65,7 @@ class TaskData:
 
 
 def load_config(path: str | Path) -> RegistryConfig:
-    """A run folder or its ``config/resolved.json`` (torch-free), or a registry YAML (loading it
-    checks the heads, which imports torch: the training install)."""
+    """A run folder, its ``config/resolved.json`` or a registry YAML (all torch-free)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config" / "resolved.json"
@@ -74,11 +73,7 @@ def load_config(path: str | Path) -> RegistryConfig:
         if not path.is_file():
             raise ValueError(f"{path}: not found; give a run folder, its config/resolved.json or a registry YAML")
         return config_from_dict(json.loads(path.read_text()))
-    try:
-        return load_registry(path)
-    except ModuleNotFoundError as err:
-        raise ValueError(f"reading the registry YAML {path} needs the training install ({err}); with the runtime "
-                         "install give the run folder (its config/resolved.json) or --eval TASK=PATH") from err
+    return load_registry(path)
 
 
 def task_data_from_config(cfg: RegistryConfig, entries: list[dict]) -> dict[str, TaskData]:

@@ -36,7 +36,7 @@ from waterdrop.config.schema import (
     feature_levels,
 )
 from waterdrop.relations import RelationError, RelationGraph
-from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights, packaged_weights_file
+from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights
 
 
 def _load_weights(sec: Section, backbone: str, root: Path) -> tuple[Path | str | None, list[float], list[float]]:
@@ -46,8 +46,7 @@ def _load_weights(sec: Section, backbone: str, root: Path) -> tuple[Path | str |
     norm_mean, norm_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     if pretrained == IMAGENET:
         try:
-            entry = packaged_weights(backbone)
-            packaged_weights_file(backbone)
+            entry = packaged_weights(backbone)  # that the package is installed is the trunk's to check
         except ValueError as err:
             raise ConfigError(sec.file, sec.path("pretrained"), str(err)) from err
         norm_mean, norm_std = list(entry.mean), list(entry.std)

@@ -42,7 +42,7 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         model = cfg.model
         self.task_names = cfg.task_names
-        with blamed_on(cfg.file, "model.backbone"):
+        with blamed_on(cfg.file, "model"):
             self.trunk = Trunk(model.backbone, model.pretrained, model.cbam)
         levels = len(self.trunk.levels)
         self.fusion = None
