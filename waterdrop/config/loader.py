@@ -275,23 +275,6 @@ def _check_head(sec: Section, head_type: str, args: dict[str, Any]) -> HeadDecla
     return head
 
 
-def _load_augment(sec: Section) -> AugmentConfig:
-    scale = sec.raw("crop_scale", [0.6, 1.0])
-    if (not isinstance(scale, list) or len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale)
-            or not 0 < scale[0] <= scale[1] <= 1):
-        raise sec.fail("crop_scale", scale, "[min, max] area fractions with 0 < min <= max <= 1")
-    augment = AugmentConfig(
-        crop_scale=(float(scale[0]), float(scale[1])),
-        hflip=sec.boolean("hflip", True),
-        rotation=sec.number("rotation", 0.0, low=0, high=180),
-        color=sec.number("color", 0.0, low=0, high=1),
-        erasing=sec.number("erasing", 0.0, low=0, high=1),
-        cutmix=sec.number("cutmix", 0.0, low=0, high=1),
-    )
-    sec.finish()
-    return augment
-
-
 def _load_sampler(sec: Section) -> SamplerConfig:
     if isinstance(sec.raw("sampler", "plain"), str):
         return SamplerConfig(type=sec.string("sampler", "plain", SAMPLERS))
@@ -346,7 +329,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         sampler=_load_sampler(sec),
         loss_weight=sec.number("loss_weight", 1.0, low=0),
         deploy=_load_deploy(sec.section("deploy"), labels, kind),
-        augment=_load_augment(sec.section("augment")),
+        augment=read_settings(sec.section("augment"), AugmentConfig),
         relations=_load_relations(sec, path.parent, labels, parents),
     )
     for key, settings in FEATURE_SETTINGS.items():

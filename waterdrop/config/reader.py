@@ -122,6 +122,8 @@ def read_settings(sec: Section, settings: type, context: dict | None = None) -> 
         problem = meta["check"](value, context or {}) if meta.get("check") else None
         if problem:
             raise sec.fail(spec.name, value, problem)
+        if typing.get_origin(kind) is tuple:
+            value = tuple(kind.__args__[0](v) for v in value) if len(set(kind.__args__)) == 1 else tuple(value)
         values[spec.name] = value
     sec.finish()
     return settings(**values)

@@ -169,14 +169,23 @@ class DeployConfig:
 
 
 
+def area_fractions(scale: Any, context: dict) -> str | None:
+    """A ``check`` of ``[min, max]`` area fractions."""
+    if (not isinstance(scale, (list, tuple)) or len(scale) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+            or not 0 < scale[0] <= scale[1] <= 1):
+        return "[min, max] area fractions with 0 < min <= max <= 1"
+    return None
+
+
 @dataclass
 class AugmentConfig:
-    crop_scale: tuple[float, float]
-    hflip: bool
-    rotation: float = 0.0
-    color: float = 0.0
-    erasing: float = 0.0
-    cutmix: float = 0.0
+    crop_scale: tuple[float, float] = setting((0.6, 1.0), check=area_fractions)
+    hflip: bool = setting(True)
+    rotation: float = setting(0.0, low=0, high=180)
+    color: float = setting(0.0, low=0, high=1)
+    erasing: float = setting(0.0, low=0, high=1)
+    cutmix: float = setting(0.0, low=0, high=1)
 
 
 @dataclass

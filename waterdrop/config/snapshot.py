@@ -9,19 +9,14 @@ without reading the YAML files again, which may have changed since. Plain data i
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 from waterdrop.config.schema import (
     FEATURE_SETTINGS,
-    AugmentConfig,
-    DeployConfig,
-    DistillationConfig,
-    FusionConfig,
-    LossWeightingConfig,
-    ModelConfig,
     RegistryConfig,
-    SamplerConfig,
     TaskConfig,
     TrainConfig,
 )
@@ -55,8 +50,36 @@ def config_to_dict(cfg: RegistryConfig) -> dict:
     return {**_plain(cfg), "snapshot_format": SNAPSHOT_FORMAT}
 
 
-def _path(value: str | None) -> Path | None:
-    return None if value is None else Path(value)
+def _value(hint: Any, value: Any) -> Any:
+    """``value`` of plain data as the type ``hint`` says."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if Path in args and str in args:  # weights: "imagenet" names packaged ones, else a resolved file
+            return value if value == IMAGENET else Path(value)
+        inner = [a for a in args if a is not type(None)]
+        return _value(inner[0], value) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return _rebuild(hint, value)
+    if hint is Path:
+        return Path(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is list:
+        return [_value(args[0], v) for v in value]
+    if origin is dict and args:
+        return {k: _value(args[1], v) for k, v in value.items()}
+    return value
+
+
+def _rebuild(cls: type, data: dict, **given: Any) -> Any:
+    """A config dataclass from its snapshot, each field by its type; a field the snapshot lacks
+    (taken before the field existed) gets its default."""
+    hints = typing.get_type_hints(cls)
+    values = {f.name: _value(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)
+              if f.name in data and f.name not in given}
+    return cls(**values, **given)
 
 
 def _old_features(data: dict) -> dict:
@@ -70,49 +93,22 @@ def _old_features(data: dict) -> dict:
     return features
 
 
-def _task(data: dict, snapshot_format: int) -> TaskConfig:
+def _task(data: dict) -> TaskConfig:
     data = dict(data)
     # A task snapshot with "features" is of format 3 at least, whatever the format says.
-    features = data["features"] if "features" in data else _old_features(data)
-    deploy = dict(data["deploy"])
-    deploy["label_targets"] = {k: tuple(v) for k, v in deploy["label_targets"].items()}
-    augment = dict(data["augment"], crop_scale=tuple(data["augment"]["crop_scale"]))
-    relations = data["relations"]
-    return TaskConfig(
-        **{k: data[k] for k in ("name", "head_type", "head_args", "labels", "negative_label", "loss_weight")},
-        file=Path(data["file"]), train=Path(data["train"]), val=Path(data["val"]), test=_path(data["test"]),
-        unlabeled=_path(data["unlabeled"]), sampler=SamplerConfig(**data["sampler"]),
-        deploy=DeployConfig(**deploy), augment=AugmentConfig(**augment),
-        features={key: FEATURE_SETTINGS[key](**value) for key, value in features.items()},
-        relations=None if relations is None else RelationGraph(data["labels"], relations["implies"],
-                                                               relations["excludes"]))
-
-
-def _train(data: dict, snapshot_format: int) -> TrainConfig:
-    train = dict(data)
-    # Both are absent from snapshots taken before they existed: fixed weights, no teacher.
-    weighting = dict(train.get("loss_weighting", {}))
-    if snapshot_format < 2 and weighting.get("type") == "uncertainty" and weighting.get("lr") == 0.025:
-        weighting["lr"] = None  # format 1's default, which uncertainty weighting did not read
-    train["loss_weighting"] = LossWeightingConfig(**weighting)
-    distillation = train.get("distillation")
-    train["distillation"] = None if distillation is None else DistillationConfig(
-        **dict(distillation, teacher=Path(distillation["teacher"])))
-    return TrainConfig(**train)
-
-
-def _weights(pretrained: str | None) -> Path | str | None:
-    # "imagenet" names packaged weights; any other string was a resolved local file.
-    return pretrained if pretrained in (None, IMAGENET) else Path(pretrained)
+    features = data.pop("features") if "features" in data else _old_features(data)
+    relations = data.pop("relations", None)
+    graph = None if relations is None else RelationGraph(data["labels"], relations["implies"], relations["excludes"])
+    return _rebuild(TaskConfig, data, relations=graph,
+                    features={key: _rebuild(FEATURE_SETTINGS[key], value) for key, value in features.items()})
 
 
 def config_from_dict(data: dict) -> RegistryConfig:
-    model = dict(data["model"])
-    model["pretrained"] = _weights(model["pretrained"])
-    fusion = model.get("fusion")  # absent from snapshots taken before fusion models existed
-    if fusion is not None:
-        fusion = FusionConfig(**dict(fusion, pretrained=_weights(fusion["pretrained"])))
-    model["fusion"] = fusion
-    return RegistryConfig(file=Path(data["file"]), root=Path(data["root"]), demo_data=_path(data["demo_data"]),
-                          model=ModelConfig(**model), train=_train(data["train"], data.get("snapshot_format", 1)),
-                          tasks=[_task(t, data.get("snapshot_format", 1)) for t in data["tasks"]])
+    snapshot_format = data.get("snapshot_format", 1)
+    train = dict(data["train"])
+    weighting = dict(train.get("loss_weighting", {}))
+    if snapshot_format < 2 and weighting.get("type") == "uncertainty" and weighting.get("lr") == 0.025:
+        weighting["lr"] = None  # format 1's default, which uncertainty weighting did not read
+    train["loss_weighting"] = weighting
+    return _rebuild(RegistryConfig, data, train=_rebuild(TrainConfig, train),
+                    tasks=[_task(task) for task in data["tasks"]])

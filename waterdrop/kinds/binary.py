@@ -55,7 +55,7 @@ class BinaryKind(TaskKind):
     def runtime_result(self, entry, outputs, row, size):
         score = float(outputs["prob"][row])
         result = {"score": round(score, 6), "threshold": entry["threshold"], "positive": score >= entry["threshold"]}
-        if "decision" in outputs:  # cascade: the AND of both networks, decided in the graph
+        if "decision" in outputs:  # decided inside the graph (a feature of the task made it, e.g. two networks)
             result["positive"] = bool(outputs["decision"][row])
             result["stage_scores"] = [round(float(outputs[k][row]), 6) for k in ("stage1_prob", "stage2_prob")]
         if "subclass_prob" in outputs:

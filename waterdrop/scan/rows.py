@@ -93,7 +93,7 @@ class RowBuilder:
             pa.field("error", pa.string()),
         ]
         self.types: dict[str, dict[str, str]] = {}
-        kinds = {entry["name"]: entry["kind"] for entry in predictor.tasks}
+        kinds = {entry["name"]: entry["kind"] for entry in predictor.meta["tasks"]}
         for task, result in probe.items():
             types = self.types[task] = {**kind_of(kinds[task]).result_fields, **COMMON_RESULT_FIELDS}
             self.fields[task] = [key for key in result if types.get(key) != "constant"]
