@@ -250,7 +250,7 @@ def test_grad_cam_names_what_it_knows(built):
     assert not torch.equal(together[0][1], together[1][1])
     # A shallower level, a sub-class and the PCB head all give maps.
     maps, _ = grad_cam(net, batch, "disgusting", "insects", level=2)
-    assert maps.shape == (1, 64, 64) and 0 <= float(maps.min()) and float(maps.max()) <= 1
+    assert maps.shape == (1, 64, 64) and 0 <= float(maps.min()) and float(maps.max()) == pytest.approx(1.0)  # its peak
 
 
 def test_onnx_cams_match_pytorch_at_batch_one_and_three(built, exported):

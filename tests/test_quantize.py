@@ -191,7 +191,7 @@ def test_the_maps_of_an_int8_file_are_compared_with_the_fp32_maps(exported, demo
     assert record["cams"]["scene_tags.cam"]["maps"] == 8 * len(load_config(registry).tasks[2].labels)
     for agreement in record["cams"].values():
         assert 0 <= agreement["drawn_mean_abs_difference"] < 0.5
-        assert agreement["correlation"] is None or agreement["correlation"] > 0.5
+        assert agreement["correlation"] > 0.5  # None only for a constant map; at 64 px each map is 2 x 2 and varies
     assert _metadata(out)["quantization"]["cams"] == record["cams"]
     int8 = Predictor(out)
     _, maps = int8.explain_batch(*int8._prepared([np.zeros((64, 64, 3), np.uint8)]))

@@ -332,10 +332,18 @@ def test_cli_on_labeled_recalls_and_a_multilabel_task(tiny_model, demo_root, tmp
         0.55,
     )
     assert done.returncode == 0, done.stderr
-    for row in _rows(tmp_path / "recalls" / "hard.csv"):
+    hard = _rows(tmp_path / "recalls" / "hard.csv")
+    for row in hard:
         assert (row["truth"] == "1" and float(row["prob"]) < 0.45) or (
             row["truth"] == "0" and float(row["prob"]) > 0.55
         )
+    # Every confidently wrong image is listed: truth from the manifest, scores of all 32 images.
+    manifest = [json.loads(line) for line in (demo_root / "disgusting" / "val.jsonl").read_text().splitlines()]
+    positive = {str(demo_root / "disgusting" / item["image"]): item["labels"] != ["normal"] for item in manifest}
+    scored = {r["path"]: float(r["prob"]) for r in _rows(tmp_path / "recalls" / "predicted_loss.csv")}
+    assert set(scored) == set(positive)
+    wrong = {path for path, prob in scored.items() if (prob < 0.45 if positive[path] else prob > 0.55)}
+    assert wrong and {row["path"] for row in hard} == wrong and len(hard) == len(wrong)
     done = _select(
         model, demo_root / "scene_tags" / "val", "--budget", 4, "--task", "scene_tags", "--out", tmp_path / "tags"
     )
