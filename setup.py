@@ -46,6 +46,7 @@ setup(
         "waterdrop.data",
         "waterdrop.engine",
         "waterdrop.evaluation",
+        "waterdrop.features",
         "waterdrop.heads",
         "waterdrop.scan",
     ],

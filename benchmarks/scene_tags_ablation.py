@@ -27,11 +27,11 @@ from waterdrop.data.demo import SMALL_OBJECTS, ensure_demo_data
 from waterdrop.engine.train import run_training
 
 ROWS = [
-    ("baseline: BCE, plain sampler", {"head": {"loss": "bce", "detector": None}, "sampler": "plain",
+    ("baseline: BCE, plain sampler", {"head": {"loss": "bce"}, "detector": None, "sampler": "plain",
                                       "relations": None}),
     ("+ repeat-factor sampling", {"sampler": {"type": "repeat_factor", "threshold": 0.1, "function": "sqrt"}}),
     ("+ focal loss", {"head": {"loss": "focal", "gamma": 2.0}}),
-    ("+ SSD small-object assist", {"head": {"detector": "from the task YAML"}}),
+    ("+ SSD small-object assist", {"detector": "from the task YAML"}),
 ]
 
 
@@ -47,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     registry_path, base, cfg, task_cfg, task = load_base(args.registry, args.task)
-    detector = task["head"].get("detector")
+    detector = task.get("detector")
     relations = task.get("relations")
     if not args.registry:
         ensure_demo_data(cfg.demo_data)
@@ -60,8 +60,8 @@ def main() -> int:
     for seed in args.seeds:
         current = task
         for i, (name, change) in enumerate(ROWS):
-            if change.get("head", {}).get("detector") == "from the task YAML":
-                change = {"head": {"detector": detector}}
+            if change.get("detector") == "from the task YAML":
+                change = {"detector": detector}
             current = merge(current, change, replace=("sampler", "detector"))
             folder = out / f"seed{seed}" / f"row{i}"
             run_task = dict(current)

@@ -15,6 +15,7 @@ from waterdrop.config import ConfigError, config_from_dict, config_to_dict, load
 from waterdrop.config.schema import setting
 from waterdrop.contract import METADATA_KEY
 from waterdrop.engine.model import WaterdropModel
+from waterdrop.engine.optim import parameter_groups, reorder_saved_optimizer_state
 from waterdrop.evaluation.evaluate import evaluate, format_report
 from waterdrop.export import export_onnx
 from waterdrop.features import base
@@ -117,3 +118,34 @@ def test_a_feature_key_is_read_like_any_other(probe, registry_file):
     edit_task(registry_file, "thriller", probe={"weight": -1})
     with pytest.raises(ConfigError, match="key 'probe.weight'.*a number >= 0"):
         load_registry(registry_file)
+
+
+def test_an_old_run_resumes_with_its_weights_and_optimizer_state_on_the_right_parameters(registry_file):
+    # Before features had their own home, the SSD sat inside the multi-label head and the
+    # cascades followed the heads; torch keeps optimizer state by parameter position.
+    edit_task(registry_file, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 2})
+    model = WaterdropModel(load_registry(registry_file))
+    today = model.state_dict()
+    ssd = [name for name in today if ".features.detector." in name]
+    rest = [name for name in today if name not in ssd]
+    after_head = 1 + max(k for k, name in enumerate(rest) if name.startswith("net.heads.scene_tags."))
+    old_order = rest[:after_head] + ssd + rest[after_head:]
+
+    def old_name(name):
+        name = name.replace("net.features.cascade.per_task.", "net.cascades.")
+        return name.replace("net.features.detector.per_task.scene_tags.ssd.", "net.heads.scene_tags.ssd.")
+
+    params, groups = dict(model.named_parameters()), parameter_groups(model)
+    saved, offset = {}, 0
+    for group in groups:
+        names = sorted((name for name, _ in group), key=old_order.index)
+        saved.update((offset + k, {"exp_avg": torch.zeros_like(params[name]), "owner": name})
+                     for k, name in enumerate(names))
+        offset += len(names)
+    assert any([n for n, _ in group] != sorted((n for n, _ in group), key=old_order.index) for group in groups)
+    checkpoint = {"state_dict": {old_name(name): today[name] for name in old_order},
+                  "optimizer": {"state": saved, "param_groups": []}}
+    reorder_saved_optimizer_state(model, checkpoint)
+    flat = [name for group in groups for name, _ in group]
+    assert [checkpoint["optimizer"]["state"][k]["owner"] for k in range(len(flat))] == flat
+    assert str(model.load_state_dict(checkpoint["state_dict"], strict=True)) == "<All keys matched successfully>"

@@ -5,10 +5,10 @@ import torch
 
 from tests.conftest import edit_task
 from waterdrop.config import ConfigError, config_from_dict, config_to_dict, load_registry
-from waterdrop.engine import model as engine_model
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.features import loss_prediction
 from waterdrop.features.loss_prediction import LossPredictionModule, ranking_loss
+from waterdrop.model import multitask
 from waterdrop.model.multitask import MultiTaskNet
 
 TERM = "disgusting.loss_lossprediction"
@@ -73,7 +73,7 @@ def test_target_is_the_heads_detached_per_sample_loss_of_labeled_samples_under_c
     )
     model = WaterdropModel(load_registry(registry_file))
     seen = {}
-    original_terms, original_rank = engine_model.mixed_terms, loss_prediction.ranking_loss
+    original_terms, original_rank = multitask.mixed_terms, loss_prediction.ranking_loss
 
     def terms(head, outputs, target, mix):
         seen["mixed"] = mix is not None
@@ -84,7 +84,7 @@ def test_target_is_the_heads_detached_per_sample_loss_of_labeled_samples_under_c
         seen.update(true_loss=true_loss, margin=margin, predicted=predicted)
         return original_rank(predicted, true_loss, margin)
 
-    monkeypatch.setattr(engine_model, "mixed_terms", terms)
+    monkeypatch.setattr(multitask, "mixed_terms", terms)
     monkeypatch.setattr(loss_prediction, "ranking_loss", rank)
     images, task_index, targets = _batch()
     labeled = {"disgusting": torch.tensor([True, True, False, True, True, False])}
@@ -129,7 +129,7 @@ def test_forward_all_reads_each_tasks_own_branch_like_forward_tasks(registry_fil
 @pytest.mark.parametrize(
     ("value", "key", "words"),
     [
-        ({"levels": "deep"}, "loss_prediction.levels", "a list of feature levels in 0..4"),
+        ({"levels": "deep"}, "loss_prediction.levels", "a non-empty list of feature levels (0 = the stem"),
         ({"levels": []}, "loss_prediction.levels", "each named once"),
         ({"levels": [1, 1]}, "loss_prediction.levels", "each named once"),
         ({"hidden": 0}, "loss_prediction.hidden", ">= 1"),
@@ -149,10 +149,10 @@ def test_bad_settings_are_config_errors_naming_the_key(registry_file, value, key
 
 
 @pytest.mark.parametrize("levels", [[7], [4, -1]])
-def test_levels_the_trunk_lacks_are_refused_when_the_registry_loads(registry_file, levels):
+def test_levels_the_trunk_lacks_are_refused_when_the_model_is_built(registry_file, levels):
     edit_task(registry_file, "disgusting", loss_prediction={"levels": levels})
-    with pytest.raises(ConfigError, match="key 'loss_prediction.levels'.*feature levels in 0..4"):
-        load_registry(registry_file)
+    with pytest.raises(ConfigError, match="disgusting.yaml: key 'loss_prediction.levels'.*feature levels in 0..4"):
+        MultiTaskNet(load_registry(registry_file))
 
 
 def test_snapshot_keeps_the_setting_and_old_snapshots_mean_off(registry_file):

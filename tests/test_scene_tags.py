@@ -182,7 +182,7 @@ def test_bad_boxes_in_a_manifest_name_the_line(registry_file, copy_demo):
 @pytest.mark.parametrize(("detector", "key", "message"), [
     ({"classes": ["cat"]}, "detector.classes", "non-empty list of this task's labels"),
     ({"classes": ["ball"], "fusion": "vote"}, "detector.fusion", "one of max, mean, none"),
-    ({"classes": ["ball"], "levels": [7]}, "detector.levels", "feature levels in 0..4"),
+    ({"classes": ["ball"], "levels": []}, "detector.levels", "a non-empty list of feature levels"),
     ({"classes": ["ball"], "max_boxes": 0}, "detector.max_boxes", ">= 1"),
     ({"classes": ["ball"], "nms": 0.5}, "detector.nms", "unknown key"),
 ])
@@ -190,6 +190,12 @@ def test_detector_settings_are_checked(registry_file, detector, key, message):
     edit_task(registry_file, "scene_tags", detector=detector)
     with pytest.raises(ConfigError, match=f"scene_tags.yaml: key '{key}'.*{message}"):
         load_registry(registry_file)
+
+
+def test_detector_levels_the_trunk_lacks_are_refused_when_the_model_is_built(registry_file):
+    edit_task(registry_file, "scene_tags", detector={"classes": ["ball"], "levels": [7]})
+    with pytest.raises(ConfigError, match="scene_tags.yaml: key 'detector.levels': got \\[7\\].*levels in 0..4"):
+        MultiTaskNet(load_registry(registry_file))
 
 
 def test_detector_needs_a_multilabel_head_without_cutmix_and_left_the_head(registry_file):

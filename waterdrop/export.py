@@ -17,7 +17,7 @@ from torch import nn
 
 from waterdrop import __version__
 from waterdrop.config import RegistryConfig
-from waterdrop.contract import METADATA_KEY, metadata, outputs_of, task_entry
+from waterdrop.contract import METADATA_KEY, metadata, output_name, outputs_of, task_entry
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
 
@@ -47,7 +47,7 @@ class DeployGraph(nn.Module):
             predictions = {key: outputs[output] for key, output in outputs_of(name, list(outputs)).items()}
             for feature in self.net.features.values():
                 decided = feature.graph_decisions(name, predictions, self.thresholds[name])
-                outputs.update((f"{name}.{key}", value) for key, value in decided.items())
+                outputs.update((output_name(name, key), value) for key, value in decided.items())
         return outputs
 
 
@@ -66,7 +66,7 @@ def cam_metadata(net: MultiTaskNet, name: str, output_shapes: dict[str, tuple]) 
     """The ``cam`` entry of one task: output name, layout, map size and feature stride, and the
     same of its features' own maps (a cascade's second network's under ``stage2``). None when
     the head gives no map."""
-    if f"{name}.cam" not in output_shapes:
+    if output_name(name, "cam") not in output_shapes:
         return None
 
     def describe(output: str, stride: int) -> dict:
@@ -74,13 +74,13 @@ def cam_metadata(net: MultiTaskNet, name: str, output_shapes: dict[str, tuple]) 
         return {"output": output, "shape": "(N, labels, h, w)" if len(shape) == 4 else "(N, h, w)",
                 "size": list(shape[-2:]), "stride": stride}
 
-    entry = {**describe(f"{name}.cam", net.trunk.reductions[-1]), "meaning": net.heads[name].cam_meaning,
+    entry = {**describe(output_name(name, "cam"), net.trunk.reductions[-1]), "meaning": net.heads[name].cam_meaning,
              "values": "raw, not normalised; an overlay takes the ReLU, divides by the maximum, resizes to the "
                        "image"}
     for feature in net.features.values():
         for key, (output, stride) in feature.extra_cams(name).items():
-            if f"{name}.{output}" in output_shapes:
-                entry[key] = describe(f"{name}.{output}", stride)
+            if output_name(name, output) in output_shapes:
+                entry[key] = describe(output_name(name, output), stride)
     return entry
 
 

@@ -84,7 +84,9 @@ class Predictor:
         self.cam_outputs: dict[str, str] = {}
         for task in self.tasks:
             cam = task.get("cam") or {}
-            for key, entry in ((task["name"], cam), (f"{task['name']}.stage2", cam.get("stage2") or {})):
+            # The head's map, and those of the task's features (e.g. a cascade's "stage2").
+            further = [(f"{task['name']}.{key}", entry) for key, entry in cam.items() if isinstance(entry, dict)]
+            for key, entry in [(task["name"], cam), *further]:
                 if entry.get("output") in self.output_names:
                     self.cam_outputs[key] = entry["output"]
         # The maps are computed only when asked for (explain_batch): they are the largest outputs.

@@ -33,7 +33,7 @@ from waterdrop.config.schema import (
     SamplerConfig,
     TaskConfig,
     TrainConfig,
-    feature_levels,
+    level_problem,
 )
 from waterdrop.relations import RelationError, RelationGraph
 from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights
@@ -76,8 +76,8 @@ def _load_fusion(sec: Section | None, root: Path) -> FusionConfig | None:
 
 def _load_model(sec: Section, root: Path) -> ModelConfig:
     stages = sec.raw("task_bn_stages", [-1])
-    problem = feature_levels()(stages, {})
-    if problem:
+    problem = level_problem(stages)
+    if problem and stages != []:  # none: every BatchNorm shared
         raise sec.fail("task_bn_stages", stages, problem + ", such as [-1]")
     backbone = sec.string("backbone")
     pretrained, mean, std = _load_weights(sec, backbone, root)

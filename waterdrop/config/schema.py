@@ -18,9 +18,6 @@ SAMPLERS = ("plain", "balanced", "repeat_factor")
 REPEAT_FUNCTIONS = ("sqrt", "uniform")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
 DIVERGENCES = ("js", "kl")
-#: Feature levels of every trunk (timm's ``features_only`` default: the stem and four stages);
-#: level settings are checked against it here, the trunk checks it is so.
-FEATURE_LEVELS = 5
 FUSION_RULES = ("max", "mean", "none")
 
 
@@ -57,19 +54,35 @@ def setting(default: Any = MISSING, *, low: float | None = None, high: float | N
     return field(default=default, metadata=metadata)
 
 
+def level_problem(levels: Any, count: int | None = None, distinct: bool = False) -> str | None:
+    """What is wrong with a setting that lists feature levels (0 = the stem, -1 = the deepest), or
+    None. Without ``count`` (the trunk's levels, known once it is built) only the form is checked."""
+    ints = isinstance(levels, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
+    where = f"in 0..{count - 1} (or -1..-{count})" if count else "(0 = the stem, -1 = the deepest)"
+    expected = f"a non-empty list of feature levels {where}" + (", each named once" if distinct else "")
+    if not ints or not levels or count and any(not -count <= v < count for v in levels):
+        return expected
+    if distinct and len({v % count if count else v for v in levels}) != len(levels):
+        return expected
+    return None
+
+
 def feature_levels(distinct: bool = False) -> Callable[[Any, dict], str | None]:
-    """A ``check`` of a list of feature-level indices."""
+    """A ``check`` of a list of feature-level indices (their range is the trunk's to check)."""
+    return lambda levels, context: level_problem(levels, distinct=distinct)
 
-    def check(levels: Any, context: dict) -> str | None:
-        count = FEATURE_LEVELS
-        if (not isinstance(levels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
-                or any(not -count <= v < count for v in levels)
-                or distinct and (not levels or len({v % count for v in levels}) != len(levels))):
-            return (f"a list of feature levels in 0..{count - 1} (or -1..-{count})"
-                    + (", each named once" if distinct else ""))
-        return None
 
-    return check
+def check_levels(levels: list[int], count: int, distinct: bool = False) -> list[int]:
+    """``levels`` as indices from 0 once the trunk's ``count`` is known.
+
+    Raises:
+        ValueError: a level the trunk lacks (or one named twice with ``distinct``); build the
+            trunk within ``blamed_on`` to name the file and key.
+    """
+    problem = level_problem(levels, count, distinct)
+    if problem:
+        raise ValueError(f"got {levels}; expected {problem}")
+    return [v % count for v in levels]
 
 
 def task_labels(classes: Any, context: dict) -> str | None:
@@ -238,15 +251,6 @@ class LossPredictionConfig:
 #: The settings of each per-task feature, by its YAML key (``waterdrop.features``).
 FEATURE_SETTINGS: dict[str, type] = {"cascade": CascadeConfig, "detector": DetectorConfig,
                                      "loss_prediction": LossPredictionConfig, "mean_teacher": MeanTeacherConfig}
-
-
-def register_feature_settings(key: str, settings: type) -> None:
-    """Make ``key`` a task YAML key whose mapping becomes ``settings`` (a dataclass of ``setting``
-    fields); its feature registers itself in ``waterdrop.features`` under the same key."""
-    existing = FEATURE_SETTINGS.get(key)
-    if existing is not None and existing is not settings:
-        raise ValueError(f"task key '{key}' already holds the settings {existing.__name__}")
-    FEATURE_SETTINGS[key] = settings
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Phase:
 class SampleLosses:
     """Per-sample records of a run, one row per epoch, one column per labeled training sample.
 
-    ``losses``: the task head's loss (sum of its terms) on the augmented view trained on;
+    ``losses``: the task's loss (sum of its own terms, its features' included) on the augmented view trained on;
     ``label_prob``: the probability the model gave the sample's own label (binary: of its
     class; multi-label: of the worst-fitting annotated tag); NaN where a sample was not seen
     (undecodable). ``phases`` names each row's phase and ``lrs`` gives its mid-epoch rate.
@@ -131,7 +131,9 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
                 images = batch["inputs"].to(device)
                 target = batch["targets"][task_name].to(device)
                 outputs = net.forward_tasks(images, batch["task_index"].to(device), complete=False)
-                per_sample = sum(head.loss(outputs[task_name], target).values())
+                boxes = batch.get("boxes", {})
+                extras = {"boxes": boxes[task_name].to(device)} if task_name in boxes else {}
+                per_sample = sum(net.task_terms(task_name, outputs[task_name], target, extras=extras).values())
                 loss = per_sample.mean()
                 if not torch.isfinite(loss):
                     skipped_batches += 1

@@ -45,7 +45,8 @@ class DataNeeds:
         view_size: training samples also carry the same crop at this input size when it is
             larger than the model's (batch key ``large_inputs``).
         boxes: encodes a sample's boxes, ``boxes(classes, xyxy_fractions) -> array`` with
-            ``boxes.beyond_limit(classes)``, how many it leaves out (batch key ``boxes``).
+            ``boxes.beyond_limit(classes)``, how many it leaves out, and ``boxes.left_out(count)``,
+            the warning that says so (batch key ``boxes``).
     """
 
     second_view: bool = False
@@ -61,7 +62,7 @@ def network_needs(cfg: RegistryConfig, net: MultiTaskNet) -> dict[str, DataNeeds
     needs = {task.name: DataNeeds() for task in cfg.tasks}
     for name, task_needs in needs.items():
         for feature in net.features.values():
-            feature.data_needs(name, task_needs, net)
+            feature.data_needs(name, task_needs)
     return needs
 
 

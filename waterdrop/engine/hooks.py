@@ -17,6 +17,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from waterdrop import __version__, progress
+from waterdrop.engine.optim import reorder_saved_optimizer_state
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.evaluation.plots import loss_weight_curves
 
@@ -148,6 +149,7 @@ class WaterdropHook(Hook):
             "nonfinite_batches": self._model(runner).nonfinite_batches}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        reorder_saved_optimizer_state(self._model(runner), checkpoint)  # before the runner loads it
         state = checkpoint.get("meta", {}).get("waterdrop_resume")
         if not state:
             return

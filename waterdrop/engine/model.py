@@ -12,7 +12,6 @@ from waterdrop.config import RegistryConfig
 from waterdrop.engine.distributed import all_ranks_agree
 from waterdrop.engine.loss_weighting import TaskLossWeighting, last_shared_weight
 from waterdrop.features.base import LossBatch, build_features, rename_old_keys
-from waterdrop.model.head import mixed_terms
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -87,7 +86,7 @@ class WaterdropModel(BaseModel):
         """Fill ``needs`` (task name -> ``DataNeeds``) with what every feature asks of the loader."""
         for name, task_needs in needs.items():
             for feature in self.all_features:
-                feature.data_needs(name, task_needs, self.net)
+                feature.data_needs(name, task_needs)
 
     def forward(self, inputs, task_index, targets=None, mode="tensor", **extras):
         if mode == "loss":
@@ -111,10 +110,8 @@ class WaterdropModel(BaseModel):
             if name not in outputs:
                 continue
             task, target, mask = self.tasks[name], targets[name], labeled[name]
-            terms = mixed_terms(self.net.heads[name], outputs[name], target, mixes.get(name))
             own = {key: value[name] for key, value in extras.items() if isinstance(value, dict) and name in value}
-            for feature in self.net.features.values():
-                terms.update(feature.sample_terms(name, outputs[name], target, own))
+            terms = self.net.task_terms(name, outputs[name], target, mixes.get(name), own)
             for term, per_sample in terms.items():
                 losses[f"{name}.{term}"] = _masked_mean(per_sample, mask) * task.loss_weight
             if mask.any():  # GradNorm's training rate: the task's own terms on labeled samples
@@ -122,7 +119,6 @@ class WaterdropModel(BaseModel):
             sample_losses[name] = sum(terms.values()).detach()  # what features rank samples by
         batch = LossBatch(net=self.net, images=images, task_index=task_index, targets=targets, labeled=labeled,
                           outputs=outputs, sample_losses=sample_losses, mixes=mixes,
-                          loss_weights={name: task.loss_weight for name, task in self.tasks.items()},
                           epoch_progress=self.epoch_progress, extras=extras)
         for feature in self.all_features:
             losses.update(feature.loss_terms(batch))

@@ -65,8 +65,7 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
         build_datasets(cfg, model.net, "test")  # a bad test split fails now, not after training
     for task, dataset in zip(cfg.tasks, train_set.datasets):
         if dataset.boxes_left_out and rank == 0:
-            printer(f"warning: {task.name}: {dataset.boxes_left_out} boxes in the training data are beyond "
-                    "detector.max_boxes per image and are not trained; raise max_boxes to use them")
+            printer(f"warning: {task.name}: {needs[task.name].boxes.left_out(dataset.boxes_left_out)}")
     # Unlabeled images (a feature asked for them) neither weigh in the task sampling nor lengthen the epoch.
     labeled = [dataset.labeled_count for dataset in train_set.datasets]
     weights = task_sampling_probabilities(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)

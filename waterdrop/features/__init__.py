@@ -1,5 +1,6 @@
 """Per-task features (see ``waterdrop.features.base``). Every module in this folder is imported
-here and registers its feature itself, so a new feature is one new file, with no list to edit."""
+here and registers its feature itself: a new feature is one new file here, and its settings
+in ``waterdrop.config.schema.FEATURE_SETTINGS``."""
 
 import importlib
 import pkgutil

@@ -56,7 +56,7 @@ class LossBatch:
     ``complete=False``); ``sample_losses`` the head's per-sample loss per task (the sum of its
     terms, mixed under cutmix, detached); ``labeled`` a mask per task; ``mixes`` the cutmix
     of a task, ``(second_target, lam)``; ``extras`` what the loader added to the batch for the
-    features (e.g. ``inputs2``, ``boxes``); ``loss_weights`` each task's ``loss_weight``."""
+    features (e.g. ``inputs2``, ``boxes``)."""
 
     net: MultiTaskNet
     images: torch.Tensor
@@ -66,7 +66,6 @@ class LossBatch:
     outputs: dict[str, dict[str, torch.Tensor]]
     sample_losses: dict[str, torch.Tensor]
     mixes: dict[str, tuple[torch.Tensor, float]]
-    loss_weights: dict[str, float]
     epoch_progress: float
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +91,8 @@ class TaskFeature(nn.Module):
     def __init__(self, cfg: RegistryConfig, net: MultiTaskNet):
         super().__init__()
         self.settings: dict[str, Any] = self.settings_of(cfg)
+        #: Every task's ``loss_weight``: a feature's terms are scaled by their task's.
+        self.loss_weights = {task.name: task.loss_weight for task in cfg.tasks}
         #: Per-task modules (saved under ``features.<key>.per_task.<task>``).
         self.per_task = nn.ModuleDict()
 
@@ -147,7 +148,7 @@ class TaskFeature(nn.Module):
 
     # Data, training and evaluation --------------------------------------------------------
 
-    def data_needs(self, task: str, needs: DataNeeds, net: MultiTaskNet) -> None:
+    def data_needs(self, task: str, needs: DataNeeds) -> None:
         """Ask the loader of ``task``'s training and evaluation data for what the feature reads."""
 
     def sample_terms(self, task: str, outputs: dict[str, torch.Tensor], target: torch.Tensor,
@@ -198,7 +199,11 @@ def rename_old_keys(features: nn.ModuleDict, state: dict, prefix: str) -> None:
     ``renamed_state``: a load_state_dict pre-hook of the module that holds them."""
     renames = {prefix + old: prefix + new for feature in features.values()
                for old, new in feature.renamed_state().items()}
-    for name in [n for n in state if n.startswith(prefix)]:
+    if not any(name.startswith(old) for name in state for old in renames):
+        return
+    renamed = {}
+    for name, value in state.items():  # in order: the order of a state dict is its modules' order
         old = next((o for o in renames if name.startswith(o)), None)
-        if old is not None:
-            state[renames[old] + name[len(old):]] = state.pop(name)
+        renamed[name if old is None else renames[old] + name[len(old):]] = value
+    state.clear()
+    state.update(renamed)

@@ -61,7 +61,6 @@ class Cascade(TaskFeature):
                 trunk = Trunk(spec.backbone, cascade_weights(cfg.model, spec.backbone), cfg.model.cbam)
             head = head_classes[task.head_type](trunk.channels, task.labels, task.negative_label, **task.head_args)
             self.per_task[task.name] = CascadeNet(trunk, head)
-        self.loss_weights = {task.name: task.loss_weight for task in cfg.tasks}
         self.register_buffer("mean", torch.tensor(cfg.model.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(cfg.model.std).view(1, 3, 1, 1) * 255, persistent=False)
 

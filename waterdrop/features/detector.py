@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from waterdrop.config import RegistryConfig
+from waterdrop.config import RegistryConfig, blamed_on
+from waterdrop.config.schema import check_levels
 from waterdrop.detection import detect, detection_ap
 from waterdrop.evaluation.metrics import average_precision
 from waterdrop.features.base import TaskFeature, register_feature
@@ -35,6 +36,10 @@ class BoxEncoder:
 
     def __init__(self, classes: list[str], max_boxes: int):
         self.classes, self.max_boxes = list(classes), max_boxes
+
+    def left_out(self, count: int) -> str:
+        return (f"{count} boxes in the training data are beyond detector.max_boxes ({self.max_boxes}) per image "
+                "and are not trained; raise max_boxes to use them")
 
     def beyond_limit(self, classes: list[str]) -> int:
         return max(0, sum(c in self.classes for c in classes) - self.max_boxes)
@@ -71,13 +76,15 @@ class Detector(TaskFeature):
 
     def __init__(self, cfg: RegistryConfig, net):
         super().__init__(cfg, net)
-        levels = len(net.channels)
-        labels = {task.name: task.labels for task in cfg.tasks}
-        for task, spec in self.settings.items():
-            self.per_task[task] = AssistingDetector(net.channels, sorted({v % levels for v in spec.levels}),
-                                                    labels[task], spec.classes, spec.anchor_scale)
-        self.labels = labels
-        self.loss_weights = {task.name: task.loss_weight for task in cfg.tasks}
+        self.labels = {task.name: task.labels for task in cfg.tasks}
+        for task in cfg.tasks:
+            spec = self.settings.get(task.name)
+            if spec is None:
+                continue
+            with blamed_on(task.file, "detector.levels"):
+                levels = sorted(set(check_levels(spec.levels, len(net.channels))))
+            self.per_task[task.name] = AssistingDetector(net.channels, levels, task.labels, spec.classes,
+                                                         spec.anchor_scale)
 
     def renamed_state(self):
         # The SSD head was part of the multi-label head, whose own weights are not renamed.
@@ -106,7 +113,7 @@ class Detector(TaskFeature):
                 "format": "det_boxes (N, anchors, 4): x1, y1, x2, y2 as fractions of the image; det_scores "
                           "(N, anchors, classes): per-class probabilities; before NMS (the runtime applies it)"}
 
-    def data_needs(self, task, needs, net):
+    def data_needs(self, task, needs):
         if task in self.settings:
             needs.boxes = BoxEncoder(self.settings[task].classes, self.settings[task].max_boxes)
 

@@ -112,9 +112,8 @@ class Distillation(TaskFeature):
         # Held outside the module tree (see the module's docstring).
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
         self.input_size = teacher_cfg.model.input_size
-        self.loss_weights = {task.name: task.loss_weight for task in cfg.tasks}
 
-    def data_needs(self, task, needs, net):
+    def data_needs(self, task, needs):
         if task in self.settings:
             needs.view_size = self.input_size
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from waterdrop.config import RegistryConfig
+from waterdrop.config import RegistryConfig, blamed_on
+from waterdrop.config.schema import check_levels
 from waterdrop.features.base import LossBatch, TaskFeature, register_feature
 from waterdrop.model.head import pooled
 
@@ -85,11 +86,13 @@ class LossPrediction(TaskFeature):
 
     def __init__(self, cfg: RegistryConfig, net):
         super().__init__(cfg, net)
-        levels = len(net.channels)
-        for task, spec in self.settings.items():
-            self.per_task[task] = LossPredictionModule(net.channels, [v % levels for v in spec.levels], spec.hidden,
-                                                       spec.detach)
-        self.loss_weights = {task.name: task.loss_weight for task in cfg.tasks}
+        for task in cfg.tasks:
+            spec = self.settings.get(task.name)
+            if spec is None:
+                continue
+            with blamed_on(task.file, "loss_prediction.levels"):
+                levels = check_levels(spec.levels, len(net.channels), distinct=True)
+            self.per_task[task.name] = LossPredictionModule(net.channels, levels, spec.hidden, spec.detach)
 
     def renamed_state(self):
         return {"loss_predictors.": "features.loss_prediction.per_task."}

@@ -38,7 +38,6 @@ class MeanTeacher(TaskFeature):
         self.teacher = copy.deepcopy(net).requires_grad_(False)
         self.ema_decay = next(iter(self.settings.values())).ema_decay
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
-        self.loss_weights = {task.name: task.loss_weight for task in cfg.tasks}
         self.unlabeled = {task.name: task.unlabeled for task in cfg.tasks}
 
     def renamed_state(self):
@@ -47,7 +46,7 @@ class MeanTeacher(TaskFeature):
     def deployed(self):
         return self.teacher
 
-    def data_needs(self, task, needs, net):
+    def data_needs(self, task, needs):
         if task in self.settings:
             needs.second_view = True
             if self.unlabeled[task] is not None:

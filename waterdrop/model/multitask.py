@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from waterdrop.config import RegistryConfig, blamed_on
+from waterdrop.config.schema import check_levels
+from waterdrop.contract import output_name
 from waterdrop.features.base import build_features, rename_old_keys
+from waterdrop.model.head import mixed_terms
 from waterdrop.model.task_bn import TaskRouting, branch_norms
 from waterdrop.model.trunk import Trunk
 from waterdrop.registry import registered_heads
@@ -55,7 +58,8 @@ class MultiTaskNet(nn.Module):
                                  persistent=False)
             self.register_buffer("fusion_std", torch.tensor(model.fusion.std).view(1, 3, 1, 1) * 255,
                                  persistent=False)
-        branched = sorted({s % levels for s in model.task_bn_stages})
+        with blamed_on(cfg.file, "model.task_bn_stages"):
+            branched = sorted(set(check_levels(model.task_bn_stages, levels))) if model.task_bn_stages else []
         self.routing = TaskRouting(len(cfg.tasks))
         for level in branched:
             branch_norms(self.trunk.levels[level], self.routing)
@@ -130,6 +134,16 @@ class MultiTaskNet(nn.Module):
                 outputs[name] = self.task_outputs(name, [f[rows] for f in feats], images[rows], complete)
         return outputs
 
+    def task_terms(self, name: str, outputs: dict[str, torch.Tensor], target: torch.Tensor, mix=None,
+                   extras: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The task's own per-sample loss terms: its head's (mixed under cutmix, ``mix`` =
+        ``(second_target, lam)``) and its features' (``TaskFeature.sample_terms``, from the
+        loader's ``extras`` of the task's samples, e.g. ``boxes``)."""
+        terms = mixed_terms(self.heads[name], outputs, target, mix)
+        for feature in self.features.values():
+            terms.update(feature.sample_terms(name, outputs, target, extras or {}))
+        return terms
+
     def task_predictions(self, name: str, outputs: dict) -> dict[str, torch.Tensor]:
         """Predictions of one task: its head's, as its features change them."""
         predictions = self.heads[name].predict(outputs)
@@ -193,5 +207,5 @@ class MultiTaskNet(nn.Module):
             cam = self.heads[name].cam(task_feats) if cams else None
             if cam is not None:
                 deployed["cam"] = cam
-            results.update((f"{name}.{key}", value) for key, value in deployed.items())
+            results.update((output_name(name, key), value) for key, value in deployed.items())
         return results

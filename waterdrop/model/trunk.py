@@ -10,7 +10,6 @@ import torch
 from timm.models import EfficientNetFeatures, FeatureListNet, MobileNetV3Features
 from torch import nn
 
-from waterdrop.config.schema import FEATURE_LEVELS
 from waterdrop.model.cbam import CBAM
 from waterdrop.model.pretrained import load_packaged
 from waterdrop.weights import IMAGENET
@@ -95,8 +94,6 @@ class Trunk(nn.Module):
             own = features.state_dict()
             features.load_state_dict({k: v for k, v in mapped.items() if k in own})
         children, ends = _ordered_children(features)
-        if len(ends) != FEATURE_LEVELS:  # level settings were checked against that count
-            raise ValueError(f"'{backbone}' has {len(ends)} feature levels; waterdrop needs {FEATURE_LEVELS}")
         self.channels: list[int] = features.feature_info.channels()
         self.reductions: list[int] = features.feature_info.reduction()
         levels, start = [], 0
