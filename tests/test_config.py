@@ -1,5 +1,6 @@
 """Config validation: every error names the file, the key and what was expected."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,13 @@ def test_head_and_kind_declarations_read_from_source_match_the_classes():
         kind = kind_of(name)
         assert (declared.uses_target, declared.uses_prevalence, declared.uses_label_targets, declared.samplers) == (
             kind.uses_target, kind.uses_prevalence, kind.uses_label_targets, kind.samplers)
+
+
+def test_every_package_folder_is_installed():
+    # setup.py lists its packages: a new sub-package left out works in the editable install
+    # of the tests and fails in a user's `pip install .`.
+    listed = set(re.findall(r'"(waterdrop(?:\.\w+)*)"', (REPO / "setup.py").read_text().split("packages=[", 1)[1]
+                            .split("]", 1)[0]))
+    folders = {"waterdrop." + ".".join(p.parent.relative_to(REPO / "waterdrop").parts)
+               for p in (REPO / "waterdrop").rglob("__init__.py") if p.parent != REPO / "waterdrop"}
+    assert folders | {"waterdrop", "waterdrop.heads"} == listed
