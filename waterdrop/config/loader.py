@@ -13,14 +13,11 @@ from typing import Any
 from waterdrop.config.plugins import HeadDeclaration, head_declarations, kind_declarations
 from waterdrop.config.reader import Section, read_settings, read_yaml, resolve_path
 from waterdrop.config.schema import (
-    CBAM_MODES,
     DIVERGENCES,
     FEATURE_SETTINGS,
     LOSS_WEIGHTINGS,
-    OPTIMIZERS,
     REPEAT_FUNCTIONS,
     SAMPLERS,
-    SAMPLING_POLICIES,
     TARGET_METRICS,
     AugmentConfig,
     ConfigError,
@@ -33,7 +30,6 @@ from waterdrop.config.schema import (
     SamplerConfig,
     TaskConfig,
     TrainConfig,
-    level_problem,
 )
 from waterdrop.relations import RelationError, RelationGraph
 from waterdrop.weights import IMAGENET, PACKAGED, packaged_weights
@@ -75,24 +71,10 @@ def _load_fusion(sec: Section | None, root: Path) -> FusionConfig | None:
 
 
 def _load_model(sec: Section, root: Path) -> ModelConfig:
-    stages = sec.raw("task_bn_stages", [-1])
-    problem = level_problem(stages)
-    if problem and stages != []:  # none: every BatchNorm shared
-        raise sec.fail("task_bn_stages", stages, problem + ", such as [-1]")
     backbone = sec.string("backbone")
     pretrained, mean, std = _load_weights(sec, backbone, root)
-    model = ModelConfig(
-        backbone=backbone,
-        pretrained=pretrained,
-        cbam=sec.string("cbam", "none", CBAM_MODES),
-        task_bn_stages=stages,
-        input_size=sec.number("input_size", 224, int, low=32),
-        mean=mean,
-        std=std,
-        fusion=_load_fusion(sec.optional_section("fusion"), root),
-    )
-    sec.finish()
-    return model
+    return read_settings(sec, ModelConfig, backbone=backbone, pretrained=pretrained, mean=mean, std=std,
+                         fusion=_load_fusion(sec.optional_section("fusion"), root))
 
 
 def _load_loss_weighting(sec: Section) -> LossWeightingConfig:
@@ -140,37 +122,8 @@ def _load_distillation(sec: Section | None, root: Path) -> DistillationConfig | 
 
 
 def _load_train(sec: Section, root: Path) -> TrainConfig:
-    opt = sec.section("optimizer")
-    sampling = sec.section("task_sampling")
-    weights = sampling.raw("weights", {})
-    if not isinstance(weights, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in weights.values()):
-        raise sampling.fail("weights", weights, "a mapping of task name to a weight >= 0")
-    amp = sec.raw("amp", "auto")
-    if amp not in ("auto", True, False):
-        raise sec.fail("amp", amp, "auto, true or false")
-    train = TrainConfig(
-        epochs=sec.number("epochs", 10, int, low=1),
-        batch_size=sec.number("batch_size", 32, int, low=1),
-        num_workers=sec.number("num_workers", 2, int, low=0),
-        optimizer=opt.string("type", "AdamW", OPTIMIZERS),
-        lr=opt.number("lr", 1e-3, low=0, low_open=True),
-        weight_decay=opt.number("weight_decay", 0.05, low=0),
-        momentum=opt.number("momentum", 0.9, low=0, high=1),
-        warmup_epochs=sec.number("warmup_epochs", 1, low=0),
-        trunk_lr_mult=opt.number("trunk_lr_mult", 1.0, low=0),
-        freeze_trunk_epochs=sec.number("freeze_trunk_epochs", 0, int, low=0),
-        amp={True: "on", False: "off"}.get(amp, "auto"),
-        sampling_policy=sampling.string("policy", "size", SAMPLING_POLICIES),
-        sampling_weights={str(k): float(v) for k, v in weights.items()},
-        seed=sec.number("seed", 0, int, low=0),
-        log_interval=sec.number("log_interval", 10, int, low=1),
-        loss_weighting=_load_loss_weighting(sec),
-        distillation=_load_distillation(sec.optional_section("distillation"), root),
-    )
-    for s in (opt, sampling, sec):
-        s.finish()
-    return train
+    return read_settings(sec, TrainConfig, loss_weighting=_load_loss_weighting(sec),
+                         distillation=_load_distillation(sec.optional_section("distillation"), root))
 
 
 def _load_labels(sec: Section, task_dir: Path) -> tuple[list[str], dict[str, list[str]]]:

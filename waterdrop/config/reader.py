@@ -101,29 +101,41 @@ def resolve_path(root: Path, value: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def read_settings(sec: Section, settings: type, context: dict | None = None) -> Any:
+def read_settings(sec: Section, settings: type, context: dict | None = None, **given: Any) -> Any:
     """A settings dataclass (``waterdrop.config.schema.setting`` fields) from ``sec``: each field
-    read by its name, type, default and limits; unknown keys are errors."""
+    read by its name (or ``at``), type, default and limits; unknown keys are errors. Fields in
+    ``given`` were read by the caller (with ``sec``, so that they count as known keys)."""
     hints = typing.get_type_hints(settings)
-    values = {}
+    values, parts = dict(given), {}
     for spec in dataclasses.fields(settings):
+        if spec.name in given:
+            continue
         meta, kind = spec.metadata, hints[spec.name]
         default = (spec.default if spec.default is not dataclasses.MISSING
                    else spec.default_factory() if spec.default_factory is not dataclasses.MISSING else REQUIRED)
-        if kind is bool:
-            value = sec.boolean(spec.name, default)
+        where, key = sec, spec.name
+        if meta.get("at"):
+            part, key = meta["at"].rsplit(".", 1)
+            where = parts[part] if part in parts else parts.setdefault(part, sec.section(part))
+        if meta.get("check"):
+            value = where.raw(key, default)
+            problem = meta["check"](value, context or {})
+            if problem:
+                raise where.fail(key, value, problem)
+        elif kind is bool:
+            value = where.boolean(key, default)
         elif kind in (int, float):
-            value = sec.number(spec.name, default, kind, low=meta.get("low"), high=meta.get("high"),
-                               low_open=meta.get("low_open", False))
+            value = where.number(key, default, kind, low=meta.get("low"), high=meta.get("high"),
+                                 low_open=meta.get("low_open", False))
         elif kind is str:
-            value = sec.string(spec.name, default, meta.get("choices", ()))
+            value = where.string(key, default, meta.get("choices", ()))
         else:
-            value = sec.raw(spec.name, default)
-        problem = meta["check"](value, context or {}) if meta.get("check") else None
-        if problem:
-            raise sec.fail(spec.name, value, problem)
-        if typing.get_origin(kind) is tuple:
+            value = where.raw(key, default)
+        if meta.get("convert"):
+            value = meta["convert"](value)
+        elif typing.get_origin(kind) is tuple:
             value = tuple(kind.__args__[0](v) for v in value) if len(set(kind.__args__)) == 1 else tuple(value)
         values[spec.name] = value
-    sec.finish()
+    for part in (*parts.values(), sec):
+        part.finish()
     return settings(**values)

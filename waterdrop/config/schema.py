@@ -43,14 +43,18 @@ def blamed_on(file: str | Path, key: str) -> Iterator[None]:
 
 
 def setting(default: Any = MISSING, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-            choices: tuple[str, ...] = (), check: Callable[[Any, dict], str | None] | None = None) -> Any:
+            choices: tuple[str, ...] = (), check: Callable[[Any, dict], str | None] | None = None,
+            convert: Callable[[Any], Any] | None = None, at: str | None = None) -> Any:
     """A field of a settings dataclass that ``waterdrop.config.reader.read_settings`` reads from
     YAML by its name and type: no default means required; numbers are checked against ``low``
-    and ``high``, strings against ``choices``; ``check(value, context)`` returns what was expected
-    when the value is wrong (``context`` holds e.g. the task's ``labels``)."""
-    metadata = {"low": low, "high": high, "low_open": low_open, "choices": choices, "check": check}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
+    and ``high``, strings against ``choices``. A value with a ``check(value, context)`` is read
+    as it is and ``check`` returns what was expected when it is wrong (``context`` holds e.g.
+    the task's ``labels``); ``convert`` then turns it into the field's value. ``at`` is where
+    the key sits when not under the field's own name (``optimizer.lr``)."""
+    metadata = {"low": low, "high": high, "low_open": low_open, "choices": choices, "check": check,
+                "convert": convert, "at": at}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -102,15 +106,20 @@ class FusionConfig:
     std: list[float]
 
 
+def _stages(stages: Any, context: dict) -> str | None:
+    problem = level_problem(stages)
+    return problem + ", such as [-1]" if problem and stages != [] else None  # []: every BatchNorm shared
+
+
 @dataclass
 class ModelConfig:
-    backbone: str
-    pretrained: Path | str | None  # a local file, "imagenet" (packaged weights) or None
-    cbam: str
-    task_bn_stages: list[int]
-    input_size: int
-    mean: list[float]
-    std: list[float]
+    backbone: str = setting()
+    pretrained: Path | str | None = None  # a local file, "imagenet" (packaged weights) or None; read with mean, std
+    cbam: str = setting("none", choices=CBAM_MODES)
+    task_bn_stages: list[int] = setting([-1], check=_stages)
+    input_size: int = setting(224, low=32)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     fusion: FusionConfig | None = None
 
 
@@ -152,25 +161,37 @@ class DistillationConfig:
         return own.get("weight", self.weight), own.get("temperature", self.temperature)
 
 
+def _amp(value: Any, context: dict) -> str | None:
+    return None if value in ("auto", True, False) else "auto, true or false"
+
+
+def _task_weights(weights: Any, context: dict) -> str | None:
+    if not isinstance(weights, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in weights.values()):
+        return "a mapping of task name to a weight >= 0"
+    return None
+
+
 @dataclass
 class TrainConfig:
-    epochs: int
-    batch_size: int
-    num_workers: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    warmup_epochs: float
-    trunk_lr_mult: float
-    freeze_trunk_epochs: int
-    amp: str
-    sampling_policy: str
-    sampling_weights: dict[str, float]
-    seed: int
-    log_interval: int
-    loss_weighting: LossWeightingConfig = field(default_factory=LossWeightingConfig)
-    distillation: DistillationConfig | None = None
+    epochs: int = setting(10, low=1)
+    batch_size: int = setting(32, low=1)
+    num_workers: int = setting(2, low=0)
+    optimizer: str = setting("AdamW", choices=OPTIMIZERS, at="optimizer.type")
+    lr: float = setting(1e-3, low=0, low_open=True, at="optimizer.lr")
+    weight_decay: float = setting(0.05, low=0, at="optimizer.weight_decay")
+    momentum: float = setting(0.9, low=0, high=1, at="optimizer.momentum")
+    warmup_epochs: float = setting(1, low=0)
+    trunk_lr_mult: float = setting(1.0, low=0, at="optimizer.trunk_lr_mult")
+    freeze_trunk_epochs: int = setting(0, low=0)
+    amp: str = setting("auto", check=_amp, convert=lambda value: {True: "on", False: "off"}.get(value, "auto"))
+    sampling_policy: str = setting("size", choices=SAMPLING_POLICIES, at="task_sampling.policy")
+    sampling_weights: dict[str, float] = setting({}, check=_task_weights, at="task_sampling.weights",
+                                                 convert=lambda weights: {str(k): float(v) for k, v in weights.items()})
+    seed: int = setting(0, low=0)
+    log_interval: int = setting(10, low=1)
+    loss_weighting: LossWeightingConfig = field(default_factory=LossWeightingConfig)  # read by the loader
+    distillation: DistillationConfig | None = None  # read by the loader
 
 
 @dataclass
