@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from waterdrop.config import RegistryConfig
-from waterdrop.data.dataset import collate
+from waterdrop.data.dataset import collate, task_entries
 from waterdrop.data.loaders import task_dataset
 from waterdrop.kinds import kind_of
 from waterdrop.model.multitask import MultiTaskNet
@@ -131,8 +131,7 @@ def record_sample_losses(net: MultiTaskNet, cfg: RegistryConfig, task_name: str,
                 images = batch["inputs"].to(device)
                 target = batch["targets"][task_name].to(device)
                 outputs = net.forward_tasks(images, batch["task_index"].to(device), complete=False)
-                boxes = batch.get("boxes", {})
-                extras = {"boxes": boxes[task_name].to(device)} if task_name in boxes else {}
+                extras = {key: value.to(device) for key, value in task_entries(batch, task_name).items()}
                 per_sample = sum(net.task_terms(task_name, outputs[task_name], target, extras=extras).values())
                 loss = per_sample.mean()
                 if not torch.isfinite(loss):

@@ -315,3 +315,9 @@ def collate(samples: list[dict], task_names: list[str]) -> dict:
     if boxes:
         batch["boxes"] = boxes
     return batch
+
+
+def task_entries(batch: dict, task: str) -> dict:
+    """The entries of a ``collate`` batch that are grouped per task (``targets``, ``labeled``,
+    ``ids``, and what features asked for, e.g. ``boxes``), for one task's samples."""
+    return {key: value[task] for key, value in batch.items() if isinstance(value, dict) and task in value}

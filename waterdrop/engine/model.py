@@ -9,6 +9,7 @@ import torch
 from mmengine.model import BaseModel
 
 from waterdrop.config import RegistryConfig
+from waterdrop.data.dataset import task_entries
 from waterdrop.engine.distributed import all_ranks_agree
 from waterdrop.engine.loss_weighting import TaskLossWeighting, last_shared_weight
 from waterdrop.features.base import LossBatch, build_features, rename_old_keys
@@ -110,8 +111,7 @@ class WaterdropModel(BaseModel):
             if name not in outputs:
                 continue
             task, target, mask = self.tasks[name], targets[name], labeled[name]
-            own = {key: value[name] for key, value in extras.items() if isinstance(value, dict) and name in value}
-            terms = self.net.task_terms(name, outputs[name], target, mixes.get(name), own)
+            terms = self.net.task_terms(name, outputs[name], target, mixes.get(name), task_entries(extras, name))
             for term, per_sample in terms.items():
                 losses[f"{name}.{term}"] = _masked_mean(per_sample, mask) * task.loss_weight
             if mask.any():  # GradNorm's training rate: the task's own terms on labeled samples

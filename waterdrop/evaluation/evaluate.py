@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from waterdrop.config import RegistryConfig
+from waterdrop.data.dataset import task_entries
 from waterdrop.data.loaders import eval_loader
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.features.base import registered_features
@@ -23,10 +24,10 @@ def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
                   device: str = "cpu") -> tuple[dict, dict, dict]:
     """Scores and truth per task over its ``split`` ("val" or "test"), the skipped
     (undecodable) paths, and for tasks whose features report on the split (``TaskFeature.reports``)
-    every prediction and the loader's per-task extras (e.g. ``boxes``)."""
+    ``predictions`` (every deploy prediction) and the loader's per-task ``extras`` (e.g. ``boxes``)."""
     net.eval().to(device)
     scores, truth, skipped = defaultdict(list), defaultdict(list), defaultdict(set)
-    raw = defaultdict(lambda: defaultdict(list))
+    kept = defaultdict(lambda: {"predictions": defaultdict(list), "extras": defaultdict(list)})
     reported = {task.name for task in cfg.tasks if any(f.reports(task.name) for f in net.features.values())}
     loader = eval_loader(cfg, net, split)
     meter = Progress(f"evaluate {split}", total=len(loader.dataset))
@@ -42,22 +43,20 @@ def predict_split(net: MultiTaskNet, cfg: RegistryConfig, split: str = "val",
             truth[name].append(t)
             if name in reported:
                 for key, value in net.task_predictions(name, outputs[name]).items():
-                    raw[name][key].append(value.float().cpu().numpy())
-                for key, value in batch.items():
-                    if isinstance(value, dict) and name in value and key not in ("targets", "labeled", "ids"):
-                        raw[name][f"extra.{key}"].append(value[name].numpy())
+                    kept[name]["predictions"][key].append(value.float().cpu().numpy())
+                for key, value in task_entries(batch, name).items():
+                    kept[name]["extras"][key].append(value.numpy())
     meter.close()
     data = {name: (np.concatenate(scores[name]), np.concatenate(truth[name])) for name in scores}
-    details = {name: {k: np.concatenate(v) for k, v in values.items()} for name, values in raw.items()}
+    details = {name: {part: {k: np.concatenate(v) for k, v in values.items()} for part, values in parts.items()}
+               for name, parts in kept.items()}
     return data, {task: sorted(paths) for task, paths in skipped.items()}, details
 
 
 def feature_reports(net: MultiTaskNet, task: str, details: dict, truth: np.ndarray) -> dict:
     """The entries of the task's features in its report (``TaskFeature.report``)."""
-    predictions = {k: v for k, v in details.items() if not k.startswith("extra.")}
-    extras = {k.removeprefix("extra."): v for k, v in details.items() if k.startswith("extra.")}
-    entries = {key: feature.report(task, predictions, truth, extras) for key, feature in net.features.items()
-               if feature.reports(task)}
+    entries = {key: feature.report(task, details["predictions"], truth, details["extras"])
+               for key, feature in net.features.items() if feature.reports(task)}
     return {key: entry for key, entry in entries.items() if entry is not None}
 
 
