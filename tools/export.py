@@ -66,7 +66,7 @@ def main() -> int:
     print(f"thresholds from {source}")
     with Progress("export: tracing, writing and checking against PyTorch", total=1, unit="models",
                   announce=True) as meter:
-        parity = export_onnx(net, cfg, thresholds, output, args.opset, cam=args.cam)
+        parity = export_onnx(net, cfg, thresholds, output, args.opset, cam=args.cam, lineage=meta.get("lineage"))
         meter.update(1)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     print(f"parity with PyTorch at batch 1 and 3 (max abs diff, limit {PARITY_TOLERANCE}):")

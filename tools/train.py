@@ -1,7 +1,17 @@
-"""Train every task of a registry jointly on one shared model, then evaluate it.
+"""Train every task of a registry jointly on one shared model, then evaluate it; or train some
+tasks of a trained model and keep the others exactly as they are.
 
     python tools/train.py [REGISTRY] [--work-dir DIR] [--epochs N] [--resume] [--quiet]
+    python tools/train.py REGISTRY --from RUN [--tasks TASK ...] [--retire TASK ...] --work-dir DIR
     torchrun --nproc-per-node 8 tools/train.py REGISTRY --launcher pytorch
+
+--from RUN (the run folder or checkpoint of the model in production): the registry is the new
+model's task list. A task in both and not named in --tasks is carried over unchanged (weights,
+BatchNorm statistics, head, thresholds); one named is retrained; one in the registry alone is
+added; one in RUN alone must be named in --retire. The shared trunk is frozen, so only the
+trained tasks' own BatchNorm copies, heads and features learn. lineage.json records every
+task's content hash, whether it changed, and how far the carried tasks' outputs moved from
+RUN's (0: bit for bit).
 
 The run folder (default: work_dirs/<registry name>) must hold no other run's checkpoints:
 a second run needs another --work-dir, or --resume to continue the one there. Progress: a
@@ -23,6 +33,7 @@ from waterdrop import cli
 from waterdrop.config import ConfigError, load_registry
 from waterdrop.data.demo import ensure_demo_data
 from waterdrop.engine.checkpoint import RunFolderError
+from waterdrop.engine.lifecycle import PlanError
 from waterdrop.engine.train import run_training
 from waterdrop.records import DataError
 
@@ -46,15 +57,25 @@ def main() -> int:
     parser.add_argument("--work-dir", help="run folder (default: work_dirs/<registry name>)")
     parser.add_argument("--epochs", type=int, help="override train.epochs")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--from", dest="parent", metavar="RUN",
+                        help="train on this trained model (run folder or checkpoint): only --tasks and the tasks it "
+                             "lacks learn, the rest is frozen")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="with --from: the tasks to train (default: the registry's tasks RUN lacks)")
+    parser.add_argument("--retire", nargs="+", default=[], metavar="TASK",
+                        help="with --from: tasks of RUN the registry leaves out on purpose")
     parser.add_argument("--launcher", default="none", choices=["none", "pytorch", "slurm", "mpi"],
                         help="distributed launcher (pytorch under torchrun)")
     args = cli.start(parser.parse_args())
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.registry).stem)
     try:
         cli.check_registry(args.registry)
+        if args.parent:
+            cli.check_run(args.parent)
         prepare_demo_data(args.registry, args.launcher)
-        report = run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher)
-    except (ConfigError, DataError, RunFolderError, cli.UsageError) as err:
+        report = run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher, parent=args.parent,
+                              tasks=args.tasks, retire=args.retire)
+    except (ConfigError, DataError, PlanError, RunFolderError, cli.UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
     if report is None:  # ranks other than 0

@@ -19,6 +19,7 @@ from waterdrop import __version__
 from waterdrop.config import RegistryConfig
 from waterdrop.contract import METADATA_KEY, metadata, output_name, outputs_of, task_entry
 from waterdrop.kinds import kind_of
+from waterdrop.model.lineage import model_hash, task_hashes
 from waterdrop.model.multitask import MultiTaskNet
 
 PARITY_TOLERANCE = 1e-4
@@ -84,12 +85,27 @@ def cam_metadata(net: MultiTaskNet, name: str, output_shapes: dict[str, tuple]) 
     return entry
 
 
+def lineage_entry(hashes: dict[str, str], plan: dict | None) -> dict:
+    """Where the model comes from: its hash, its parent's (a run trained ``--from`` it; None for a
+    model trained from scratch), each task's status and which tasks differ from the parent."""
+    if plan is None:
+        return {"model_hash": model_hash(hashes), "parent": None, "changed": list(hashes), "retired": [],
+                "status": dict.fromkeys(hashes, "trained")}
+    status = {name: next(s for s in ("carried", "retrained", "added") if name in plan[s]) for name in hashes}
+    return {"model_hash": model_hash(hashes),
+            "parent": {"checkpoint": plan["parent"], "model_hash": plan["parent_model_hash"]},
+            "changed": [name for name in hashes if hashes[name] != plan["parent_hashes"].get(name)],
+            "retired": plan["retired"], "status": status}
+
+
 def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, output_names: list[str],
-                   output_shapes: dict[str, tuple] | None = None) -> dict:
+                   output_shapes: dict[str, tuple] | None = None, lineage: dict | None = None) -> dict:
     """The ``waterdrop`` metadata entry. ``output_shapes`` (of an example batch) is needed only
     for the class activation map outputs; with them every task gets a ``cam`` entry (null where
-    its head gives no map)."""
+    its head gives no map). ``lineage``: the plan of a run trained from a parent (checkpoint
+    meta ``lineage``); every task gets its content ``hash`` either way."""
     with_cams = any(n.endswith(".cam") for n in output_names)
+    hashes = task_hashes(net, cfg.tasks)
     tasks = []
     for task in cfg.tasks:
         head = net.heads[task.name]
@@ -97,6 +113,7 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
                            outputs_of(task.name, output_names), thresholds[task.name],
                            {"prevalence": task.deploy.prevalence, task.deploy.target_metric: task.deploy.target_value},
                            task.relations.to_dict() if task.relations else None)
+        entry["hash"] = hashes[task.name]
         if with_cams:
             entry["cam"] = cam_metadata(net, task.name, output_shapes)
         task_shapes = {key: (output_shapes or {}).get(name) for key, name in entry["outputs"].items()}
@@ -105,7 +122,8 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
             if described is not None:
                 entry[key] = described
         tasks.append(entry)
-    return metadata(tasks, cfg.model.backbone, cfg.model.input_size, cfg.model.mean, cfg.model.std, __version__)
+    described = metadata(tasks, cfg.model.backbone, cfg.model.input_size, cfg.model.mean, cfg.model.std, __version__)
+    return {**described, "lineage": lineage_entry(hashes, lineage)}
 
 
 def _check_dynamic_batch(model: onnx.ModelProto) -> None:
@@ -173,12 +191,13 @@ def check_parity(path: Path, graph: DeployGraph, size: int, batch_sizes=(1, 3), 
 
 
 def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: str | Path,
-                opset: int = 18, cam: bool = False) -> dict[str, float]:
+                opset: int = 18, cam: bool = False, lineage: dict | None = None) -> dict[str, float]:
     """Write the ONNX file, check it, and return the max abs difference per output.
 
     With ``cam`` the file also has every task's class activation map as ``<task>.cam`` (and its
     features' maps, e.g. a cascade's ``<task>.stage2_cam``), described in the metadata and
-    checked for parity too.
+    checked for parity too. ``lineage``: the checkpoint's record of its parent (see
+    ``build_metadata``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +219,8 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
     _check_dynamic_batch(model)
     _unshare_convolutions(model)
     entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(build_metadata(net, cfg, thresholds, output_names, output_shapes))
+    entry.key, entry.value = METADATA_KEY, json.dumps(build_metadata(net, cfg, thresholds, output_names, output_shapes,
+                                                                     lineage))
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     parity = check_parity(path, graph, size)

@@ -101,20 +101,20 @@ def check_resumable(work_dir: Path, cfg: RegistryConfig) -> None:
     current = config_to_dict(cfg)
     if recorded == current:
         return
-    changed = _first_difference(recorded, current)
+    changed = first_difference(recorded, current)
     raise RunFolderError(f"{work_dir}: the config changed since this run started (first difference: {changed}); "
                          "resume with the same registry and task files, or start a new --work-dir")
 
 
-def _first_difference(old, new, where: str = "") -> str:
+def first_difference(old, new, where: str = "") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+                return first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         for i, (a, b) in enumerate(zip(old, new)):
             if a != b:
-                return _first_difference(a, b, f"{where}[{i}]")
+                return first_difference(a, b, f"{where}[{i}]")
     return f"{where}: {old!r} -> {new!r}"
 
 

@@ -34,7 +34,8 @@ class WaterdropHook(Hook):
     ``results.csv`` (one row per epoch), ``summary.json`` and, with learned task-loss
     weights, ``loss_weights.png`` (their mean per epoch), and records the resolved
     config (``config_to_dict``) in every checkpoint so eval and export rebuild the model
-    from the checkpoint alone.
+    from the checkpoint alone, with ``lineage``: the plan of a run trained from a parent
+    (``waterdrop.engine.lifecycle.TaskPlan``), None for a run from scratch.
 
     With ``freeze_trunk_epochs`` N, the shared trunk's weights (and a fusion backbone's) get
     no gradients during the first N epochs (only heads and cascade networks learn, and each
@@ -44,8 +45,9 @@ class WaterdropHook(Hook):
 
     priority = "NORMAL"
 
-    def __init__(self, config: dict, log_interval: int, printer=print, freeze_trunk_epochs: int = 0, seed: int = 0):
-        self.config = config
+    def __init__(self, config: dict, log_interval: int, printer=print, freeze_trunk_epochs: int = 0, seed: int = 0,
+                 lineage: dict | None = None):
+        self.config, self.lineage = config, lineage
         self.task_names = [task["name"] for task in config["tasks"]]
         self.seed = seed
         self.log_interval, self._printer = log_interval, printer
@@ -80,8 +82,7 @@ class WaterdropHook(Hook):
         if generator is not None:
             generator.manual_seed(epoch_seed)
         frozen = runner.epoch < self.freeze_trunk_epochs
-        for backbone in self._model(runner).net.backbones():
-            backbone.requires_grad_(not frozen)
+        self._model(runner).set_trainable(trunk=not frozen)
         if frozen and runner.epoch == 0:
             self.print(f"trunk frozen for the first {self.freeze_trunk_epochs} epoch(s)", flush=True)
         self._epoch_paths: list[tuple[str, str]] = []
@@ -139,7 +140,8 @@ class WaterdropHook(Hook):
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint.setdefault("meta", {})["waterdrop"] = {"config": self.config, "version": __version__,
-                                                          "deployed": self._model(runner).deployed_prefix()}
+                                                          "deployed": self._model(runner).deployed_prefix(),
+                                                          "lineage": self.lineage}
         # What a resumed run needs beyond mmengine's state: the model's random stream
         # (dropout, cutmix) and the run's counts.
         checkpoint["meta"]["waterdrop_resume"] = {

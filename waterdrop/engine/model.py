@@ -13,6 +13,7 @@ from waterdrop.data.dataset import task_entries
 from waterdrop.engine.distributed import all_ranks_agree
 from waterdrop.engine.loss_weighting import TaskLossWeighting, last_shared_weight
 from waterdrop.features.base import LossBatch, build_features, rename_old_keys
+from waterdrop.model.lineage import task_modules
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -66,6 +67,38 @@ class WaterdropModel(BaseModel):
         self.register_load_state_dict_pre_hook(self._rename_old_keys)
         self.weighting = TaskLossWeighting(cfg.train.loss_weighting, cfg.task_names)
         self.amp_loss_scale = 1.0  # set by train_step under AMP, for GradNorm's gradient norms
+        self.trained_tasks: list[str] | None = None  # None: every task and the shared trunk learn
+
+    def train_only(self, tasks: list[str]) -> None:
+        """From now on only ``tasks``' own parameters learn (``waterdrop.model.lineage``): the
+        shared trunk and every other task are frozen, their BatchNorm statistics included."""
+        self.trained_tasks = list(tasks)
+        self.set_trainable(trunk=True)
+        self.train(self.training)
+
+    def set_trainable(self, trunk: bool = True) -> None:
+        """Which of the student's parameters get gradients: with ``trunk`` False none of the
+        shared backbones' (their task BatchNorm copies included); never a frozen one."""
+        backbone = {id(p) for b in self.net.backbones() for p in b.parameters()}
+        allowed = None
+        if self.trained_tasks is not None:
+            allowed = {id(p) for name in self.trained_tasks for module in task_modules(self.net, name)
+                       for p in module.parameters()}
+        for param in self.net.parameters():
+            param.requires_grad_((trunk or id(param) not in backbone) and (allowed is None or id(param) in allowed))
+
+    def train(self, mode: bool = True):
+        """``requires_grad`` alone does not stop BatchNorm statistics from moving in training
+        mode: with ``train_only`` every module but the trained tasks' own stays in eval mode
+        (in the student and in a deployed copy such as a mean teacher's)."""
+        super().train(mode)
+        if mode and self.trained_tasks is not None:
+            for net in {id(n): n for n in (self.net, self.deployed)}.values():
+                net.eval()
+                for name in self.trained_tasks:
+                    for module in task_modules(net, name):
+                        module.train()
+        return self
 
     def _rename_old_keys(self, module, state, prefix, *_) -> None:
         rename_old_keys(self.features, state, prefix)

@@ -22,18 +22,24 @@ from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import build_datasets, eval_loader, network_needs, task_streams
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_sampling_probabilities
 from waterdrop.engine.checkpoint import (
+    RunFolderError,
     allow_mmengine_checkpoints,
     best_checkpoint,
     check_resumable,
     check_run_folder,
+    last_checkpoint,
+    load_checkpoint,
     load_net,
 )
 from waterdrop.engine.distributed import finish_distributed, init_distributed, wrapper_config
 from waterdrop.engine.hooks import WaterdropHook
+from waterdrop.engine.lifecycle import PlanError, TaskPlan, describe, plan_training
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers the optimizer constructor)
 from waterdrop.evaluation.evaluate import evaluate, format_report
+from waterdrop.model.lineage import inherit, model_hash, output_differences, task_hashes
+from waterdrop.model.multitask import MultiTaskNet
 
 
 def _log_details_to_file_only(logger: MMLogger) -> None:
@@ -45,7 +51,10 @@ def _log_details_to_file_only(logger: MMLogger) -> None:
 
 
 def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
-                 launcher: str = "none", printer=print) -> Runner:
+                 launcher: str = "none", printer=print, plan: TaskPlan | None = None,
+                 parent: MultiTaskNet | None = None) -> Runner:
+    """The Runner of one training run. With ``plan`` only its trained tasks learn and are
+    sampled; the rest of the network starts as ``parent`` (unless resumed) and stays frozen."""
     work_dir = Path(work_dir)
     allow_mmengine_checkpoints()
     init_distributed(launcher)
@@ -58,6 +67,14 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     check_run_folder(work_dir, resume, 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     if resume:
         check_resumable(work_dir, cfg)
+    if plan is not None:
+        if not resume:
+            origin = inherit(model.net, parent.state_dict(), parent.task_names, set(plan.trained))
+            if model.deployed is not model.net:  # a mean teacher starts as the deployed parent too
+                model.deployed.load_state_dict(model.net.state_dict())
+            if rank == 0:
+                printer("\n".join(f"  {name}: {source}" for name, source in origin.items() if name in plan.trained))
+        model.train_only(plan.trained)
     needs = network_needs(cfg, model.net)
     model.data_needs(needs)
     train_set = build_datasets(cfg, model.net, "train", needs)
@@ -67,8 +84,14 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
         if dataset.boxes_left_out and rank == 0:
             printer(f"warning: {task.name}: {needs[task.name].boxes.left_out(dataset.boxes_left_out)}")
     # Unlabeled images (a feature asked for them) neither weigh in the task sampling nor lengthen the epoch.
-    labeled = [dataset.labeled_count for dataset in train_set.datasets]
+    labeled = [dataset.labeled_count if plan is None or task.name in plan.trained else 0
+               for task, dataset in zip(cfg.tasks, train_set.datasets)]
     weights = task_sampling_probabilities(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
+    if plan is not None:  # frozen tasks get no batch slots
+        weights = weights * [name in plan.trained for name in cfg.task_names]
+        if not weights.sum():
+            raise ValueError(f"train.task_sampling gives every trained task ({', '.join(plan.trained)}) weight 0")
+        weights = weights / weights.sum()
     batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
                                           task_streams(cfg, train_set, needs), rank, world_size, labeled)
     # Own generator, re-seeded every epoch by WaterdropHook; non-persistent workers so that
@@ -89,7 +112,8 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     if epochs > warmup:
         schedulers.append({"type": "CosineAnnealingLR", "by_epoch": True, "begin": warmup, "end": epochs,
                            "T_max": epochs - warmup, "eta_min_ratio": 0.01, "convert_to_iter_based": True})
-    hook = WaterdropHook(config_to_dict(cfg), train.log_interval, printer, train.freeze_trunk_epochs, train.seed)
+    hook = WaterdropHook(config_to_dict(cfg), train.log_interval, printer, train.freeze_trunk_epochs, train.seed,
+                         plan.to_dict() if plan else None)
     kinds = {name: head.kind for name, head in model.net.heads.items()}
     runner = Runner(
         model=model,
@@ -142,17 +166,78 @@ def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:
     (work_dir / "run.json").write_text(json.dumps(run, indent=2))
 
 
+def recorded_plan(work_dir: Path) -> TaskPlan | None:
+    """The plan of the run in ``work_dir`` (to resume it as it started), None for a run from scratch."""
+    last = last_checkpoint(work_dir)
+    recorded = load_checkpoint(last).get("meta", {}).get("waterdrop", {}).get("lineage") if last else None
+    return TaskPlan.from_dict(recorded) if recorded else None
+
+
+def record_lineage(cfg: RegistryConfig, net: MultiTaskNet, work_dir: Path, plan: TaskPlan | None,
+                   printer=print) -> dict:
+    """Write ``lineage.json``: every task's content hash and, for a run trained from a parent,
+    its status, whether it changed, and for every task not trained the largest difference of its
+    outputs from the parent's on validation images (0.0: bit for bit). Returns the record."""
+    hashes = task_hashes(net, cfg.tasks)
+    record = {"model_hash": model_hash(hashes), "parent": None,
+              "tasks": {name: {"hash": digest} for name, digest in hashes.items()}}
+    if plan is not None:
+        parent, _, _ = load_net(plan.parent)
+        images = next(batch["inputs"] for batch in eval_loader(cfg, net, "val") if len(batch["inputs"]))
+        differences = output_differences(parent, net, images, plan.carried)
+        record["parent"] = {"checkpoint": plan.parent, "model_hash": model_hash(plan.parent_hashes)}
+        record["retired"] = plan.retired
+        printer(f"lineage (parent {plan.parent}):")
+        for name, entry in record["tasks"].items():
+            entry["status"] = plan.status(name)
+            entry["changed"] = entry["hash"] != plan.parent_hashes.get(name)
+            if name in differences:
+                entry["largest_output_difference"] = differences[name]
+                entry["compared_on_images"] = len(images)
+            note = (f", largest output difference {differences[name]:.3g} on {len(images)} val images"
+                    if name in differences else "")
+            printer(f"  {name}: {entry['status']}, {'CHANGED' if entry['changed'] else 'unchanged'} "
+                    f"(hash {entry['hash'][:12]}){note}")
+        for name in plan.retired:
+            printer(f"  {name}: retired")
+    (work_dir / "lineage.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
-                 launcher: str = "none", printer=print) -> dict | None:
-    """Train all tasks of ``registry`` jointly, then evaluate the best checkpoint into
-    ``work_dir/eval``. Returns the evaluation report (None on ranks other than 0)."""
+                 launcher: str = "none", printer=print, parent: str | Path | None = None,
+                 tasks: list[str] | None = None, retire: list[str] = ()) -> dict | None:
+    """Train the tasks of ``registry``, then evaluate the best checkpoint into
+    ``work_dir/eval`` and write ``lineage.json``. Returns the evaluation report (None on ranks
+    other than 0).
+
+    Without ``parent`` every task trains jointly. With ``parent`` (the run of the model in
+    production) only ``tasks`` train, and the tasks the registry adds (see
+    ``waterdrop.engine.lifecycle``); ``retire`` names the parent's tasks left out on purpose.
+    A resumed run keeps the plan it started with.
+    """
     cfg = load_registry(registry)
     work_dir = Path(work_dir)
+    plan, parent_net = None, None
+    if parent is not None:
+        plan, parent_net = plan_training(cfg, parent, tasks, list(retire))
+    elif tasks or retire:
+        raise PlanError("--tasks and --retire choose tasks of a trained model: give it with --from RUN")
+    if resume:
+        recorded = recorded_plan(work_dir)
+        same = recorded is not None and plan is not None and (recorded.trained, recorded.parent) == (plan.trained,
+                                                                                                   plan.parent)
+        if plan is not None and not same:
+            raise RunFolderError(f"{work_dir}: this run was started with another parent or other tasks; resume it "
+                                 "with the same --from and --tasks, or without them")
+        plan = recorded
     init_distributed(launcher)
     rank, _ = get_dist_info()
     if is_distributed():  # what rank 0 prepared before the call (tools/train.py: the demo data) is there for all
         barrier()
-    runner = build_runner(cfg, work_dir, epochs, resume, launcher, printer)
+    if plan is not None and rank == 0:
+        printer(describe(plan))
+    runner = build_runner(cfg, work_dir, epochs, resume, launcher, printer, plan, parent_net)
     if rank == 0 and not resume:  # a resumed run keeps the record of the run it continues
         _record_run(cfg, work_dir)
     runner.train()
@@ -161,6 +246,8 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
         return None
     checkpoint = best_checkpoint(work_dir)
     net, cfg, _ = load_net(checkpoint)
-    report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu", checkpoint)
+    report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu", checkpoint,
+                      kept_thresholds=plan.parent_thresholds if plan else None)
     printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
+    record_lineage(cfg, net, work_dir, plan, printer)
     return report

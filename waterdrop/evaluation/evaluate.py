@@ -61,9 +61,11 @@ def feature_reports(net: MultiTaskNet, task: str, details: dict, truth: np.ndarr
 
 
 def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device: str = "cpu",
-             checkpoint: str | Path | None = None) -> dict:
+             checkpoint: str | Path | None = None, kept_thresholds: dict | None = None) -> dict:
     """Write ``metrics.json``, ``thresholds.json`` and PNG plots under ``out_dir``; return the metrics.
     With ``checkpoint``, ``evaluated.json`` records which file the thresholds were chosen for.
+    ``kept_thresholds``: tasks whose thresholds are given, not chosen (a task carried over
+    unchanged from a parent model keeps the parent's).
 
     Thresholds are always chosen on ``val``. A task with a ``test`` split is reported on it,
     at those thresholds; a task without one is reported on ``val`` and marked in-sample
@@ -79,7 +81,7 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         if task.name not in val:
             raise ValueError(f"task {task.name}: no validation image could be decoded")
         kind = kind_of(net.heads[task.name].kind)
-        chosen = kind.report(task, *val[task.name])
+        chosen = kind.report(task, *val[task.name], (kept_thresholds or {}).get(task.name))
         result, split = chosen, "val"
         if task.test is not None:
             if task.name not in test:

@@ -1,0 +1,190 @@
+"""Inference cost per task: the default registry's model served by onnxruntime (CPU), fp32 and int8.
+
+    python benchmarks/task_cost.py [--tasks 1 4 10 20] [--repeats 10] [--runs 50] [--calibration-images 32]
+        [--output work_dirs/task_cost.json]
+
+For each N: registry.yaml's model (backbone, input size, pretrained weights, per-task BatchNorm
+in the deepest level) with N untrained BinaryHead tasks, exported by waterdrop.export.export_onnx
+and quantized by waterdrop.quantize.quantize_file (static QDQ int8, calibrated on random images).
+The per-task BatchNorm statistics are perturbed at random, as training makes them differ (equal
+branches could otherwise be merged). All files are built first; then one process that imports
+onnxruntime only (no torch) times them with the CPUExecutionProvider, intra-op threads = all
+cores: batch 1 latency (median and p90 of --runs runs) and batch 32 throughput (median of
+--repeats runs), after a warm-up. Time per image is taken at batch 32.
+
+Marginal cost of a task: (cost(N) - cost(1)) / ((N - 1) * cost(1)). Where it goes: the same N
+tasks exported with task_bn_stages [] (the deepest level runs once, only the heads are per
+task), fp32; (branched(N) - unbranched(N)) / ((N - 1) * branched(1)) is the deepest level's
+share of the one-task model's time, (unbranched(N) - unbranched(1)) / ((N - 1) * branched(1))
+the heads' share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+THROUGHPUT_BATCH = 32
+FILES = ("fp32", "int8", "fp32_unbranched")
+
+
+def build(folder: Path, tasks: int, branched: list[int], calibration: np.ndarray | None) -> dict[str, str]:
+    """Export the N-task model (and quantize it when ``calibration`` is given); returns its files."""
+    import torch
+
+    from waterdrop.config import load_registry
+    from waterdrop.export import export_onnx
+    from waterdrop.model.multitask import MultiTaskNet
+    from waterdrop.model.task_bn import TaskBatchNorm
+    from waterdrop.quantize import quantize_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = yaml.safe_load((REPO / "registry.yaml").read_text())["model"]
+    names = []
+    for t in range(tasks):
+        task = {"name": f"task{t}", "head": {"type": "BinaryHead"}, "labels": ["positive"],
+                "data": {"train": "unused.jsonl", "val": "unused.jsonl"}, "deploy": {"target": {"recall": 0.9}}}
+        (folder / f"task{t}.yaml").write_text(yaml.safe_dump(task))
+        names.append(f"task{t}.yaml")
+    registry = {"model": {key: model[key] for key in ("backbone", "input_size", "pretrained")}, "tasks": names}
+    registry["model"]["task_bn_stages"] = branched
+    (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
+    cfg = load_registry(folder / "registry.yaml")
+    torch.manual_seed(tasks)
+    net = MultiTaskNet(cfg).eval()
+    with torch.no_grad():
+        for norm in (n for m in net.modules() if isinstance(m, TaskBatchNorm) for n in m.branches):
+            norm.running_mean.add_(torch.randn_like(norm.running_mean) * 0.1)
+            norm.running_var.mul_(torch.empty_like(norm.running_var).uniform_(0.5, 2.0))
+    files = {"fp32": str(folder / "model.onnx")}
+    export_onnx(net, cfg, dict.fromkeys(cfg.task_names, 0.5), files["fp32"])
+    if calibration is not None:
+        files["int8"] = str(folder / "model.int8.onnx")
+        quantize_file(Path(files["fp32"]), Path(files["int8"]), calibration)
+    return files
+
+
+def time_file(path: str, size: int, threads: int, runs: int, repeats: int) -> dict:
+    """Batch 1 latency (ms) and batch 32 throughput (images/s) of one ONNX file."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(0)
+    result = {"file_mb": os.path.getsize(path) / 2**20}
+    for batch, count, warmup in ((1, runs, 10), (THROUGHPUT_BATCH, repeats, 2)):
+        images = rng.integers(0, 256, (batch, 3, size, size)).astype(np.float32)
+        durations = []
+        for k in range(warmup + count):
+            start = time.perf_counter()
+            session.run(outputs, {"image": images})
+            if k >= warmup:
+                durations.append(time.perf_counter() - start)
+        if batch == 1:
+            result.update(latency_ms=1000 * float(np.median(durations)),
+                          latency_p90_ms=1000 * float(np.percentile(durations, 90)))
+        else:
+            result["images_per_s"] = batch / float(np.median(durations))
+    return result
+
+
+def marginal(cost: float, cost_one: float, tasks: int) -> float | None:
+    """Cost of one more task as a fraction of the one-task cost ``cost_one`` (None for one task)."""
+    return None if tasks == 1 else (cost - cost_one) / ((tasks - 1) * cost_one)
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def report(results: dict) -> str:
+    """The Markdown tables: cost per N, and where the cost of a task goes."""
+    rows = results["rows"]
+    # Seconds per image at batch 32, per task count and file kind.
+    cost = {r["tasks"]: {kind: 1 / r[kind]["images_per_s"] for kind in FILES} for r in rows}
+    one = cost[1]
+    lines = [f"tf_efficientnet_lite0 {results['input_size']} px, onnxruntime {results['onnxruntime']} CPU, "
+             f"{results['threads']} intra-op threads; latency at batch 1 (median / p90 of {results['runs']} runs), "
+             f"throughput at batch {THROUGHPUT_BATCH} (median of {results['repeats']} runs).", "",
+             "| tasks | fp32 latency ms | fp32 images/s | int8 latency ms | int8 images/s | fp32 MB | int8 MB "
+             "| fp32 cost / 1 task | int8 cost / 1 task | fp32 marginal | int8 marginal |", "|---" * 11 + "|"]
+    for r in rows:
+        n, fp32, int8 = r["tasks"], r["fp32"], r["int8"]
+        lines.append(f"| {n} | {fp32['latency_ms']:.1f} / {fp32['latency_p90_ms']:.1f} | {fp32['images_per_s']:.1f} "
+                     f"| {int8['latency_ms']:.1f} / {int8['latency_p90_ms']:.1f} | {int8['images_per_s']:.1f} "
+                     f"| {fp32['file_mb']:.1f} | {int8['file_mb']:.1f} | {cost[n]['fp32'] / one['fp32']:.2f}x "
+                     f"| {cost[n]['int8'] / one['int8']:.2f}x | {fmt(marginal(cost[n]['fp32'], one['fp32'], n))} "
+                     f"| {fmt(marginal(cost[n]['int8'], one['int8'], n))} |")
+    lines += ["", "Where one more task's cost goes (fp32, batch 32; fractions of the one-task model's time per image; "
+              "unbranched = task_bn_stages [], the deepest level runs once):", "",
+              "| tasks | unbranched images/s | deepest level | heads | sum |", "|---" * 5 + "|"]
+    for r in rows:
+        n, c = r["tasks"], cost[r["tasks"]]
+        deep = None if n == 1 else (c["fp32"] - c["fp32_unbranched"]) / ((n - 1) * one["fp32"])
+        heads = None if n == 1 else (c["fp32_unbranched"] - one["fp32_unbranched"]) / ((n - 1) * one["fp32"])
+        total = None if n == 1 else deep + heads
+        lines.append(f"| {n} | {r['fp32_unbranched']['images_per_s']:.1f} | {fmt(deep)} | {fmt(heads)} "
+                     f"| {fmt(total)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 4, 10, 20], help="task counts; 1 is added")
+    parser.add_argument("--repeats", type=int, default=10, help=f"timed batch-{THROUGHPUT_BATCH} runs per file")
+    parser.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per file")
+    parser.add_argument("--calibration-images", type=int, default=32, help="random images for int8 calibration")
+    parser.add_argument("--output", type=Path, default=REPO / "work_dirs/task_cost.json")
+    parser.add_argument("--time-files", type=Path, help=argparse.SUPPRESS)  # the timing child
+    args = parser.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    size = yaml.safe_load((REPO / "registry.yaml").read_text())["model"]["input_size"]
+    if args.time_files:
+        files = json.loads(args.time_files.read_text())
+        print(json.dumps({n: {k: time_file(p, size, threads, args.runs, args.repeats) for k, p in f.items()}
+                          for n, f in files.items()}))
+        return
+    counts = sorted(set(args.tasks) | {1})
+    calibration = np.random.default_rng(0).integers(0, 256, (args.calibration_images, 3, size, size)).astype(
+        np.float32)
+    with tempfile.TemporaryDirectory(prefix="task_cost-") as tmp:
+        files = {}
+        for n in counts:
+            files[n] = build(Path(tmp) / f"tasks{n}", n, [-1], calibration)
+            files[n]["fp32_unbranched"] = build(Path(tmp) / f"tasks{n}_unbranched", n, [], None)["fp32"]
+            print(f"built {n} task(s)", file=sys.stderr, flush=True)
+        (Path(tmp) / "files.json").write_text(json.dumps(files))
+        load_before = os.getloadavg()[0]
+        done = subprocess.run([sys.executable, __file__, "--time-files", str(Path(tmp) / "files.json"), "--runs",
+                               str(args.runs), "--repeats", str(args.repeats)], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"timing failed:\n{done.stderr[-3000:]}")
+    import onnxruntime
+    import torch
+
+    timings = json.loads(done.stdout.splitlines()[-1])
+    results = {"input_size": size, "threads": threads, "runs": args.runs, "repeats": args.repeats,
+               "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+               "pretrained": yaml.safe_load((REPO / "registry.yaml").read_text())["model"]["pretrained"],
+               "calibration": f"{args.calibration_images} uniform random images, 0..255",
+               "load_average": {"before_timing": load_before, "after_timing": os.getloadavg()[0]},
+               "rows": [{"tasks": n, **timings[str(n)]} for n in counts]}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

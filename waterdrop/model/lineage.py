@@ -1,0 +1,144 @@
+"""Which tensors of a MultiTaskNet belong to which task, and a content hash per task.
+
+A task owns its head, its copy of every branched BatchNorm and its features' per-task
+modules (``features.<key>.per_task.<task>``); everything else (the trunk's convolutions and
+unbranched BatchNorms, a fusion backbone) is shared. Training some tasks of a trained model
+changes only what they own, so every other task's outputs stay bit for bit as they were; the
+hash of a task covers everything its outputs depend on, so equal hashes prove it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import torch
+from torch import nn
+
+from waterdrop.config import TaskConfig
+from waterdrop.model.multitask import MultiTaskNet
+from waterdrop.model.task_bn import TaskBatchNorm
+
+_BRANCH = re.compile(r"\.branches\.(\d+)\.")
+
+
+def task_modules(net: MultiTaskNet, name: str) -> list[nn.Module]:
+    """The modules that belong to task ``name`` alone."""
+    t = net.task_names.index(name)
+    owned = [net.heads[name]]
+    owned += [module.branches[t] for module in net.modules() if isinstance(module, TaskBatchNorm)]
+    owned += [feature.per_task[name] for feature in net.features.values() if name in feature.per_task]
+    return owned
+
+
+def _owners(net: MultiTaskNet) -> dict[int, str]:
+    """id of every owned parameter and buffer -> its task."""
+    owners = {}
+    for name in net.task_names:
+        for module in task_modules(net, name):
+            owners.update((id(tensor), name) for tensor in [*module.parameters(), *module.buffers()])
+    return owners
+
+
+def canonical_key(key: str, task_names: list[str]) -> str:
+    """``key`` with every BatchNorm branch named by its task instead of its position, so that a
+    task's tensors have the same names in models whose task lists differ."""
+    return _BRANCH.sub(lambda match: f".branches.{task_names[int(match.group(1))]}.", key)
+
+
+def owned_state(net: MultiTaskNet) -> dict[str, tuple[str | None, str, torch.Tensor]]:
+    """Every ``state_dict`` entry: key -> (owning task or None for shared, canonical key, tensor)."""
+    owners = _owners(net)
+    return {key: (owners.get(id(tensor)), canonical_key(key, net.task_names), tensor)
+            for key, tensor in net.state_dict(keep_vars=True).items()}
+
+
+def _digest(update, entries: list[tuple[str, torch.Tensor]]) -> None:
+    for key, tensor in sorted(entries, key=lambda entry: entry[0]):
+        value = tensor.detach().cpu().contiguous()
+        update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def task_identity(task: TaskConfig) -> dict:
+    """What gives a task's outputs their names and meaning: its labels and head."""
+    return {"labels": task.labels, "negative_label": task.negative_label, "head": task.head_type,
+            "head_args": task.head_args}
+
+
+def task_hashes(net: MultiTaskNet, tasks: list[TaskConfig]) -> dict[str, str]:
+    """Per task, a SHA-256 of everything its outputs depend on: the shared tensors, its own,
+    the preprocessing and its identity (``task_identity``)."""
+    identities = {task.name: task_identity(task) for task in tasks}
+    state = owned_state(net)
+    shared = hashlib.sha256()
+    _digest(shared.update, [(canonical, tensor) for owner, canonical, tensor in state.values() if owner is None])
+    shared.update(json.dumps([net.mean.flatten().tolist(), net.std.flatten().tolist()]).encode())
+    hashes = {}
+    for name in net.task_names:
+        digest = hashlib.sha256(shared.digest())
+        digest.update(json.dumps(identities[name], sort_keys=True, default=str).encode())
+        _digest(digest.update, [(canonical, tensor) for owner, canonical, tensor in state.values() if owner == name])
+        hashes[name] = digest.hexdigest()
+    return hashes
+
+
+def model_hash(hashes: dict[str, str]) -> str:
+    """One hash of a whole model from its tasks' (``task_hashes``)."""
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def inherit(child: MultiTaskNet, parent_state: dict[str, torch.Tensor], parent_tasks: list[str],
+            trained: set[str]) -> dict[str, str]:
+    """Load into ``child`` what it takes over from a trained parent network (its ``state_dict``
+    and task list): every shared tensor, and every task's own tensors except those of a task
+    in ``trained`` that the parent lacks or holds in another shape (new labels: a fresh head).
+    An added task's BatchNorm copies start from the parent's first task's.
+
+    Returns per task where its tensors came from ("parent", "parent, head fresh", "new").
+
+    Raises:
+        ValueError: a shared tensor, or one of a task not in ``trained``, is missing from the
+            parent or has another shape (the trunk or the task differs).
+    """
+    parent = {canonical_key(key, parent_tasks): value for key, value in parent_state.items()}
+    seed = parent_tasks[0]
+    state, fresh = {}, {name: 0 for name in child.task_names}
+    for key, (owner, canonical, tensor) in owned_state(child).items():
+        source = canonical
+        if owner is not None and owner not in parent_tasks:
+            source = canonical.replace(f".branches.{owner}.", f".branches.{seed}.")
+        value = parent.get(source)
+        fits = value is not None and value.shape == tensor.shape
+        if not fits and (owner is None or owner not in trained):
+            what = "shared tensor" if owner is None else f"tensor of task {owner}"
+            problem = "missing from" if value is None else f"shaped {tuple(value.shape)}, not {tuple(tensor.shape)}, in"
+            raise ValueError(f"{what} {key} is {problem} the parent model: its network differs")
+        if fits:
+            state[key] = value.to(tensor.dtype)
+        else:
+            state[key] = tensor.detach()
+            fresh[owner] += 1
+    child.load_state_dict(state)
+    origin = {}
+    for name in child.task_names:
+        if name not in parent_tasks:
+            origin[name] = "new (BatchNorm copies from the parent's task " + seed + ")"
+        else:
+            origin[name] = "parent" if not fresh[name] else f"parent, {fresh[name]} tensors fresh (their shape changed)"
+    return origin
+
+
+@torch.no_grad()
+def output_differences(before: MultiTaskNet, after: MultiTaskNet, images: torch.Tensor,
+                       tasks: list[str]) -> dict[str, float]:
+    """Per task in ``tasks``, the largest absolute difference between the deploy outputs of two
+    networks on ``images`` (0.0: bit for bit the same)."""
+    old, new = before.eval().forward_all(images), after.eval().forward_all(images)
+    differences = {}
+    for name in tasks:
+        keys = [key for key in old if key.startswith(f"{name}.")]
+        differences[name] = max(float((old[key].double() - new[key].double()).abs().max()) if key in new
+                                else float("inf") for key in keys)
+    return differences
