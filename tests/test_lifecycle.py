@@ -27,13 +27,13 @@ CARRIED = ["disgusting", "thriller"]  # a mean-teacher task and a cascade task
 
 
 def _spooky(demo_root) -> dict:
-    """One more binary task, on the thriller demo data, trained with cutmix."""
+    """One more binary task, on the thriller demo data, trained with cutmix and residual adapters."""
     thriller = yaml.safe_load((REPO / "tasks" / "thriller.yaml").read_text())
     return {"name": "spooky", "head": {"type": "BinaryHead", "loss": "softmax"}, "labels": thriller["labels"],
             "negative_label": thriller["negative_label"],
             "data": {"train": str(demo_root / "thriller" / "train.jsonl"),
                      "val": str(demo_root / "thriller" / "val.jsonl")},
-            "augment": {"cutmix": 0.5}, "deploy": {"target": {"recall": 0.9}}}
+            "augment": {"cutmix": 0.5}, "adapters": {"rank": 4}, "deploy": {"target": {"recall": 0.9}}}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,8 @@ def test_tasks_not_trained_keep_every_tensor_output_and_decision(parent, child, 
     assert stem_stats and all(torch.equal(old_state[k], new_state[k]) for k in stem_stats)
     trained_branch = [k for k in new_state if ".branches.2." in k and k.endswith("running_mean")]
     assert trained_branch and not all(torch.equal(old_state[k], new_state[k]) for k in trained_branch)
+    ups = [v for k, v in new_state.items() if k.startswith("features.adapters.per_task.spooky.") and k.endswith("up")]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # they start at zero: the adapters learned
 
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 3, 64, 64)).astype(np.float32))
     before, after = _outputs(old, images), _outputs(new, images)

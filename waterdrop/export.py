@@ -7,6 +7,7 @@ so the file alone is enough to serve it.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -201,7 +202,9 @@ def export_onnx(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, path: 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    net = net.eval().cpu()
+    net = copy.deepcopy(net).eval().cpu()
+    for feature in net.features.values():
+        feature.fold_for_export()
     size = cfg.model.input_size
     example = torch.zeros(2, 3, size, size)
     missing = [t.name for t in cfg.tasks if t.name not in thresholds]

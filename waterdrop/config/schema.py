@@ -269,8 +269,13 @@ class LossPredictionConfig:
     detach: bool = setting(True)
 
 
+@dataclass
+class AdapterConfig:
+    rank: int = setting(8, low=1, high=4096)
+
+
 #: The settings of each per-task feature, by its YAML key (``waterdrop.features``).
-FEATURE_SETTINGS: dict[str, type] = {"cascade": CascadeConfig, "detector": DetectorConfig,
+FEATURE_SETTINGS: dict[str, type] = {"adapters": AdapterConfig, "cascade": CascadeConfig, "detector": DetectorConfig,
                                      "loss_prediction": LossPredictionConfig, "mean_teacher": MeanTeacherConfig}
 
 

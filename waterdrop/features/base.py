@@ -142,6 +142,10 @@ class TaskFeature(nn.Module):
         {name in the task's ``cam`` metadata: (output key, feature stride)}."""
         return {}
 
+    def fold_for_export(self) -> None:
+        """Turn what the feature computes from its parameters on every pass into constants, on
+        the copy of the network that is exported (e.g. adapters folded into convolution weights)."""
+
     def stages(self, task: str) -> list[tuple[Trunk, Head]]:
         """Further networks that take part in ``task``'s decision (explained as stages 2, 3...)."""
         return []
