@@ -10,14 +10,16 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from mmengine.optim import OptimWrapper
 
-from tests.conftest import add_task, edit_task, edit_train, write_registry
+from tests.conftest import add_task, bad_input_corpus, edit_task, edit_train, write_registry
 from tests.test_distributed import torchrun
 from tests.test_end_to_end import REPO, _run_tool, _tool
-from waterdrop.config import ConfigError
+from waterdrop.config import ConfigError, load_registry
 from waterdrop.contract import METADATA_KEY
 from waterdrop.engine.checkpoint import best_checkpoint, load_checkpoint, load_net
 from waterdrop.engine.lifecycle import PlanError
+from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import run_training
 from waterdrop.evaluation.evaluate import predict_split
 from waterdrop.export import export_onnx
@@ -213,3 +215,43 @@ def test_a_two_process_run_from_a_parent_keeps_the_carried_tasks(parent, tmp_pat
     assert [lineage["tasks"][name]["changed"] for name in ("disgusting", "thriller", "scene_tags")] == [
         False, False, True]
     assert lineage["tasks"]["thriller"]["largest_output_difference"] == 0.0
+
+
+def test_bad_images_in_a_retrained_task_are_skipped_and_named(parent, demo_root, tmp_path):
+    _, parent_run = parent
+    registry = write_registry(tmp_path, demo_root)
+    edit_task(registry, "disgusting", mean_teacher={"rampup_epochs": 0.5})
+    edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 4})
+    good, bad = bad_input_corpus(tmp_path / "odd")
+    lines = (demo_root / "thriller" / "train.jsonl").read_text().splitlines()
+    lines = [json.dumps({**json.loads(ln), "image": str(demo_root / "thriller" / json.loads(ln)["image"])})
+             for ln in lines]
+    lines += [json.dumps({"image": str(p), "labels": ["normal"]}) for p in good + bad]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    # Retrained with new data: its data paths may change, nothing else of a task must.
+    edit_task(registry, "thriller", sampler="plain", data={"train": str(tmp_path / "train.jsonl"),
+                                                          "val": str(demo_root / "thriller" / "val.jsonl")})
+    done = _run_tool("train.py", registry, "--from", parent_run, "--tasks", "thriller", "--work-dir", tmp_path / "run")
+    assert done.returncode == 1, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["skipped_images"]["thriller"]) == {str(p) for p in bad}
+    lineage = json.loads((tmp_path / "run" / "lineage.json").read_text())
+    assert [lineage["tasks"][n]["changed"] for n in ("disgusting", "thriller", "scene_tags")] == [False, True, False]
+
+
+def test_a_nan_batch_and_a_training_step_leave_frozen_tensors_alone(registry_file):
+    model = WaterdropModel(load_registry(registry_file))
+    model.train_only(["scene_tags"])
+    model.train()
+    wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5))
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    images = torch.randint(0, 256, (4, 3, 64, 64)).float()
+    batch = {"task_index": torch.tensor([2, 2, 2, 2]), "targets": {"scene_tags": torch.ones(4, 10)}}
+    model.train_step({**batch, "inputs": torch.full_like(images, float("nan"))}, wrapper)
+    model.train_step({**batch, "inputs": images}, wrapper)
+    state = model.net.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(state[k], v)}
+    owned = {k for k in state if k.startswith(("heads.scene_tags.", "features.detector.per_task.scene_tags."))
+             or ".branches.2." in k}
+    assert changed and changed <= owned, sorted(changed - owned)[:3]
+    assert any(k.endswith("running_mean") for k in changed)  # its own statistics do learn
