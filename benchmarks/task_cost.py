@@ -3,20 +3,18 @@
     python benchmarks/task_cost.py [--tasks 1 4 10 20] [--repeats 10] [--runs 50] [--calibration-images 32]
         [--output work_dirs/task_cost.json]
 
-For each N: registry.yaml's model (backbone, input size, pretrained weights, per-task BatchNorm
-in the deepest level) with N untrained BinaryHead tasks, exported by waterdrop.export.export_onnx
-and quantized by waterdrop.quantize.quantize_file (static QDQ int8, calibrated on random images).
-The per-task BatchNorm statistics are perturbed at random, as training makes them differ (equal
-branches could otherwise be merged). All files are built first; then one process that imports
-onnxruntime only (no torch) times them with the CPUExecutionProvider, intra-op threads = all
-cores: batch 1 latency (median and p90 of --runs runs) and batch 32 throughput (median of
---repeats runs), after a warm-up. Time per image is taken at batch 32.
-
-Marginal cost of a task: (cost(N) - cost(1)) / ((N - 1) * cost(1)). Where it goes: the same N
-tasks exported with task_bn_stages [] (the deepest level runs once, only the heads are per
-task), fp32; (branched(N) - unbranched(N)) / ((N - 1) * branched(1)) is the deepest level's
-share of the one-task model's time, (unbranched(N) - unbranched(1)) / ((N - 1) * branched(1))
-the heads' share.
+For each N: registry.yaml's model (backbone, input size, pretrained weights; per-task BatchNorm in
+the deepest level) with N untrained BinaryHead tasks, exported by waterdrop.export.export_onnx and
+quantized by waterdrop.quantize.quantize_file (calibrated on uniform random images). The per-task
+BatchNorm statistics are perturbed at random, as training makes them differ (equal branches could
+be merged). Then a process without torch times every file with onnxruntime's CPUExecutionProvider,
+intra-op threads = all cores, the files taking turns run by run: batch 1 latency (median and p90
+of --runs) and batch 32 throughput (median of --repeats), after a warm-up. It warns when other
+processes used the cores meanwhile. Cost = time per image at batch 32; marginal cost of a task =
+(cost(N) - cost(1)) / ((N - 1) * cost(1)). Where it goes: the same N tasks with task_bn_stages []
+(the deepest level runs once, only the heads per task), fp32: (branched(N) - unbranched(N)) /
+((N - 1) * branched(1)) is the deepest level's share, (unbranched(N) - unbranched(1)) / ((N - 1) *
+branched(1)) the heads'.
 """
 
 from __future__ import annotations

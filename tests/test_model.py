@@ -146,3 +146,21 @@ def test_the_cascade_trunk_starts_from_the_registry_weights_and_cbam(tmp_path, d
     second = net.features["cascade"].per_task["thriller"].trunk
     torch.testing.assert_close(second.levels[1].layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     assert any(isinstance(m, CBAM) for m in second.modules())
+
+
+def test_task_bn_blocks_branches_only_the_last_blocks_of_the_level(tmp_path, demo_root):
+    cfg = load_registry(write_registry(tmp_path, demo_root, backbone="tf_efficientnet_lite0", task_bn_blocks=1))
+    net = MultiTaskNet(cfg).eval()
+    blocks = net.trunk.blocks(4)
+    assert net.shared_blocks == len(blocks) - 1 == 4
+    per_task = [m for m in net.modules() if isinstance(m, TaskBatchNorm)]
+    assert per_task and all(any(m is n for n in blocks[-1].modules()) for m in per_task)
+    images = torch.randint(0, 256, (3, 3, 64, 64)).float()
+    with torch.no_grad():
+        stacked, one_by_one = net.forward_all(images), net.forward_all(images, stack_tasks=False)
+        routed = net.forward_tasks(images, torch.tensor([1, 1, 1]))["thriller"]
+    assert all(torch.allclose(stacked[k], one_by_one[k], atol=1e-6) for k in stacked)
+    assert torch.allclose(net.task_predictions("thriller", routed)["prob"], stacked["thriller.prob"], atol=1e-6)
+    with pytest.raises(ConfigError, match="task_bn_blocks.*has 5 blocks"):
+        MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone="tf_efficientnet_lite0",
+                                                  task_bn_blocks=6)))

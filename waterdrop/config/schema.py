@@ -117,6 +117,7 @@ class ModelConfig:
     pretrained: Path | str | None = None  # a local file, "imagenet" (packaged weights) or None; read with mean, std
     cbam: str = setting("none", choices=CBAM_MODES)
     task_bn_stages: list[int] = setting([-1], check=_stages)
+    task_bn_blocks: int | None = setting(None, low=1)
     input_size: int = setting(224, low=32)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

@@ -27,7 +27,7 @@ from torch import nn
 
 from waterdrop.config import RegistryConfig
 from waterdrop.features.base import TaskFeature, register_feature
-from waterdrop.model.task_bn import TaskBatchNorm, TaskRouting
+from waterdrop.model.task_bn import TaskRouting
 
 
 class ConvAdapter(nn.Module):
@@ -118,11 +118,10 @@ class ResidualAdapters(TaskFeature):
 
     def __init__(self, cfg: RegistryConfig, net):
         super().__init__(cfg, net)
-        branched = [level for level in net.trunk.levels if any(isinstance(m, TaskBatchNorm) for m in level.modules())]
-        if not branched:
+        if not net.branched:
             raise ValueError("adapters sit beside the convolutions of the branched levels; model.task_bn_stages "
                              "branches none")
-        convs = [conv for level in branched for conv in _wrap_convolutions(level, net.routing)]
+        convs = [conv for block in net.branched for conv in _wrap_convolutions(block, net.routing)]
         self._convs = tuple(convs)
         for task, spec in self.settings.items():
             t = net.task_names.index(task)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from waterdrop.config import RegistryConfig, blamed_on
+from waterdrop.config import ConfigError, RegistryConfig, blamed_on
 from waterdrop.config.schema import check_levels
 from waterdrop.contract import output_name
 from waterdrop.features.base import build_features, rename_old_keys
@@ -61,9 +61,22 @@ class MultiTaskNet(nn.Module):
         with blamed_on(cfg.file, "model.task_bn_stages"):
             branched = sorted(set(check_levels(model.task_bn_stages, levels))) if model.task_bn_stages else []
         self.routing = TaskRouting(len(cfg.tasks))
-        for level in branched:
-            branch_norms(self.trunk.levels[level], self.routing)
         self.first_branched = branched[0] if branched else levels
+        # With model.task_bn_blocks only the last blocks of the first branched level are per task.
+        self.shared_blocks = 0
+        if branched and model.task_bn_blocks:
+            blocks = self.trunk.blocks(self.first_branched)
+            if model.task_bn_blocks > len(blocks) or any(isinstance(b, nn.BatchNorm2d) for b in blocks):
+                raise ConfigError(cfg.file, "model.task_bn_blocks", f"level {self.first_branched} of {model.backbone} "
+                                  f"has {len(blocks)} blocks (not {model.task_bn_blocks}) or a bare BatchNorm among "
+                                  "them; branch the whole level (null)")
+            self.shared_blocks = len(blocks) - model.task_bn_blocks
+        #: The modules that run once per task: their BatchNorms have one copy per task.
+        self.branched = [module for level in branched
+                         for module in (self.trunk.blocks(level)[self.shared_blocks:] if level == branched[0]
+                                        and self.shared_blocks else [self.trunk.levels[level]])]
+        for module in self.branched:
+            branch_norms(module, self.routing)
         self.register_buffer("mean", torch.tensor(model.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(model.std).view(1, 3, 1, 1) * 255, persistent=False)
         head_classes = registered_heads()
@@ -101,10 +114,10 @@ class MultiTaskNet(nn.Module):
         x = self.normalize(images)
         feats = self.trunk(x, stop=self.first_branched)
         if self.first_branched < len(self.trunk.levels):
-            x = feats[-1] if feats else x
+            x = self.trunk.first_blocks(feats[-1] if feats else x, self.first_branched, self.shared_blocks)
             if task_index is None:
                 x = x.unsqueeze(0).expand(len(self.task_names), *x.shape).flatten(0, 1)
-            feats += self.trunk(x, start=self.first_branched)
+            feats += self.trunk(x, start=self.first_branched, done=self.shared_blocks)
         if self.fusion is not None:
             extra = self.fusion_map(images, feats[-1].shape[-2:])
             if task_index is None and self.first_branched < len(self.trunk.levels):  # a stacked batch
@@ -167,11 +180,13 @@ class MultiTaskNet(nn.Module):
         x = self.normalize(images)
         shared = self.trunk(x, stop=self.first_branched)
         x = shared[-1] if shared else x
+        if self.first_branched < len(self.trunk.levels):
+            x = self.trunk.first_blocks(x, self.first_branched, self.shared_blocks)
         per_task, extra = [], None
         try:
             for t in range(len(self.task_names)):
                 self.routing.task_index = t
-                feats = shared + self.trunk(x, start=self.first_branched)
+                feats = shared + self.trunk(x, start=self.first_branched, done=self.shared_blocks)
                 if self.fusion is not None:  # its map is the same for every task: computed once
                     extra = self.fusion_map(images, feats[-1].shape[-2:]) if extra is None else extra
                     feats[-1] = torch.cat([feats[-1], extra], dim=1)

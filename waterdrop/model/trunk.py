@@ -105,12 +105,27 @@ class Trunk(nn.Module):
         self.attention = nn.ModuleList(
             CBAM(c) if cbam == "stages" and i > 0 else nn.Identity() for i, c in enumerate(self.channels))
 
-    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+    def blocks(self, level: int) -> list[nn.Module]:
+        """A level's blocks in order (its sequential children opened one step), so that a level can
+        be split: the first blocks shared, the last ones per task (``model.task_bn_blocks``)."""
+        return [block for child in self.levels[level]
+                for block in (child if isinstance(child, nn.Sequential) else [child])]
+
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None, done: int = 0) -> list[torch.Tensor]:
         """Feature maps of levels ``start`` to ``stop`` (exclusive; None: the deepest included),
         ``x`` being the input of level ``start``: the normalised image for level 0, else the
-        map of level ``start - 1``."""
+        map of level ``start - 1``; with ``done`` the output of that level's first ``done``
+        blocks (``first_blocks``)."""
         maps = []
-        for level, attention in list(zip(self.levels, self.attention))[start:stop]:
-            x = attention(level(x))
+        for level, attention in list(zip(range(len(self.levels)), self.attention))[start:stop]:
+            for block in self.blocks(level)[done if level == start else 0:]:
+                x = block(x)
+            x = attention(x)
             maps.append(x)
         return maps
+
+    def first_blocks(self, x: torch.Tensor, level: int, count: int) -> torch.Tensor:
+        """The output of the first ``count`` blocks of ``level`` (see ``forward``'s ``done``)."""
+        for block in self.blocks(level)[:count]:
+            x = block(x)
+        return x
