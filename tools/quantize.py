@@ -37,7 +37,8 @@ from pathlib import Path
 from waterdrop import cli
 
 try:
-    from waterdrop.quantize import DEFAULT_MAX_DROP, TaskData, load_config, quantize, task_data_from_config
+    from waterdrop.quantize import DEFAULT_MAX_DROP, quantize
+    from waterdrop.scoring import TaskData, load_config, task_data_from_config
 except ModuleNotFoundError as err:  # onnx is no dependency of the runtime install
     print(f"error: quantization needs onnx beside the runtime ({err}); pip install \"waterdrop[quantize]\"",
           file=sys.stderr)

@@ -1,0 +1,135 @@
+"""Scoring exported models on a task's labeled split, torch-free: what the int8 gate and the
+release comparison measure both files with (the same images decoded once for every model,
+undecodable ones left out of all)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from waterdrop.config import RegistryConfig, TaskConfig, config_from_dict, load_registry
+from waterdrop.imageio import ImageDecodeError, read_image, to_model_input
+from waterdrop.kinds import kind_of
+from waterdrop.progress import Progress
+from waterdrop.records import read_records
+from waterdrop.runtime import Predictor
+
+
+@dataclass
+class TaskData:
+    """Where one task is measured. ``gate``: the data the metric is compared on (the test split,
+    else val); ``val``: where thresholds are chosen again (None keeps the fp32 file's);
+    ``config``: the task's config, whose deploy target the kind's threshold rule reads."""
+
+    name: str
+    gate: Path
+    gate_split: str
+    val: Path | None = None
+    config: TaskConfig | None = None
+
+
+def load_config(path: str | Path) -> RegistryConfig:
+    """A run folder, its ``config/resolved.json`` or a registry YAML (all torch-free)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config" / "resolved.json"
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"{path}: not found; give a run folder, its config/resolved.json or a registry YAML")
+        return config_from_dict(json.loads(path.read_text()))
+    return load_registry(path)
+
+
+def task_data_from_config(cfg: RegistryConfig, entries: list[dict]) -> dict[str, TaskData]:
+    """Each model task's test split (else val) and val split from ``cfg``, whose tasks must have
+    the model's labels in the same order."""
+    tasks = {task.name: task for task in cfg.tasks}
+    data = {}
+    for entry in entries:
+        task = tasks.get(entry["name"])
+        if task is None:
+            raise ValueError(f"task {entry['name']} of the model is not in {cfg.file}")
+        if task.labels != entry["labels"] or task.negative_label != entry["negative_label"]:
+            raise ValueError(f"task {task.name}: the model's labels {entry['labels']} (negative "
+                             f"'{entry['negative_label']}') differ from {cfg.file}'s {task.labels} (negative "
+                             f"'{task.negative_label}')")
+        split = "test" if task.test is not None else "val"
+        data[task.name] = TaskData(task.name, task.test or task.val, split, task.val, task)
+    return data
+
+
+def read_labeled(source: Path, entry: dict) -> tuple[list[Path], np.ndarray]:
+    """Image paths and one truth row per image, as the task's head scores them: per decision
+    (binary: 1/0; multi-label: 1/0/-1 per tag) or, for a kind without decisions (graded), the
+    index of the image's one label (as ``GradedHead.encode_target``)."""
+    kind, rows = kind_of(entry["kind"]), []
+    records = read_records(source, [entry["negative_label"], *entry["labels"]])
+    for record in records:
+        names, missing = record.labels, record.missing
+        try:
+            if kind.decisions(entry):
+                rows.append(kind.decision_truth(entry, names, missing))
+            elif len(names) == 1 and not missing and names[0] in entry["labels"]:
+                rows.append(np.array([entry["labels"].index(names[0])]))
+            else:
+                raise ValueError(f"expected one of {', '.join(entry['labels'])}, got {names}")
+        except ValueError as err:
+            raise ValueError(f"{source}: {record.path.name}: {err}") from err
+    return [record.path for record in records], np.stack(rows)
+
+
+def score_outputs(predictors: dict[str, Predictor], entry: dict, source: Path, keys: list[str],
+                  batch_size: int = 16) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, list[str], list[Path]]:
+    """Each model's outputs ``keys`` (of the task's metadata ``outputs``, named alike in every
+    model, as the ONNX contract names them) over a split, the images
+    decoded once for all of them; the truth, the undecodable images (left out for every model,
+    as evaluation does) and the paths scored, in order."""
+    paths, truth = read_labeled(source, entry)
+    size = next(iter(predictors.values())).size
+    kept, bad = [], []
+    outputs = {name: {key: [] for key in keys} for name in predictors}
+    meter = Progress(f"{entry['name']}: scoring {source.name} with {' and '.join(predictors)}", total=len(paths))
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for index in range(start, min(start + batch_size, len(paths))):
+            try:
+                images.append(read_image(paths[index]))
+                kept.append(index)
+            except ImageDecodeError as err:
+                bad.append(str(err))
+        if images:
+            batch = to_model_input(images, size)
+            for name, predictor in predictors.items():
+                got = predictor.outputs(batch, [entry["outputs"][key] for key in keys])
+                for key in keys:
+                    outputs[name][key].append(got[entry["outputs"][key]])
+        tried = min(batch_size, len(paths) - start)
+        meter.update(tried, failed=tried - len(images))
+    meter.close()
+    if not kept:
+        raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")
+    outputs = {name: {key: np.concatenate(chunks) for key, chunks in per_key.items()}
+               for name, per_key in outputs.items()}
+    truth = truth[kept]
+    if outputs[next(iter(outputs))][keys[0]].ndim == 1 or not kind_of(entry["kind"]).decisions(entry):
+        truth = truth[:, 0]  # binary and graded scores take one truth value per image
+    return outputs, truth, bad, [paths[index] for index in kept]
+
+
+def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
+                batch_size: int = 16) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Each model's ``prob`` output for one task over a split, the truth and the undecodable
+    images (see ``score_outputs``)."""
+    outputs, truth, bad, _ = score_outputs(predictors, entry, source, ["prob"], batch_size)
+    return {name: values["prob"] for name, values in outputs.items()}, truth, bad
+
+
+def task_metric(entry: dict, scores: np.ndarray, truth: np.ndarray) -> tuple[str, float]:
+    """The kind's primary validation metric (AP, mAP, mean boundary AP) and its name."""
+    metrics, primary = kind_of(entry["kind"]).validation_metrics(scores, truth)
+    return next((name for name, value in metrics.items() if value == primary), "metric"), float(primary)
+
+
