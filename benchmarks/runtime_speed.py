@@ -113,9 +113,9 @@ def build(name: str, folder: Path, calibration_count: int, eval_images: int | No
     from waterdrop.export import export_onnx
     from waterdrop.model.multitask import MultiTaskNet
     from waterdrop.model.task_bn import TaskBatchNorm
-    from waterdrop.quantize import calibration_images, quantize, quantize_file
+    from waterdrop.quantize import quantize, quantize_file
     from waterdrop.runtime import Predictor
-    from waterdrop.scoring import task_data_from_config
+    from waterdrop.scoring import calibration_images, task_data_from_config
 
     folder.mkdir(parents=True, exist_ok=True)
     if name == "demo":

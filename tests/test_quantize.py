@@ -19,9 +19,9 @@ from waterdrop.config import load_registry
 from waterdrop.contract import METADATA_KEY
 from waterdrop.export import export_onnx
 from waterdrop.model.multitask import MultiTaskNet
-from waterdrop.quantize import calibration_images, quantize
+from waterdrop.quantize import quantize
 from waterdrop.runtime import Predictor
-from waterdrop.scoring import load_config, read_labeled, task_data_from_config
+from waterdrop.scoring import calibration_images, load_config, read_labeled, task_data_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 GRADES = ["blurry", "soft", "sharp"]

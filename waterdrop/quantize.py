@@ -32,13 +32,11 @@ from onnxruntime.quantization import (
 
 from waterdrop.contract import METADATA_KEY
 from waterdrop.evaluation.metrics import json_safe
-from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.overlay import normalize_map
 from waterdrop.progress import Progress
-from waterdrop.records import is_manifest, read_unlabeled
 from waterdrop.runtime import Predictor
-from waterdrop.scoring import TaskData, score_split, task_metric
+from waterdrop.scoring import TaskData, calibration_images, score_split, task_metric
 
 DEFAULT_MAX_DROP = 0.005
 MAP_IMAGES = 32  # calibration images on which the class activation maps are compared
@@ -48,31 +46,6 @@ MAP_IMAGES = 32  # calibration images on which the class activation maps are com
 QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool"]
 METHOD = ("onnxruntime quantize_static: QDQ, per-channel int8 weights (QInt8), uint8 activations (QUInt8), "
           f"MinMax calibration; quantized ops: {', '.join(QUANTIZED_OPS)}")
-
-
-def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """Up to ``count`` decodable images of folders (recursive), JSONL manifests or files, drawn in
-    a seeded random order (a folder sorted by class would otherwise calibrate on one class),
-    preprocessed as the runtime does (uint8 NCHW, exact: the runtime's float32 holds the same
-    integers); and the undecodable ones met on the way, with the reason."""
-    paths = [path for source in map(Path, sources) for path in (
-        [record.path for record in read_unlabeled(source)] if is_manifest(source) else list_images(source))]
-    if not paths:
-        raise ValueError(f"{', '.join(map(str, sources))}: no images found")
-    images, bad = [], []
-    with Progress("calibration images", total=min(count, len(paths))) as meter:
-        for index in np.random.default_rng(seed).permutation(len(paths)):
-            if len(images) == count:
-                break
-            try:
-                images.append(to_model_input([read_image(paths[index])], size)[0].astype(np.uint8))
-                meter.update(1)
-            except ImageDecodeError as err:
-                bad.append(str(err))
-                meter.update(0, failed=1)
-    if not images:
-        raise ValueError(f"none of the {len(paths)} calibration images could be decoded")
-    return np.stack(images), bad
 
 
 class ImageReader(CalibrationDataReader):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from waterdrop.config import RegistryConfig, TaskConfig, config_from_dict, load_registry
-from waterdrop.imageio import ImageDecodeError, read_image, to_model_input
+from waterdrop.imageio import ImageDecodeError, list_images, read_image, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.progress import Progress
-from waterdrop.records import read_records
+from waterdrop.records import is_manifest, read_records, read_unlabeled
 from waterdrop.runtime import Predictor
 
 
@@ -88,7 +88,6 @@ def score_outputs(predictors: dict[str, Predictor], entry: dict, source: Path, k
     decoded once for all of them; the truth, the undecodable images (left out for every model,
     as evaluation does) and the paths scored, in order."""
     paths, truth = read_labeled(source, entry)
-    size = next(iter(predictors.values())).size
     kept, bad = [], []
     outputs = {name: {key: [] for key in keys} for name in predictors}
     meter = Progress(f"{entry['name']}: scoring {source.name} with {' and '.join(predictors)}", total=len(paths))
@@ -101,9 +100,11 @@ def score_outputs(predictors: dict[str, Predictor], entry: dict, source: Path, k
             except ImageDecodeError as err:
                 bad.append(str(err))
         if images:
-            batch = to_model_input(images, size)
+            batches = {}  # models of another input size get their own resize of the same images
             for name, predictor in predictors.items():
-                got = predictor.outputs(batch, [entry["outputs"][key] for key in keys])
+                if predictor.size not in batches:
+                    batches[predictor.size] = to_model_input(images, predictor.size)
+                got = predictor.outputs(batches[predictor.size], [entry["outputs"][key] for key in keys])
                 for key in keys:
                     outputs[name][key].append(got[entry["outputs"][key]])
         tried = min(batch_size, len(paths) - start)
@@ -133,3 +134,26 @@ def task_metric(entry: dict, scores: np.ndarray, truth: np.ndarray) -> tuple[str
     return next((name for name, value in metrics.items() if value == primary), "metric"), float(primary)
 
 
+def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Up to ``count`` decodable images of folders (recursive), JSONL manifests or files, drawn in
+    a seeded random order (a folder sorted by class would otherwise calibrate on one class),
+    preprocessed as the runtime does (uint8 NCHW, exact: the runtime's float32 holds the same
+    integers); and the undecodable ones met on the way, with the reason."""
+    paths = [path for source in map(Path, sources) for path in (
+        [record.path for record in read_unlabeled(source)] if is_manifest(source) else list_images(source))]
+    if not paths:
+        raise ValueError(f"{', '.join(map(str, sources))}: no images found")
+    images, bad = [], []
+    with Progress("calibration images", total=min(count, len(paths))) as meter:
+        for index in np.random.default_rng(seed).permutation(len(paths)):
+            if len(images) == count:
+                break
+            try:
+                images.append(to_model_input([read_image(paths[index])], size)[0].astype(np.uint8))
+                meter.update(1)
+            except ImageDecodeError as err:
+                bad.append(str(err))
+                meter.update(0, failed=1)
+    if not images:
+        raise ValueError(f"none of the {len(paths)} calibration images could be decoded")
+    return np.stack(images), bad

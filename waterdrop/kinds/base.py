@@ -107,6 +107,14 @@ class TaskKind:
         names = self.decisions(entry)
         return np.array([float(value[name]) for name in names] if isinstance(value, dict) else [float(value)])
 
+    def decide(self, entry: dict, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """What the model decides per image (rows) and decision (columns, ``decisions``) from its
+        outputs of the task (``prob`` and any other) at the entry's thresholds, comparable with
+        the truth of ``decision_truth``; a kind without thresholds decides otherwise (graded: the
+        grade index, one column)."""
+        prob = outputs["prob"]
+        return prob.reshape(len(prob), -1) >= self.decision_thresholds(entry)
+
     def decision_truth(self, entry: dict, names: list[str], missing: list[str]) -> np.ndarray:
         """A labeled image's truth per decision: 1, 0 or -1 (unknown).
 

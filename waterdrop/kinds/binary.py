@@ -70,6 +70,11 @@ class BinaryKind(TaskKind):
     def decisions(self, entry):
         return ["positive"]
 
+    def decide(self, entry, outputs):
+        if "decision" in outputs:  # decided inside the graph (e.g. a cascade's two networks)
+            return outputs["decision"].reshape(-1, 1).astype(bool)
+        return super().decide(entry, outputs)
+
     def decision_truth(self, entry, names, missing):
         known = [entry["negative_label"], *entry["labels"]]
         unknown = [name for name in [*names, *missing] if name not in known]
