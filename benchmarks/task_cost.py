@@ -1,20 +1,20 @@
 """Inference cost per task: the default registry's model served by onnxruntime (CPU), fp32 and int8.
 
     python benchmarks/task_cost.py [--tasks 1 4 10 20] [--repeats 10] [--runs 50] [--calibration-images 32]
-        [--output work_dirs/task_cost.json]
+        [--wait MINUTES] [--output work_dirs/task_cost.json]
 
-For each N: registry.yaml's model (backbone, input size, pretrained weights; per-task BatchNorm in
-the deepest level) with N untrained BinaryHead tasks, exported by waterdrop.export.export_onnx and
-quantized by waterdrop.quantize.quantize_file (calibrated on uniform random images). The per-task
-BatchNorm statistics are perturbed at random, as training makes them differ (equal branches could
-be merged). Then a process without torch times every file with onnxruntime's CPUExecutionProvider,
-intra-op threads = all cores, the files taking turns run by run: batch 1 latency (median and p90
-of --runs) and batch 32 throughput (median of --repeats), after a warm-up. It warns when other
-processes used the cores meanwhile. Cost = time per image at batch 32; marginal cost of a task =
-(cost(N) - cost(1)) / ((N - 1) * cost(1)). Where it goes: the same N tasks with task_bn_stages []
-(the deepest level runs once, only the heads per task), fp32: (branched(N) - unbranched(N)) /
-((N - 1) * branched(1)) is the deepest level's share, (unbranched(N) - unbranched(1)) / ((N - 1) *
-branched(1)) the heads'.
+For each N: registry.yaml's model (its backbone, input size, pretrained weights; per-task BatchNorm
+in the deepest level) with N untrained BinaryHead tasks, whose BatchNorm statistics are perturbed as
+training makes them differ; exported by waterdrop.export.export_onnx, quantized by
+waterdrop.quantize.quantize_file (calibrated on uniform random images). A process without torch
+then times every file, the files taking turns run by run (onnxruntime CPUExecutionProvider,
+intra-op threads = all cores): batch 1 latency (median, p90 of --runs), batch 32 throughput (median
+of --repeats), after a warm-up. --wait: first wait for idle cores; a warning when others used them.
+
+Cost = time per image at batch 32; marginal cost of a task = (cost(N) - cost(1)) / ((N - 1) * cost(1)).
+Where it goes: the same N tasks with task_bn_stages [] (the deepest level runs once), fp32; the
+deepest level's share = (branched(N) - unbranched(N)) / ((N - 1) * branched(1)), the heads' =
+(unbranched(N) - unbranched(1)) / ((N - 1) * branched(1)).
 """
 
 from __future__ import annotations
@@ -111,6 +111,22 @@ def cpu_seconds() -> tuple[float, float]:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK"), sum(u.ru_utime + u.ru_stime for u in ours)
 
 
+def others_share(before: tuple[float, float], since: float, threads: int) -> float:
+    """Share of the cores that other processes used since ``cpu_seconds()`` gave ``before`` at ``since``."""
+    machine, ours = cpu_seconds()
+    return ((machine - before[0]) - (ours - before[1])) / ((time.perf_counter() - since) * threads)
+
+
+def wait_until_quiet(limit_s: float, threads: int) -> None:
+    """Wait, ``limit_s`` at most, for 10 s in which other processes use under 5% of the cores."""
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        before, since = cpu_seconds(), time.perf_counter()
+        time.sleep(10)
+        if others_share(before, since, threads) < 0.05:
+            return
+
+
 def marginal(cost: float, cost_one: float, tasks: int) -> float | None:
     """Cost of one more task as a fraction of the one-task cost ``cost_one`` (None for one task)."""
     return None if tasks == 1 else (cost - cost_one) / ((tasks - 1) * cost_one)
@@ -157,11 +173,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help=f"timed batch-{THROUGHPUT_BATCH} runs per file")
     parser.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per file")
     parser.add_argument("--calibration-images", type=int, default=32, help="random images for int8 calibration")
+    parser.add_argument("--wait", type=float, default=0, help="minutes to wait for idle cores before timing")
     parser.add_argument("--output", type=Path, default=REPO / "work_dirs/task_cost.json")
     parser.add_argument("--time-files", type=Path, help=argparse.SUPPRESS)  # the timing child
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0))
-    size = yaml.safe_load((REPO / "registry.yaml").read_text())["model"]["input_size"]
+    model = yaml.safe_load((REPO / "registry.yaml").read_text())["model"]
+    size = model["input_size"]
     if args.time_files:
         files = json.loads(args.time_files.read_text())
         paths = {f"{n}/{kind}": path for n, kinds in files.items() for kind, path in kinds.items()}
@@ -178,13 +196,13 @@ def main() -> None:
             files[n]["fp32_unbranched"] = build(Path(tmp) / f"tasks{n}_unbranched", n, [], None)["fp32"]
             print(f"built {n} task(s)", file=sys.stderr, flush=True)
         (Path(tmp) / "files.json").write_text(json.dumps(files))
-        (machine_before, ours_before), wall = cpu_seconds(), time.perf_counter()
+        wait_until_quiet(args.wait * 60, threads)
+        before, since = cpu_seconds(), time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--time-files", str(Path(tmp) / "files.json"), "--runs",
                                str(args.runs), "--repeats", str(args.repeats)], capture_output=True, text=True)
+        others = others_share(before, since, threads)
         if done.returncode:
             raise SystemExit(f"timing failed:\n{done.stderr[-3000:]}")
-    machine, ours = cpu_seconds()
-    others = ((machine - machine_before) - (ours - ours_before)) / ((time.perf_counter() - wall) * threads)
     if others > 0.05:
         print(f"WARNING: other processes used {others:.0%} of the cores during timing; the numbers are disturbed",
               file=sys.stderr)
@@ -192,12 +210,10 @@ def main() -> None:
     import torch
 
     timings = json.loads(done.stdout.splitlines()[-1])
-    results = {"input_size": size, "threads": threads, "runs": args.runs, "repeats": args.repeats,
-               "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-               "pretrained": yaml.safe_load((REPO / "registry.yaml").read_text())["model"]["pretrained"],
-               "calibration": f"{args.calibration_images} uniform random images, 0..255",
-               "other_processes_cpu_share": others, "machine_cores": os.cpu_count(),
-               "rows": [{"tasks": n, **timings[str(n)]} for n in counts]}
+    results = {"input_size": size, "threads": threads, "machine_cores": os.cpu_count(), "runs": args.runs,
+               "repeats": args.repeats, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+               "pretrained": model["pretrained"], "calibration": f"{args.calibration_images} uniform random images",
+               "other_processes_cpu_share": others, "rows": [{"tasks": n, **timings[str(n)]} for n in counts]}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))

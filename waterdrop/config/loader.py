@@ -13,6 +13,8 @@ from typing import Any
 from waterdrop.config.plugins import HeadDeclaration, head_declarations, kind_declarations
 from waterdrop.config.reader import Section, read_settings, read_yaml, resolve_path
 from waterdrop.config.schema import (
+    DEFAULT_MAX_METRIC_DROP,
+    DEFAULT_MAX_NEGATIVE_FLIP_RATE,
     DIVERGENCES,
     FEATURE_SETTINGS,
     LOSS_WEIGHTINGS,
@@ -205,6 +207,8 @@ def _load_deploy(sec: Section, labels: list[str], kind) -> DeployConfig:
         target_metric=metric,
         target_value=value,
         label_targets=label_targets,
+        max_metric_drop=sec.number("max_metric_drop", DEFAULT_MAX_METRIC_DROP, low=0, high=1),
+        max_negative_flip_rate=sec.number("max_negative_flip_rate", DEFAULT_MAX_NEGATIVE_FLIP_RATE, low=0, high=1),
     )
     sec.finish()
     return deploy

@@ -195,12 +195,20 @@ class TrainConfig:
     distillation: DistillationConfig | None = None  # read by the loader
 
 
+DEFAULT_MAX_METRIC_DROP = 0.01
+DEFAULT_MAX_NEGATIVE_FLIP_RATE = 0.02
+
+
 @dataclass
 class DeployConfig:
     prevalence: float | None
     target_metric: str
     target_value: float
     label_targets: dict[str, tuple[str, float]] = field(default_factory=dict)
+    #: The release gate (tools/compare.py): the largest drop of the task's headline metric,
+    #: judged on the bootstrap interval of the change, and the largest negative-flip rate.
+    max_metric_drop: float = DEFAULT_MAX_METRIC_DROP
+    max_negative_flip_rate: float = DEFAULT_MAX_NEGATIVE_FLIP_RATE
 
 
 
