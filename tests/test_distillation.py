@@ -232,3 +232,36 @@ def test_the_teacher_scores_its_own_views_and_cutmix_pastes_the_same_rectangle(r
         assert (shrunk[row, 0] == small).float().mean().item() > 0.95  # the same place, up to its edges
         pasted.append(share)
     assert sum(share > 0 for share in pasted) >= 4  # rows that drew themselves as donor keep their level
+
+
+def test_positive_congruent_terms_weigh_what_the_teacher_gets_right(registry_file, tmp_path, demo_root):
+    teacher = _teacher_checkpoint(tmp_path / "teacher", demo_root)
+    images, task_index, targets = _batch()
+    rows = slice(0, 2)
+    edit_train(registry_file, distillation={"teacher": teacher, "positive_congruent": True, "congruent_weight": 4.0})
+    with pytest.raises(ConfigError, match="positive_congruent.*has no thresholds for disgusting"):
+        WaterdropModel(load_registry(registry_file))
+    checkpoint = torch.load(teacher, weights_only=True)
+    with torch.no_grad():
+        net = MultiTaskNet(load_registry(registry_file)).eval()
+        net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()})
+        first = net.forward_all(images[rows])["disgusting.prob"]
+    # A threshold below both scores: both decided positive, so the teacher is right on exactly one
+    # (targets: sample 0 normal, sample 1 positive).
+    threshold = float(first.min()) - 1e-3
+    right = [bool(first[0] < threshold), bool(first[1] >= threshold)]
+    checkpoint["meta"]["waterdrop"]["thresholds"] = {"disgusting": threshold, "thriller": 0.5,
+                                                    "scene_tags": {t: 0.5 for t in net.heads["scene_tags"].labels}}
+    torch.save(checkpoint, teacher)
+    model = WaterdropModel(load_registry(registry_file)).eval()
+    losses = model(images, task_index, targets, mode="loss")
+    with torch.no_grad():
+        ours = model.net.heads["disgusting"](model.net.features_per_task(images[rows])[0])
+        theirs_net = model.features["distillation"].teacher
+        theirs = theirs_net.heads["disgusting"](theirs_net.features_per_task(images[rows])[0])
+    p = soft_probabilities(theirs_net.heads["disgusting"], theirs, 1.0)
+    q = soft_probabilities(model.net.heads["disgusting"], ours, 1.0)
+    per_sample = (divergence(p["prob"], q["prob"], "js") + divergence(p["subclass_prob"], q["subclass_prob"], "js")) / 2
+    weights = torch.tensor([1 + 4.0 * r for r in right])
+    assert sorted(right) == [False, True]
+    assert losses["disgusting.loss_distill"].item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-4)

@@ -115,7 +115,9 @@ def _load_distillation(sec: Section | None, root: Path) -> DistillationConfig | 
         own.finish()
     config = DistillationConfig(teacher=teacher, divergence=sec.string("divergence", "js", DIVERGENCES),
                                 weight=sec.number("weight", 1.0, low=0),
-                                temperature=sec.number("temperature", 1.0, low=0, low_open=True), tasks=per_task)
+                                temperature=sec.number("temperature", 1.0, low=0, low_open=True), tasks=per_task,
+                                positive_congruent=sec.boolean("positive_congruent", False),
+                                congruent_weight=sec.number("congruent_weight", 5.0, low=0))
     if config.weight == 0 and not any(own.get("weight", 0) > 0 for own in per_task.values()):
         raise ConfigError(sec.file, sec.path("weight"), "is 0 and no task has a weight of its own: it teaches no "
                           "task; set a weight > 0 or set distillation to null")

@@ -155,6 +155,10 @@ class DistillationConfig:
     weight: float = 1.0
     temperature: float = 1.0
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Positive-congruent training (Yan et al., CVPR 2021): the teacher is the deployed model and
+    #: a sample's term is weighted 1 + ``congruent_weight`` where the teacher decides it right.
+    positive_congruent: bool = False
+    congruent_weight: float = 5.0
 
     def settings(self, task: str) -> tuple[float, float]:
         """(weight, temperature) of one task."""

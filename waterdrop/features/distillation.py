@@ -22,6 +22,13 @@ pastes the same rectangle in both); otherwise it sees the student's batch resize
 The teacher is held outside the module tree: it is never in the student's ``state_dict``, so
 never in a checkpoint or an export.
 
+Positive-congruent training (``positive_congruent: true``; Yan et al., "Positive-Congruent
+Training", CVPR 2021, focal distillation): the teacher is the model in production and a
+sample's term is weighted ``1 + congruent_weight`` where the teacher decides it right at its
+own thresholds (``1 + congruent_weight x`` the fraction of its decisions it gets right, for a
+multi-label sample), so the new model keeps the old one's right answers (fewer negative flips)
+while it learns from the labels where the old one was wrong.
+
 Settings: the registry's ``train.distillation`` (``waterdrop.config.schema.DistillationConfig``),
 which names the teacher and, per task, the weight and temperature.
 """
@@ -30,11 +37,13 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from waterdrop.config import RegistryConfig, blamed_on
+from waterdrop.config import ConfigError, RegistryConfig, blamed_on
 from waterdrop.features.base import LossBatch, TaskFeature, register_feature
+from waterdrop.kinds import kind_of
 from waterdrop.model.head import Head
 
 _EPS = 1e-6
@@ -111,6 +120,16 @@ class Distillation(TaskFeature):
                 self.teacher_index[t] = teacher.task_names.index(task.name)
         # Held outside the module tree (see the module's docstring).
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        self.teacher_thresholds = None
+        if spec.positive_congruent:
+            from waterdrop.engine.checkpoint import recorded_thresholds
+
+            checkpoint = best_checkpoint(spec.teacher)
+            self.teacher_thresholds, _ = recorded_thresholds(checkpoint, load_net(checkpoint)[2])
+            missing = [name for name in self.settings if name not in (self.teacher_thresholds or {})]
+            if missing:
+                raise ConfigError(cfg.file, "train.distillation.positive_congruent", f"the teacher {spec.teacher} "
+                                  f"has no thresholds for {', '.join(missing)}: evaluate it first (tools/eval.py)")
         self.input_size = teacher_cfg.model.input_size
 
     def data_needs(self, task, needs):
@@ -142,5 +161,25 @@ class Distillation(TaskFeature):
             ours = soft_probabilities(batch.net.heads[name], batch.outputs[name], temperature)
             groups = [divergence(theirs[key], ours[key], self.spec.divergence) for key in ours if key in theirs]
             per_sample = torch.stack(groups).mean(dim=0)
+            if self.teacher_thresholds is not None:
+                per_sample = per_sample * self._congruence(name, teacher_outputs[name], batch)
             losses[f"{name}.loss_distill"] = per_sample.mean() * temperature ** 2 * weight * self.loss_weights[name]
         return losses
+
+    def _congruence(self, name: str, teacher_outputs: dict, batch: LossBatch) -> torch.Tensor:
+        """Per sample of ``name`` in the batch: 1 + congruent_weight x the fraction of its decisions
+        the teacher gets right (unlabeled samples: 1)."""
+        head = self.teacher.heads[name]
+        predictions = {k: v.detach().float().cpu().numpy() for k, v in
+                       self.teacher.task_predictions(name, teacher_outputs).items()}
+        scores, truth = head.score_and_truth(predictions, batch.targets[name].cpu().numpy())
+        kind = kind_of(head.kind)
+        entry = {"labels": head.labels, **({kind.threshold_key: self.teacher_thresholds[name]}
+                                           if kind.threshold_key else {})}
+        decided = kind.decide(entry, {"prob": scores})
+        truth = truth.reshape(len(truth), -1)
+        known = truth >= 0
+        right = ((decided == truth) & known).sum(1) / np.maximum(known.sum(1), 1)
+        labeled = batch.labeled[name].cpu().numpy()
+        weight = 1 + self.spec.congruent_weight * np.where(labeled, right, 0.0)
+        return torch.as_tensor(weight, dtype=torch.float32, device=batch.images.device)
