@@ -10,7 +10,7 @@ RUN := work_dirs/demo
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[train,dev,scan]"
+	$(PY) -m pip install -q -e ".[train,dev,scan,release]"
 	touch $@
 
 install: $(VENV)/.installed

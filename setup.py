@@ -48,6 +48,7 @@ setup(
         "waterdrop.evaluation",
         "waterdrop.features",
         "waterdrop.heads",
+        "waterdrop.release",
         "waterdrop.scan",
     ],
     package_dir={"waterdrop.heads": "heads"},
@@ -57,5 +58,8 @@ setup(
     # `scan` (tools/scan.py): Parquet shards; Ray Data (its `data` extra brings pandas) for cluster scans.
     extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "ruff>=0.6"],
                     "quantize": ["onnx==1.23.2"],  # tools/quantize.py beside the runtime install (no torch)
-                    "scan": ["pyarrow==26.0.1", "ray[data]==2.60.0"]},
+                    "scan": ["pyarrow==26.0.1", "ray[data]==2.60.0"],
+                    # tools/compare.py and tools/release.py beside the runtime install: the report's plot,
+                    # and Triton's ModelConfig schema that config.pbtxt is checked against.
+                    "release": ["matplotlib>=3.8", "tritonclient[grpc]==2.73.0"]},
 )

@@ -22,6 +22,7 @@ from waterdrop.engine.train import run_training
 from waterdrop.export import export_onnx
 from waterdrop.kinds import kind_of
 from waterdrop.release.compare import Model, compare, decision_flips, paired_interval
+from waterdrop.release.repository import triton_config
 from waterdrop.runtime import Predictor
 from waterdrop.scoring import score_split
 
@@ -238,3 +239,54 @@ def test_compare_runs_without_torch(models, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "gate: **PASS**" in (tmp_path / "out" / "compare.md").read_text()
     shutil.rmtree(tmp_path / "out")
+
+
+def _release(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "release.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+
+
+def test_a_release_is_a_triton_model_repository_behind_the_gate(planted, tmp_path):
+    registry, deployed, candidate, _ = planted
+    repository = tmp_path / "repo"
+    first = _release(deployed, "--repository", repository, "--name", "quality", "--registry", registry)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (repository / "quality" / "1" / "model.onnx").is_file()
+    refused = _release(candidate, "--repository", repository, "--name", "quality", "--registry", registry)
+    assert refused.returncode == 1 and "not released: over budget: bright" in refused.stderr
+    assert not (repository / "quality" / "2").exists()
+    forced = _release(candidate, "--repository", repository, "--name", "quality", "--registry", registry, "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    version = repository / "quality" / "2"
+    card = json.loads((version / "model_card.json").read_text())
+    assert card["version"] == 2 and card["forced"] and card["gate"] == "fail"
+    task = card["tasks"][0]
+    assert task["threshold"] == 0.5 and task["release"]["verdict"] == "over budget"
+    assert task["data"]["test"]["images"] == 60 and len(task["data"]["test"]["sha256"]) == 64
+    assert {p.name for p in version.iterdir()} >= {"model.onnx", "model_card.md", "compare.md", "compare.json",
+                                                    "resolved.json"}
+    assert "overridden with --force" in (version / "model_card.md").read_text()
+    # Triton's own schema reads the config back: the model, its batching, every tensor.
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((repository / "quality" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == ("quality", "onnxruntime", 32)
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [
+        ("image", "TYPE_FP32", [3, -1, -1])]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("bright.prob", [])]
+
+
+def test_the_triton_config_of_an_exported_model_lists_every_output(models):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    _, deployed, _ = models
+    config = text_format.Parse(triton_config(deployed, "shared"), model_config_pb2.ModelConfig())
+    session_outputs = Predictor(deployed).output_names
+    assert [t.name for t in config.output] == session_outputs
+    assert [list(t.dims) for t in config.input] == [[3, 64, 64]]
+    kinds = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in config.output}
+    assert kinds["thriller.prob"] == "TYPE_FP32" and list(next(t for t in config.output
+                                                               if t.name == "scene_tags.prob").dims) == [10]
