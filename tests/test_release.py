@@ -201,7 +201,7 @@ def test_changed_labels_preprocessing_bad_images_and_a_pool(models, demo_root, t
     finally:
         edit_task(registry, "disgusting", data={"val": str(demo_root / "disgusting" / "val.jsonl")})
     scene = record["tasks"]["scene_tags"]
-    assert scene["status"] == "refused" and "labels differ" in scene["why"]
+    assert scene["status"] == "refused" and "labels or kind differ" in scene["why"]
     disgusting = record["tasks"]["disgusting"]
     assert disgusting["split"] == "val" and "no test split" in disgusting["split_note"]
     assert disgusting["undecodable"] == len(bad) and disgusting["images"] == len(lines) + len(good)
@@ -275,7 +275,10 @@ def test_a_release_is_a_triton_model_repository_behind_the_gate(planted, tmp_pat
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
     assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [
         ("image", "TYPE_FP32", [3, -1, -1])]
-    assert [(t.name, list(t.dims)) for t in config.output] == [("bright.prob", [])]
+    # One score per image: dims [1] reshaped to the batch axis alone, as Triton requires.
+    assert [(t.name, list(t.dims), list(t.reshape.shape), t.HasField("reshape")) for t in config.output] == [
+        ("bright.prob", [1], [], True)]
+    assert not [p for p in (repository / "quality").iterdir() if p.name.startswith(".")]  # no staging left
 
 
 def test_the_triton_config_of_an_exported_model_lists_every_output(models):
@@ -290,3 +293,21 @@ def test_the_triton_config_of_an_exported_model_lists_every_output(models):
     kinds = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in config.output}
     assert kinds["thriller.prob"] == "TYPE_FP32" and list(next(t for t in config.output
                                                                if t.name == "scene_tags.prob").dims) == [10]
+
+
+def test_an_int8_or_rethresholded_file_is_scored_again_and_an_empty_pool_is_a_note(planted, tmp_path):
+    registry, deployed, _, _ = planted
+    model = onnx.load(str(deployed))
+    prop = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    meta["tasks"][0]["threshold"] = 0.9  # the same weights and hash, another threshold
+    prop.value = json.dumps(meta)
+    moved = tmp_path / "moved.onnx"
+    onnx.save(model, str(moved))
+    (tmp_path / "empty").mkdir()
+    record, _ = compare(Model(deployed, Predictor(deployed)), Model(moved, Predictor(moved)), load_registry(registry),
+                        rounds=50, pool=[tmp_path / "empty"], pool_size=10)
+    bright = record["tasks"]["bright"]
+    assert bright["status"] == "compared" and bright["threshold_drift"] == pytest.approx(0.4)
+    assert bright["difference"] == 0.0 and bright["flips"]["positive_flips"] == 0
+    assert any("the pool was not measured" in note for note in record["notes"])

@@ -75,7 +75,7 @@ def main() -> int:
             folder = publish(candidate, Path(args.repository), args.name, cfg, comparison,
                              Path(tmp) if comparison else None, bool(comparison and comparison["forced"]),
                              args.max_batch_size)
-    except (ConfigError, DataError, ValueError, cli.UsageError) as err:
+    except (ConfigError, DataError, OSError, ValueError, cli.UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
     print(f"released {folder} (version {next_version(model_dir) - 1}); Triton config {model_dir / 'config.pbtxt'}")

@@ -25,9 +25,10 @@ never in a checkpoint or an export.
 Positive-congruent training (``positive_congruent: true``; Yan et al., "Positive-Congruent
 Training", CVPR 2021, focal distillation): the teacher is the model in production and a
 sample's term is weighted ``1 + congruent_weight`` where the teacher decides it right at its
-own thresholds (``1 + congruent_weight x`` the fraction of its decisions it gets right, for a
-multi-label sample), so the new model keeps the old one's right answers (fewer negative flips)
-while it learns from the labels where the old one was wrong.
+own thresholds (those of the run's exported ``model.onnx`` where there is one, else of its
+evaluation), ``1 + congruent_weight x`` the fraction of its tags it gets right for a
+multi-label sample (before the relation graph), so the new model keeps the old one's right
+answers (fewer negative flips) while it learns from the labels where the old one was wrong.
 
 Settings: the registry's ``train.distillation`` (``waterdrop.config.schema.DistillationConfig``),
 which names the teacher and, per task, the weight and temperature.
@@ -126,6 +127,15 @@ class Distillation(TaskFeature):
 
             checkpoint = best_checkpoint(spec.teacher)
             self.teacher_thresholds, _ = recorded_thresholds(checkpoint, load_net(checkpoint)[2])
+            exported = checkpoint.parent / "model.onnx"
+            if exported.is_file():  # what production serves decides at the thresholds in its file
+                import onnx
+
+                from waterdrop.contract import read_metadata
+
+                meta = read_metadata({p.key: p.value for p in onnx.load(str(exported)).metadata_props}, str(exported))
+                self.teacher_thresholds = {entry["name"]: entry.get("threshold", entry.get("thresholds"))
+                                           for entry in meta["tasks"]}
             missing = [name for name in self.settings if name not in (self.teacher_thresholds or {})]
             if missing:
                 raise ConfigError(cfg.file, "train.distillation.positive_congruent", f"the teacher {spec.teacher} "
@@ -152,7 +162,9 @@ class Distillation(TaskFeature):
         if seen.shape[-1] != self.input_size or seen.shape[-2] != self.input_size:
             seen = F.interpolate(seen, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         with torch.no_grad():
-            teacher_outputs = self.teacher.forward_tasks(seen, mapped[rows], complete=False)
+            # Positive-congruent weights judge the teacher's whole decision (a cascade's second network too).
+            teacher_outputs = self.teacher.forward_tasks(seen, mapped[rows],
+                                                         complete=self.teacher_thresholds is not None)
         losses = {}
         for name, (weight, temperature) in self.settings.items():
             if name not in batch.outputs:

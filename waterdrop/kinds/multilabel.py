@@ -57,6 +57,11 @@ class MultiLabelKind(TaskKind):
         plots.multilabel_pr_grid(out_dir / f"{task.name}_pr.png", task.name, scores, truth, task.labels,
                                  report["thresholds"])
 
+    def decide(self, entry, outputs):
+        decided = super().decide(entry, outputs)
+        graph = entry.get("relation_graph")  # the runtime's: the tags partner teams are served
+        return graph.apply(outputs["prob"], decided) if graph else decided
+
     def runtime_result(self, entry, outputs, row, size):
         """Tags at the per-label thresholds, after the relation graph; with a detector also the
         ``objects`` after NMS, boxes in pixels of the original image."""

@@ -64,6 +64,17 @@ def paired_interval(kind, old: np.ndarray, new: np.ndarray, truth: np.ndarray, r
     return float(low), float(high)
 
 
+def measurable_rounds(kind, old: np.ndarray, new: np.ndarray, truth: np.ndarray, rounds: int, seed: int) -> int:
+    """How many of ``paired_interval``'s resamples could be scored (a resample without positives cannot)."""
+    rng = np.random.default_rng(seed)
+    kept = 0
+    for _ in range(rounds):
+        rows = rng.integers(0, len(truth), len(truth))
+        kept += math.isfinite(kind.validation_metrics(old[rows], truth[rows])[1]) and math.isfinite(
+            kind.validation_metrics(new[rows], truth[rows])[1])
+    return kept
+
+
 def decision_flips(old: np.ndarray, new: np.ndarray, truth: np.ndarray, columns: list[str]) -> dict:
     """Negative and positive flips between two models' decisions (rows: images, columns:
     decisions) against the truth (-1: unknown, left out), in all and per column."""
@@ -105,17 +116,27 @@ def _drift(old, new):
     return float(new) - float(old)
 
 
+def gated_flip_rate(flips: dict) -> tuple[float, str]:
+    """The negative-flip rate the gate reads, and what it is: the task's own, or for a multi-label
+    task its worst label's (each tag is a decision some team is served)."""
+    if "per_label" in flips:
+        label, worst = max(flips["per_label"].items(), key=lambda item: np.nan_to_num(item[1]["negative_flip_rate"]))
+        return worst["negative_flip_rate"], f"label {label}: {worst['negative_flips']} of {worst['decisions']}"
+    return flips["negative_flip_rate"], f"{flips['negative_flips']} of {flips['decisions']} decisions"
+
+
 def _budget_verdict(task: TaskConfig, result: dict) -> list[str]:
-    """Why a compared task is over its budget (empty: within it)."""
+    """Why a compared task is over its budget (empty: within it). A metric drop counts when it is
+    real (the whole 95% interval of the change lies below zero) and larger than the budget: noise
+    on a small split, whose interval spans zero, never blocks."""
     deploy, problems = task.deploy, []
     low, high = result["difference_interval"]
-    if math.isfinite(high) and high < -deploy.max_metric_drop:
-        problems.append(f"{result['metric']} fell by {-result['difference']:.4f} (95% interval of the change "
-                        f"[{low:.4f}, {high:.4f}] lies below -{deploy.max_metric_drop})")
-    rate = result["flips"]["negative_flip_rate"]
+    if math.isfinite(high) and high < 0 and result["difference"] < -deploy.max_metric_drop:
+        problems.append(f"{result['metric']} fell by {-result['difference']:.4f}, more than "
+                        f"{deploy.max_metric_drop} (95% interval of the change [{low:.4f}, {high:.4f}], below zero)")
+    rate, what = gated_flip_rate(result["flips"])
     if math.isfinite(rate) and rate > deploy.max_negative_flip_rate:
-        problems.append(f"negative flips {result['flips']['negative_flips']} of {result['flips']['decisions']} "
-                        f"decisions ({rate:.2%}) exceed {deploy.max_negative_flip_rate:.2%}")
+        problems.append(f"negative flips {what} ({rate:.2%}) exceed {deploy.max_negative_flip_rate:.2%}")
     return problems
 
 
@@ -146,6 +167,8 @@ def compare_task(old: Model, new: Model, task: TaskConfig, rounds: int = BOOTSTR
         "difference": metrics["candidate"] - metrics["deployed"],
         "difference_interval": paired_interval(kind, scores["deployed"], scores["candidate"], truth, rounds, seed),
         "bootstrap_rounds": rounds,
+        "bootstrap_rounds_scored": measurable_rounds(kind, scores["deployed"], scores["candidate"], truth, rounds,
+                                                     seed),
         "at_own_thresholds": {side: _at_thresholds(kind, task, scores[side], truth, thresholds[side])
                               for side in scores} if kind.threshold_key else None,
         "thresholds": thresholds, "threshold_drift": _drift(thresholds["deployed"], thresholds["candidate"]),
@@ -186,6 +209,16 @@ def pool_changes(old: Model, new: Model, tasks: list[str], sources: list[Path], 
             "sources": list(map(str, sources)), "tasks": changes}
 
 
+def _same_decisions(old: Model, new: Model, name: str) -> bool:
+    """Whether a task's outputs and decisions are the same in both files without scoring them:
+    the same content hash (its lineage) and the same thresholds, relations, input and precision."""
+    before, after = old.entries[name], new.entries[name]
+    keys = ("hash", "threshold", "thresholds", "relations", "outputs")
+    return (bool(before.get("hash")) and all(before.get(key) == after.get(key) for key in keys)
+            and old.preprocessing == new.preprocessing
+            and old.predictor.meta.get("precision", "fp32") == new.predictor.meta.get("precision", "fp32"))
+
+
 def compare(old: Model, new: Model, cfg: RegistryConfig, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0,
             pool: list[Path] | None = None, pool_size: int = 2000, batch_size: int = 16) -> tuple[dict, dict]:
     """The whole comparison record (JSON-ready) and, per compared task, its arrays."""
@@ -208,27 +241,39 @@ def compare(old: Model, new: Model, cfg: RegistryConfig, rounds: int = BOOTSTRAP
         identity = ("labels", "negative_label", "kind")
         if any(old_entry.get(key) != new_entry.get(key) for key in identity):
             record["tasks"][name] = {"status": "refused", "why": (
-                f"its labels differ between the models (deployed {old_entry['labels']}, candidate "
-                f"{new_entry['labels']}): its scores do not mean the same thing, so they are not compared")}
+                f"its labels or kind differ between the models (deployed {old_entry['kind']} {old_entry['labels']}, "
+                f"candidate {new_entry['kind']} {new_entry['labels']}): its scores do not mean the same thing, so "
+                "they are not compared")}
             continue
-        if old_entry.get("hash") and old_entry.get("hash") == new_entry.get("hash"):
+        if _same_decisions(old, new, name):
             record["tasks"][name] = {"status": "unchanged", "hash": new_entry["hash"], "verdict": "pass",
-                                     "why": "its content hash is the same in both files: the same outputs"}
+                                     "why": "its content hash, thresholds, relations, input and precision are the same "
+                                            "in both files: the same outputs and decisions"}
             continue
         task = configs.get(name)
         if task is None or task.labels != new_entry["labels"] or task.negative_label != new_entry["negative_label"]:
             record["tasks"][name] = {"status": "refused", "why": (
                 f"{cfg.file} has no task of this name with the model's labels: no data to compare it on")}
             continue
-        result, arrays[name] = compare_task(old, new, task, rounds, seed, batch_size)
+        try:
+            result, arrays[name] = compare_task(old, new, task, rounds, seed, batch_size)
+        except ValueError as err:  # its split cannot be read or decoded: the others are still compared
+            record["tasks"][name] = {"status": "refused", "why": str(err)}
+            continue
         problems = _budget_verdict(task, result)
+        if not math.isfinite(result["deployed"]) or not math.isfinite(result["candidate"]):
+            result["metric_note"] = (f"{result['metric']} cannot be measured on this split (no positives?): the "
+                                     "metric part of the gate was not applied")
         result.update(verdict="over budget" if problems else "pass", problems=problems,
                       budget={"max_metric_drop": task.deploy.max_metric_drop,
                               "max_negative_flip_rate": task.deploy.max_negative_flip_rate})
         record["tasks"][name] = result
     if pool:
         shared = [n for n, r in record["tasks"].items() if r["status"] == "compared"]
-        record["pool"] = pool_changes(old, new, shared, pool, pool_size, seed, batch_size)
+        try:
+            record["pool"] = pool_changes(old, new, shared, pool, pool_size, seed, batch_size)
+        except ValueError as err:
+            record["notes"].append(f"the pool was not measured: {err}")
     failed = [n for n, r in record["tasks"].items() if r.get("verdict") == "over budget"]
     record["over_budget"] = failed
     record["gate"] = "fail" if failed else "pass"

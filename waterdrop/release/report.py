@@ -93,7 +93,10 @@ def markdown(record: dict) -> str:
         lines += [f"| {name} | {c['changed']} | {c['rate']:.2%} |" for name, c in pool["tasks"].items()]
     if record["notes"]:
         lines += ["", "Notes:", *(f"- {note}" for note in record["notes"])]
-    notes = [f"- {name}: {r['split_note']}" for name, r in record["tasks"].items() if r.get("split_note")]
+    notes = [f"- {name}: {r[key]}" for name, r in record["tasks"].items() for key in ("split_note", "metric_note")
+             if r.get(key)]
+    if notes and not record["notes"]:
+        lines += ["", "Notes:"]
     return "\n".join(lines + notes) + "\n"
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import onnx
 
-from waterdrop.config import RegistryConfig
+from waterdrop.config import RegistryConfig, config_to_dict
 from waterdrop.contract import METADATA_KEY
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.records import read_records
@@ -40,8 +41,13 @@ def _tensors(values) -> list[dict]:
         if tensor.elem_type not in _TRITON_TYPES:
             raise ValueError(f"{value.name}: ONNX element type {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
                              "has no Triton data type here")
+        if not tensor.HasField("shape") or not tensor.shape.dim:
+            raise ValueError(f"{value.name}: the ONNX file gives no shape; Triton needs its dims")
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim][1:]
-        described.append({"name": value.name, "data_type": _TRITON_TYPES[tensor.elem_type], "dims": dims})
+        entry = {"name": value.name, "data_type": _TRITON_TYPES[tensor.elem_type], "dims": dims}
+        if not dims:  # one value per image ([N]): Triton wants dims [1], reshaped to the batch axis alone
+            entry.update(dims=[1], reshape={"shape": []})
+        described.append(entry)
     return described
 
 
@@ -55,6 +61,8 @@ def triton_config(model_path: Path, name: str, max_batch_size: int = 32,
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size {max_batch_size}: the model's first axis is its batch axis, so at least 1")
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {tensor.name for tensor in graph.initializer}
     config = {"name": name, "backend": "onnxruntime", "max_batch_size": max_batch_size,
@@ -165,19 +173,22 @@ def publish(model_path: Path, repository: Path, name: str, cfg: RegistryConfig |
     model_dir = repository / name
     config_text = triton_config(model_path, name, max_batch_size)  # before anything is written
     version = next_version(model_dir)
-    folder = model_dir / str(version)
-    folder.mkdir(parents=True)
-    shutil.copy(model_path, folder / "model.onnx")
-    if comparison_dir is not None:
-        for report in ("compare.md", "compare.json", "pr_curves.png"):
-            if (comparison_dir / report).is_file():
-                shutil.copy(comparison_dir / report, folder / report)
-    if cfg is not None:
-        from waterdrop.config import config_to_dict
-
-        (folder / "resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     card = model_card(model_path, cfg, comparison, version, forced)
-    (folder / "model_card.json").write_text(json.dumps(card, indent=2))
-    (folder / "model_card.md").write_text(card_markdown(card, name))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # Built beside its place and renamed into it: Triton never sees a half-written version.
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    try:
+        shutil.copy(model_path, staging / "model.onnx")
+        if comparison_dir is not None:
+            for report in [*comparison_dir.glob("compare.*"), *comparison_dir.glob("*.png")]:
+                shutil.copy(report, staging / report.name)
+        if cfg is not None:
+            (staging / "resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        (staging / "model_card.json").write_text(json.dumps(card, indent=2))
+        (staging / "model_card.md").write_text(card_markdown(card, name))
+        staging.rename(model_dir / str(version))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (model_dir / "config.pbtxt").write_text(config_text)
-    return folder
+    return model_dir / str(version)
