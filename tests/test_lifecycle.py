@@ -18,12 +18,14 @@ from tests.test_end_to_end import REPO, _run_tool, _tool
 from waterdrop.config import ConfigError, load_registry
 from waterdrop.contract import METADATA_KEY
 from waterdrop.engine.checkpoint import best_checkpoint, load_checkpoint, load_net
-from waterdrop.engine.lifecycle import PlanError
+from waterdrop.engine.lifecycle import PlanError, plan_training
+from waterdrop.engine.loss_weighting import last_shared_weight
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.train import run_training
 from waterdrop.evaluation.evaluate import predict_split
 from waterdrop.export import export_onnx
-from waterdrop.model.lineage import task_hashes
+from waterdrop.model.lineage import inherit, task_hashes
+from waterdrop.model.multitask import MultiTaskNet
 
 CARRIED = ["disgusting", "thriller"]  # a mean-teacher task and a cascade task
 
@@ -78,7 +80,7 @@ def test_tasks_not_trained_keep_every_tensor_output_and_decision(parent, child, 
     assert new_cfg.task_names == ["disgusting", "thriller", "scene_tags", "spooky"]
     # Every tensor they depend on, BatchNorm statistics of the shared levels and of their own
     # branches included (requires_grad=False alone would let those move).
-    old_hashes, new_hashes = task_hashes(old, old_cfg.tasks), task_hashes(new, new_cfg.tasks)
+    old_hashes, new_hashes = task_hashes(old, old_cfg), task_hashes(new, new_cfg)
     for name in CARRIED:
         assert new_hashes[name] == old_hashes[name]
     assert new_hashes["scene_tags"] != old_hashes["scene_tags"]
@@ -255,3 +257,29 @@ def test_a_nan_batch_and_a_training_step_leave_frozen_tensors_alone(registry_fil
              or ".branches.2." in k}
     assert changed and changed <= owned, sorted(changed - owned)[:3]
     assert any(k.endswith("running_mean") for k in changed)  # its own statistics do learn
+
+
+def test_a_retrained_task_whose_labels_changed_starts_with_a_fresh_head(parent, demo_root, tmp_path):
+    _, parent_run = parent
+    registry = write_registry(tmp_path, demo_root)
+    edit_task(registry, "disgusting", mean_teacher={"rampup_epochs": 0.5})
+    edit_task(registry, "thriller", cascade={"backbone": "test_resnet", "hard_per_batch": 4})
+    labels = yaml.safe_load((REPO / "tasks" / "scene_tags.yaml").read_text())["labels"]
+    edit_task(registry, "scene_tags", labels=labels[::-1])  # the same shape, another meaning
+    cfg = load_registry(registry)
+    plan, parent_net = plan_training(cfg, parent_run, ["scene_tags"], [])
+    assert plan.fresh == ["scene_tags"] and plan.retrained == ["scene_tags"]
+    child = MultiTaskNet(cfg)
+    origin = inherit(child, parent_net.state_dict(), parent_net.task_names, set(plan.trained), set(plan.fresh))
+    assert "head and features fresh" in origin["scene_tags"]
+    old, new = parent_net.state_dict(), child.state_dict()
+    assert not torch.equal(old["heads.scene_tags.fc.weight"], new["heads.scene_tags.fc.weight"])
+    branch = [k for k in new if ".branches.2." in k]
+    assert branch and all(torch.equal(old[k], new[k]) for k in branch)
+
+
+def test_gradnorm_finds_the_shared_layer_beside_adapters(registry_file):
+    edit_task(registry_file, "thriller", adapters={"rank": 2})
+    model = WaterdropModel(load_registry(registry_file))
+    weight = last_shared_weight(model.net.trunk)
+    assert any(weight is p for p in model.net.trunk.parameters())

@@ -106,7 +106,7 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
     its head gives no map). ``lineage``: the plan of a run trained from a parent (checkpoint
     meta ``lineage``); every task gets its content ``hash`` either way."""
     with_cams = any(n.endswith(".cam") for n in output_names)
-    hashes = task_hashes(net, cfg.tasks)
+    hashes = task_hashes(net, cfg)
     tasks = []
     for task in cfg.tasks:
         head = net.heads[task.name]

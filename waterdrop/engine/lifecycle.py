@@ -14,7 +14,7 @@ from pathlib import Path
 
 from waterdrop.config import ConfigError, RegistryConfig, config_to_dict
 from waterdrop.engine.checkpoint import best_checkpoint, first_difference, load_net, recorded_thresholds
-from waterdrop.model.lineage import model_hash, task_hashes
+from waterdrop.model.lineage import model_hash, model_identity, task_hashes, task_identity
 from waterdrop.model.multitask import MultiTaskNet
 
 
@@ -22,8 +22,9 @@ class PlanError(ValueError):
     """A run from a parent cannot be planned as asked (nothing is written)."""
 
 
-# What a carried task may change: where its data lives (evaluation reads it), nothing else.
-_DATA_KEYS = ("file", "train", "val", "test", "unlabeled")
+# What a carried task may change: where its data lives, how it would train, its release gate.
+_FREE_KEYS = ("file", "train", "val", "test", "unlabeled", "augment", "sampler", "loss_weight")
+_GATE_KEYS = ("max_metric_drop", "max_negative_flip_rate")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class TaskPlan:
     retired: list[str]
     parent_hashes: dict[str, str]
     parent_thresholds: dict = field(default_factory=dict)
+    #: Retrained tasks whose labels, head or features changed: only their BatchNorm copies start
+    #: from the parent.
+    fresh: list[str] = field(default_factory=list)
 
     @property
     def trained(self) -> list[str]:
@@ -50,21 +54,16 @@ class TaskPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskPlan:
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
-
-
-def _model_identity(cfg: RegistryConfig) -> dict:
-    """The model section without where its weights first came from (a child takes them from its parent)."""
-    model = config_to_dict(cfg)["model"]
-    model.pop("pretrained", None)
-    if model.get("fusion"):
-        model["fusion"].pop("pretrained", None)
-    return model
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
 def _task_settings(cfg: RegistryConfig) -> dict[str, dict]:
-    tasks = config_to_dict(cfg)["tasks"]
-    return {task["name"]: {k: v for k, v in task.items() if k not in _DATA_KEYS} for task in tasks}
+    settings = {}
+    for task in config_to_dict(cfg)["tasks"]:
+        kept = {k: v for k, v in task.items() if k not in _FREE_KEYS}
+        kept["deploy"] = {k: v for k, v in kept["deploy"].items() if k not in _GATE_KEYS}
+        settings[task["name"]] = kept
+    return settings
 
 
 def plan_training(cfg: RegistryConfig, parent: str | Path, tasks: list[str] | None,
@@ -84,8 +83,8 @@ def plan_training(cfg: RegistryConfig, parent: str | Path, tasks: list[str] | No
         raise PlanError(f"--from {parent}: {err}") from err
     where = f"--from {parent}"
     registry, before = cfg.task_names, parent_cfg.task_names
-    if _model_identity(cfg) != _model_identity(parent_cfg):
-        changed = first_difference(_model_identity(parent_cfg), _model_identity(cfg))
+    if model_identity(cfg) != model_identity(parent_cfg):
+        changed = first_difference(model_identity(parent_cfg), model_identity(cfg))
         raise ConfigError(cfg.file, "model", f"differs from the parent's ({where}; first difference: model.{changed}); "
                           "a task can join a trained model only with its trunk and preprocessing")
     if cfg.train.loss_weighting.type == "gradnorm":
@@ -119,16 +118,25 @@ def plan_training(cfg: RegistryConfig, parent: str | Path, tasks: list[str] | No
                               f"task {name} is carried over unchanged from the parent, but this differs from the "
                               f"parent's ({difference}); name it in --tasks to retrain it, or restore the parent's "
                               "settings")
-    thresholds, source = recorded_thresholds(checkpoint, meta)
+    try:
+        thresholds, _ = recorded_thresholds(checkpoint, meta)
+    except ValueError as err:
+        raise PlanError(f"{where}: {err}") from err
     missing = [name for name in carried if not thresholds or name not in thresholds]
     if missing:
         raise PlanError(f"{where}: no thresholds recorded for {', '.join(missing)}; evaluate the parent first "
                           f"(tools/eval.py {checkpoint})")
+    trained = [name for name in registry if name in tasks or name not in before]
+    if cfg.train.sampling_policy == "weights" and not any(cfg.train.sampling_weights.get(n, 0) for n in trained):
+        raise ConfigError(cfg.file, "train.task_sampling.weights", f"gives every trained task ({', '.join(trained)}) "
+                          "weight 0: nothing would be trained")
     plan = TaskPlan(parent=str(checkpoint.resolve()), carried=carried,
                     retrained=[name for name in registry if name in before and name in tasks],
                     added=[name for name in registry if name not in before], retired=list(retire),
-                    parent_hashes=task_hashes(parent_net, parent_cfg.tasks),
-                    parent_thresholds={name: thresholds[name] for name in carried})
+                    parent_hashes=task_hashes(parent_net, parent_cfg),
+                    parent_thresholds={name: thresholds[name] for name in carried},
+                    fresh=[name for name in tasks if name in before and task_identity(cfg.tasks[registry.index(name)])
+                           != task_identity(parent_cfg.tasks[before.index(name)])])
     return plan, parent_net
 
 

@@ -28,6 +28,7 @@ from mmengine.dist import is_distributed
 from torch import nn
 
 from waterdrop.config import LossWeightingConfig
+from waterdrop.features.adapters import TaskConv
 from waterdrop.model.cbam import CBAM
 
 INITIAL_BATCHES = 20
@@ -44,8 +45,10 @@ def last_shared_weight(trunk: nn.Module) -> nn.Parameter:
     Shortcut projections (timm's ``downsample``) and attention (CBAM, squeeze-and-excitation:
     ``se``, ``attn``) are registered after it in a block but are not on the main path."""
     skipped = {name for name, module in trunk.levels[-1].named_modules() if isinstance(module, CBAM)}
+    # A convolution that adapters wrap (waterdrop.features.adapters.TaskConv) keeps its shared ``weight``.
     convs = [module for name, module in trunk.levels[-1].named_modules()
-             if isinstance(module, nn.Conv2d) and not {"downsample", "se", "attn"} & set(name.split("."))
+             if isinstance(module, (nn.Conv2d, TaskConv))
+             and not {"downsample", "se", "attn"} & set(name.split("."))
              and not any(name.startswith(f"{s}.") for s in skipped)]
     return convs[-1].weight
 

@@ -63,18 +63,21 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     epochs = epochs or train.epochs
     torch.manual_seed(train.seed)
     model = WaterdropModel(cfg)
-    # A checkpoint holds the weights and two AdamW moments per parameter.
-    check_run_folder(work_dir, resume, 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()))
-    if resume:
-        check_resumable(work_dir, cfg)
-    if plan is not None:
+    if plan is not None:  # before the run folder is touched: a parent that does not fit writes nothing
         if not resume:
-            origin = inherit(model.net, parent.state_dict(), parent.task_names, set(plan.trained))
+            try:
+                origin = inherit(model.net, parent.state_dict(), parent.task_names, set(plan.trained), set(plan.fresh))
+            except ValueError as err:
+                raise PlanError(f"--from {plan.parent}: {err}") from err
             if model.deployed is not model.net:  # a mean teacher starts as the deployed parent too
                 model.deployed.load_state_dict(model.net.state_dict())
             if rank == 0:
                 printer("\n".join(f"  {name}: {source}" for name, source in origin.items() if name in plan.trained))
         model.train_only(plan.trained)
+    # A checkpoint holds the weights and two AdamW moments per parameter.
+    check_run_folder(work_dir, resume, 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+    if resume:
+        check_resumable(work_dir, cfg)
     needs = network_needs(cfg, model.net)
     model.data_needs(needs)
     train_set = build_datasets(cfg, model.net, "train", needs)
@@ -87,10 +90,8 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     labeled = [dataset.labeled_count if plan is None or task.name in plan.trained else 0
                for task, dataset in zip(cfg.tasks, train_set.datasets)]
     weights = task_sampling_probabilities(train.sampling_policy, labeled, cfg.task_names, train.sampling_weights)
-    if plan is not None:  # frozen tasks get no batch slots
+    if plan is not None:  # frozen tasks get no batch slots (plan_training checked that some task has one)
         weights = weights * [name in plan.trained for name in cfg.task_names]
-        if not weights.sum():
-            raise ValueError(f"train.task_sampling gives every trained task ({', '.join(plan.trained)}) weight 0")
         weights = weights / weights.sum()
     batch_sampler = MultiTaskBatchSampler(train_set.sizes, train.batch_size, weights, train.seed,
                                           task_streams(cfg, train_set, needs), rank, world_size, labeled)
@@ -166,6 +167,9 @@ def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:
     (work_dir / "run.json").write_text(json.dumps(run, indent=2))
 
 
+LINEAGE_IMAGES = 128  # validation images on which carried tasks' outputs are compared with the parent's
+
+
 def recorded_plan(work_dir: Path) -> TaskPlan | None:
     """The plan of the run in ``work_dir`` (to resume it as it started), None for a run from scratch."""
     last = last_checkpoint(work_dir)
@@ -178,12 +182,18 @@ def record_lineage(cfg: RegistryConfig, net: MultiTaskNet, work_dir: Path, plan:
     """Write ``lineage.json``: every task's content hash and, for a run trained from a parent,
     its status, whether it changed, and for every task not trained the largest difference of its
     outputs from the parent's on validation images (0.0: bit for bit). Returns the record."""
-    hashes = task_hashes(net, cfg.tasks)
+    hashes = task_hashes(net, cfg)
     record = {"model_hash": model_hash(hashes), "parent": None,
               "tasks": {name: {"hash": digest} for name, digest in hashes.items()}}
     if plan is not None:
         parent, _, _ = load_net(plan.parent)
-        images = next(batch["inputs"] for batch in eval_loader(cfg, net, "val") if len(batch["inputs"]))
+        net = net.cpu()  # evaluation may have left it on a GPU; the comparison is made on the CPU
+        images = []
+        for batch in eval_loader(cfg, net, "val"):
+            images.append(batch["inputs"])
+            if sum(map(len, images)) >= LINEAGE_IMAGES:
+                break
+        images = torch.cat(images)[:LINEAGE_IMAGES]
         differences = output_differences(parent, net, images, plan.carried)
         record["parent"] = {"checkpoint": plan.parent, "model_hash": model_hash(plan.parent_hashes)}
         record["retired"] = plan.retired
@@ -223,7 +233,7 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
         plan, parent_net = plan_training(cfg, parent, tasks, list(retire))
     elif tasks or retire:
         raise PlanError("--tasks and --retire choose tasks of a trained model: give it with --from RUN")
-    if resume:
+    if resume and last_checkpoint(work_dir) is not None:  # else build_runner says there is nothing to resume
         recorded = recorded_plan(work_dir)
         same = recorded is not None and plan is not None and (recorded.trained, recorded.parent) == (plan.trained,
                                                                                                    plan.parent)

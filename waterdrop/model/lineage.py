@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import asdict, is_dataclass
 
 import torch
 from torch import nn
 
-from waterdrop.config import TaskConfig
+from waterdrop.config import RegistryConfig, TaskConfig, config_to_dict
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.task_bn import TaskBatchNorm
 
@@ -62,25 +63,38 @@ def _digest(update, entries: list[tuple[str, torch.Tensor]]) -> None:
 
 
 def task_identity(task: TaskConfig) -> dict:
-    """What gives a task's outputs their names and meaning: its labels and head."""
+    """What a task's outputs mean and how they are computed besides its tensors: its labels, head,
+    relations and features' settings."""
     return {"labels": task.labels, "negative_label": task.negative_label, "head": task.head_type,
-            "head_args": task.head_args}
+            "head_args": task.head_args, "relations": task.relations.to_dict() if task.relations else None,
+            "features": {key: asdict(value) if is_dataclass(value) else value
+                         for key, value in sorted(task.features.items())}}
 
 
-def task_hashes(net: MultiTaskNet, tasks: list[TaskConfig]) -> dict[str, str]:
-    """Per task, a SHA-256 of everything its outputs depend on: the shared tensors, its own,
-    the preprocessing and its identity (``task_identity``)."""
-    identities = {task.name: task_identity(task) for task in tasks}
+def model_identity(cfg: RegistryConfig) -> dict:
+    """The model section without where its weights first came from (a child takes them from its parent)."""
+    model = config_to_dict(cfg)["model"]
+    model.pop("pretrained", None)
+    if model.get("fusion"):
+        model["fusion"].pop("pretrained", None)
+    return model
+
+
+def task_hashes(net: MultiTaskNet, cfg: RegistryConfig) -> dict[str, str]:
+    """Per task, a SHA-256 of what its outputs depend on: the shared tensors, its own tensors,
+    the model's settings (preprocessing, branching) and its identity (``task_identity``).
+    Thresholds are not in it: they decide, they do not compute."""
     state = owned_state(net)
     shared = hashlib.sha256()
     _digest(shared.update, [(canonical, tensor) for owner, canonical, tensor in state.values() if owner is None])
-    shared.update(json.dumps([net.mean.flatten().tolist(), net.std.flatten().tolist()]).encode())
+    shared.update(json.dumps(model_identity(cfg), sort_keys=True, default=str).encode())
     hashes = {}
-    for name in net.task_names:
+    for task in cfg.tasks:
         digest = hashlib.sha256(shared.digest())
-        digest.update(json.dumps(identities[name], sort_keys=True, default=str).encode())
-        _digest(digest.update, [(canonical, tensor) for owner, canonical, tensor in state.values() if owner == name])
-        hashes[name] = digest.hexdigest()
+        digest.update(json.dumps(task_identity(task), sort_keys=True, default=str).encode())
+        _digest(digest.update, [(canonical, tensor) for owner, canonical, tensor in state.values()
+                                if owner == task.name])
+        hashes[task.name] = digest.hexdigest()
     return hashes
 
 
@@ -90,11 +104,12 @@ def model_hash(hashes: dict[str, str]) -> str:
 
 
 def inherit(child: MultiTaskNet, parent_state: dict[str, torch.Tensor], parent_tasks: list[str],
-            trained: set[str]) -> dict[str, str]:
+            trained: set[str], fresh: set[str] = frozenset()) -> dict[str, str]:
     """Load into ``child`` what it takes over from a trained parent network (its ``state_dict``
     and task list): every shared tensor, and every task's own tensors except those of a task
-    in ``trained`` that the parent lacks or holds in another shape (new labels: a fresh head).
-    An added task's BatchNorm copies start from the parent's first task's.
+    in ``trained`` that the parent lacks or holds in another shape. A task in ``fresh`` (its
+    labels or head changed) takes only its BatchNorm copies from the parent: its head and
+    features start anew. An added task's BatchNorm copies start from the parent's first task's.
 
     Returns per task where its tensors came from ("parent", "parent, head fresh", "new").
 
@@ -104,12 +119,14 @@ def inherit(child: MultiTaskNet, parent_state: dict[str, torch.Tensor], parent_t
     """
     parent = {canonical_key(key, parent_tasks): value for key, value in parent_state.items()}
     seed = parent_tasks[0]
-    state, fresh = {}, {name: 0 for name in child.task_names}
+    state, counts = {}, {name: 0 for name in child.task_names}
     for key, (owner, canonical, tensor) in owned_state(child).items():
         source = canonical
         if owner is not None and owner not in parent_tasks:
             source = canonical.replace(f".branches.{owner}.", f".branches.{seed}.")
         value = parent.get(source)
+        if owner in fresh and ".branches." not in canonical:
+            value = None
         fits = value is not None and value.shape == tensor.shape
         if not fits and (owner is None or owner not in trained):
             what = "shared tensor" if owner is None else f"tensor of task {owner}"
@@ -119,14 +136,16 @@ def inherit(child: MultiTaskNet, parent_state: dict[str, torch.Tensor], parent_t
             state[key] = value.to(tensor.dtype)
         else:
             state[key] = tensor.detach()
-            fresh[owner] += 1
+            counts[owner] += 1
     child.load_state_dict(state)
     origin = {}
     for name in child.task_names:
         if name not in parent_tasks:
             origin[name] = "new (BatchNorm copies from the parent's task " + seed + ")"
         else:
-            origin[name] = "parent" if not fresh[name] else f"parent, {fresh[name]} tensors fresh (their shape changed)"
+            origin[name] = "parent" if not counts[name] else (
+                f"parent's BatchNorm copies, head and features fresh ({counts[name]} tensors)" if name in fresh
+                else f"parent, {counts[name]} tensors fresh (their shape changed)")
     return origin
 
 

@@ -66,10 +66,12 @@ class MultiTaskNet(nn.Module):
         self.shared_blocks = 0
         if branched and model.task_bn_blocks:
             blocks = self.trunk.blocks(self.first_branched)
-            if model.task_bn_blocks > len(blocks) or any(isinstance(b, nn.BatchNorm2d) for b in blocks):
+            if model.task_bn_blocks > len(blocks):
                 raise ConfigError(cfg.file, "model.task_bn_blocks", f"level {self.first_branched} of {model.backbone} "
-                                  f"has {len(blocks)} blocks (not {model.task_bn_blocks}) or a bare BatchNorm among "
-                                  "them; branch the whole level (null)")
+                                  f"has {len(blocks)} blocks, not {model.task_bn_blocks}")
+            if any(isinstance(block, nn.BatchNorm2d) for block in blocks):
+                raise ConfigError(cfg.file, "model.task_bn_blocks", f"level {self.first_branched} of {model.backbone} "
+                                  "has a bare BatchNorm among its blocks; branch the whole level (null)")
             self.shared_blocks = len(blocks) - model.task_bn_blocks
         #: The modules that run once per task: their BatchNorms have one copy per task.
         self.branched = [module for level in branched
