@@ -9,7 +9,9 @@ jointly on the two others from the packaged ImageNet weights (the model in produ
 
 * ``a_joint``: all three tasks retrained jointly from ImageNet weights (one run, shared by every X);
 * ``b_bn_head``: ``tools/train.py --from`` that model, X added with its BatchNorm copies and head only;
-* ``c_adapters``: the same with residual adapters (task YAML ``adapters: {rank: R}``);
+* ``c_adapters``: the same with residual adapters (task YAML ``adapters: {rank: R}``), and with
+  ``--extra-ranks`` further rows of other ranks (one above a convolution's size is full rank:
+  the task's own copy of every convolution of the branched level, still folded at export);
 * ``d_alone``: X fine-tuned alone from ImageNet weights (one run per X).
 
 Per row: X's test AP, every old task's test AP, the largest change of every old task's outputs
@@ -40,10 +42,11 @@ from waterdrop.engine.train import run_training
 from waterdrop.export import export_onnx
 
 
-def write_registry(folder: Path, tasks: list[dict]) -> Path:
+def write_registry(folder: Path, tasks: list[dict], model: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     registry = yaml.safe_load((REPO / "registry.yaml").read_text())
     registry.update(demo_data=None, tasks=[])
+    registry["model"].update(model or {})
     registry["train"]["log_interval"] = 1000
     for task in tasks:
         (folder / f"{task['name']}.yaml").write_text(yaml.safe_dump(task))
@@ -52,12 +55,12 @@ def write_registry(folder: Path, tasks: list[dict]) -> Path:
     return folder / "registry.yaml"
 
 
-def train(folder: Path, tasks: list[dict], **plan) -> dict:
+def train(folder: Path, tasks: list[dict], model: dict | None = None, **plan) -> dict:
     """One run (skipped when its folder already holds a finished one); its report and wall time."""
     record = folder / "row.json"
     if record.is_file():
         return json.loads(record.read_text())
-    registry = write_registry(folder, tasks)
+    registry = write_registry(folder, tasks, model)
     start = time.perf_counter()
     report = run_training(registry, folder / "run", printer=lambda *a, **k: None, **plan)
     row = {"seconds": time.perf_counter() - start, "ap": {name: r["ap"] for name, r in report.items()}}
@@ -105,6 +108,11 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO / "work_dirs" / "real_photos"))
     parser.add_argument("--added", nargs="+", default=list(TASKS), help="tasks to add in turn")
     parser.add_argument("--rank", type=int, default=8, help="adapter rank of row c")
+    parser.add_argument("--extra-ranks", type=int, nargs="*", default=[],
+                        help="further adapter rows c_adapters_r<R> (a rank above a convolution's size is full rank)")
+    parser.add_argument("--extra-tasks", nargs="*", help="added tasks that get the --extra-ranks rows (default: all)")
+    parser.add_argument("--light-blocks", type=int, nargs="*", default=[],
+                        help="also train all three jointly with model.task_bn_blocks N (the lighter branching)")
     parser.add_argument("--out", default=str(REPO / "work_dirs" / "task_lifecycle"))
     args = parser.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
@@ -113,6 +121,11 @@ def main() -> None:
     yamls = {name: task_yaml(name, data) for name in TASKS}
     results = {"machine": machine(), "rank": args.rank, "rows": {}}
     joint = train(out / "a_joint", [yamls[name] for name in TASKS])
+    for blocks in args.light_blocks:  # the lighter branching option, trained jointly
+        light = train(out / f"a_joint_blocks{blocks}", [yamls[name] for name in TASKS], {"task_bn_blocks": blocks})
+        results[f"a_joint_blocks{blocks}"] = light
+        print(f"joint, model.task_bn_blocks {blocks}: AP {light['ap']}  seconds {light['seconds']:.0f} "
+              f"(whole level: AP {joint['ap']})", flush=True)
     for added in args.added:
         old = [name for name in TASKS if name != added]
         base_folder = out / added / "production"
@@ -126,12 +139,16 @@ def main() -> None:
                                  parent=base_folder / "run"), out / added / "c_adapters"),
             "d_alone": (train(out / "alone" / added, [yamls[added]]), out / "alone" / added),
         }
+        for rank in args.extra_ranks if added in (args.extra_tasks or TASKS) else []:
+            row, ranked = f"c_adapters_r{rank}", {**yamls[added], "adapters": {"rank": rank}}
+            rows[row] = (train(out / added / row, [yamls[n] if n != added else ranked for n in TASKS],
+                               parent=base_folder / "run"), out / added / row)
         results["rows"][added] = {"production": production}
         for row, (result, folder) in rows.items():
             entry = {"added_ap": result["ap"][added], "old_ap": {n: result["ap"].get(n) for n in old},
                      "seconds": result["seconds"]}
             if row != "d_alone":
-                onnx_folder = folder / "onnx" if row in ("b_bn_head", "c_adapters") else None
+                onnx_folder = folder / "onnx" if row.startswith(("b_", "c_")) else None
                 if onnx_folder is not None:
                     onnx_folder.mkdir(parents=True, exist_ok=True)
                 entry["old_output_change"] = output_changes(base_folder / "run", folder / "run", old, onnx_folder)
