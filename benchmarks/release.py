@@ -57,11 +57,11 @@ def noisy_manifest(data: Path, task: str, noise: float, out: Path, seed: int = 0
     return out, len(flipped)
 
 
-def train(folder: Path, tasks: list[dict], train_changes: dict | None = None, **plan) -> float:
+def train(folder: Path, task_yamls: list[dict], train_changes: dict | None = None, **plan) -> float:
     """One run unless finished before; its wall time (0 when it was there)."""
     if (folder / "run" / "model.onnx").is_file():
         return 0.0
-    registry = write_registry(folder, tasks)
+    registry = write_registry(folder, task_yamls)
     if train_changes:
         text = yaml.safe_load(registry.read_text())
         text["train"].update(train_changes)
@@ -88,25 +88,28 @@ def main() -> None:
     clean = {name: task_yaml(name, data) for name in TASKS}
     manifest, flipped = noisy_manifest(data, args.task, args.noise, out / "noisy" / f"{args.task}.jsonl")
     noisy = {**clean, args.task: {**clean[args.task], "data": {**clean[args.task]["data"], "train": str(manifest)}}}
-    seconds = {"production": train(out / "production", list(noisy.values())),
-               "seed": train(out / "seed", list(noisy.values()), {"seed": 1})}
+    seconds = {"production": train(out / "production", list(noisy.values()))}
     production = out / "production" / "run"
-    seconds["relabel"] = train(out / "relabel", list(clean.values()), parent=production, tasks=[args.task])
     pct = {"teacher": str(production), "positive_congruent": True}
-    seconds["relabel_pct"] = train(out / "relabel_pct", list(clean.values()), {"distillation": pct},
-                                   parent=production, tasks=[args.task])
+    candidates = {  # the retrains first: they are quick (one task on a frozen trunk)
+        "relabel": lambda: train(out / "relabel", list(clean.values()), parent=production, tasks=[args.task]),
+        "relabel_pct": lambda: train(out / "relabel_pct", list(clean.values()), {"distillation": pct},
+                                     parent=production, tasks=[args.task]),
+        "seed": lambda: train(out / "seed", list(noisy.values()), {"seed": 1}),
+    }
     deployed_file = production / "model.onnx"
     deployed = Model(deployed_file, Predictor(deployed_file))
-    cfg = load_config(out / "relabel" / "run")  # clean labels on every split
     results = {"machine": machine(), "task": args.task, "noise": args.noise, "flipped_labels": flipped,
                "seconds": seconds, "comparisons": {}}
-    for name in ("seed", "relabel", "relabel_pct"):
+    for name, run in candidates.items():
+        seconds[name] = run()
+        cfg = load_config(out / "relabel" / "run")  # clean labels on every split
         candidate_file = out / name / "run" / "model.onnx"
         record, arrays = compare(deployed, Model(candidate_file, Predictor(candidate_file)), cfg)
         write_report(record, arrays, out / name / "compare")
         results["comparisons"][name] = record
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         print(f"{name}: gate {record['gate']}", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"\nproduction: {args.task} trained with {flipped} of its training labels flipped ({args.noise:.0%})\n")
     print("| candidate | task | AP deployed | AP candidate | change [95% interval] | negative flips | positive flips "
           "| gate |")

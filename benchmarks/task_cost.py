@@ -37,7 +37,8 @@ THROUGHPUT_BATCH = 32
 FILES = ("fp32", "int8", "fp32_unbranched")
 
 
-def build(folder: Path, tasks: int, branched: list[int], calibration: np.ndarray | None) -> dict[str, str]:
+def build(folder: Path, tasks: int, branched: list[int], calibration: np.ndarray | None,
+          blocks: int | None = None) -> dict[str, str]:
     """Export the N-task model (and quantize it when ``calibration`` is given); returns its files."""
     import torch
 
@@ -57,6 +58,7 @@ def build(folder: Path, tasks: int, branched: list[int], calibration: np.ndarray
         names.append(f"task{t}.yaml")
     registry = {"model": {key: model[key] for key in ("backbone", "input_size", "pretrained")}, "tasks": names}
     registry["model"]["task_bn_stages"] = branched
+    registry["model"]["task_bn_blocks"] = blocks
     (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
     cfg = load_registry(folder / "registry.yaml")
     torch.manual_seed(tasks)
@@ -164,6 +166,15 @@ def report(results: dict) -> str:
         total = None if n == 1 else deep + heads
         lines.append(f"| {n} | {r['fp32_unbranched']['images_per_s']:.1f} | {fmt(deep)} | {fmt(heads)} "
                      f"| {fmt(total)} |")
+    if "fp32_light" in rows[0]:
+        light = {r["tasks"]: {k: 1 / r[f"{k}_light"]["images_per_s"] for k in ("fp32", "int8")} for r in rows}
+        lines += ["", "The lighter branching (model.task_bn_blocks), against the same one-task default model:", "",
+                  "| tasks | fp32 images/s | int8 images/s | fp32 cost / 1 task | int8 cost / 1 task |",
+                  "|---" * 5 + "|"]
+        for r in rows:
+            n = r["tasks"]
+            lines.append(f"| {n} | {r['fp32_light']['images_per_s']:.1f} | {r['int8_light']['images_per_s']:.1f} "
+                         f"| {light[n]['fp32'] / one['fp32']:.2f}x | {light[n]['int8'] / one['int8']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +185,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per file")
     parser.add_argument("--calibration-images", type=int, default=32, help="random images for int8 calibration")
     parser.add_argument("--wait", type=float, default=0, help="minutes to wait for idle cores before timing")
+    parser.add_argument("--light-blocks", type=int, help="also time the lighter branching (model.task_bn_blocks N), "
+                        "fp32 and int8")
     parser.add_argument("--output", type=Path, default=REPO / "work_dirs/task_cost.json")
     parser.add_argument("--time-files", type=Path, help=argparse.SUPPRESS)  # the timing child
     args = parser.parse_args()
@@ -194,6 +207,9 @@ def main() -> None:
         for n in counts:
             files[n] = build(Path(tmp) / f"tasks{n}", n, [-1], calibration)
             files[n]["fp32_unbranched"] = build(Path(tmp) / f"tasks{n}_unbranched", n, [], None)["fp32"]
+            if args.light_blocks:
+                light = build(Path(tmp) / f"tasks{n}_light", n, [-1], calibration, args.light_blocks)
+                files[n].update(fp32_light=light["fp32"], int8_light=light["int8"])
             print(f"built {n} task(s)", file=sys.stderr, flush=True)
         (Path(tmp) / "files.json").write_text(json.dumps(files))
         wait_until_quiet(args.wait * 60, threads)
