@@ -42,20 +42,17 @@ def build(folder: Path, tasks: int, branched: list[int], calibration: np.ndarray
     """Export the N-task model (and quantize it when ``calibration`` is given); returns its files."""
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from multitask_cost import write_binary_tasks
+
     from waterdrop.config import load_registry
     from waterdrop.export import export_onnx
     from waterdrop.model.multitask import MultiTaskNet
     from waterdrop.model.task_bn import TaskBatchNorm
     from waterdrop.quantize import quantize_file
 
-    folder.mkdir(parents=True, exist_ok=True)
     model = yaml.safe_load((REPO / "registry.yaml").read_text())["model"]
-    names = []
-    for t in range(tasks):
-        task = {"name": f"task{t}", "head": {"type": "BinaryHead"}, "labels": ["positive"],
-                "data": {"train": "unused.jsonl", "val": "unused.jsonl"}, "deploy": {"target": {"recall": 0.9}}}
-        (folder / f"task{t}.yaml").write_text(yaml.safe_dump(task))
-        names.append(f"task{t}.yaml")
+    names = write_binary_tasks(folder, tasks)
     registry = {"model": {key: model[key] for key in ("backbone", "input_size", "pretrained")}, "tasks": names}
     registry["model"]["task_bn_stages"] = branched
     registry["model"]["task_bn_blocks"] = blocks
