@@ -19,6 +19,7 @@ from torch import nn
 from waterdrop import __version__
 from waterdrop.config import RegistryConfig
 from waterdrop.contract import METADATA_KEY, metadata, output_name, outputs_of, task_entry
+from waterdrop.engine.lifecycle import TaskPlan
 from waterdrop.kinds import kind_of
 from waterdrop.model.lineage import model_hash, task_hashes
 from waterdrop.model.multitask import MultiTaskNet
@@ -92,11 +93,11 @@ def lineage_entry(hashes: dict[str, str], plan: dict | None) -> dict:
     if plan is None:
         return {"model_hash": model_hash(hashes), "parent": None, "changed": list(hashes), "retired": [],
                 "status": dict.fromkeys(hashes, "trained")}
-    status = {name: next(s for s in ("carried", "retrained", "added") if name in plan[s]) for name in hashes}
+    plan = TaskPlan.from_dict(plan)
     return {"model_hash": model_hash(hashes),
-            "parent": {"checkpoint": plan["parent"], "model_hash": plan["parent_model_hash"]},
-            "changed": [name for name in hashes if hashes[name] != plan["parent_hashes"].get(name)],
-            "retired": plan["retired"], "status": status}
+            "parent": {"checkpoint": plan.parent, "model_hash": model_hash(plan.parent_hashes)},
+            "changed": plan.changed(hashes), "retired": plan.retired,
+            "status": {name: plan.status(name) for name in hashes}}
 
 
 def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, output_names: list[str],

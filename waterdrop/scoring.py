@@ -131,7 +131,9 @@ def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
 def task_metric(entry: dict, scores: np.ndarray, truth: np.ndarray) -> tuple[str, float]:
     """The kind's primary validation metric (AP, mAP, mean boundary AP) and its name."""
     metrics, primary = kind_of(entry["kind"]).validation_metrics(scores, truth)
-    return next((name for name, value in metrics.items() if value == primary), "metric"), float(primary)
+    # ``is`` too: a NaN primary (no positives) is the very object of its entry, and NaN != NaN.
+    return next((name for name, value in metrics.items() if value is primary or value == primary), "metric"), float(
+        primary)
 
 
 def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:

@@ -49,6 +49,10 @@ class TaskPlan:
     def status(self, name: str) -> str:
         return next(status for status in ("carried", "retrained", "added") if name in getattr(self, status))
 
+    def changed(self, hashes: dict[str, str]) -> list[str]:
+        """The tasks whose content hash (``task_hashes`` of the new model) differs from the parent's."""
+        return [name for name, digest in hashes.items() if digest != self.parent_hashes.get(name)]
+
     def to_dict(self) -> dict:
         return {**asdict(self), "parent_model_hash": model_hash(self.parent_hashes)}
 

@@ -178,15 +178,16 @@ def recorded_plan(work_dir: Path) -> TaskPlan | None:
 
 
 def record_lineage(cfg: RegistryConfig, net: MultiTaskNet, work_dir: Path, plan: TaskPlan | None,
-                   printer=print) -> dict:
+                   printer=print, parent: MultiTaskNet | None = None) -> dict:
     """Write ``lineage.json``: every task's content hash and, for a run trained from a parent,
     its status, whether it changed, and for every task not trained the largest difference of its
-    outputs from the parent's on validation images (0.0: bit for bit). Returns the record."""
+    outputs from the parent's on validation images (0.0: bit for bit); ``parent`` is the
+    parent's network where it is at hand (else read from ``plan.parent``). Returns the record."""
     hashes = task_hashes(net, cfg)
     record = {"model_hash": model_hash(hashes), "parent": None,
               "tasks": {name: {"hash": digest} for name, digest in hashes.items()}}
     if plan is not None:
-        parent, _, _ = load_net(plan.parent)
+        parent = (parent or load_net(plan.parent)[0]).cpu()
         net = net.cpu()  # evaluation may have left it on a GPU; the comparison is made on the CPU
         images = []
         for batch in eval_loader(cfg, net, "val"):
@@ -198,9 +199,10 @@ def record_lineage(cfg: RegistryConfig, net: MultiTaskNet, work_dir: Path, plan:
         record["parent"] = {"checkpoint": plan.parent, "model_hash": model_hash(plan.parent_hashes)}
         record["retired"] = plan.retired
         printer(f"lineage (parent {plan.parent}):")
+        changed = plan.changed(hashes)
         for name, entry in record["tasks"].items():
             entry["status"] = plan.status(name)
-            entry["changed"] = entry["hash"] != plan.parent_hashes.get(name)
+            entry["changed"] = name in changed
             if name in differences:
                 entry["largest_output_difference"] = differences[name]
                 entry["compared_on_images"] = len(images)
@@ -235,9 +237,8 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
         raise PlanError("--tasks and --retire choose tasks of a trained model: give it with --from RUN")
     if resume and last_checkpoint(work_dir) is not None:  # else build_runner says there is nothing to resume
         recorded = recorded_plan(work_dir)
-        same = recorded is not None and plan is not None and (recorded.trained, recorded.parent) == (plan.trained,
-                                                                                                   plan.parent)
-        if plan is not None and not same:
+        if plan is not None and (recorded is None or recorded.trained != plan.trained
+                                 or recorded.parent != plan.parent):
             raise RunFolderError(f"{work_dir}: this run was started with another parent or other tasks; resume it "
                                  "with the same --from and --tasks, or without them")
         plan = recorded
@@ -259,5 +260,5 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu", checkpoint,
                       kept_thresholds=plan.parent_thresholds if plan else None)
     printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
-    record_lineage(cfg, net, work_dir, plan, printer)
+    record_lineage(cfg, net, work_dir, plan, printer, parent_net)
     return report

@@ -25,7 +25,7 @@ import numpy as np
 from waterdrop.config import RegistryConfig, TaskConfig
 from waterdrop.kinds import kind_of
 from waterdrop.runtime import Predictor
-from waterdrop.scoring import calibration_images, score_outputs
+from waterdrop.scoring import calibration_images, score_outputs, task_metric
 
 BOOTSTRAP_ROUNDS = 1000
 
@@ -46,10 +46,10 @@ class Model:
         return self.predictor.meta["input"]
 
 
-def paired_interval(kind, old: np.ndarray, new: np.ndarray, truth: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS,
-                    seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of metric(new) - metric(old) over bootstrap resamples of the
-    images, the same resample for both models (NaN, NaN when no resample can be scored)."""
+def bootstrap_differences(kind, old: np.ndarray, new: np.ndarray, truth: np.ndarray,
+                          rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[float]:
+    """metric(new) - metric(old) on bootstrap resamples of the images, the same resample for both
+    models; a resample that cannot be scored (no positives) is left out."""
     rng = np.random.default_rng(seed)
     differences = []
     for _ in range(rounds):
@@ -58,21 +58,21 @@ def paired_interval(kind, old: np.ndarray, new: np.ndarray, truth: np.ndarray, r
         after = kind.validation_metrics(new[rows], truth[rows])[1]
         if math.isfinite(before) and math.isfinite(after):
             differences.append(after - before)
+    return differences
+
+
+def percentile_interval(differences: list[float]) -> tuple[float, float]:
+    """The 95% percentile interval of ``differences`` (NaN, NaN when there are none)."""
     if not differences:
         return float("nan"), float("nan")
     low, high = np.percentile(differences, [2.5, 97.5])
     return float(low), float(high)
 
 
-def measurable_rounds(kind, old: np.ndarray, new: np.ndarray, truth: np.ndarray, rounds: int, seed: int) -> int:
-    """How many of ``paired_interval``'s resamples could be scored (a resample without positives cannot)."""
-    rng = np.random.default_rng(seed)
-    kept = 0
-    for _ in range(rounds):
-        rows = rng.integers(0, len(truth), len(truth))
-        kept += math.isfinite(kind.validation_metrics(old[rows], truth[rows])[1]) and math.isfinite(
-            kind.validation_metrics(new[rows], truth[rows])[1])
-    return kept
+def paired_interval(kind, old: np.ndarray, new: np.ndarray, truth: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS,
+                    seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of metric(new) - metric(old) over paired bootstrap resamples."""
+    return percentile_interval(bootstrap_differences(kind, old, new, truth, rounds, seed))
 
 
 def decision_flips(old: np.ndarray, new: np.ndarray, truth: np.ndarray, columns: list[str]) -> dict:
@@ -151,9 +151,10 @@ def compare_task(old: Model, new: Model, task: TaskConfig, rounds: int = BOOTSTR
     outputs, truth, bad, paths = score_outputs({"deployed": old.predictor, "candidate": new.predictor}, after, source,
                                                keys, batch_size)
     scores = {side: outputs[side]["prob"] for side in outputs}
-    metrics = {side: kind.validation_metrics(scores[side], truth)[1] for side in scores}
-    metric = next(name for name, value in kind.validation_metrics(scores["candidate"], truth)[0].items()
-                  if value == metrics["candidate"] or (math.isnan(value) and math.isnan(metrics["candidate"])))
+    measured = {side: task_metric(after, scores[side], truth) for side in scores}
+    metric = measured["candidate"][0]
+    metrics = {side: value for side, (_, value) in measured.items()}
+    differences = bootstrap_differences(kind, scores["deployed"], scores["candidate"], truth, rounds, seed)
     decided = {side: kind.decide(entry, outputs[side]) for side, entry in (("deployed", before),
                                                                             ("candidate", after))}
     columns = kind.decisions(after) or ["grade"]
@@ -165,10 +166,9 @@ def compare_task(old: Model, new: Model, task: TaskConfig, rounds: int = BOOTSTR
         "images": int(len(truth)), "undecodable": len(bad), "metric": metric,
         "deployed": metrics["deployed"], "candidate": metrics["candidate"],
         "difference": metrics["candidate"] - metrics["deployed"],
-        "difference_interval": paired_interval(kind, scores["deployed"], scores["candidate"], truth, rounds, seed),
+        "difference_interval": percentile_interval(differences),
         "bootstrap_rounds": rounds,
-        "bootstrap_rounds_scored": measurable_rounds(kind, scores["deployed"], scores["candidate"], truth, rounds,
-                                                     seed),
+        "bootstrap_rounds_scored": len(differences),
         "at_own_thresholds": {side: _at_thresholds(kind, task, scores[side], truth, thresholds[side])
                               for side in scores} if kind.threshold_key else None,
         "thresholds": thresholds, "threshold_drift": _drift(thresholds["deployed"], thresholds["candidate"]),
