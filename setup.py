@@ -48,17 +48,20 @@ setup(
         "waterdrop.evaluation",
         "waterdrop.features",
         "waterdrop.heads",
+        "waterdrop.labelling",
         "waterdrop.release",
         "waterdrop.scan",
+        "waterdrop.search",
     ],
     package_dir={"waterdrop.heads": "heads"},
     # Partner teams serving the ONNX file install the runtime alone: `pip install waterdrop`.
     # Training, evaluation and export need `pip install waterdrop[train]`.
     install_requires=RUNTIME,
-    # `scan` (tools/scan.py): Parquet shards; Ray Data (its `data` extra brings pandas) for cluster scans.
+    # `scan` (tools/scan.py): Parquet shards; Ray Data (its `data` extra brings pandas) for cluster scans;
+    # faiss (MIT) for tools/search_pool.py's index of a scan's embeddings.
     extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "ruff>=0.6"],
                     "quantize": ["onnx==1.23.2"],  # tools/quantize.py beside the runtime install (no torch)
-                    "scan": ["pyarrow==26.0.1", "ray[data]==2.60.0"],
+                    "scan": ["pyarrow==26.0.1", "ray[data]==2.60.0", "faiss-cpu==1.15.1"],
                     # tools/compare.py and tools/release.py beside the runtime install: the report's plot,
                     # and Triton's ModelConfig schema that config.pbtxt is checked against.
                     "release": ["matplotlib>=3.8", "tritonclient[grpc]==2.73.0"]},

@@ -146,6 +146,9 @@ def test_the_exported_files_agree_on_every_carried_task(parent, child, tmp_path)
         if entry["name"] in CARRIED:
             assert entry["hash"] == old_entries[entry["name"]]["hash"]
     assert old_meta["lineage"]["parent"] is None and lineage["model_hash"] != old_meta["lineage"]["model_hash"]
+    # The trunk is frozen: the embedding, and so a pool index built with the parent, still holds.
+    assert meta["embedding"]["hash"] == old_meta["embedding"]["hash"]
+    assert np.array_equal(results["old"]["embedding"], results["new"]["embedding"])
 
 
 def test_bad_plans_are_refused_before_anything_is_written(parent, demo_root, tmp_path):

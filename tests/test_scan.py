@@ -218,10 +218,12 @@ def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path):
     ray = pytest.importorskip("ray")
     from waterdrop.scan import scan_ray
 
-    scan_local(model, pool, tmp_path / "local", batch_size=4, workers=1, threads=1, shard_size=6, progress=False)
+    scan_local(model, pool, tmp_path / "local", batch_size=4, workers=1, threads=1, shard_size=6,
+               embeddings="float16", progress=False)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
-        record = scan_ray(model, pool, tmp_path / "ray", batch_size=4, shard_size=6, window=12, progress=False)
+        record = scan_ray(model, pool, tmp_path / "ray", batch_size=4, shard_size=6, window=12,
+                          embeddings="float16", progress=False)
     finally:
         ray.shutdown()
     assert record["settings"]["actors"] == 2 and record["this_run"]["shards_written"] == 3
@@ -230,6 +232,7 @@ def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path):
         p.name for p in (tmp_path / "local" / "shards").iterdir()
     )
     assert [(r["path"], r["error"]) for r in distributed] == [(r["path"], r["error"]) for r in local]
+    assert sum(r["embedding"] is not None for r in distributed) == 12
     for got, want in zip(distributed, local):
         for column, value in want.items():
             if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):

@@ -1,14 +1,16 @@
 """Scan a pool of images with an exported model into Parquet shards (no torch needed).
 
     python tools/scan.py MODEL.onnx SOURCE [--out DIR] [--engine local|ray] [--batch-size N]
-        [--workers N] [--threads N] [--shard-size N] [--ray-address auto] [--window N] [--quiet]
+        [--workers N] [--threads N] [--shard-size N] [--ray-address auto] [--window N]
+        [--embeddings [float16|float32]] [--quiet]
 
 SOURCE is a folder (searched recursively), a .jsonl manifest ({"image": path relative to
 the manifest}) or a text file of paths (relative to the file). DIR (default:
 scans/<source name> beside MODEL, i.e. in its run folder) gets shards/shard-NNNNNN.parquet
 (one row per input, bad images as rows with an error) and scan.json (settings and totals).
-Run the same command again to resume a killed scan: finished shards are skipped. Needs
-`pip install waterdrop[scan]`.
+Run the same command again to resume a killed scan: finished shards are skipped. With
+--embeddings every row also gets the model's image embedding (an ``embedding`` column, float16
+unless float32 is given), for tools/search_pool.py to index. Needs `pip install waterdrop[scan]`.
 
 Exit codes: 0 every image scored; 1 the scan finished with error rows (counted on stderr);
 2 a bad argument (a missing source, a file that is not an ONNX model, a DIR holding another
@@ -37,8 +39,11 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=10_000, help="inputs per shard file")
     parser.add_argument("--ray-address", help="a running Ray cluster ('auto': the one this node joined)")
     parser.add_argument("--window", type=int, default=100_000, help="ray: inputs per Ray Data run")
+    parser.add_argument("--embeddings", nargs="?", const="float16", choices=["float16", "float32"],
+                        help="also write each image's embedding (default value type: float16)")
     args = cli.start(parser.parse_args())
-    common = {"batch_size": args.batch_size, "shard_size": args.shard_size, "progress": not args.quiet}
+    common = {"batch_size": args.batch_size, "shard_size": args.shard_size, "embeddings": args.embeddings,
+              "progress": not args.quiet}
     try:
         cli.check_exists([args.source], "source")
         cli.check_onnx_file(args.model)

@@ -1,7 +1,8 @@
 """The ONNX contract: what an exported file promises the code that serves it.
 
-One input, ``image`` (float32 NCHW, RGB 0..255, at the metadata's ``input.size``), and one
-output per task output, named ``<task>.<key>``. The file's metadata entry ``waterdrop`` is
+One input, ``image`` (float32 NCHW, RGB 0..255, at the metadata's ``input.size``), one
+output per task output, named ``<task>.<key>``, and the image embedding ``embedding`` (N, dim),
+L2-normalised, described by the metadata's ``embedding`` entry. The file's metadata entry ``waterdrop`` is
 JSON: the input's preprocessing and, per task, its name, kind, head, labels, output names,
 deploy target, chosen thresholds, relations and the entries of its features. Export writes
 it; the runtime, the scanner, selection and quantization read it; both go through here.
@@ -15,6 +16,8 @@ from typing import Any
 
 METADATA_KEY = "waterdrop"
 METADATA_FORMAT = 1
+#: The one output that belongs to no task (a task name cannot hold a dot, so no task output is named so).
+EMBEDDING_OUTPUT = "embedding"
 
 
 def output_name(task: str, key: str) -> str:
@@ -28,8 +31,8 @@ def split_output(name: str) -> tuple[str, str]:
 
 
 def outputs_of(task: str, names: list[str]) -> dict[str, str]:
-    """Key -> output name of every output of ``task`` among ``names``."""
-    return {split_output(name)[1]: name for name in names if split_output(name)[0] == task}
+    """Key -> output name of every output of ``task`` among ``names`` (the embedding is no task's)."""
+    return {split_output(name)[1]: name for name in names if "." in name and split_output(name)[0] == task}
 
 
 def task_entry(name: str, kind, head: str, labels: list[str], negative_label: str, outputs: dict[str, str],

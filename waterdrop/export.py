@@ -18,10 +18,10 @@ from torch import nn
 
 from waterdrop import __version__
 from waterdrop.config import RegistryConfig
-from waterdrop.contract import METADATA_KEY, metadata, output_name, outputs_of, task_entry
+from waterdrop.contract import EMBEDDING_OUTPUT, METADATA_KEY, metadata, output_name, outputs_of, task_entry
 from waterdrop.engine.lifecycle import TaskPlan
 from waterdrop.kinds import kind_of
-from waterdrop.model.lineage import model_hash, task_hashes
+from waterdrop.model.lineage import embedding_hash, model_hash, task_hashes
 from waterdrop.model.multitask import MultiTaskNet
 
 PARITY_TOLERANCE = 1e-4
@@ -29,7 +29,8 @@ PARITY_TOLERANCE = 1e-4
 
 class DeployGraph(nn.Module):
     """Every task's deploy outputs, plus the decisions its features make inside the graph at
-    the chosen thresholds (a cascade's ``<task>.decision``: both networks at or above it).
+    the chosen thresholds (a cascade's ``<task>.decision``: both networks at or above it), and
+    the image embedding (``embedding``).
 
     The branched levels run once per task, not on the stacked batch (``forward_all`` with
     ``stack_tasks=False``): onnxruntime then folds every BatchNorm into its convolution, in
@@ -45,7 +46,7 @@ class DeployGraph(nn.Module):
         self.thresholds = dict(thresholds)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.net.forward_all(image, stack_tasks=False, cams=self.cams)
+        outputs = self.net.forward_all(image, stack_tasks=False, cams=self.cams, embedding=True)
         for name in self.net.task_names:
             predictions = {key: outputs[output] for key, output in outputs_of(name, list(outputs)).items()}
             for feature in self.net.features.values():
@@ -125,7 +126,19 @@ def build_metadata(net: MultiTaskNet, cfg: RegistryConfig, thresholds: dict, out
                 entry[key] = described
         tasks.append(entry)
     described = metadata(tasks, cfg.model.backbone, cfg.model.input_size, cfg.model.mean, cfg.model.std, __version__)
-    return {**described, "lineage": lineage_entry(hashes, lineage)}
+    return {**described, "lineage": lineage_entry(hashes, lineage),
+            "embedding": embedding_entry(net, cfg, output_shapes)}
+
+
+def embedding_entry(net: MultiTaskNet, cfg: RegistryConfig, output_shapes: dict[str, tuple] | None) -> dict:
+    """The ``embedding`` entry: its output, size, what it is made of, and its hash (a pool index
+    refuses queries and shards of another embedding)."""
+    levels = net.embedding_levels()
+    source = (f"shared trunk levels {levels}: each average-pooled and L2-normalised, joined" if levels else
+              "every task's deepest level: average-pooled, L2-normalised, averaged over tasks")
+    dim = (output_shapes or {}).get(EMBEDDING_OUTPUT, (0, sum(net.channels[level] for level in levels)))[-1]
+    return {"output": EMBEDDING_OUTPUT, "dim": int(dim), "source": source, "levels": levels, "normalised": "L2",
+            "similarity": "inner product = cosine", "hash": embedding_hash(net, cfg)}
 
 
 def _check_dynamic_batch(model: onnx.ModelProto) -> None:

@@ -28,6 +28,8 @@ from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationGraph
 
 NO_CAMS = "this model file has no class activation maps; re-export it with tools/export.py --cam"
+NO_EMBEDDING = ("this model file has no embedding output (exported before embeddings existed); re-export it with "
+                "tools/export.py")
 
 
 #: Result fields any kind of task may have (typed as in ``TaskKind.result_fields``).
@@ -89,8 +91,13 @@ class Predictor:
             for key, entry in [(task["name"], cam), *further]:
                 if entry.get("output") in self.output_names:
                     self.cam_outputs[key] = entry["output"]
-        # The maps are computed only when asked for (explain_batch): they are the largest outputs.
-        self.decision_outputs = [name for name in self.output_names if name not in self.cam_outputs.values()]
+        #: The metadata's ``embedding`` entry (output, dim, source, hash) where the file has one.
+        self.embedding: dict | None = self.meta.get("embedding")
+        if self.embedding is not None and self.embedding["output"] not in self.output_names:
+            self.embedding = None
+        # The maps are fetched only when asked for (explain_batch): they are the largest outputs.
+        extras = {*self.cam_outputs.values(), *([self.embedding["output"]] if self.embedding else [])}
+        self.decision_outputs = [name for name in self.output_names if name not in extras]
 
     @property
     def tasks(self) -> list[dict]:
@@ -110,6 +117,29 @@ class Predictor:
         that decoding can happen elsewhere (worker processes); ``sizes`` are the original
         images' (width, height), for boxes in their pixels."""
         return self._results(self.outputs(batch, self.decision_outputs), sizes)
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        """The L2-normalised embeddings (N, dim) of a batch prepared by ``to_model_input``.
+
+        Raises:
+            ValueError: the file has no embedding output.
+        """
+        return self.predict_and_embed(batch, None)[1]
+
+    def embed_images(self, images: list[np.ndarray]) -> np.ndarray:
+        """The embeddings of RGB uint8 images of any size (see ``embed_batch``)."""
+        return self.embed_batch(self._prepared(images)[0])
+
+    def predict_and_embed(self, batch: np.ndarray,
+                          sizes: list[tuple[int, int]] | None) -> tuple[list[dict], np.ndarray]:
+        """``predict_batch`` and ``embed_batch`` from one run of the model (``sizes`` None: the
+        embeddings only)."""
+        if self.embedding is None:
+            raise ValueError(NO_EMBEDDING)
+        names = [self.embedding["output"]] + (self.decision_outputs if sizes is not None else [])
+        outputs = self.outputs(batch, names)
+        results = self._results(outputs, sizes) if sizes is not None else []
+        return results, outputs[self.embedding["output"]]
 
     def explain_batch(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
         """Like ``predict_batch``, and per image its class activation maps: ``{"<task>": map,

@@ -98,6 +98,20 @@ def task_hashes(net: MultiTaskNet, cfg: RegistryConfig) -> dict[str, str]:
     return hashes
 
 
+def embedding_hash(net: MultiTaskNet, cfg: RegistryConfig) -> str:
+    """A SHA-256 of what the image embedding depends on (``MultiTaskNet.embedding``): the shared
+    tensors and the model's settings, or with no shared level every task's hash. It stays the
+    same while tasks are trained on the frozen trunk of their parent, so a pool index built
+    with the parent's embeddings serves its children."""
+    if not net.embedding_levels():
+        return model_hash(task_hashes(net, cfg))
+    digest = hashlib.sha256(b"embedding:levels-avg-l2|")
+    _digest(digest.update, [(canonical, tensor) for owner, canonical, tensor in owned_state(net).values()
+                            if owner is None])
+    digest.update(json.dumps(model_identity(cfg), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def model_hash(hashes: dict[str, str]) -> str:
     """One hash of a whole model from its tasks' (``task_hashes``)."""
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()

@@ -8,7 +8,7 @@ from torch import nn
 
 from waterdrop.config import ConfigError, RegistryConfig, blamed_on
 from waterdrop.config.schema import check_levels
-from waterdrop.contract import output_name
+from waterdrop.contract import EMBEDDING_OUTPUT, output_name
 from waterdrop.features.base import build_features, rename_old_keys
 from waterdrop.model.head import mixed_terms
 from waterdrop.model.task_bn import TaskRouting, branch_norms
@@ -197,11 +197,33 @@ class MultiTaskNet(nn.Module):
             self.routing.task_index = None
         return per_task
 
+    def embedding_levels(self) -> list[int]:
+        """The feature levels whose pooled maps make the image embedding: the shared levels but
+        the stem (none where fewer than two levels are shared; see ``embedding``)."""
+        return list(range(1, self.first_branched))
+
+    def embedding(self, per_task: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The image embedding (N, dim), L2-normalised, from every task's feature maps.
+
+        Each shared level's map is average-pooled and L2-normalised, the levels are joined and
+        normalised again: the shared trunk serves a task it was never trained for better than
+        a task's own branch, and stays the same while tasks are trained on a frozen trunk
+        (RESULTS.md, retrieval.py). Without shared levels: the tasks' deepest maps, pooled,
+        normalised and averaged."""
+        levels = self.embedding_levels()
+        if levels:
+            parts = [F.normalize(per_task[0][level].float().mean(dim=(2, 3)), dim=1) for level in levels]
+        else:
+            deepest = [F.normalize(feats[-1].float().mean(dim=(2, 3)), dim=1) for feats in per_task]
+            parts = [torch.stack(deepest).mean(0)]
+        return F.normalize(torch.cat(parts, dim=1), dim=1)
+
     def forward_all(self, images: torch.Tensor, stack_tasks: bool = True,
-                    cams: bool = False) -> dict[str, torch.Tensor]:
+                    cams: bool = False, embedding: bool = False) -> dict[str, torch.Tensor]:
         """Deploy outputs of every task for every image: its predictions and its features' further
         outputs (e.g. ``<task>.predicted_loss``). With ``cams`` also ``<task>.cam`` for every task
-        whose head gives a class activation map (``Head.cam``), and its features' own maps.
+        whose head gives a class activation map (``Head.cam``), and its features' own maps. With
+        ``embedding`` also the image embedding (``embedding``).
 
         ``stack_tasks`` True: the levels from the first branched one run once, on the batch
         stacked once per task (``forward_features``). False: they run once per task on the batch
@@ -225,4 +247,6 @@ class MultiTaskNet(nn.Module):
             if cam is not None:
                 deployed["cam"] = cam
             results.update((output_name(name, key), value) for key, value in deployed.items())
+        if embedding:
+            results[EMBEDDING_OUTPUT] = self.embedding(per_task)
         return results

@@ -55,6 +55,7 @@ def scan_local(
     workers: int | None = None,
     threads: int | None = None,
     shard_size: int = 10_000,
+    embeddings: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Scan SOURCE with MODEL into OUT (Parquet shards + scan.json), resuming a killed scan.
@@ -67,6 +68,8 @@ def scan_local(
         workers: decoding processes (default: the CPUs this process may use).
         threads: onnxruntime intra-op threads (default: the same).
         shard_size: inputs per shard file; fixed for the life of an output folder.
+        embeddings: None, or "float16" / "float32": write the model's image embedding too
+            (an ``embedding`` column; fixed for the life of an output folder).
         progress: show a progress line with images/s.
 
     Returns:
@@ -75,8 +78,8 @@ def scan_local(
     workers = workers or available_cpus()
     threads = threads or available_cpus()
     predictor = Predictor(model, threads=threads, session_config=NO_SPINNING)
-    builder = RowBuilder(predictor)
-    store = ShardStore(out, scan_spec(model, source, shard_size))
+    builder = RowBuilder(predictor, embeddings)
+    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings))
     meter = Meter(progress)
     pending: deque[tuple[int, list[Entry], int, bool, Future]] = deque()
     shard_rows: list[dict] = []

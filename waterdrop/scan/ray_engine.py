@@ -80,7 +80,7 @@ class RayScorer:
             limits and Ray's OMP_NUM_THREADS and would start one thread per core of the node.
     """
 
-    def __init__(self, model: bytes, threads: int):
+    def __init__(self, model: bytes, threads: int, embeddings: str | None = None):
         import cv2
 
         cv2.setNumThreads(1)  # the actor's CPUs are for onnxruntime
@@ -91,7 +91,7 @@ class RayScorer:
             self.predictor = Predictor(path, threads=threads)
         finally:
             os.remove(path)
-        self.builder = RowBuilder(self.predictor)
+        self.builder = RowBuilder(self.predictor, embeddings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         paths = [os.fsdecode(path) for path in batch["path"]]
@@ -112,12 +112,13 @@ def scan_ray(
     shard_size: int = 10_000,
     window: int = 100_000,
     address: str | None = None,
+    embeddings: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Scan SOURCE with MODEL into OUT on Ray Data; the same files as ``scan_local``.
 
     Args:
-        model, source, out, batch_size, shard_size, progress: as for ``scan_local``.
+        model, source, out, batch_size, shard_size, embeddings, progress: as for ``scan_local``.
         actors: scoring actors (default: the cluster's CPUs // threads).
         threads: onnxruntime threads (and Ray CPUs) per actor.
         window: inputs per Ray Data run (rounded up to whole shards).
@@ -141,8 +142,8 @@ def scan_ray(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
-    builder = RowBuilder(Predictor(model, threads=1))  # the driver only needs the schema
-    store = ShardStore(out, scan_spec(model, source, shard_size))
+    builder = RowBuilder(Predictor(model, threads=1), embeddings)  # the driver only needs the schema
+    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings))
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
     meter = Meter(progress)
@@ -160,7 +161,7 @@ def scan_ray(
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         dataset = dataset.map_batches(
             RayScorer,
-            fn_constructor_kwargs={"model": model_bytes, "threads": threads},
+            fn_constructor_kwargs={"model": model_bytes, "threads": threads, "embeddings": embeddings},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads,

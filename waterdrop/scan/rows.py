@@ -15,6 +15,9 @@ Columns, one row per input (documented in the README's pool-scan section):
   records) is a JSON string. A field its kind does not type (``TaskKind.result_fields``) is a
   JSON string too, so a new field never breaks a scan. The task's ``threshold`` (or
   per-label ``thresholds``) is the same for every image: it is in the metadata, not in the rows.
+- ``embedding`` (a scan with embeddings): the model's L2-normalised image embedding, a
+  fixed-size list of float16 (default; half the bytes, see RESULTS.md retrieval.py for what it
+  costs in recall) or float32, null on error rows.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from waterdrop.contract import EMBEDDING_OUTPUT
 from waterdrop.imageio import ImageDecodeError, read_image, resize, to_model_input
 from waterdrop.kinds import kind_of
-from waterdrop.runtime import COMMON_RESULT_FIELDS, Predictor
+from waterdrop.runtime import COMMON_RESULT_FIELDS, NO_EMBEDDING, Predictor
 
 SCAN_METADATA_KEY = b"waterdrop.scan"
 
@@ -35,6 +39,7 @@ _SCORES = pa.list_(pa.float32())
 #: Arrow type of each type name of ``TaskKind.result_fields``.
 ARROW_TYPES: dict[str, pa.DataType] = {"float32": pa.float32(), "bool": pa.bool_(), "string": pa.string(),
                                        "strings": pa.list_(pa.string()), "scores": _SCORES}
+EMBEDDING_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 #: What decoding gives the scorer: (resized RGB uint8, original (width, height), None) or
 #: (None, None, why it failed).
@@ -76,10 +81,20 @@ class RowBuilder:
 
     Args:
         predictor: the model; its ``predict_batch`` scores the decoded images.
+        embeddings: None, or "float16" / "float32": the ``embedding`` column's values.
+
+    Raises:
+        ValueError: embeddings asked of a model file without an embedding output, or an
+            unknown value type.
     """
 
-    def __init__(self, predictor: Predictor):
+    def __init__(self, predictor: Predictor, embeddings: str | None = None):
         self.predictor = predictor
+        if embeddings is not None and embeddings not in EMBEDDING_TYPES:
+            raise ValueError(f"embedding type {embeddings!r}: choose {' or '.join(EMBEDDING_TYPES)}")
+        if embeddings is not None and predictor.embedding is None:
+            raise ValueError(NO_EMBEDDING)
+        self.embeddings = embeddings
         size = predictor.size
         probe = predictor.predict_batch(np.zeros((1, 3, size, size), np.float32), [(size, size)])[0]
         self.fields: dict[str, list[str]] = {}
@@ -102,6 +117,9 @@ class RowBuilder:
                 if isinstance(result[key], dict) and types.get(key) == "scores":
                     self.labels[f"{task}.{key}"] = list(result[key])
                 columns.append(pa.field(f"{task}.{key}", ARROW_TYPES.get(types.get(key), pa.string())))
+        if embeddings:
+            dim = int(predictor.embedding["dim"])
+            columns.append(pa.field(EMBEDDING_OUTPUT, pa.list_(EMBEDDING_TYPES[embeddings], dim)))
         self.metadata = {
             "tasks": self.constants,
             "list_labels": self.labels,
@@ -112,10 +130,16 @@ class RowBuilder:
     def rows(self, indices: Sequence[int], paths: Sequence[str], decoded: Sequence[Decoded]) -> list[dict]:
         """One row per input, in order; the decoded images are scored in one batch."""
         good = [k for k, (image, _, _) in enumerate(decoded) if image is not None]
-        results = {}
+        results, vectors = {}, {}
         if good:
             batch = to_model_input([decoded[k][0] for k in good], self.predictor.size)
-            results = dict(zip(good, self.predictor.predict_batch(batch, [decoded[k][1] for k in good])))
+            sizes = [decoded[k][1] for k in good]
+            if self.embeddings:
+                scored, embedded = self.predictor.predict_and_embed(batch, sizes)
+                vectors = dict(zip(good, embedded.astype(self.embeddings)))
+            else:
+                scored = self.predictor.predict_batch(batch, sizes)
+            results = dict(zip(good, scored))
         rows = []
         for k, (index, path, (_, size, error)) in enumerate(zip(indices, paths, decoded)):
             row = {"index": int(index), "path": printable(path), "error": error}
@@ -124,6 +148,8 @@ class RowBuilder:
                 for task, result in results[k].items():
                     for key in self.fields[task]:
                         row[f"{task}.{key}"] = self._value(self.types[task].get(key), result[key])
+                if k in vectors:
+                    row[EMBEDDING_OUTPUT] = vectors[k]
             rows.append(row)
         return rows
 

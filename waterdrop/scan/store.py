@@ -29,7 +29,7 @@ from waterdrop.scan.rows import printable
 from waterdrop.scan.sources import Entry
 
 #: Settings that must not change between a scan and its resumption (they decide what a shard holds).
-SPEC_KEYS = ("model_sha256", "source", "shard_size")
+SPEC_KEYS = ("model_sha256", "source", "shard_size", "embeddings")
 
 
 class ScanError(RuntimeError):
@@ -191,11 +191,13 @@ class Meter:
         }
 
 
-def scan_spec(model: str | Path, source: str | Path, shard_size: int) -> dict:
-    """What a scan's output depends on (see ``SPEC_KEYS``)."""
+def scan_spec(model: str | Path, source: str | Path, shard_size: int, embeddings: str | None = None) -> dict:
+    """What a scan's output depends on (see ``SPEC_KEYS``); ``embeddings``: the embedding
+    column's value type, None without one."""
     return {
         "model": os.path.abspath(model),
         "model_sha256": file_sha256(model),
         "source": os.path.abspath(source),
         "shard_size": shard_size,
+        "embeddings": embeddings,
     }
