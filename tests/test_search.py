@@ -52,7 +52,7 @@ def fake_scan(folder: Path, shards: list[np.ndarray], model_hash: str = "a" * 64
 def test_the_plan_follows_pool_size_and_memory_budget():
     assert plan_index(10_000, 176).kind == "flat"
     big = plan_index(1_000_000, 176)
-    assert big.kind == "ivf_sq8" and big.lists == 4096 and big.factory() == "IVF4096,SQ8"
+    assert big.kind == "ivf_sq8" and big.lists == 1024 and big.factory() == "IVF1024,SQ8"
     tight = plan_index(10_000_000, 176, 1 * GiB)
     assert tight.kind == "ivf_pq" and 176 % tight.pq_bytes == 0
     assert 10_000_000 * tight.bytes_per_vector * index_module.OVERHEAD <= 1 * GiB
@@ -174,7 +174,8 @@ def test_scan_embeddings_build_an_index_that_seed_images_query(models, tmp_path)
     rng = np.random.default_rng(4)
     for k in range(16):
         image = np.full((72, 96, 3), rng.integers(0, 256, 3), np.uint8)
-        cv2.circle(image, (int(rng.integers(20, 76)), 36), int(rng.integers(5, 30)), rng.integers(0, 256, 3).tolist(), -1)
+        centre, radius = (int(rng.integers(20, 76)), 36), int(rng.integers(5, 30))
+        cv2.circle(image, centre, radius, rng.integers(0, 256, 3).tolist(), -1)
         cv2.imwrite(str(pool / f"img{k:02d}.png"), image)
     (pool / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "scan"

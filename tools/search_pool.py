@@ -127,7 +127,7 @@ def dedupe(args) -> int:
 
     index = PoolIndex(args.index)
     out = cli.output_path(args.out, Path(args.index) / "dedupe" / "dedupe", args.overwrite)
-    groups = duplicate_groups(index, args.similarity, progress=None if args.quiet else print)
+    groups = duplicate_groups(index, args.similarity, nprobe=args.nprobe, progress=None if args.quiet else print)
     out.mkdir(parents=True, exist_ok=True)
     unreadable = 0
     with open(out / "duplicates.csv", "w", newline="", encoding="utf-8") as stream:
@@ -181,6 +181,7 @@ def main() -> int:
     twins.add_argument("--index", required=True)
     twins.add_argument("--similarity", type=float, default=COPY_SIMILARITY, help="cosine of a near duplicate")
     twins.add_argument("--no-phash", action="store_true", help="leave out the pHash distance (no image decoded)")
+    twins.add_argument("--nprobe", type=int, default=4, help="inverted lists searched per vector (compressed index)")
     twins.add_argument("--out", help="output folder")
     for sub in (ask, twins):
         cli.add_overwrite(sub)

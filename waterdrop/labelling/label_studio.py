@@ -55,7 +55,7 @@ def labelling_config(task: dict) -> str:
     return f"<View>\n  <Header value={quoteattr(header)}/>\n  {image}\n{control}</View>\n"
 
 
-def _result(task: dict, labels: list[str]) -> list[dict]:
+def result_for(task: dict, labels: list[str]) -> list[dict]:
     """A Label Studio result (an annotation's or a prediction's) that says ``labels``."""
     if task["kind"] == "graded":
         return [{"from_name": RATING, "to_name": IMAGE, "type": "rating",
@@ -99,7 +99,7 @@ def labelling_tasks(task: dict, paths: list[str], root: str, prefix: str = LOCAL
         if result is not None:
             chosen, score = model_choice(task, result)
             item["predictions"] = [{"model_version": model_version, "score": round(score, 6),
-                                    "result": _result(task, chosen)}]
+                                    "result": result_for(task, chosen)}]
         tasks.append(item)
     return tasks
 
