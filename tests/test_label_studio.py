@@ -52,19 +52,24 @@ def test_tasks_carry_the_image_the_task_and_the_models_choice(tmp_path):
     image = tmp_path / "pool" / "a b.jpg"
     image.parent.mkdir()
     image.write_bytes(b"x")
-    results = [{"score": 0.8, "positive": True, "subclass": "organs"}, None]
-    tasks = labelling_tasks(BINARY, [str(image), str(image)], str(tmp_path), predictions=results, model_version="m 1")
+    results = [{"score": 0.8, "positive": True, "subclass": "organs"}, None, {"score": 0.1, "positive": False}]
+    tasks = labelling_tasks(BINARY, [str(image)] * 3, str(tmp_path), predictions=results, model_version="m 1")
     assert tasks[0]["data"]["image"] == "/data/local-files/?d=pool/a%20b.jpg"
     assert tasks[0]["data"]["waterdrop_image"] == str(image) and tasks[0]["data"]["waterdrop_task"] == "gross"
     prediction = tasks[0]["predictions"][0]
     assert prediction["model_version"] == "m 1" and prediction["score"] == 0.8
     assert prediction["result"][0]["value"] == {"choices": ["organs"]}
     assert "predictions" not in tasks[1]
+    # The score is the model's confidence in its choice: a sure negative scores high.
+    assert tasks[2]["predictions"][0]["score"] == 0.9
+    assert tasks[2]["predictions"][0]["result"][0]["value"] == {"choices": ["normal"]}
     tagged = labelling_tasks(TAGS, [str(image)], str(tmp_path), predictions=[
         {"tags": ["boat"], "scores": {"sky": 0.1, "boat": 0.7}}])
-    assert tagged[0]["predictions"][0]["score"] == 0.7
-    graded = labelling_tasks(GRADES, [str(image)], str(tmp_path), predictions=[{"grade": "soft", "score": 1.2}])
+    assert tagged[0]["predictions"][0]["score"] == 0.7  # the least sure label: boat tagged at 0.7
+    graded = labelling_tasks(GRADES, [str(image)], str(tmp_path), predictions=[
+        {"grade": "soft", "score": 1.2, "above": {"blurry": 0.8, "soft": 0.4}}])
     assert graded[0]["predictions"][0]["result"][0]["value"] == {"rating": 2}
+    assert graded[0]["predictions"][0]["score"] == pytest.approx(0.4)  # P(grade > blurry) - P(grade > soft)
     with pytest.raises(LabellingError, match="not under the image root"):
         labelling_tasks(BINARY, [str(image)], str(tmp_path / "elsewhere"))
 
@@ -75,21 +80,28 @@ def test_an_export_is_checked_counted_and_merged_without_overwriting(tmp_path):
                 "annotations": list(annotations)}
 
     images = [tmp_path / f"{k}.jpg" for k in range(6)]
+    for image in images:
+        image.write_bytes(b"x")
+    real = [os.path.realpath(image) for image in images]
     export = [item(1, images[0], _annotation(BINARY, ["insects"])),
               item(2, images[1], _annotation(BINARY, ["normal"], cancelled=True)),
               item(3, images[2], _annotation(BINARY, ["normal"]), _annotation(BINARY, ["organs"])),
               item(4, images[3]),
               item(5, images[4], *[_annotation(BINARY, [label]) for label in ("organs", "organs", "normal")])]
     found = read_export(BINARY, export)
-    assert found.problems == [] and found.labels == {str(images[0]): ["insects"]}
-    assert found.counts["cancelled annotations"] == 1 and found.counts["tasks without an annotation"] == 2
-    assert found.counts["tasks left out: annotators disagree"] == 2 and len(found.disagreements) == 2
+    assert found.problems == [] and found.labels == {real[0]: ["insects"]}
+    assert found.counts["cancelled annotations"] == 1 and found.counts["images without an annotation"] == 2
+    assert found.counts["images left out: annotators disagree"] == 2 and len(found.disagreements) == 2
     majority = read_export(BINARY, export, resolve="majority")
-    assert majority.labels[str(images[4])] == ["organs"] and str(images[2]) not in majority.labels  # 1 to 1: no winner
+    assert majority.labels[real[4]] == ["organs"] and real[2] not in majority.labels  # 1 to 1: no winner
+    twice = read_export(BINARY, [item(1, images[0], _annotation(BINARY, ["insects"])),
+                                 item(9, images[0], _annotation(BINARY, ["normal"]))])
+    assert twice.labels == {} and twice.disagreements[0]["annotations"] == [["insects"], ["normal"]]
     wrong = read_export(BINARY, [item(6, images[5], _annotation(BINARY, ["cats"])), {"id": 7, "data": {"image": "u"}},
-                                 item(8, images[5], _annotation(BINARY, ["normal"]), task="other")])
-    assert len(wrong.problems) == 3 and "unknown label cats" in wrong.problems[0]
-    assert "not exported by waterdrop" in wrong.problems[1]
+                                 item(8, images[5], _annotation(BINARY, ["normal"]), task="other"),
+                                 item(10, tmp_path / "gone.jpg", _annotation(BINARY, ["normal"]))])
+    assert len(wrong.problems) == 4 and "unknown label cats" in wrong.problems[0]
+    assert "not exported by waterdrop" in wrong.problems[1] and "does not exist" in wrong.problems[3]
 
     manifest = tmp_path / "data" / "train.jsonl"
     counts = merge_into_manifest(manifest, majority.labels)
@@ -102,6 +114,18 @@ def test_an_export_is_checked_counted_and_merged_without_overwriting(tmp_path):
     assert manifest.read_text() == before
     assert merge_into_manifest(manifest, {str(images[0]): ["insects"]})["unchanged"] == 1
     assert merge_into_manifest(manifest, {str(images[0]): ["normal"]}, overwrite=True)["relabelled"] == 1
+    # A selection's manifest (no labels yet) is filled in; no label equals the negative label alone;
+    # reached through a link, the manifest still knows its images.
+    selection = tmp_path / "query" / "to_label.jsonl"
+    selection.parent.mkdir()
+    selection.write_text("".join(json.dumps(line) + "\n" for line in [{"image": "../1.jpg"},
+                                                                      {"image": "../2.jpg", "labels": []}]))
+    (tmp_path / "link").symlink_to(selection.parent)
+    counts = merge_into_manifest(tmp_path / "link" / "to_label.jsonl", {str(images[1]): ["organs"],
+                                                                       str(images[2]): ["normal"]},
+                                 negative_label="normal")
+    assert (counts["added"], counts["filled"], counts["unchanged"]) == (0, 1, 1)
+    assert [json.loads(line)["labels"] for line in selection.read_text().splitlines()] == [["organs"], []]
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +197,10 @@ def test_a_selection_goes_through_a_real_label_studio_and_back_into_a_manifest_t
     manifest = tmp_path / "data" / "disgusting_round1.jsonl"
     back = _tool("import", tmp_path / "export.json", "--registry", registry, "--task", "disgusting",
                  "--manifest", manifest)
-    assert back.returncode == 1, back.stderr  # done, with tasks left out
+    assert back.returncode == 1, back.stderr  # done, with images left out
     report = json.loads(back.stdout)
     assert report["added"] == 7 and report["cancelled annotations"] == 1
-    assert report["tasks left out: annotators disagree"] == 1 and report["tasks without an annotation"] == 2
+    assert report["images left out: annotators disagree"] == 1 and report["images without an annotation"] == 2
     assert {os.path.realpath(r.path): r.labels for r in read_labeled_manifest(manifest)} == given
 
     broken = json.loads(json.dumps(export))
@@ -194,3 +218,31 @@ def test_a_selection_goes_through_a_real_label_studio_and_back_into_a_manifest_t
     task_file.write_text(task_yaml)
     report = run_training(registry, tmp_path / "run", printer=lambda *a, **k: None)
     assert "disgusting" in report
+
+
+def test_multi_label_and_graded_configs_go_through_label_studio_too(label_studio):
+    server, folder = label_studio
+    image = folder / "images" / "kinds" / "one.png"
+    image.parent.mkdir(exist_ok=True)
+    image.write_bytes(_png())
+    cases = [(TAGS, {"tags": ["boat"], "scores": {"sky": 0.2, "boat": 0.9}}, ["boat", "sky"]),
+             (GRADES, {"grade": "sharp", "score": 1.8, "above": {"blurry": 0.9, "soft": 0.85}}, ["soft"])]
+    for task, prediction, labels in cases:
+        project = server.create_project(task["name"], labelling_config(task))
+        tasks = labelling_tasks(task, [str(image)], str(folder / "images"), predictions=[prediction],
+                                model_version="m")
+        assert server.import_tasks(project, tasks) == 1
+        stored = server.tasks(project)[0]["id"]
+        server.annotate(stored, result_for(task, labels))
+        exported = server.export(project)
+        predicted = server.call("GET", f"/api/predictions?task={stored}")
+        assert [p["result"] for p in predicted] == [tasks[0]["predictions"][0]["result"]]
+        found = read_export(task, exported)
+        assert found.problems == [] and found.labels == {os.path.realpath(image): sorted(labels)}
+
+
+def _png() -> bytes:
+    import cv2
+    import numpy as np
+
+    return cv2.imencode(".png", np.full((8, 8, 3), 200, np.uint8))[1].tobytes()

@@ -83,6 +83,45 @@ def test_an_index_grows_with_new_shards_only_and_maps_ids_to_paths(tmp_path):
         build_index([scan], tmp_path / "index", progress=lambda *_: None)
 
 
+def test_growth_past_the_budget_is_refused_and_a_copied_scan_is_indexed_once(tmp_path):
+    rng = np.random.default_rng(5)
+    scan = fake_scan(tmp_path / "scan", [unit(rng.normal(size=(100, DIM)))])
+    (scan / "scan.json").write_text(json.dumps({**json.loads((scan / "scan.json").read_text()),
+                                                "source": "/pool", "model_sha256": "f" * 64}))
+    budget = 150 * 4 * DIM * index_module.OVERHEAD  # room for 150 float32 vectors
+    build_index([scan], tmp_path / "index", budget, progress=lambda *_: None)
+    import shutil
+
+    shutil.copytree(scan, tmp_path / "moved")  # the same scan in another folder: the same rows
+    again = build_index([scan, tmp_path / "moved"], tmp_path / "index", progress=lambda *_: None)
+    assert again["count"] == 100 and again["this_build"]["shards_added"] == 0
+    bigger = fake_scan(tmp_path / "more", [unit(rng.normal(size=(100, DIM)))])
+    with pytest.raises(SearchError, match="beyond its budget"):
+        build_index([bigger], tmp_path / "index", progress=lambda *_: None)
+    planned = build_index([bigger], tmp_path / "index2", budget * 100, expected_count=10_000,
+                          progress=lambda *_: None)
+    assert planned["planned_for"] == 10_000
+
+
+def test_a_product_quantised_index_stops_probing_where_recall_stops_growing(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    vectors = unit(rng.normal(size=(4000, DIM)))
+    monkeypatch.setattr(index_module, "EXACT_UP_TO", 100)
+    budget = 4000 * (index_module.ID_BYTES + 4) * index_module.OVERHEAD + 64 * DIM * 4  # 4-byte codes
+    record = build_index([fake_scan(tmp_path / "scan", [vectors[:2000], vectors[2000:]])], tmp_path / "index",
+                         budget, progress=lambda *_: None)
+    plan = record["plan"]
+    assert plan["kind"] == "ivf_pq" and plan["pq_bytes"] == 4
+    assert plan["nprobe"] < plan["lists"]  # PQ4 caps the recall: probing every list would not reach 0.97
+    # A build that stopped between writing the index and its record: the extra vectors are dropped.
+    import faiss
+
+    index = faiss.read_index(str(tmp_path / "index" / "vectors.faiss"))
+    index.add_with_ids(vectors[:10], np.arange(4000, 4010))
+    faiss.write_index(index, str(tmp_path / "index" / "vectors.faiss"))
+    assert PoolIndex(tmp_path / "index").count == 4000
+
+
 def test_an_index_refuses_scans_of_another_model_and_scans_without_embeddings(tmp_path):
     rng = np.random.default_rng(1)
     scan = fake_scan(tmp_path / "a", [unit(rng.normal(size=(20, DIM)))])
@@ -191,6 +230,20 @@ def test_scan_embeddings_build_an_index_that_seed_images_query(models, tmp_path)
         pa.float16(), predictor.embedding["dim"])
     with pytest.raises(ScanError, match="embeddings"):  # a resumed scan keeps its columns
         scan_local(models[0], pool, out, shard_size=8, progress=False)
+    # The scan as a restarted one leaves it while it runs: scan.json "running", the last shard not
+    # written yet. What is there is indexed already.
+    from waterdrop.scan.rows import RowBuilder
+    from waterdrop.scan.store import ShardStore, scan_spec
+
+    last = out / "shards" / "shard-000002.parquet"
+    kept = last.read_bytes()
+    last.unlink()
+    ShardStore(out, scan_spec(models[0], pool, 8, "float16"), RowBuilder(predictor, "float16").metadata)
+    assert json.loads((out / "scan.json").read_text())["status"] == "running"
+    partial = _tool("build", out, "--index", tmp_path / "partial")
+    assert partial.returncode == 0, partial.stderr
+    assert json.loads((tmp_path / "partial" / "index.json").read_text())["count"] == 16 - 1  # shard 2 holds img15 alone
+    last.write_bytes(kept)
 
     built = _tool("build", out, "--index", tmp_path / "index")
     assert built.returncode == 0, built.stderr
@@ -211,6 +264,14 @@ def test_scan_embeddings_build_an_index_that_seed_images_query(models, tmp_path)
     assert (tmp_path / "query" / "contact_sheet.png").is_file()
     assert len((tmp_path / "query" / "to_label.jsonl").read_text().splitlines()) == len(listed)
 
+    manifest = tmp_path / "seeds.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"pool/img{k:02d}.png", "labels": [label]}) + "\n"
+                                for k, label in ((3, "collage"), (4, "normal"))))
+    from_manifest = _tool("query", "--manifest", manifest, "--label", "collage", "--index", tmp_path / "index",
+                          "--model", models[0], "--out", tmp_path / "query2")
+    assert from_manifest.returncode == 0, from_manifest.stderr
+    assert [Path(p).name for p in json.loads((tmp_path / "query2" / "summary.json").read_text())["seeds"]] == [
+        "img03.png"]
     refused = _tool("query", pool / "img03.png", "--index", tmp_path / "index", "--model", models[1])
     assert refused.returncode == 2 and "another model" in refused.stderr
     nothing = _tool("query", bad_seed, "--index", tmp_path / "index", "--model", models[0])

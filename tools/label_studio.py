@@ -21,13 +21,15 @@ LOCAL_FILES_DOCUMENT_ROOT=<image root>, and add a Local files storage on that fo
 README), or give --url-prefix of a server that serves the image root.
 
 import: EXPORT.json is the project's export in Label Studio's JSON format. Label names are
-checked against the task YAML; cancelled (skipped) annotations and tasks nobody annotated are
-counted; tasks whose annotators disagree are listed and left out (--disagreement majority:
-more than half decide). A task not exported by this tool for this task, or an unknown label,
-stops the import before anything is written; so does an image the manifest already holds
-with other labels, unless --overwrite.
+checked against the task YAML; cancelled (skipped) annotations and images nobody annotated are
+counted; images whose annotators disagree are listed and left out (--disagreement majority:
+more than half decide; an image exported twice pools its annotations). A Label Studio task not
+exported by this tool for this task, an image that is not there, or an unknown label stops the
+import before anything is written; so does an image the manifest already holds with other
+labels, unless --overwrite. A manifest line without labels (a selection's to_label.jsonl) takes
+them; new images are appended, paths relative to the manifest.
 
-Exit codes: 0 done; 1 done, with tasks left out (disagreement, no annotation); 2 a bad argument
+Exit codes: 0 done; 1 done, with images left out (disagreement, no annotation); 2 a bad argument
 or export (nothing written).
 """
 
@@ -126,15 +128,16 @@ def import_(args, task: dict) -> int:
         shown = "\n  ".join(found.problems[:10])
         more = f"\n  ... and {len(found.problems) - 10} more" if len(found.problems) > 10 else ""
         raise cli.UsageError(f"{len(found.problems)} problems in {args.export}; nothing written:\n  {shown}{more}")
-    counts = merge_into_manifest(args.manifest, found.labels, args.overwrite)
+    counts = merge_into_manifest(args.manifest, found.labels, args.overwrite, task["negative_label"])
     report = {"task": task["name"], "manifest": args.manifest, **dict(found.counts),
               **{k: v for k, v in counts.items() if k != "relabelled_images"},
               "disagreements": found.disagreements, "relabelled_images": counts["relabelled_images"]}
     print(json.dumps(report))
-    left_out = found.counts["tasks left out: annotators disagree"] + found.counts["tasks without an annotation"]
-    print(f"{counts['added']} images added to {args.manifest}, {counts['unchanged']} already there, "
-          f"{counts['relabelled']} relabelled; {found.counts['cancelled annotations']} cancelled annotations, "
-          f"{left_out} tasks left out ({len(found.disagreements)} with disagreeing annotators)", file=sys.stderr)
+    left_out = found.counts["images left out: annotators disagree"] + found.counts["images without an annotation"]
+    print(f"{counts['added']} images added to {args.manifest}, {counts['filled']} filled in, {counts['unchanged']} "
+          f"already there, {counts['relabelled']} relabelled; {found.counts['cancelled annotations']} cancelled "
+          f"annotations, {left_out} images left out ({len(found.disagreements)} with disagreeing annotators)",
+          file=sys.stderr)
     return cli.EXIT_PARTIAL if left_out else cli.EXIT_OK
 
 

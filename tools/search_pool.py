@@ -8,10 +8,13 @@ group its near duplicates (no torch needed).
     python tools/search_pool.py dedupe --index DIR [--similarity 0.95] [--no-phash] [--out DIR]
 
 build: SCAN folders were written by ``tools/scan.py MODEL POOL --embeddings``. The first build
-chooses the index from the pool's size and --memory-gib (exact up to 250,000 vectors, else
-compressed: see waterdrop/search/index.py); a later build with the same DIR adds only the
-shards it has not indexed (a scan that grew, or further scans of new images), so run it after
-every scan. Only shards that exist are indexed: those of an interrupted scan are complete.
+chooses the index from the pool's size (or --expected-vectors, when later scans will add more)
+and --memory-gib: exact up to 250,000 vectors, else compressed (see waterdrop/search/index.py).
+A later build with the same DIR adds only the shards it has not indexed (a scan that grew, or
+further scans of new images; a scan given twice, moved or rerun into another folder is
+indexed once), so run it after every scan; growth beyond --memory-gib is refused (rebuild
+into a new DIR). Only shards that exist are indexed: those of a running or interrupted scan
+are complete.
 
 query: the seeds are image files or folders (an undecodable seed is named and left out), or
 the rows of a JSONL manifest with any of the --label labels. MODEL must be the model whose
@@ -164,6 +167,8 @@ def main() -> int:
     build.add_argument("scans", nargs="+", help="scan folders written by tools/scan.py --embeddings")
     build.add_argument("--index", required=True, help="the index folder")
     build.add_argument("--memory-gib", type=float, default=4.0, help="memory the index may take")
+    build.add_argument("--expected-vectors", type=int, default=0,
+                       help="the pool's size to come, when later scans will grow the index (first build only)")
     ask = commands.add_parser("query", help="find pool images like the seeds")
     ask.add_argument("seeds", nargs="*", help="seed images or folders")
     ask.add_argument("--index", required=True)
@@ -191,7 +196,7 @@ def main() -> int:
     try:
         if args.command == "build":
             cli.check_exists(args.scans, "scan folder")
-            record = build_index(args.scans, args.index, args.memory_gib * GiB,
+            record = build_index(args.scans, args.index, args.memory_gib * GiB, args.expected_vectors,
                                  progress=(lambda *_: None) if args.quiet else print)
             done = record["this_build"]
             print(f"{done['vectors_added']:,} vectors from {done['shards_added']} new shards added in "

@@ -64,16 +64,23 @@ def result_for(task: dict, labels: list[str]) -> list[dict]:
 
 
 def model_choice(task: dict, result: dict) -> tuple[list[str], float]:
-    """The labels a runtime result (``Predictor`` output of the task) chooses, and its score:
-    the positive probability (binary), the highest label probability (multilabel), the
-    expected grade over the grades (graded)."""
+    """The labels a runtime result (``Predictor`` output of the task) chooses, and the model's
+    confidence in that choice, Label Studio's prediction ``score`` (annotators sort by it, least
+    sure first): the probability of the side chosen (binary), of the least sure label
+    (multi-label: tagged or not), of the grade chosen (graded)."""
     kind = task["kind"]
     if kind == "binary":
-        chosen = (result.get("subclass") or task["labels"][0]) if result["positive"] else task["negative_label"]
-        return [chosen], float(result["score"])
+        positive, probability = result["positive"], float(result["score"])
+        chosen = (result.get("subclass") or task["labels"][0]) if positive else task["negative_label"]
+        return [chosen], probability if positive else 1.0 - probability
     if kind == "multilabel":
-        return list(result["tags"]), float(max(result["scores"].values(), default=0.0))
-    return [result["grade"]], float(result["score"])
+        tags = set(result["tags"])
+        sure = [p if label in tags else 1.0 - p for label, p in result["scores"].items()]
+        return list(result["tags"]), float(min(sure, default=1.0))
+    # graded: "above" holds P(grade > k) for each grade k but the last, so P(grade = k) is a difference.
+    at_least = [1.0, *[float(p) for p in result["above"].values()][: len(task["labels"]) - 1], 0.0]
+    k = task["labels"].index(result["grade"])
+    return [result["grade"]], at_least[k] - at_least[k + 1]
 
 
 def image_url(path: str, root: str, prefix: str = LOCAL_FILES_PREFIX) -> str:
@@ -105,9 +112,11 @@ def labelling_tasks(task: dict, paths: list[str], root: str, prefix: str = LOCAL
 
 
 def annotation_labels(task: dict, annotation: dict) -> list[str] | None:
-    """The labels one annotation gives, None when it gives none (an empty rating)."""
+    """The labels one annotation gives through the config's control (``labelling_config``), None
+    when it gives none (an empty rating)."""
+    control = RATING if task["kind"] == "graded" else CHOICES
     for result in annotation.get("result", []):
-        value = result.get("value", {})
+        value = result.get("value", {}) if result.get("from_name") == control else {}
         if task["kind"] == "graded" and "rating" in value:
             rating = int(value["rating"])
             if not 1 <= rating <= len(task["labels"]):
@@ -141,6 +150,7 @@ def read_export(task: dict, export: list[dict], resolve: str = "skip") -> Import
         raise LabellingError("not a Label Studio JSON export (a list of tasks); export the project as JSON")
     allowed = set(task["labels"]) | ({task["negative_label"]} if task["kind"] == "binary" else set())
     out = Imported()
+    given: dict[str, list[tuple[str, ...]]] = {}
     for item in export:
         data = item.get("data", {})
         where = f"Label Studio task {item.get('id', '?')}"
@@ -149,7 +159,10 @@ def read_export(task: dict, export: list[dict], resolve: str = "skip") -> Import
             out.problems.append(f"{where} ({data.get(IMAGE, 'no image')}): not exported by waterdrop for task "
                                 f"{task['name']} (its waterdrop_task is {owner!r})")
             continue
-        given = []
+        if not os.path.isfile(path):
+            out.problems.append(f"{where}: its image {path} does not exist here")
+            continue
+        answers = []
         for annotation in item.get("annotations", []):
             if annotation.get("was_cancelled"):
                 out.counts["cancelled annotations"] += 1
@@ -163,37 +176,45 @@ def read_export(task: dict, export: list[dict], resolve: str = "skip") -> Import
                 out.problems.append(f"{where} ({path}): unknown label {', '.join(unknown)} (the task's labels: "
                                     f"{', '.join(sorted(allowed))})")
                 continue
-            given.append(tuple(labels))
-        if not given:
-            out.counts["tasks without an annotation"] += 1
+            answers.append(tuple(labels))
+        # One image exported twice (two rounds in one project) pools its annotations.
+        given.setdefault(os.path.realpath(path), []).extend(answers)
+    for path, answers in given.items():
+        if not answers:
+            out.counts["images without an annotation"] += 1
             continue
-        votes = Counter(given)
+        votes = Counter(answers)
+        winner, count = votes.most_common(1)[0]
         if len(votes) > 1:
-            winner, count = votes.most_common(1)[0]
-            out.disagreements.append({"image": path, "annotations": [list(v) for v in given]})
-            if resolve != "majority" or count * 2 <= len(given):
-                out.counts["tasks left out: annotators disagree"] += 1
+            out.disagreements.append({"image": path, "annotations": [list(a) for a in answers]})
+            if resolve != "majority" or count * 2 <= len(answers):
+                out.counts["images left out: annotators disagree"] += 1
                 continue
-            out.counts["tasks decided by majority"] += 1
-        else:
-            winner = given[0]
+            out.counts["images decided by majority"] += 1
         out.labels[path] = list(winner)
-        out.counts["tasks imported"] += 1
+        out.counts["images imported"] += 1
     return out
 
 
-def merge_into_manifest(manifest: str | Path, labels: dict[str, list[str]], overwrite: bool = False) -> dict:
+def merge_into_manifest(manifest: str | Path, labels: dict[str, list[str]], overwrite: bool = False,
+                        negative_label: str | None = None) -> dict:
     """Add ``labels`` (image path -> labels) to a JSONL manifest (created if missing), image
-    paths written relative to it. An image the manifest already holds keeps its line when the
-    labels agree; with other labels it is a conflict: nothing is written unless ``overwrite``.
+    paths written relative to it. An image the manifest already holds: a line without labels
+    (a selection's ``to_label.jsonl``) takes them; a line with the same labels stays (no label
+    and the ``negative_label`` alone are the same); a line with other labels is a conflict,
+    and nothing is written unless ``overwrite``.
 
-    Returns counts: added, unchanged, relabelled, conflicts (the images).
+    Returns counts: added, filled, unchanged, relabelled (and ``relabelled_images``).
 
     Raises:
         LabellingError: conflicts without ``overwrite``, or a manifest line that is not JSON.
     """
     manifest = Path(manifest)
-    folder = manifest.parent.resolve()
+    folder = os.path.realpath(manifest.parent)
+
+    def same(a: list[str], b: list[str]) -> bool:
+        return set(a) - {negative_label} == set(b) - {negative_label}
+
     lines: list[dict] = []
     if manifest.is_file():
         for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
@@ -203,20 +224,25 @@ def merge_into_manifest(manifest: str | Path, labels: dict[str, list[str]], over
                 lines.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise LabellingError(f"{manifest}:{number}: not JSON ({err.msg})") from err
-    position = {os.path.normpath(folder / line["image"]): k for k, line in enumerate(lines) if "image" in line}
-    added = unchanged = 0
+    position = {os.path.realpath(os.path.join(folder, line["image"])): k for k, line in enumerate(lines)
+                if isinstance(line, dict) and "image" in line}
+    counts = Counter()
     conflicts, relabelled = [], []
     for path, given in labels.items():
-        path = os.path.normpath(os.path.abspath(path))
+        path = os.path.realpath(path)
         k = position.get(path)
         if k is None:
             lines.append({"image": os.path.relpath(path, folder), "labels": given})
-            added += 1
-        elif sorted(lines[k].get("labels", [])) == sorted(given):
-            unchanged += 1
+            position[path] = len(lines) - 1
+            counts["added"] += 1
+        elif "labels" not in lines[k]:
+            lines[k] = {**lines[k], "labels": given}
+            counts["filled"] += 1
+        elif same(lines[k]["labels"], given):
+            counts["unchanged"] += 1
         else:
             (relabelled if overwrite else conflicts).append(
-                {"image": path, "manifest": lines[k].get("labels", []), "label_studio": given})
+                {"image": path, "manifest": lines[k]["labels"], "label_studio": given})
             if overwrite:
                 lines[k] = {**lines[k], "labels": given}
     if conflicts:
@@ -229,5 +255,5 @@ def merge_into_manifest(manifest: str | Path, labels: dict[str, list[str]], over
     temp = manifest.with_name(f".{manifest.name}.tmp")
     temp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     os.replace(temp, manifest)
-    return {"added": added, "unchanged": unchanged, "relabelled": len(relabelled), "conflicts": 0,
-            "relabelled_images": relabelled}
+    return {key: counts[key] for key in ("added", "filled", "unchanged")} | {
+        "relabelled": len(relabelled), "relabelled_images": relabelled}

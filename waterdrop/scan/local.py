@@ -79,7 +79,7 @@ def scan_local(
     threads = threads or available_cpus()
     predictor = Predictor(model, threads=threads, session_config=NO_SPINNING)
     builder = RowBuilder(predictor, embeddings)
-    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings))
+    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings), builder.metadata)
     meter = Meter(progress)
     pending: deque[tuple[int, list[Entry], int, bool, Future]] = deque()
     shard_rows: list[dict] = []

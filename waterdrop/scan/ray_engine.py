@@ -143,7 +143,7 @@ def scan_ray(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     builder = RowBuilder(Predictor(model, threads=1), embeddings)  # the driver only needs the schema
-    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings))
+    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings), builder.metadata)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
     meter = Meter(progress)

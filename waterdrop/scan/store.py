@@ -53,9 +53,11 @@ class ShardStore:
         spec: ``model``, ``model_sha256``, ``source`` and ``shard_size`` of this scan. An
             existing scan.json with another ``SPEC_KEYS`` value is refused: its shards hold
             other rows.
+        metadata: what the rows mean (``RowBuilder.metadata``), in scan.json from the start, so
+            that the shards of a scan still running or killed can be read (indexed) already.
     """
 
-    def __init__(self, out: str | Path, spec: dict):
+    def __init__(self, out: str | Path, spec: dict, metadata: dict | None = None):
         self.out = Path(out)
         self.shards = self.out / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ class ShardStore:
         for leftover in self.shards.glob(".tmp-*"):  # from a scan that was killed while writing
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         self.spec = spec
-        self._write_record({**spec, "status": "running"})
+        self._write_record({**spec, "status": "running", **(metadata or {})})
 
     def shard_path(self, shard: int) -> Path:
         """Where shard number ``shard`` lives once finished."""

@@ -147,14 +147,16 @@ def calibrate_nprobe(index: faiss.Index, sample: np.ndarray, target: float = 0.9
                      seed: int = 0) -> tuple[int, float]:
     """The fewest inverted lists to search for recall@10 >= ``target`` against exact search,
     measured on ``sample`` (at most 20,000 vectors) in a copy of the trained, empty ``index``,
-    queried with 200 of its own vectors; (nprobe, the recall it gave). On a whole pool the same
+    queried with 200 other vectors of it; (nprobe, the recall it gave). Where the codes cap the
+    recall below ``target`` (product quantisation) it stops where doubling nprobe gains less
+    than 0.005. On a whole pool the same
     nprobe recalls less (0.954 on the sample, 0.913 on 1M vectors: RESULTS.md, pool_index.py),
     hence a target above the 0.9 aimed at."""
     rng = np.random.default_rng(seed)
-    base = sample[rng.choice(len(sample), min(len(sample), 20_000), replace=False)]
+    order = rng.permutation(len(sample))
+    asked, base = sample[order[:queries]], sample[order[queries:queries + 20_000]]  # queries are not in the base
     probe = faiss.clone_index(index)
     probe.add(base)
-    asked = base[rng.choice(len(base), min(queries, len(base)), replace=False)]
     exact = faiss.IndexFlatIP(base.shape[1])
     exact.add(base)
     _, truth = exact.search(asked, 10)
@@ -163,9 +165,11 @@ def calibrate_nprobe(index: faiss.Index, sample: np.ndarray, target: float = 0.9
     while True:
         lists.nprobe = nprobe
         _, found = probe.search(asked, 10)
-        recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
-        if recall >= target or nprobe >= lists.nlist:
-            return nprobe, recall
+        before, recall = recall, float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+        # A product-quantised code caps the recall below the target: stop where probing more stops paying.
+        stalled = nprobe > 1 and recall - before < 0.005
+        if recall >= target or nprobe >= lists.nlist or stalled:
+            return (nprobe // 2 if stalled else nprobe), recall
         nprobe = min(2 * nprobe, lists.nlist)
 
 
@@ -261,16 +265,29 @@ class PoolIndex:
         return [found[i] for i in ids]
 
 
+def _shard_key(scan_record: dict, shard: Path) -> str:
+    """What identifies a shard's rows: the scanned source, the model's bytes and the shard's number
+    (a scan folder moved or copied, or the same scan run twice, holds the same rows); the file's
+    own path where the scan record does not say."""
+    if scan_record.get("source") and scan_record.get("model_sha256"):
+        return f"{scan_record['source']}|{scan_record['model_sha256']}|{shard.name}"
+    return str(shard.resolve())
+
+
 def build_index(scans: list[str | Path], out: str | Path, memory_budget: float = 4 * GiB,
-                progress=print) -> dict:
+                expected_count: int = 0, progress=print) -> dict:
     """Build the index at ``out`` from the scan folders, or grow it with their new shards.
+
+    ``memory_budget`` and ``expected_count`` (the pool's size to come, when it is larger than
+    what the scans hold now) choose the kind at the first build; growth beyond the budget is
+    refused (the kind cannot change: rebuild into a new folder).
 
     Returns:
         The index record, with ``this_build``: shards and vectors added, seconds.
 
     Raises:
         SearchError: a scan without embeddings, scans (or the index) of another model, an index
-            whose shards changed since they were indexed.
+            whose shards changed since they were indexed, growth beyond the memory budget.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -285,21 +302,26 @@ def build_index(scans: list[str | Path], out: str | Path, memory_budget: float =
     if existing is not None:
         existing.check_model(embedding, f"the scan {scans[0]}")
     known = {part["shard"]: part for part in existing.record["parts"]} if existing else {}
-    new = []
+    new, keys = [], []
     for scan in scans:
+        scan_record = json.loads((scan / "scan.json").read_text())
         for shard in shard_files(scan):
-            key = str(shard.resolve())
+            key = _shard_key(scan_record, shard)
             if key in known:
                 if known[key]["bytes"] != shard.stat().st_size:
                     raise SearchError(f"{shard} changed since it was indexed; rebuild the index into a new folder")
-            else:
+            elif key not in keys:  # the same scan given twice
                 new.append(shard)
+                keys.append(key)
     dim = int(embedding["dim"])
+    if existing is not None and not new:
+        return {**existing.record, "this_build": {"shards_added": 0, "vectors_added": 0,
+                                                  "seconds": round(time.perf_counter() - started, 2)}}
     if existing is None:
         count = sum(_scored_rows(shard) for shard in new)
         if not count:
             raise SearchError(f"no scored rows in {', '.join(map(str, scans))}: nothing to index")
-        plan = plan_index(count, dim, memory_budget)
+        plan = plan_index(max(count, expected_count), dim, memory_budget)
         index = faiss.index_factory(dim, plan.factory(), faiss.METRIC_INNER_PRODUCT)
         if plan.kind != "flat":
             size = min(MAX_TRAIN, max(plan.lists * TRAIN_PER_LIST, 10_000), count)
@@ -310,10 +332,18 @@ def build_index(scans: list[str | Path], out: str | Path, memory_budget: float =
             progress(f"index: searching {plan.nprobe} of {plan.lists} lists gave recall@10 {calibrated:.3f} against "
                      "exact search on the sample")
         record = {"format": INDEX_FORMAT, "embedding": embedding, "plan": asdict(plan),
-                  "memory_budget_gib": round(memory_budget / GiB, 3), "planned_for": count, "parts": []}
+                  "memory_budget_gib": round(memory_budget / GiB, 3), "planned_for": max(count, expected_count),
+                  "parts": []}
     else:
         index, record, plan = existing.index, existing.record, existing.plan
         expected = existing.count + sum(_scored_rows(shard) for shard in new)
+        budget = record["memory_budget_gib"] * GiB
+        size = expected * plan.bytes_per_vector
+        if size * OVERHEAD > budget:
+            raise SearchError(f"the index would hold {expected:,} vectors, {size / GiB:.2f} "
+                              f"GiB, beyond its budget of {record['memory_budget_gib']} GiB ({plan.kind}, planned for "
+                              f"{record['planned_for']:,}); rebuild it into a new folder (--memory-gib, "
+                              "--expected-vectors)")
         if plan.kind == "flat" and expected > EXACT_UP_TO * 2:
             progress(f"index: the exact index now holds {expected:,} vectors (planned for {record['planned_for']:,}); "
                      "searches slow down linearly: rebuild it into a new folder to get a compressed one")
@@ -327,8 +357,8 @@ def build_index(scans: list[str | Path], out: str | Path, memory_budget: float =
         part = f"rows/part-{len(record['parts']):06d}.parquet"
         pq.write_table(pa.table({"id": pa.array(range(first, first + len(paths)), pa.int64()),
                                  "path": pa.array(paths, pa.string())}), out / part)
-        record["parts"].append({"shard": str(shard.resolve()), "bytes": shard.stat().st_size, "file": part,
-                                "first_id": first, "count": len(paths)})
+        record["parts"].append({"shard": keys[number], "file_path": str(shard.resolve()),
+                                "bytes": shard.stat().st_size, "file": part, "first_id": first, "count": len(paths)})
         added += len(vectors)
         if (number + 1) % 10 == 0:
             progress(f"index: {number + 1} of {len(new)} new shards, {int(index.ntotal):,} vectors")

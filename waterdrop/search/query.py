@@ -81,7 +81,9 @@ def find_candidates(index: PoolIndex, seeds: np.ndarray, top: int, rank_by: str 
 def duplicate_groups(index: PoolIndex, similarity: float = COPY_SIMILARITY, batch: int = 4096,
                      nprobe: int | None = 4, progress=None) -> list[list[int]]:
     """Groups of two or more pool ids whose embeddings are at or above ``similarity`` (joined
-    transitively), through the index's range search: no pairwise comparison of the pool.
+    transitively), through the index's range search: no pairwise comparison of the pool. A
+    vector found as a copy of an earlier one is not searched from again, so two copies that
+    are each near an earlier vector but not near each other's group may stay apart.
 
     ``nprobe``: inverted lists searched per vector (a compressed index). Near duplicates lie
     far closer than the neighbours a query looks for, nearly always in the vector's own list,
@@ -99,6 +101,11 @@ def duplicate_groups(index: PoolIndex, similarity: float = COPY_SIMILARITY, batc
 
     for start in range(0, index.count, batch):
         ids = np.arange(start, min(start + batch, index.count))
+        # A vector already found as a copy of an earlier one does not search again: a group of
+        # n copies costs one search, not n searches of n results each.
+        ids = ids[parent[ids] == ids]
+        if not len(ids):
+            continue
         limits, _, found = index.range_search(index.vectors(ids), similarity)
         queries = np.repeat(ids, np.diff(limits).astype(np.int64))
         for a, b in zip(queries[found != queries].tolist(), found[found != queries].tolist()):
