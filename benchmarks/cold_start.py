@@ -3,18 +3,21 @@
     python benchmarks/real_photos.py        # the real-photo suite
     python benchmarks/task_lifecycle.py     # the production models (each lacks one task)
     make label-studio                       # Label Studio in its own venv
-    python benchmarks/cold_start.py [--task collage] [--seeds 10] [--budget 200] [--out work_dirs/cold_start]
+    python benchmarks/cold_start.py [--task collage] [--seeds 10] [--budget 200] [--prevalence 0.02]
+        [--out work_dirs/cold_start]
 
 The model in production is task_lifecycle.py's model of the two other real-photo tasks
-(``<task>/production``): it has never seen the task. The pool is every image of the suite but
-the task's val and test splits (kept unseen for the report); the task's positives are about 1 in 9
-of it. Every step runs the command-line tools a user would run:
+(``<task>/production``): it has never seen the task. The pool is every image of the suite that
+is not a positive of the task, but the task's val and test splits (kept unseen for the report),
+plus the task's training positives at ``--prevalence`` of the pool (the seeds are other training
+positives: a team's examples are not in the pool). Every step runs the command-line tools a
+user would run:
 
 1. ``tools/export.py`` the production run, ``tools/scan.py POOL --embeddings``,
    ``tools/search_pool.py build``;
 2. ``tools/search_pool.py query`` with ``--seeds`` of the task's training positives: the top
    ``--budget`` candidates;
-3. ``tools/label_studio.py export`` of the candidates with the model's predictions, into a real
+3. ``tools/label_studio.py export`` of the candidates (their similarity in each task), into a real
    Label Studio server (project, local storage, import); each task is annotated through the API
    with the image's true label (the annotator), exported, and ``tools/label_studio.py import``-ed
    into the task's manifest, the seeds added as positives;
@@ -90,21 +93,27 @@ def main() -> None:
     parser.add_argument("--task", default="collage")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--budget", type=int, default=200)
+    parser.add_argument("--prevalence", type=float, default=0.02, help="the task's positives' share of the pool")
     parser.add_argument("--data", type=Path, default=REPO / "work_dirs/real_photos")
     parser.add_argument("--out", type=Path, default=REPO / "work_dirs/cold_start")
     args = parser.parse_args()
-    task, out, data = args.task, args.out / args.task, args.data.resolve()
+    task, data = args.task, args.data.resolve()
+    out = args.out / f"{task}_prevalence{args.prevalence:g}"
     out.mkdir(parents=True, exist_ok=True)
     production = REPO / "work_dirs/task_lifecycle" / task / "production/run"
     steps: dict[str, float] = {}
     model = out / "model.onnx"
     if not model.is_file():
         steps["export_s"] = tool("tools/export.py", production, "-o", model)[1]
-    pool = sorted(str(p) for p in data.glob("*/*/*/*.jpg") if not (p.parts[-4] == task and p.parts[-3] != "train"))
-    (out / "pool.txt").write_text("".join(f"{p}\n" for p in pool))
-    positives = [p for p in pool if truth(p, task) == "positive"]
+    candidates_of_pool = sorted(str(p) for p in data.glob("*/*/*/*.jpg")
+                                if not (p.parts[-4] == task and p.parts[-3] != "train"))
+    negatives = [p for p in candidates_of_pool if truth(p, task) == "normal"]
     rng = np.random.default_rng(0)
-    seeds = sorted(rng.choice(positives, args.seeds, replace=False).tolist())
+    known = rng.permutation([p for p in candidates_of_pool if truth(p, task) == "positive"]).tolist()
+    count = round(args.prevalence * len(negatives) / (1 - args.prevalence))
+    seeds, positives = sorted(known[: args.seeds]), known[args.seeds: args.seeds + count]
+    pool = sorted(negatives + positives)
+    (out / "pool.txt").write_text("".join(f"{p}\n" for p in pool))
     steps["scan_s"] = tool("tools/scan.py", model, out / "pool.txt", "--out", out / "scan", "--embeddings",
                            "--quiet")[1]
     steps["index_s"] = tool("tools/search_pool.py", "build", out / "scan", "--index", out / "index", "--quiet")[1]
@@ -125,12 +134,13 @@ def main() -> None:
     manifest = out / f"{task}_round1.jsonl"
     if not manifest.is_file():
         tool("tools/label_studio.py", "export", query / "candidates.csv", "--registry",
-             labelled_registry / "registry.yaml", "--task", task, "--model", model, "--image-root", data,
+             labelled_registry / "registry.yaml", "--task", task, "--image-root", data.parent,
              "--out", out / "label_studio", "--overwrite")
         tasks = json.loads((out / "label_studio" / "tasks.json").read_text())
         description = {"name": task, "kind": "binary", "labels": ["positive"], "negative_label": "normal"}
         start = time.perf_counter()
-        with local_server(REPO / ".venv-labelstudio", out / "ls_data", document_root=data) as server:
+        # Label Studio serves a storage folder strictly inside its document root.
+        with local_server(REPO / ".venv-labelstudio", out / "ls_data", document_root=data.parent) as server:
             steps["label_studio_start_s"] = time.perf_counter() - start
             project = server.create_project(f"{task} round 1",
                                             (out / "label_studio" / "label_config.xml").read_text())
@@ -156,10 +166,12 @@ def main() -> None:
         else:
             found = {"labelled": sum(1 for _ in train.glob("*/*.jpg")),
                      "positives": sum(1 for _ in (train / "positive").glob("*.jpg"))}
-        rows[name] = {**found, **train_row(out / f"train_{name}", production, task, train, data)}
+        folder = args.out / f"{task}_train_full" if name == "full" else out / f"train_{name}"  # full: one per task
+        rows[name] = {**found, **train_row(folder, production, task, train, data)}
         print(name, rows[name], flush=True)
     in_top = sum(truth(p, task) == "positive" for p in candidates)
     result = {"machine": machine(), "task": task, "seeds": args.seeds, "budget": args.budget, "pool": len(pool),
+              "prevalence": args.prevalence,
               "pool_positives": len(positives), "candidates_positive": in_top, "steps_s": steps, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -12,13 +12,17 @@ sub-classes; multi-label: any of the labels; graded: a rating, 1 = the first gra
 export: SELECTION is any list of images to label: a CSV with a ``path`` column (the output of
 tools/search_pool.py query, tools/select_for_labeling.py, tools/find_noisy.py) or a JSONL
 manifest. Writes into --out (default: beside SELECTION, label_studio/): tasks.json (import it
-into the project), label_config.xml (the project's labelling config) and summary.json. With
---model every task carries the model's current choice as a prediction (``model_version``: the
-file's name and model hash, ``score``), so annotators can sort by it and correct it. Images are
+into the project), label_config.xml (the project's labelling config) and summary.json. Every
+task's data has the selection's rank and its CSV's other columns (``waterdrop_similarity``,
+``waterdrop_prob``, ...), which Label Studio's data manager sorts by. With --model (a model
+that serves the task) every task also carries the model's current choice as a prediction
+(``model_version``: the file's name and model hash; ``score``: its confidence in the choice),
+so annotators correct it rather than start from nothing. Images are
 shown at --url-prefix + their path relative to --image-root (default: the selection's deepest
 common folder): run Label Studio with LOCAL_FILES_SERVING_ENABLED=true and
-LOCAL_FILES_DOCUMENT_ROOT=<image root>, and add a Local files storage on that folder (see the
-README), or give --url-prefix of a server that serves the image root.
+LOCAL_FILES_DOCUMENT_ROOT=<image root>, and add a Local files storage on a folder inside it
+that holds the images (Label Studio refuses the root itself; see the README), or give
+--url-prefix of a server that serves the image root.
 
 import: EXPORT.json is the project's export in Label Studio's JSON format. Label names are
 checked against the task YAML; cancelled (skipped) annotations and images nobody annotated are
@@ -64,24 +68,39 @@ def task_description(registry: str, name: str) -> dict:
     return {"name": task.name, "kind": kind, "labels": list(task.labels), "negative_label": task.negative_label}
 
 
-def selection_paths(selection: str) -> list[str]:
-    """The image paths of a CSV with a ``path`` column or of a JSONL manifest, in order, once each."""
+def _number(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def read_selection(selection: str) -> dict[str, dict]:
+    """Image path -> the selection's other columns (a CSV's: similarity, prob, rank...), in
+    order, each image once."""
+    rows: dict[str, dict] = {}
     if is_manifest(selection):
-        paths = [line.item["image"] for line in parse_manifest(selection) if line.item is not None]
+        for line in parse_manifest(selection):
+            if line.item is not None:
+                rows.setdefault(os.path.abspath(line.item["image"]), {})
     elif selection.lower().endswith(".csv"):
         with open(selection, newline="", encoding="utf-8") as stream:
             reader = csv.DictReader(stream)
             if "path" not in (reader.fieldnames or []):
                 raise cli.UsageError(f"{selection}: no 'path' column (columns: {', '.join(reader.fieldnames or [])})")
             folder = os.path.dirname(os.path.abspath(selection))
-            paths = [os.path.join(folder, row["path"]) for row in reader if row["path"]]
+            for row in reader:
+                if row["path"]:
+                    path = os.path.abspath(os.path.join(folder, row.pop("path")))
+                    rows.setdefault(path, {f"waterdrop_{key}": _number(value) for key, value in row.items()})
     else:
         raise cli.UsageError(f"{selection}: give a .csv with a 'path' column or a .jsonl manifest")
-    return list(dict.fromkeys(os.path.abspath(path) for path in paths))
+    return rows
 
 
 def export(args, task: dict) -> int:
-    paths = selection_paths(args.selection)[: args.limit]
+    selected = read_selection(args.selection)
+    paths = list(selected)[: args.limit]
     if not paths:
         raise cli.UsageError(f"{args.selection}: no images")
     missing = [path for path in paths if not os.path.isfile(path)]
@@ -94,7 +113,8 @@ def export(args, task: dict) -> int:
 
         predictor = Predictor(cli.check_onnx_file(args.model))
         if task["name"] not in [t["name"] for t in predictor.tasks]:
-            raise cli.UsageError(f"{args.model} has no task {task['name']}")
+            raise cli.UsageError(f"{args.model} has no task {task['name']} to predict (a new task: export without "
+                                 "--model; a search's similarity still comes with every task)")
         version = f"{Path(args.model).name} {predictor.meta.get('lineage', {}).get('model_hash', '')[:12]}".strip()
         by_path = {}
         for result in predictor.predict_paths(paths):
@@ -104,7 +124,7 @@ def export(args, task: dict) -> int:
                 by_path[os.path.abspath(result["image"])] = result["tasks"][task["name"]]
         predictions = [by_path.get(path) for path in paths]
     tasks = labelling_tasks(task, paths, root, args.url_prefix, predictions, version,
-                            [{"waterdrop_rank": rank} for rank in range(1, len(paths) + 1)])
+                            [{**selected[path], "waterdrop_rank": rank} for rank, path in enumerate(paths, 1)])
     out = cli.output_path(args.out, Path(args.selection).resolve().parent / "label_studio", args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tasks.json").write_text(json.dumps(tasks, indent=1) + "\n")
