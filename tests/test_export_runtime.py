@@ -67,7 +67,7 @@ def test_every_output_matches_pytorch_at_two_batch_sizes(exported):
     assert set(parity) == {"disgusting.prob", "disgusting.subclass_prob", "thriller.prob", "thriller.subclass_prob",
                            "thriller.stage1_prob", "thriller.stage2_prob", "thriller.decision", "scene_tags.prob",
                            "scene_tags.tag_prob", "scene_tags.det_boxes", "scene_tags.det_scores",
-                           "scene_tags.predicted_loss"}
+                           "scene_tags.predicted_loss", "embedding"}
     assert max(parity.values()) <= 1e-4
     graph = DeployGraph(net, THRESHOLDS).eval()
     assert check_parity(path, graph, cfg.model.input_size, batch_sizes=(5,)) == pytest.approx(
@@ -85,8 +85,9 @@ def test_export_runs_each_task_unstacked_with_the_stacked_outputs(tmp_path, demo
     distinct_task_norms(net)
     images = torch.randint(0, 256, (3, 3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
     with torch.no_grad():
-        stacked, per_task = net.forward_all(images), net.forward_all(images, stack_tasks=False)
-    assert list(per_task) == list(stacked) and "scene_tags.predicted_loss" in stacked
+        stacked = net.forward_all(images, embedding=True)
+        per_task = net.forward_all(images, stack_tasks=False, embedding=True)
+    assert list(per_task) == list(stacked) and "scene_tags.predicted_loss" in stacked and "embedding" in stacked
     for name, value in stacked.items():
         torch.testing.assert_close(per_task[name], value, atol=1e-5, rtol=1e-5)
     assert net.routing.task_index is None

@@ -44,14 +44,19 @@ def find_candidates(index: PoolIndex, seeds: np.ndarray, top: int, rank_by: str 
                     copy_similarity: float = COPY_SIMILARITY, depth: int | None = None) -> Candidates:
     """The ``top`` pool images most like the seeds, each with its folded copies.
 
-    Every seed searches the index for ``depth`` neighbours (default: 2 x top + 50); the union is
-    ranked by ``seed_similarity`` on the stored vectors. A candidate that is a copy of a seed is
+    Every seed (and, ranking by the mean, the seeds' mean) searches the index for ``depth``
+    neighbours (default: 2 x top + 50); the union is ranked by ``seed_similarity`` on the stored
+    vectors. A candidate that is a copy of a seed is
     left out (listed under the seed); one that is a copy of a better-ranked candidate is folded
     into it, so the list is not twenty versions of one photograph.
     """
     seeds = np.ascontiguousarray(seeds, np.float32)
     depth = depth or 2 * top + 50
-    _, ids = index.search(seeds, depth)
+    queries = seeds
+    if rank_by == "mean":  # the mean's own neighbours are the best by mean similarity
+        centre = seeds.mean(0)
+        queries = np.vstack([seeds, centre / max(float(np.linalg.norm(centre)), 1e-12)])
+    _, ids = index.search(queries, depth)
     pool_ids = np.unique(ids[ids >= 0])
     vectors = index.vectors(pool_ids).astype(np.float32)
     if len(pool_ids):
