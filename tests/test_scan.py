@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,47 @@ def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path):
                 assert got[column] == pytest.approx(value, abs=1e-5), column
             elif column != "scene_tags.objects":
                 assert got[column] == value, column
+
+
+POISON = b"WATERDROP-TEST-POISON"
+# Installed in the decoding processes only (through PYTHONPATH): decoding a file that ends with
+# the marker kills the process, as a decoder crash or the out-of-memory killer would.
+KILLER = f"""
+import os, signal
+import waterdrop.imageio as imageio
+
+_decode = imageio.decode_image
+
+
+def decode_image(data, source="<bytes>"):
+    if bytes(data[-{len(POISON)}:]) == {POISON!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _decode(data, source)
+
+
+imageio.decode_image = decode_image
+"""
+
+
+def test_a_file_that_kills_its_decoder_gets_an_error_row_and_the_scan_goes_on(model, pool, tmp_path, monkeypatch):
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(pool, poisoned)
+    victim = sorted(poisoned.glob("a/*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes() + POISON)  # still a valid image: decoders ignore trailing bytes
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    monkeypatch.setenv("PYTHONPATH", f"{hooks}{os.pathsep}{REPO}")
+    record = scan_local(model, poisoned, tmp_path / "out", batch_size=4, workers=2, threads=1, shard_size=6,
+                        progress=False)
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 16 and record["this_run"]["seen"] == 16
+    killed = [row for row in rows if row["path"] == str(victim)]
+    assert len(killed) == 1 and "decoding process died" in killed[0]["error"]
+    clean = {row["path"].replace(str(poisoned), str(pool)): row for row in rows if row["path"] != str(victim)}
+    monkeypatch.delenv("PYTHONPATH")
+    scan_local(model, pool, tmp_path / "reference", batch_size=4, workers=1, threads=1, shard_size=6, progress=False)
+    for row in read_rows(tmp_path / "reference"):
+        if row["path"] in clean:
+            assert (clean[row["path"]]["error"] is None) == (row["error"] is None)
+            assert clean[row["path"]]["disgusting.score"] == pytest.approx(row["disgusting.score"], abs=1e-6)

@@ -12,6 +12,11 @@ sizes its pool from the machine's cores, not from cgroup limits), and its thread
 spin while waiting: here they share the cores with the decoders, and spinning threads
 would take CPU time from them. Workers are started with ``spawn``: forking a process that
 already runs onnxruntime's and OpenCV's thread pools is unsafe.
+
+A file that kills its decoding process (a decoder crash, the out-of-memory killer) does not
+stop the scan: every batch in flight fails with the pool, later batches go to a new pool, and
+each failed batch is decoded again in a process of its own, halved until the file is found;
+it gets an error row, as an undecodable file does, and a rerun finds its shard finished.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import multiprocessing
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from waterdrop.runtime import Predictor
@@ -44,6 +50,21 @@ def _start_worker() -> None:
 
 def _decode_batch(items: list[tuple[str, str | None]], size: int) -> list[Decoded]:
     return [decode_for_model(path, size, problem) for path, problem in items]
+
+
+def _decode_apart(items: list[tuple[str, str | None]], size: int, context) -> list[Decoded]:
+    """Decode a batch in a process of its own; where that process dies (a decoder that crashes
+    or runs out of memory on some file), halve the batch until the file is found: it gets an
+    error row and the scan goes on. A batch without such a file costs one process start."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker) as alone:
+            return alone.submit(_decode_batch, items, size).result()
+    except BrokenProcessPool:
+        if len(items) == 1:
+            return [(None, None, f"{items[0][0]}: the decoding process died on it (a crash or out of memory); "
+                                 "left out")]
+        half = len(items) // 2
+        return _decode_apart(items[:half], size, context) + _decode_apart(items[half:], size, context)
 
 
 def scan_local(
@@ -81,12 +102,28 @@ def scan_local(
     builder = RowBuilder(predictor, embeddings)
     store = ShardStore(out, scan_spec(model, source, shard_size, embeddings), builder.metadata)
     meter = Meter(progress)
-    pending: deque[tuple[int, list[Entry], int, bool, Future]] = deque()
+    pending: deque[tuple[int, list[Entry], int, bool, Future, ProcessPoolExecutor]] = deque()
     shard_rows: list[dict] = []
+    context = multiprocessing.get_context("spawn")
+
+    def start_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker)
+
+    pool = start_pool()
 
     def finish_oldest() -> None:
-        shard, batch, start, last, future = pending.popleft()
-        decoded = future.result()
+        nonlocal pool
+        shard, batch, start, last, future, submitted_to = pending.popleft()
+        items = [(entry.path, entry.problem) for entry in batch]
+        try:
+            decoded = future.result()
+        except BrokenProcessPool:
+            # A decoding process died, and with it every batch in flight. Later batches go to a
+            # new pool; each failed batch is decoded apart until the file that kills is found.
+            if submitted_to is pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = start_pool()
+            decoded = _decode_apart(items, predictor.size, context)
         shard_rows.extend(builder.rows(range(start, start + len(batch)), [e.path for e in batch], decoded))
         meter.tick(len(batch))
         if last:
@@ -95,8 +132,7 @@ def scan_local(
             meter.add(table)
             shard_rows.clear()
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
+    try:
         for shard, entries in shards(source_entries(source), shard_size):
             if store.is_done(shard, entries):
                 meter.skip()
@@ -104,12 +140,19 @@ def scan_local(
             for offset in range(0, len(entries), batch_size):
                 batch = entries[offset : offset + batch_size]
                 items = [(entry.path, entry.problem) for entry in batch]
-                future = pool.submit(_decode_batch, items, predictor.size)
+                try:
+                    future = pool.submit(_decode_batch, items, predictor.size)
+                except BrokenProcessPool:  # died before its failed batches were collected
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = start_pool()
+                    future = pool.submit(_decode_batch, items, predictor.size)
                 last = offset + batch_size >= len(entries)
-                pending.append((shard, batch, shard * shard_size + offset, last, future))
+                pending.append((shard, batch, shard * shard_size + offset, last, future, pool))
                 while len(pending) > 2 * workers + 2:
                     finish_oldest()
         while pending:
             finish_oldest()
+    finally:
+        pool.shutdown(cancel_futures=True)
     settings = {"engine": "local", "batch_size": batch_size, "workers": workers, "threads": threads}
     return store.finish(meter.close(), settings, builder.metadata)
