@@ -284,3 +284,27 @@ def test_a_file_that_kills_its_decoder_gets_an_error_row_and_the_scan_goes_on(mo
         if row["path"] in clean:
             assert (clean[row["path"]]["error"] is None) == (row["error"] is None)
             assert clean[row["path"]]["disgusting.score"] == pytest.approx(row["disgusting.score"], abs=1e-6)
+
+
+def test_the_ray_engine_isolates_a_file_that_kills_its_actor(model, pool, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from waterdrop.scan import scan_ray
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(pool, poisoned)
+    victim = sorted(poisoned.glob("a/*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes() + POISON)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    monkeypatch.setenv("PYTHONPATH", f"{hooks}{os.pathsep}{REPO}")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        record = scan_ray(model, poisoned, tmp_path / "out", batch_size=4, shard_size=6, window=12, progress=False)
+    finally:
+        ray.shutdown()
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 16 and record["all_shards"]["rows"] == 16
+    killed = [row for row in rows if row["path"] == str(victim)]
+    assert len(killed) == 1 and "died on it" in killed[0]["error"]
+    assert sum(row["error"] is None for row in rows) == 16 - len(BAD) - 1

@@ -19,6 +19,11 @@ seconds), so a window should hold a few minutes of work for the whole cluster.
 
 On a cluster, the model is shipped through the object store, but the images and OUT must
 be on storage that every node sees at the same path (NFS or similar).
+
+A file that kills its actor (a decoder crash, the out-of-memory killer): Ray Data would
+restart the actor and retry the batch forever; here the actor is restarted once, then the
+window fails and is scored again batch by batch in Ray tasks that are not retried, a batch
+whose worker dies halved until the file is found. It gets an error row and the scan goes on.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
-from waterdrop.scan.rows import RowBuilder, decode_for_model
+from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
 from waterdrop.scan.sources import Entry, shards, source_entries
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
 
@@ -101,6 +106,58 @@ class RayScorer:
         return table.append_column("shard", pa.array(batch["shard"], pa.int64()))
 
 
+#: Restarts of a dead scoring actor, and retries of its batch, before the window is scored apart.
+ACTOR_RESTARTS = 1
+
+
+def _died(err: BaseException) -> bool:
+    """Whether a Ray error may report a dead worker or actor (a crash, the out-of-memory killer);
+    Ray Data wraps an actor's death in types that differ by version, so the message counts too.
+    It only decides whether a window is scored again apart, where errors are told exactly."""
+    from ray import exceptions
+
+    dead = (exceptions.WorkerCrashedError, exceptions.RayActorError, exceptions.OutOfMemoryError,
+            exceptions.ActorDiedError)
+    seen, current = set(), err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, dead) or "died" in str(type(current).__name__).lower():
+            return True
+        seen.add(id(current))
+        current = getattr(current, "cause", None) or current.__cause__
+    return "died" in str(err) or "WorkerCrashedError" in str(err) or "SIGKILL" in str(err)
+
+
+def _score_batch(scorer_args: dict, batch: dict) -> pa.Table:
+    return RayScorer(**scorer_args)(batch)
+
+
+def _score_apart(ray, items: list[dict], batch_size: int, scorer_args, schema: pa.Schema) -> pa.Table:
+    """A window's rows scored batch by batch in Ray tasks that are not retried; a batch whose
+    worker dies is halved until the file that kills it is found, and that file gets an error
+    row. As the local engine does with its decoding processes."""
+    score = ray.remote(max_retries=0)(_score_batch)
+
+    def columns(rows: list[dict]) -> dict:
+        return {key: np.array([row[key] for row in rows], dtype=object if key in ("path", "problem") else None)
+                for key in ("shard", "index", "path", "problem")}
+
+    def attempt(rows: list[dict]) -> list[pa.Table]:
+        try:
+            return [ray.get(score.remote(scorer_args, columns(rows)))]
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
+            pass  # not retried: the worker died on this batch; any other error is raised
+        if len(rows) > 1:
+            return attempt(rows[: len(rows) // 2]) + attempt(rows[len(rows) // 2:])
+        row = rows[0]
+        path = os.fsdecode(row["path"])
+        why = row["problem"] or f"{path}: the scoring process died on it (a crash or out of memory); left out"
+        failed = pa.Table.from_pylist([{"index": row["index"], "path": printable(path), "error": why}], schema=schema)
+        return [failed.append_column("shard", pa.array([row["shard"]], pa.int64()))]
+
+    tables = [table for start in range(0, len(items), batch_size) for table in attempt(items[start:start + batch_size])]
+    return pa.concat_tables(tables, promote_options="default").sort_by("index")
+
+
 def scan_ray(
     model: str | Path,
     source: str | Path,
@@ -146,6 +203,7 @@ def scan_ray(
     store = ShardStore(out, scan_spec(model, source, shard_size, embeddings), builder.metadata)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
+    scorer_args = ray.put({"model": model_bytes, "threads": threads, "embeddings": embeddings})
     meter = Meter(progress)
 
     def run_window(number: int, members: list[tuple[int, list[Entry]]]) -> None:
@@ -165,10 +223,22 @@ def scan_ray(
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads,
+            # Ray Data restarts a dead actor and retries its task forever by default: a file that
+            # kills its decoder would loop. One retry rides out a lost node; then the window fails.
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_RESTARTS,
         )
-        # Writing is light; zero CPUs keeps it from waiting for the CPUs the actors hold.
-        dataset.write_parquet(str(temp), ray_remote_args={"num_cpus": 0})
-        table = pq.read_table(temp).sort_by("index")
+        try:
+            # Writing is light; zero CPUs keeps it from waiting for the CPUs the actors hold.
+            dataset.write_parquet(str(temp), ray_remote_args={"num_cpus": 0})
+            table = pq.read_table(temp).sort_by("index")
+        except Exception as err:  # Ray wraps an actor's death in several types, by version
+            if isinstance(err, ray.exceptions.RayTaskError) and not _died(err):
+                raise  # a Python error in the scorer is a bug to show, not a file to isolate
+            logging.getLogger(__name__).warning("scan: an actor died in window %d (%s); scoring its batches apart",
+                                                number, type(err).__name__)
+            shutil.rmtree(temp, ignore_errors=True)
+            table = _score_apart(ray, items, batch_size, scorer_args, builder.schema)
         start = 0
         for shard, entries in members:
             rows = table.slice(start, len(entries))
