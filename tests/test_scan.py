@@ -308,3 +308,55 @@ def test_the_ray_engine_isolates_a_file_that_kills_its_actor(model, pool, tmp_pa
     killed = [row for row in rows if row["path"] == str(victim)]
     assert len(killed) == 1 and "died on it" in killed[0]["error"]
     assert sum(row["error"] is None for row in rows) == 16 - len(BAD) - 1
+
+
+def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
+    """A head and a worker node started with `ray start` as separate processes, as on a cluster
+    (one CPU each, so the two scoring actors sit on different nodes), and tools/scan.py joining
+    it with --ray-address."""
+    pytest.importorskip("ray")
+    import secrets
+    import socket
+    import time
+
+    ray_cli = Path(sys.executable).parent / "ray"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Ray's token authentication, as a cluster uses it: every process holds the token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    nodes = [subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                               *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        nodes.append(subprocess.Popen([str(ray_cli), "start", "--address", f"127.0.0.1:{port}", *common], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        for _ in range(60):
+            alive = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=env, capture_output=True,
+                                   text=True, timeout=120).stdout.strip()
+            if alive == "2":
+                break
+            time.sleep(1)
+        assert alive == "2", "the worker node did not join"
+        done = subprocess.run([sys.executable, str(REPO / "tools" / "scan.py"), str(model), str(pool), "--out",
+                               str(tmp_path / "cluster"), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",
+                               "--batch-size", "4", "--shard-size", "6", "--window", "12", "--quiet"],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    finally:
+        for node in reversed(nodes):
+            node.terminate()
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+    assert done.returncode == 1, done.stderr  # finished, with the pool's bad files as error rows
+    record = json.loads((tmp_path / "cluster" / "scan.json").read_text())
+    assert record["settings"]["actors"] == 2 and record["all_shards"]["rows"] == 16
+    scan_local(model, pool, tmp_path / "local", batch_size=4, workers=1, threads=1, shard_size=6, progress=False)
+    local, cluster = read_rows(tmp_path / "local"), read_rows(tmp_path / "cluster")
+    assert [(r["path"], r["error"] is None) for r in cluster] == [(r["path"], r["error"] is None) for r in local]
+    for got, want in zip(cluster, local):
+        assert got["disgusting.score"] == pytest.approx(want["disgusting.score"], abs=1e-5)
