@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -202,7 +203,7 @@ def test_row_builder_types_every_field_and_keeps_unknown_ones_as_json():
     image = np.zeros((8, 8, 3), np.uint8)
     rows = builder.rows([0, 1], ["a.jpg", "b.jpg"], [(image, (20, 10), None), (None, None, "b.jpg: empty file")])
     table = builder.table(rows)
-    assert table.column_names[5:] == ["sharp.grade", "sharp.score", "sharp.above", "sharp.novel"]
+    assert table.column_names[7:] == ["sharp.grade", "sharp.score", "sharp.above", "sharp.novel"]
     first, second = table.to_pylist()
     assert first["sharp.above"] == pytest.approx([0.9, 0.6]) and json.loads(first["sharp.novel"]) == {"x": [1]}
     assert (first["width"], first["height"]) == (20, 10) and second["sharp.grade"] is None
@@ -221,7 +222,7 @@ def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path):
 
     scan_local(model, pool, tmp_path / "local", batch_size=4, workers=1, threads=1, shard_size=6,
                embeddings="float16", progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         record = scan_ray(model, pool, tmp_path / "ray", batch_size=4, shard_size=6, window=12,
                           embeddings="float16", progress=False)
@@ -298,7 +299,7 @@ def test_the_ray_engine_isolates_a_file_that_kills_its_actor(model, pool, tmp_pa
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(KILLER)
     monkeypatch.setenv("PYTHONPATH", f"{hooks}{os.pathsep}{REPO}")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         record = scan_ray(model, poisoned, tmp_path / "out", batch_size=4, shard_size=6, window=12, progress=False)
     finally:
@@ -326,8 +327,12 @@ def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
     # Ray's token authentication, as a cluster uses it: every process holds the token.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    # Its own short temporary folder (sockets live there): the cluster's address file stays out of
+    # /tmp/ray, where a later ray.init() would find it.
+    temp = tempfile.mkdtemp(prefix="wd-ray-", dir="/tmp")
     nodes = [subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                               *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                               "--temp-dir", temp, *common], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
     try:
         time.sleep(3)
         nodes.append(subprocess.Popen([str(ray_cli), "start", "--address", f"127.0.0.1:{port}", *common], env=env,
@@ -352,6 +357,7 @@ def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
                 node.wait(60)
             except subprocess.TimeoutExpired:
                 node.kill()
+        shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 1, done.stderr  # finished, with the pool's bad files as error rows
     record = json.loads((tmp_path / "cluster" / "scan.json").read_text())
     assert record["settings"]["actors"] == 2 and record["all_shards"]["rows"] == 16
@@ -360,3 +366,49 @@ def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
     assert [(r["path"], r["error"] is None) for r in cluster] == [(r["path"], r["error"] is None) for r in local]
     for got, want in zip(cluster, local):
         assert got["disgusting.score"] == pytest.approx(want["disgusting.score"], abs=1e-5)
+
+
+def test_an_incremental_scan_scores_only_new_and_changed_files_and_lists_the_removed(model, pool, tmp_path):
+    current = tmp_path / "pool"
+    shutil.copytree(pool, current)
+    common = {"batch_size": 4, "workers": 1, "threads": 1, "shard_size": 6, "progress": False}
+    scan_local(model, current, tmp_path / "day1", **common)
+    # A day later: two new images, one changed, one deleted.
+    rng = np.random.default_rng(7)
+    for k in range(2):
+        cv2.imwrite(str(current / f"new{k}.png"), rng.integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    changed, deleted = sorted(current.glob("a/*.png"))[0], sorted(current.glob("b/*.jpg"))[0]
+    cv2.imwrite(str(changed), rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    deleted.unlink()
+    record = scan_local(model, current, tmp_path / "day2", since=[tmp_path / "day1"], **common)
+    day2 = read_rows(tmp_path / "day2")
+    good_before = 12 - 2  # the changed and the deleted image
+    assert record["this_run"]["skipped_as_scored_before"] == good_before
+    assert {Path(r["path"]).name for r in day2 if r["error"] is None} == {"new0.png", "new1.png", changed.name}
+    assert len([r for r in day2 if r["error"]]) == len(BAD)  # earlier errors are tried again
+    assert pq.read_table(tmp_path / "day2" / "removed.parquet").column("path").to_pylist() == [str(deleted)]
+    assert record["this_run"]["removed_since"] == 1
+    # Together the scans cover the pool: newest row per path, removed paths dropped.
+    scan_local(model, current, tmp_path / "full", **common)
+    combined = {r["path"]: r for r in read_rows(tmp_path / "day1") if r["path"] != str(deleted)}
+    combined.update((r["path"], r) for r in day2)
+    full = {r["path"]: r for r in read_rows(tmp_path / "full")}
+    assert set(combined) == set(full)
+    for path, row in full.items():
+        assert (combined[path]["error"] is None) == (row["error"] is None)
+        if row["error"] is None:
+            assert combined[path]["disgusting.score"] == pytest.approx(row["disgusting.score"], abs=1e-6)
+    # Scores of another model never mix in; scans that cannot tell a changed file are refused.
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "day1", other)
+    (other / "scan.json").write_text(json.dumps({**json.loads((other / "scan.json").read_text()),
+                                                 "model_sha256": "0" * 64}))
+    with pytest.raises(ScanError, match="another model"):
+        scan_local(model, current, tmp_path / "day3", since=[other], **common)
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "day1", old)
+    for shard in (old / "shards").glob("*.parquet"):
+        pq.write_table(pq.read_table(shard).drop_columns(["file_bytes", "mtime_ns"]), shard)
+    with pytest.raises(ScanError, match="file sizes and times"):
+        scan_local(model, current, tmp_path / "day4", since=[old], **common)

@@ -2,7 +2,7 @@
 
     python tools/scan.py MODEL.onnx SOURCE [--out DIR] [--engine local|ray] [--batch-size N]
         [--workers N] [--threads N] [--shard-size N] [--ray-address auto] [--window N]
-        [--embeddings [float16|float32]] [--quiet]
+        [--embeddings [float16|float32]] [--since EARLIER_SCAN ...] [--quiet]
 
 SOURCE is a folder (searched recursively), a .jsonl manifest ({"image": path relative to
 the manifest}) or a text file of paths (relative to the file). DIR (default:
@@ -10,7 +10,12 @@ scans/<source name> beside MODEL, i.e. in its run folder) gets shards/shard-NNNN
 (one row per input, bad images as rows with an error) and scan.json (settings and totals).
 Run the same command again to resume a killed scan: finished shards are skipped. With
 --embeddings every row also gets the model's image embedding (an ``embedding`` column, float16
-unless float32 is given), for tools/search_pool.py to index. Needs `pip install waterdrop[scan]`.
+unless float32 is given), for tools/search_pool.py to index. With --since (earlier scan folders
+of the same model) only files they have not scored as they are now (path, size, modification
+time) are scored: new and changed files, and earlier errors; removed.parquet lists the files
+they listed that SOURCE no longer has, and scan.json counts both. The newest scan's row holds
+for a path: together the scans cover the pool. Row ``index`` is then the position among the
+files this scan scores. Needs `pip install waterdrop[scan]`.
 
 Exit codes: 0 every image scored; 1 the scan finished with error rows (counted on stderr);
 2 a bad argument (a missing source, a file that is not an ONNX model, a DIR holding another
@@ -41,11 +46,13 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=100_000, help="ray: inputs per Ray Data run")
     parser.add_argument("--embeddings", nargs="?", const="float16", choices=["float16", "float32"],
                         help="also write each image's embedding (default value type: float16)")
+    parser.add_argument("--since", nargs="+", metavar="EARLIER_SCAN",
+                        help="earlier scan folders of this model: score only what they have not")
     args = cli.start(parser.parse_args())
     common = {"batch_size": args.batch_size, "shard_size": args.shard_size, "embeddings": args.embeddings,
-              "progress": not args.quiet}
+              "since": args.since, "progress": not args.quiet}
     try:
-        cli.check_exists([args.source], "source")
+        cli.check_exists([args.source, *(args.since or [])], "source or earlier scan")
         cli.check_onnx_file(args.model)
         args.out = args.out or cli.run_folder(args.model) / "scans" / (Path(args.source).resolve().stem or "pool")
         if args.engine == "local":
@@ -69,7 +76,9 @@ def main() -> int:
     print(
         f"{run['seen']} images in {run['seconds']:.1f} s ({run['images_per_s']:.1f} img/s): {run['scored']} scored, "
         f"{run['errors']} errors; {run['shards_written']} shards written, {run['shards_skipped']} already done; "
-        f"{whole['rows']} rows in {whole['shards']} shards under {Path(args.out) / 'shards'}",
+        f"{whole['rows']} rows in {whole['shards']} shards under {Path(args.out) / 'shards'}"
+        + (f"; {run['skipped_as_scored_before']} files scored before as they are, {run['removed_since']} gone since "
+           "(removed.parquet)" if args.since else ""),
         file=sys.stderr,
     )
     return cli.EXIT_PARTIAL if run["errors"] else cli.EXIT_OK

@@ -29,8 +29,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from waterdrop.runtime import Predictor
+from waterdrop.scan.incremental import Previous, with_since
 from waterdrop.scan.rows import Decoded, RowBuilder, decode_for_model
-from waterdrop.scan.sources import Entry, shards, source_entries
+from waterdrop.scan.sources import Entry, shards, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ShardStore, scan_spec
 
 #: Session config entries for a session that shares its cores with decoding processes.
@@ -77,6 +78,7 @@ def scan_local(
     threads: int | None = None,
     shard_size: int = 10_000,
     embeddings: str | None = None,
+    since: list[str | Path] | None = None,
     progress: bool = True,
 ) -> dict:
     """Scan SOURCE with MODEL into OUT (Parquet shards + scan.json), resuming a killed scan.
@@ -91,6 +93,8 @@ def scan_local(
         shard_size: inputs per shard file; fixed for the life of an output folder.
         embeddings: None, or "float16" / "float32": write the model's image embedding too
             (an ``embedding`` column; fixed for the life of an output folder).
+        since: earlier scan folders of the same model: only files they have not scored as
+            they are now are scored (``waterdrop.scan.incremental``).
         progress: show a progress line with images/s.
 
     Returns:
@@ -100,7 +104,9 @@ def scan_local(
     threads = threads or available_cpus()
     predictor = Predictor(model, threads=threads, session_config=NO_SPINNING)
     builder = RowBuilder(predictor, embeddings)
-    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings), builder.metadata)
+    spec = scan_spec(model, source, shard_size, embeddings, since)
+    previous = Previous(since, spec["model_sha256"]) if since else None
+    store = ShardStore(out, spec, builder.metadata)
     meter = Meter(progress)
     pending: deque[tuple[int, list[Entry], int, bool, Future, ProcessPoolExecutor]] = deque()
     shard_rows: list[dict] = []
@@ -124,7 +130,8 @@ def scan_local(
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = start_pool()
             decoded = _decode_apart(items, predictor.size, context)
-        shard_rows.extend(builder.rows(range(start, start + len(batch)), [e.path for e in batch], decoded))
+        shard_rows.extend(builder.rows(range(start, start + len(batch)), [e.path for e in batch], decoded,
+                                       [(e.size, e.mtime_ns) for e in batch]))
         meter.tick(len(batch))
         if last:
             table = builder.table(shard_rows)
@@ -132,8 +139,9 @@ def scan_local(
             meter.add(table)
             shard_rows.clear()
 
+    listed = with_file_state(source_entries(source))
     try:
-        for shard, entries in shards(source_entries(source), shard_size):
+        for shard, entries in shards(previous.new_entries(listed) if previous else listed, shard_size):
             if store.is_done(shard, entries):
                 meter.skip()
                 continue
@@ -155,4 +163,4 @@ def scan_local(
     finally:
         pool.shutdown(cancel_futures=True)
     settings = {"engine": "local", "batch_size": batch_size, "workers": workers, "threads": threads}
-    return store.finish(meter.close(), settings, builder.metadata)
+    return store.finish(with_since(meter.close(), previous, store.out), settings, builder.metadata)

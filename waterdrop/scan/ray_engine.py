@@ -42,8 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
+from waterdrop.scan.incremental import Previous, with_since
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
-from waterdrop.scan.sources import Entry, shards, source_entries
+from waterdrop.scan.sources import Entry, shards, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
 
 
@@ -102,7 +103,9 @@ class RayScorer:
         paths = [os.fsdecode(path) for path in batch["path"]]
         problems = [problem or None for problem in batch["problem"]]
         decoded = [decode_for_model(path, self.predictor.size, problem) for path, problem in zip(paths, problems)]
-        table = self.builder.table(self.builder.rows(batch["index"].tolist(), paths, decoded))
+        states = [(None if size < 0 else int(size), None if size < 0 else int(mtime))
+                  for size, mtime in zip(batch["file_bytes"], batch["mtime_ns"])]
+        table = self.builder.table(self.builder.rows(batch["index"].tolist(), paths, decoded, states))
         return table.append_column("shard", pa.array(batch["shard"], pa.int64()))
 
 
@@ -139,7 +142,7 @@ def _score_apart(ray, items: list[dict], batch_size: int, scorer_args, schema: p
 
     def columns(rows: list[dict]) -> dict:
         return {key: np.array([row[key] for row in rows], dtype=object if key in ("path", "problem") else None)
-                for key in ("shard", "index", "path", "problem")}
+                for key in ("shard", "index", "path", "problem", "file_bytes", "mtime_ns")}
 
     def attempt(rows: list[dict]) -> list[pa.Table]:
         try:
@@ -170,12 +173,13 @@ def scan_ray(
     window: int = 100_000,
     address: str | None = None,
     embeddings: str | None = None,
+    since: list[str | Path] | None = None,
     progress: bool = True,
 ) -> dict:
     """Scan SOURCE with MODEL into OUT on Ray Data; the same files as ``scan_local``.
 
     Args:
-        model, source, out, batch_size, shard_size, embeddings, progress: as for ``scan_local``.
+        model, source, out, batch_size, shard_size, embeddings, since, progress: as for ``scan_local``.
         actors: scoring actors (default: the cluster's CPUs // threads).
         threads: onnxruntime threads (and Ray CPUs) per actor.
         window: inputs per Ray Data run (rounded up to whole shards).
@@ -195,12 +199,14 @@ def scan_ray(
         ray.init(address=address, ignore_reinit_error=True, **quiet)
     elif not ray.is_initialized():
         with _without(logging.getLogger("ray"), "Token authentication is enabled"):  # our own local instance
-            ray.init(include_dashboard=False, **quiet)
+            ray.init(address="local", include_dashboard=False, **quiet)  # never a stale cluster of this machine
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     builder = RowBuilder(Predictor(model, threads=1), embeddings)  # the driver only needs the schema
-    store = ShardStore(out, scan_spec(model, source, shard_size, embeddings), builder.metadata)
+    spec = scan_spec(model, source, shard_size, embeddings, since)
+    previous = Previous(since, spec["model_sha256"]) if since else None
+    store = ShardStore(out, spec, builder.metadata)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
     scorer_args = ray.put({"model": model_bytes, "threads": threads, "embeddings": embeddings})
@@ -208,7 +214,8 @@ def scan_ray(
 
     def run_window(number: int, members: list[tuple[int, list[Entry]]]) -> None:
         items = [
-            {"shard": shard, "index": shard * shard_size + k, "path": os.fsencode(e.path), "problem": e.problem or ""}
+            {"shard": shard, "index": shard * shard_size + k, "path": os.fsencode(e.path), "problem": e.problem or "",
+             "file_bytes": -1 if e.size is None else e.size, "mtime_ns": -1 if e.mtime_ns is None else e.mtime_ns}
             for shard, entries in members
             for k, e in enumerate(entries)
         ]
@@ -256,7 +263,8 @@ def scan_ray(
 
     members: list[tuple[int, list[Entry]]] = []
     number = 0
-    for shard, entries in shards(source_entries(source), shard_size):
+    listed = with_file_state(source_entries(source))
+    for shard, entries in shards(previous.new_entries(listed) if previous else listed, shard_size):
         if store.is_done(shard, entries):
             meter.skip()
             continue
@@ -267,4 +275,4 @@ def scan_ray(
     if members:
         run_window(number, members)
     settings = {"engine": "ray", "batch_size": batch_size, "actors": actors, "threads": threads, "window": window}
-    return store.finish(meter.close(), settings, builder.metadata)
+    return store.finish(with_since(meter.close(), previous, store.out), settings, builder.metadata)

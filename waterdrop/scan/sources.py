@@ -27,10 +27,26 @@ from waterdrop.records import is_manifest, parse_manifest
 
 
 class Entry(NamedTuple):
-    """One input of a scan: the file to open, or why the source line does not name one."""
+    """One input of a scan: the file to open, or why the source line does not name one; its
+    size and modification time when read (``with_file_state``), to tell a changed file."""
 
     path: str
     problem: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+def with_file_state(entries: Iterable[Entry]) -> Iterator[Entry]:
+    """The entries with their files' size and modification time (None where the file cannot
+    be read: its decode reports why)."""
+    for entry in entries:
+        if entry.problem is None:
+            try:
+                state = os.stat(entry.path)
+                entry = entry._replace(size=state.st_size, mtime_ns=state.st_mtime_ns)
+            except OSError:
+                pass
+        yield entry
 
 
 def walk_folder(root: str | Path) -> Iterator[str]:

@@ -29,7 +29,9 @@ from waterdrop.scan.rows import printable
 from waterdrop.scan.sources import Entry
 
 #: Settings that must not change between a scan and its resumption (they decide what a shard holds).
-SPEC_KEYS = ("model_sha256", "source", "shard_size", "embeddings")
+SPEC_KEYS = ("model_sha256", "source", "shard_size", "embeddings", "since", "row_format")
+#: 2: rows carry the file's size and modification time (``file_bytes``, ``mtime_ns``).
+ROW_FORMAT = 2
 
 
 class ScanError(RuntimeError):
@@ -193,13 +195,16 @@ class Meter:
         }
 
 
-def scan_spec(model: str | Path, source: str | Path, shard_size: int, embeddings: str | None = None) -> dict:
+def scan_spec(model: str | Path, source: str | Path, shard_size: int, embeddings: str | None = None,
+              since: list[str | Path] | None = None) -> dict:
     """What a scan's output depends on (see ``SPEC_KEYS``); ``embeddings``: the embedding
-    column's value type, None without one."""
+    column's value type, None without one; ``since``: the earlier scans it skips what they scored."""
     return {
         "model": os.path.abspath(model),
         "model_sha256": file_sha256(model),
         "source": os.path.abspath(source),
         "shard_size": shard_size,
         "embeddings": embeddings,
+        "since": [os.path.abspath(scan) for scan in since] if since else None,
+        "row_format": ROW_FORMAT,
     }
