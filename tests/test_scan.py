@@ -412,3 +412,21 @@ def test_an_incremental_scan_scores_only_new_and_changed_files_and_lists_the_rem
         pq.write_table(pq.read_table(shard).drop_columns(["file_bytes", "mtime_ns"]), shard)
     with pytest.raises(ScanError, match="file sizes and times"):
         scan_local(model, current, tmp_path / "day4", since=[old], **common)
+
+
+def test_the_progress_line_gives_the_share_done_the_time_left_and_the_errors(capsys, pool):
+    from waterdrop.scan.sources import Counter
+    from waterdrop.scan.store import Meter
+
+    total = Counter(pool)
+    total.join(10)
+    assert total.finished and total.count == 16
+    meter = Meter(progress=True, every=0.0, total=total)
+    meter.skip(6)  # a shard finished by an earlier run
+    meter.errors = 2
+    meter.tick(5)
+    line = capsys.readouterr().err
+    assert "5 images, 11 of 16 inputs (69 %)" in line and "s left" in line and "2 errors" in line
+    counting = Meter(progress=True, every=0.0, total=type("Unfinished", (), {"count": 7, "finished": False})())
+    counting.tick(1)
+    assert "counting the source: 7 so far" in capsys.readouterr().err

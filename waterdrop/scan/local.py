@@ -31,7 +31,7 @@ from pathlib import Path
 from waterdrop.runtime import Predictor
 from waterdrop.scan.incremental import Previous, with_since
 from waterdrop.scan.rows import Decoded, RowBuilder, decode_for_model
-from waterdrop.scan.sources import Entry, shards, source_entries, with_file_state
+from waterdrop.scan.sources import Counter, Entry, shards, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ShardStore, scan_spec
 
 #: Session config entries for a session that shares its cores with decoding processes.
@@ -107,7 +107,8 @@ def scan_local(
     spec = scan_spec(model, source, shard_size, embeddings, since)
     previous = Previous(since, spec["model_sha256"]) if since else None
     store = ShardStore(out, spec, builder.metadata)
-    meter = Meter(progress)
+    meter = Meter(progress, total=Counter(source) if progress else None,
+                  passed_over=(lambda: previous.skipped) if previous else None)
     pending: deque[tuple[int, list[Entry], int, bool, Future, ProcessPoolExecutor]] = deque()
     shard_rows: list[dict] = []
     context = multiprocessing.get_context("spawn")
@@ -143,7 +144,7 @@ def scan_local(
     try:
         for shard, entries in shards(previous.new_entries(listed) if previous else listed, shard_size):
             if store.is_done(shard, entries):
-                meter.skip()
+                meter.skip(len(entries))
                 continue
             for offset in range(0, len(entries), batch_size):
                 batch = entries[offset : offset + batch_size]

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from waterdrop.runtime import Predictor
 from waterdrop.scan.incremental import Previous, with_since
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
-from waterdrop.scan.sources import Entry, shards, source_entries, with_file_state
+from waterdrop.scan.sources import Counter, Entry, shards, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
 
 
@@ -210,7 +210,8 @@ def scan_ray(
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
     scorer_args = ray.put({"model": model_bytes, "threads": threads, "embeddings": embeddings})
-    meter = Meter(progress)
+    meter = Meter(progress, total=Counter(source) if progress else None,
+                  passed_over=(lambda: previous.skipped) if previous else None)
 
     def run_window(number: int, members: list[tuple[int, list[Entry]]]) -> None:
         items = [
@@ -266,7 +267,7 @@ def scan_ray(
     listed = with_file_state(source_entries(source))
     for shard, entries in shards(previous.new_entries(listed) if previous else listed, shard_size):
         if store.is_done(shard, entries):
-            meter.skip()
+            meter.skip(len(entries))
             continue
         members.append((shard, entries))
         if sum(len(e) for _, e in members) >= window:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -121,3 +122,18 @@ def shards(entries: Iterable[Entry], shard_size: int) -> Iterator[tuple[int, lis
         if not chunk:
             return
         yield index, chunk
+
+
+class Counter(threading.Thread):
+    """Counts a source's inputs beside the scan (a second streamed pass), for the progress
+    line's share done and time left; ``count`` grows until ``finished``."""
+
+    def __init__(self, source: str | Path):
+        super().__init__(daemon=True)
+        self.source, self.count, self.finished = source, 0, False
+        self.start()
+
+    def run(self) -> None:
+        for _ in source_entries(self.source):
+            self.count += 1
+        self.finished = True

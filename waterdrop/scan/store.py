@@ -139,7 +139,8 @@ class ShardStore:
 
 
 class Meter:
-    """This run's counts, and a plain progress line on stderr every ``every`` seconds.
+    """This run's counts, and a plain progress line on stderr every ``every`` seconds: images
+    done of the source's total, images/s, time left, errors so far.
 
     A plain line rather than a bar: long scans run as batch jobs whose stderr goes to a log
     file, where a bar's carriage returns make one unreadable line (and tqdm is not a
@@ -148,12 +149,16 @@ class Meter:
     Args:
         progress: print the line; the counts are kept either way.
         every: seconds between two lines.
+        total: the source's inputs (a ``sources.Counter``, counting beside the scan), for the
+            time left; None: no estimate.
+        passed_over: how many inputs an incremental scan has skipped so far (a callable).
     """
 
-    def __init__(self, progress: bool = True, every: float = 5.0):
+    def __init__(self, progress: bool = True, every: float = 5.0, total=None, passed_over=None):
         self.start = self.last_time = time.perf_counter()
         self.progress, self.every = progress, every
-        self.done = self.last_done = 0
+        self.total, self.passed_over = total, passed_over or (lambda: 0)
+        self.done = self.last_done = self.done_before = 0
         self.seen = self.errors = self.shards_written = self.shards_skipped = 0
 
     def add(self, table: pa.Table) -> None:
@@ -168,18 +173,30 @@ class Meter:
         now = time.perf_counter()
         if self.progress and now - self.last_time >= self.every:
             recent = (self.done - self.last_done) / (now - self.last_time)
-            print(
-                f"scan: {self.done:,} images in {now - self.start:.0f} s, {recent:.1f} img/s now, "
-                f"{self.done / (now - self.start):.1f} img/s overall; {self.errors:,} errors and "
-                f"{self.shards_written:,} shards written so far, {self.shards_skipped:,} shards done before",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"scan: {self._position()} in {now - self.start:.0f} s, {recent:.1f} img/s now, "
+                  f"{self.done / (now - self.start):.1f} overall{self._left(recent)}; {self.errors:,} errors, "
+                  f"{self.shards_written:,} shards written, {self.shards_skipped:,} done before",
+                  file=sys.stderr, flush=True)
             self.last_time, self.last_done = now, self.done
 
-    def skip(self) -> None:
-        """Count a shard that an earlier run finished."""
+    def _position(self) -> str:
+        if self.total is None or not self.total.finished:
+            counting = f" (counting the source: {self.total.count:,} so far)" if self.total is not None else ""
+            return f"{self.done:,} images{counting}"
+        total = self.total.count
+        behind = self.done + self.done_before + self.passed_over()
+        return f"{self.done:,} images, {behind:,} of {total:,} inputs ({100 * behind / max(total, 1):.0f} %)"
+
+    def _left(self, rate: float) -> str:
+        if self.total is None or not self.total.finished or rate <= 0:
+            return ""
+        remaining = max(0, self.total.count - self.done - self.done_before - self.passed_over()) / rate
+        return f", about {remaining / 60:.0f} min left" if remaining >= 90 else f", about {remaining:.0f} s left"
+
+    def skip(self, images: int = 0) -> None:
+        """Count a shard (of ``images`` inputs) that an earlier run finished."""
         self.shards_skipped += 1
+        self.done_before += images
 
     def close(self) -> dict:
         """This run's totals: seen, scored, errors, seconds, images/s, shards written and skipped."""
