@@ -313,8 +313,8 @@ def test_the_ray_engine_isolates_a_file_that_kills_its_actor(model, pool, tmp_pa
 
 def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
     """A head and a worker node started with `ray start` as separate processes, as on a cluster
-    (one CPU each, so the two scoring actors sit on different nodes), and tools/scan.py joining
-    it with --ray-address."""
+    (one CPU and two: three scoring actors, where a private instance on this 2-core machine
+    would start two), and tools/scan.py joining it with --ray-address."""
     pytest.importorskip("ray")
     import secrets
     import socket
@@ -326,17 +326,17 @@ def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
         port = probe.getsockname()[1]
     # Ray's token authentication, as a cluster uses it: every process holds the token.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    common = ["--disable-usage-stats", "--block"]
     # Its own short temporary folder (sockets live there): the cluster's address file stays out of
     # /tmp/ray, where a later ray.init() would find it.
     temp = tempfile.mkdtemp(prefix="wd-ray-", dir="/tmp")
     nodes = [subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                               "--temp-dir", temp, *common], env=env, stdout=subprocess.DEVNULL,
+                               "--temp-dir", temp, "--num-cpus", "1", *common], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)]
     try:
         time.sleep(3)
-        nodes.append(subprocess.Popen([str(ray_cli), "start", "--address", f"127.0.0.1:{port}", *common], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        nodes.append(subprocess.Popen([str(ray_cli), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
+                                       *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
                  "print(sum(n['Alive'] for n in ray.nodes()))")
         for _ in range(60):
@@ -360,7 +360,7 @@ def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 1, done.stderr  # finished, with the pool's bad files as error rows
     record = json.loads((tmp_path / "cluster" / "scan.json").read_text())
-    assert record["settings"]["actors"] == 2 and record["all_shards"]["rows"] == 16
+    assert record["settings"]["actors"] == 3 and record["all_shards"]["rows"] == 16
     scan_local(model, pool, tmp_path / "local", batch_size=4, workers=1, threads=1, shard_size=6, progress=False)
     local, cluster = read_rows(tmp_path / "local"), read_rows(tmp_path / "cluster")
     assert [(r["path"], r["error"] is None) for r in cluster] == [(r["path"], r["error"] is None) for r in local]
@@ -383,12 +383,14 @@ def test_an_incremental_scan_scores_only_new_and_changed_files_and_lists_the_rem
     deleted.unlink()
     record = scan_local(model, current, tmp_path / "day2", since=[tmp_path / "day1"], **common)
     day2 = read_rows(tmp_path / "day2")
-    good_before = 12 - 2  # the changed and the deleted image
-    assert record["this_run"]["skipped_as_scored_before"] == good_before
-    assert {Path(r["path"]).name for r in day2 if r["error"] is None} == {"new0.png", "new1.png", changed.name}
-    assert len([r for r in day2 if r["error"]]) == len(BAD)  # earlier errors are tried again
+    # Spared: every file as it was but the changed and the deleted one; the bad files' error rows stand.
+    assert record["this_run"]["skipped_as_scored_before"] == 16 - 2
+    assert {Path(r["path"]).name for r in day2} == {"new0.png", "new1.png", changed.name}
+    assert all(r["index"] >= 0 and r["file_bytes"] == Path(r["path"]).stat().st_size for r in day2)
     assert pq.read_table(tmp_path / "day2" / "removed.parquet").column("path").to_pylist() == [str(deleted)]
     assert record["this_run"]["removed_since"] == 1
+    again = scan_local(model, current, tmp_path / "day2b", since=[tmp_path / "day1"], retry_errors=True, **common)
+    assert again["this_run"]["seen"] == 3 + len(BAD)
     # Together the scans cover the pool: newest row per path, removed paths dropped.
     scan_local(model, current, tmp_path / "full", **common)
     combined = {r["path"]: r for r in read_rows(tmp_path / "day1") if r["path"] != str(deleted)}
@@ -399,19 +401,39 @@ def test_an_incremental_scan_scores_only_new_and_changed_files_and_lists_the_rem
         assert (combined[path]["error"] is None) == (row["error"] is None)
         if row["error"] is None:
             assert combined[path]["disgusting.score"] == pytest.approx(row["disgusting.score"], abs=1e-6)
+    # Day 3: the deleted file is back as it was, the changed one restored with its old time; each
+    # path's newest row decides, so both are scored again, and nothing else.
+    day1 = {r["path"]: r for r in read_rows(tmp_path / "day1")}
+    shutil.copy(pool / deleted.relative_to(current), deleted)
+    os.utime(deleted, ns=(deleted.stat().st_atime_ns, day1[str(deleted)]["mtime_ns"]))
+    shutil.copy(pool / changed.relative_to(current), changed)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, day1[str(changed)]["mtime_ns"]))
+    third = scan_local(model, current, tmp_path / "day3", since=[tmp_path / "day2", tmp_path / "day1"], **common)
+    assert sorted(Path(r["path"]).name for r in read_rows(tmp_path / "day3")) == sorted([deleted.name, changed.name])
+    assert third["this_run"]["removed_since"] == 0
+    # A scan stopped and resumed after a file it spared was touched: the later shards stay put.
+    stopped = tmp_path / "day4"
+    scan_local(model, current, stopped, since=[tmp_path / "day3", tmp_path / "day2", tmp_path / "day1"], **common)
+    written = sorted((stopped / "shards").glob("*.parquet"))
+    written[-1].unlink()
+    toucher = Path(next(p for p in list(walk_folder(current))[:6] if Path(p).name.startswith("img")))  # in shard 0
+    os.utime(toucher, ns=(toucher.stat().st_atime_ns, toucher.stat().st_mtime_ns + 10**9))
+    resumed = scan_local(model, current, stopped, since=[tmp_path / "day3", tmp_path / "day2", tmp_path / "day1"],
+                         **common)
+    assert (resumed["this_run"]["shards_written"], resumed["this_run"]["shards_skipped"]) == (1, len(written) - 1)
     # Scores of another model never mix in; scans that cannot tell a changed file are refused.
     other = tmp_path / "other"
     shutil.copytree(tmp_path / "day1", other)
     (other / "scan.json").write_text(json.dumps({**json.loads((other / "scan.json").read_text()),
                                                  "model_sha256": "0" * 64}))
     with pytest.raises(ScanError, match="another model"):
-        scan_local(model, current, tmp_path / "day3", since=[other], **common)
+        scan_local(model, current, tmp_path / "day5", since=[other], **common)
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "day1", old)
     for shard in (old / "shards").glob("*.parquet"):
         pq.write_table(pq.read_table(shard).drop_columns(["file_bytes", "mtime_ns"]), shard)
     with pytest.raises(ScanError, match="file sizes and times"):
-        scan_local(model, current, tmp_path / "day4", since=[old], **common)
+        scan_local(model, current, tmp_path / "day6", since=[old], **common)
 
 
 def test_the_progress_line_gives_the_share_done_the_time_left_and_the_errors(capsys, pool):

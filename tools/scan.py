@@ -11,11 +11,11 @@ scans/<source name> beside MODEL, i.e. in its run folder) gets shards/shard-NNNN
 Run the same command again to resume a killed scan: finished shards are skipped. With
 --embeddings every row also gets the model's image embedding (an ``embedding`` column, float16
 unless float32 is given), for tools/search_pool.py to index. With --since (earlier scan folders
-of the same model) only files they have not scored as they are now (path, size, modification
-time) are scored: new and changed files, and earlier errors; removed.parquet lists the files
-they listed that SOURCE no longer has, and scan.json counts both. The newest scan's row holds
-for a path: together the scans cover the pool. Row ``index`` is then the position among the
-files this scan scores. Needs `pip install waterdrop[scan]`.
+of the same model) only files that differ from their path's newest row there (size,
+modification time) are scored: new, changed and restored files (earlier error rows of unchanged
+files stand unless --retry-errors); removed.parquet lists the files they hold that SOURCE no
+longer has, and scan.json counts both. The newest scan's row holds for a path: together the
+scans cover the pool. Needs `pip install waterdrop[scan]`.
 
 Exit codes: 0 every image scored; 1 the scan finished with error rows (counted on stderr);
 2 a bad argument (a missing source, a file that is not an ONNX model, a DIR holding another
@@ -48,9 +48,11 @@ def main() -> int:
                         help="also write each image's embedding (default value type: float16)")
     parser.add_argument("--since", nargs="+", metavar="EARLIER_SCAN",
                         help="earlier scan folders of this model: score only what they have not")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="with --since: score again files whose earlier row is an error")
     args = cli.start(parser.parse_args())
     common = {"batch_size": args.batch_size, "shard_size": args.shard_size, "embeddings": args.embeddings,
-              "since": args.since, "progress": not args.quiet}
+              "since": args.since, "retry_errors": args.retry_errors, "progress": not args.quiet}
     try:
         cli.check_exists([args.source, *(args.since or [])], "source or earlier scan")
         cli.check_onnx_file(args.model)

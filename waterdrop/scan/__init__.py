@@ -5,9 +5,9 @@
     print(record["this_run"])                                    # seen, scored, errors, images/s
 
 ``scan_ray`` runs the same scan on Ray Data. Modules:
-``sources`` (streaming path readers), ``rows`` (decoding and the row builder: the
-columns), ``store`` (shards, resumption, scan.json), ``local`` and ``ray_engine`` (the
-engines). Nothing here imports torch; Ray is imported only by the Ray engine.
+``sources`` (streaming path readers), ``incremental`` (what earlier scans spare), ``rows``
+(decoding and the row builder: the columns), ``store`` (shards, resumption, scan.json),
+``local`` and ``ray_engine`` (the engines). Nothing here imports torch; Ray is imported only by the Ray engine.
 """
 
 try:

@@ -1,13 +1,18 @@
 """Incremental scans: score only what earlier scans of the same model have not scored.
 
 A pool grows every day. ``Previous`` reads earlier scan folders of the same model (the model
-file's SHA-256: another model's scans are refused, so two models' scores never mix) and keeps,
-as sorted 64-bit hashes, every scored file's (path, size, modification time) and every path
-they listed. A scan given them (``--since``) skips a file whose path, size and modification
-time match a scored row, scores the rest (new files, changed files, files whose earlier row was
-an error), and lists in ``removed.parquet`` the paths the earlier scans listed that the source
-no longer has. For each path the newest scan's row holds: the scans together cover the pool.
-Memory: 8 bytes a row of the earlier scans, twice, and 8 bytes a file of the source.
+file's SHA-256, and the same embedding column: another model's scans are refused, so two
+models' scores never mix) and keeps, per path, the state its newest row recorded: the file's
+size and modification time, or "removed" where a later scan listed it in ``removed.parquet``.
+Scans count as newer by their scan.json's modification time (it is written when a scan
+finishes). A scan given them (``--since``) skips a file whose size and modification time are
+what its path's newest row recorded, scores the rest (new files, changed files, files put back),
+and lists in ``removed.parquet`` the paths they hold that the source no longer has. An earlier
+error row of an unchanged file stands (the same file fails again) unless ``retry_errors``. For
+each path the newest scan's row holds: the scans together cover the pool.
+
+Paths and states are kept as 64-bit hashes in numpy arrays: about 24 bytes a row of the
+earlier scans while they are read, 16 bytes a path after, and 8 bytes a file of the source.
 """
 
 from __future__ import annotations
@@ -26,25 +31,32 @@ from waterdrop.scan.sources import Entry
 from waterdrop.scan.store import ScanError
 
 STATE_COLUMNS = ["path", "error", "file_bytes", "mtime_ns"]
+#: States that no file has: a path a later scan found gone, an error to score again.
+REMOVED, RETRY = np.uint64(0), np.uint64(1)
 
 
 def _key(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b("\0".join(map(str, parts)).encode("utf-8", "surrogateescape"),
-                                          digest_size=8).digest(), "little")
+    """A 64-bit hash of the parts (a path, or a path with its size and modification time)."""
+    text = "\0".join(map(str, parts)).encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def _keys(values: Iterable) -> np.ndarray:
+    return np.fromiter((_key(*value) if isinstance(value, tuple) else _key(value) for value in values), np.uint64)
 
 
 class Previous:
-    """What earlier scans of one model scored.
+    """The newest state of every path of earlier scans of one model.
 
     Raises:
-        ScanError: a folder that is not a scan, one of another model, or one written before
-            scans recorded file sizes and times (it cannot tell a changed file).
+        ScanError: a folder that is not a scan, one of another model or embedding column, or one
+            written before scans recorded file sizes and times (it cannot tell a changed file).
     """
 
-    def __init__(self, scans: list[str | Path], model_sha256: str):
-        self.scans = [Path(scan) for scan in scans]
-        scored, listed = [], []
-        for scan in self.scans:
+    def __init__(self, scans: list[str | Path], model_sha256: str, embeddings: str | None = None,
+                 retry_errors: bool = False):
+        records = []
+        for scan in map(Path, scans):
             record_path = scan / "scan.json"
             if not record_path.is_file():
                 raise ScanError(f"--since {scan}: no scan.json; give a folder written by tools/scan.py")
@@ -53,45 +65,73 @@ class Previous:
                 raise ScanError(f"--since {scan} was scanned with another model (sha256 "
                                 f"{str(record.get('model_sha256'))[:12]}); its scores would mix with this model's: "
                                 "give scans of this model only, or scan the pool whole")
+            if record.get("embeddings") != embeddings:
+                raise ScanError(f"--since {scan} has embeddings {record.get('embeddings')!r}, this scan "
+                                f"{embeddings!r}: the files it spares would lack this scan's columns")
+            records.append((record_path.stat().st_mtime_ns, str(scan), scan))
+        self.scans = [scan for _, _, scan in sorted(records)]  # oldest first
+        paths, states, order = [], [], []
+        for number, scan in enumerate(self.scans):
             for shard in sorted((scan / "shards").glob("shard-*.parquet")):
-                names = pq.read_schema(shard).names
-                if not set(STATE_COLUMNS) <= set(names):
+                if not set(STATE_COLUMNS) <= set(pq.read_schema(shard).names):
                     raise ScanError(f"--since {scan}: written before scans recorded file sizes and times, so a "
                                     "changed file cannot be told; scan the pool whole once")
                 table = pq.read_table(shard, columns=STATE_COLUMNS).to_pydict()
-                for path, error, size, mtime in zip(*(table[c] for c in STATE_COLUMNS)):
-                    listed.append(_key(path))
-                    if error is None and size is not None:
-                        scored.append(_key(path, size, mtime))
-        self.scored = np.unique(np.array(scored, np.uint64))
-        self.listed = np.unique(np.array(listed, np.uint64))
+                rows = list(zip(*(table[c] for c in STATE_COLUMNS)))
+                paths.append(_keys(path for path, *_ in rows))
+                states.append(np.array([RETRY if size is None or (error is not None and retry_errors)
+                                        else _key(path, size, mtime) for path, error, size, mtime in rows], np.uint64))
+                order.append(np.full(len(rows), number, np.int32))
+            removed = scan / "removed.parquet"
+            if removed.is_file():
+                gone = pq.read_table(removed).column("path").to_pylist()
+                paths.append(_keys(gone))
+                states.append(np.full(len(gone), REMOVED, np.uint64))
+                order.append(np.full(len(gone), number, np.int32))
+        paths = np.concatenate(paths) if paths else np.zeros(0, np.uint64)
+        states = np.concatenate(states) if states else np.zeros(0, np.uint64)
+        order = np.concatenate(order) if order else np.zeros(0, np.int32)
+        # The newest row of every path: sorted by path then scan, the last of each run of a path.
+        ranked = np.lexsort((order, paths))
+        paths, states = paths[ranked], states[ranked]
+        last = np.r_[paths[1:] != paths[:-1], True] if len(paths) else np.zeros(0, bool)
+        self.paths, self.states = paths[last], states[last]
         self.skipped = 0
-        self._current: list[int] = []
+        self._current: list[np.ndarray] = []
+        self._pending: list[int] = []
 
-    def new_entries(self, entries: Iterable[Entry]) -> Iterator[Entry]:
-        """The entries (with their file state, ``with_file_state``) not scored before as they are now."""
-        for entry in entries:
-            self._current.append(_key(printable(entry.path)))
-            if entry.problem is None and entry.size is not None:
-                key = np.uint64(_key(printable(entry.path), entry.size, entry.mtime_ns))
-                at = np.searchsorted(self.scored, key)
-                if at < len(self.scored) and self.scored[at] == key:
-                    self.skipped += 1
-                    continue
-            yield entry
+    def is_current(self, entry: Entry) -> bool:
+        """Whether the file is as its path's newest row recorded it (and that row stands)."""
+        self._note(entry)
+        if entry.problem is not None or entry.size is None:
+            return False
+        at = np.searchsorted(self.paths, np.uint64(_key(printable(entry.path))))
+        if at == len(self.paths) or self.paths[at] != np.uint64(_key(printable(entry.path))):
+            return False
+        state = self.states[at]
+        if state in (REMOVED, RETRY) or state != np.uint64(_key(printable(entry.path), entry.size, entry.mtime_ns)):
+            return False
+        self.skipped += 1
+        return True
+
+    def _note(self, entry: Entry) -> None:
+        self._pending.append(_key(printable(entry.path)))
+        if len(self._pending) >= 65_536:
+            self._current.append(np.array(self._pending, np.uint64))
+            self._pending = []
 
     def removed(self) -> list[str]:
-        """Paths the earlier scans listed that the source (read through ``new_entries``) lacks."""
-        gone = np.setdiff1d(self.listed, np.array(self._current, np.uint64), assume_unique=False)
-        paths = set()
+        """Paths the earlier scans hold (not removed) that the source, as read through
+        ``is_current``, lacks."""
+        current = np.concatenate([*self._current, np.array(self._pending, np.uint64)])
+        held = self.paths[self.states != REMOVED]
+        gone = np.setdiff1d(held, current)
+        found: set[str] = set()
         for scan in self.scans:
             for shard in sorted((scan / "shards").glob("shard-*.parquet")):
-                for path in pq.read_table(shard, columns=["path"]).column("path").to_pylist():
-                    key = np.uint64(_key(path))
-                    at = np.searchsorted(gone, key)
-                    if at < len(gone) and gone[at] == key:
-                        paths.add(path)
-        return sorted(paths)
+                paths = pq.read_table(shard, columns=["path"]).column("path").to_pylist()
+                found.update(path for path, hit in zip(paths, np.isin(_keys(paths), gone)) if hit)
+        return sorted(found)
 
 
 def with_since(run: dict, previous: Previous | None, out: Path) -> dict:
@@ -102,3 +142,22 @@ def with_since(run: dict, previous: Previous | None, out: Path) -> dict:
     removed = previous.removed()
     pq.write_table(pa.table({"path": pa.array(removed, pa.string())}), Path(out) / "removed.parquet")
     return {**run, "skipped_as_scored_before": previous.skipped, "removed_since": len(removed)}
+
+
+def shards_to_score(entries: Iterable[Entry], shard_size: int,
+                    previous: Previous | None = None) -> Iterator[tuple[int, list[Entry], list[Entry]]]:
+    """(shard, its entries in the source, those to score) for consecutive runs of ``shard_size``
+    source entries, each entry with its source position as ``index``. Shards are cut by position
+    in the source, before ``previous`` spares what it has scored, so a file touched while a scan
+    was stopped moves no other file to another shard: the scan resumes."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, not {shard_size}")
+    chunk: list[Entry] = []
+    shard = 0
+    for position, entry in enumerate(entries):
+        chunk.append(entry._replace(index=position))
+        if len(chunk) == shard_size:
+            yield shard, chunk, [e for e in chunk if previous is None or not previous.is_current(e)]
+            chunk, shard = [], shard + 1
+    if chunk:
+        yield shard, chunk, [e for e in chunk if previous is None or not previous.is_current(e)]

@@ -29,9 +29,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from waterdrop.runtime import Predictor
-from waterdrop.scan.incremental import Previous, with_since
+from waterdrop.scan.incremental import Previous, shards_to_score, with_since
 from waterdrop.scan.rows import Decoded, RowBuilder, decode_for_model
-from waterdrop.scan.sources import Counter, Entry, shards, source_entries, with_file_state
+from waterdrop.scan.sources import Counter, Entry, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ShardStore, scan_spec
 
 #: Session config entries for a session that shares its cores with decoding processes.
@@ -79,6 +79,7 @@ def scan_local(
     shard_size: int = 10_000,
     embeddings: str | None = None,
     since: list[str | Path] | None = None,
+    retry_errors: bool = False,
     progress: bool = True,
 ) -> dict:
     """Scan SOURCE with MODEL into OUT (Parquet shards + scan.json), resuming a killed scan.
@@ -95,6 +96,7 @@ def scan_local(
             (an ``embedding`` column; fixed for the life of an output folder).
         since: earlier scan folders of the same model: only files they have not scored as
             they are now are scored (``waterdrop.scan.incremental``).
+        retry_errors: with ``since``, score again files whose earlier row is an error.
         progress: show a progress line with images/s.
 
     Returns:
@@ -105,11 +107,11 @@ def scan_local(
     predictor = Predictor(model, threads=threads, session_config=NO_SPINNING)
     builder = RowBuilder(predictor, embeddings)
     spec = scan_spec(model, source, shard_size, embeddings, since)
-    previous = Previous(since, spec["model_sha256"]) if since else None
+    previous = Previous(since, spec["model_sha256"], embeddings, retry_errors) if since else None
     store = ShardStore(out, spec, builder.metadata)
     meter = Meter(progress, total=Counter(source) if progress else None,
                   passed_over=(lambda: previous.skipped) if previous else None)
-    pending: deque[tuple[int, list[Entry], int, bool, Future, ProcessPoolExecutor]] = deque()
+    pending: deque[tuple[int, list[Entry], bool, Future, ProcessPoolExecutor]] = deque()
     shard_rows: list[dict] = []
     context = multiprocessing.get_context("spawn")
 
@@ -120,7 +122,7 @@ def scan_local(
 
     def finish_oldest() -> None:
         nonlocal pool
-        shard, batch, start, last, future, submitted_to = pending.popleft()
+        shard, batch, last, future, submitted_to = pending.popleft()
         items = [(entry.path, entry.problem) for entry in batch]
         try:
             decoded = future.result()
@@ -131,7 +133,7 @@ def scan_local(
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = start_pool()
             decoded = _decode_apart(items, predictor.size, context)
-        shard_rows.extend(builder.rows(range(start, start + len(batch)), [e.path for e in batch], decoded,
+        shard_rows.extend(builder.rows([e.index for e in batch], [e.path for e in batch], decoded,
                                        [(e.size, e.mtime_ns) for e in batch]))
         meter.tick(len(batch))
         if last:
@@ -142,9 +144,13 @@ def scan_local(
 
     listed = with_file_state(source_entries(source))
     try:
-        for shard, entries in shards(previous.new_entries(listed) if previous else listed, shard_size):
-            if store.is_done(shard, entries):
+        for shard, in_source, entries in shards_to_score(listed, shard_size, previous):
+            if store.is_done(shard, entries, in_source if previous else None):
                 meter.skip(len(entries))
+                continue
+            if not entries:  # all scored before: an empty shard marks it done
+                store.write(shard, builder.table([]))
+                meter.add(builder.table([]))
                 continue
             for offset in range(0, len(entries), batch_size):
                 batch = entries[offset : offset + batch_size]
@@ -156,7 +162,7 @@ def scan_local(
                     pool = start_pool()
                     future = pool.submit(_decode_batch, items, predictor.size)
                 last = offset + batch_size >= len(entries)
-                pending.append((shard, batch, shard * shard_size + offset, last, future, pool))
+                pending.append((shard, batch, last, future, pool))
                 while len(pending) > 2 * workers + 2:
                     finish_oldest()
         while pending:

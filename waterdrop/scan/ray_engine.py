@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
-from waterdrop.scan.incremental import Previous, with_since
+from waterdrop.scan.incremental import Previous, shards_to_score, with_since
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
-from waterdrop.scan.sources import Counter, Entry, shards, source_entries, with_file_state
+from waterdrop.scan.sources import Counter, Entry, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
 
 
@@ -147,14 +147,16 @@ def _score_apart(ray, items: list[dict], batch_size: int, scorer_args, schema: p
     def attempt(rows: list[dict]) -> list[pa.Table]:
         try:
             return [ray.get(score.remote(scorer_args, columns(rows)))]
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError):
             pass  # not retried: the worker died on this batch; any other error is raised
         if len(rows) > 1:
             return attempt(rows[: len(rows) // 2]) + attempt(rows[len(rows) // 2:])
         row = rows[0]
         path = os.fsdecode(row["path"])
         why = row["problem"] or f"{path}: the scoring process died on it (a crash or out of memory); left out"
-        failed = pa.Table.from_pylist([{"index": row["index"], "path": printable(path), "error": why}], schema=schema)
+        state = {key: None if row[key] < 0 else int(row[key]) for key in ("file_bytes", "mtime_ns")}
+        failed = pa.Table.from_pylist([{"index": row["index"], "path": printable(path), "error": why, **state}],
+                                      schema=schema)
         return [failed.append_column("shard", pa.array([row["shard"]], pa.int64()))]
 
     tables = [table for start in range(0, len(items), batch_size) for table in attempt(items[start:start + batch_size])]
@@ -174,12 +176,14 @@ def scan_ray(
     address: str | None = None,
     embeddings: str | None = None,
     since: list[str | Path] | None = None,
+    retry_errors: bool = False,
     progress: bool = True,
 ) -> dict:
     """Scan SOURCE with MODEL into OUT on Ray Data; the same files as ``scan_local``.
 
     Args:
-        model, source, out, batch_size, shard_size, embeddings, since, progress: as for ``scan_local``.
+        model, source, out, batch_size, shard_size, embeddings, since, retry_errors, progress: as for
+            ``scan_local``.
         actors: scoring actors (default: the cluster's CPUs // threads).
         threads: onnxruntime threads (and Ray CPUs) per actor.
         window: inputs per Ray Data run (rounded up to whole shards).
@@ -195,6 +199,7 @@ def scan_ray(
     # warnings and errors; actors' own output stays in Ray's log files, and an actor's
     # exception still fails the scan with its traceback.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    address = address or os.environ.get("RAY_ADDRESS")  # as `ray job submit` sets it
     if address:
         ray.init(address=address, ignore_reinit_error=True, **quiet)
     elif not ray.is_initialized():
@@ -205,7 +210,7 @@ def scan_ray(
     context.enable_progress_bars = progress
     builder = RowBuilder(Predictor(model, threads=1), embeddings)  # the driver only needs the schema
     spec = scan_spec(model, source, shard_size, embeddings, since)
-    previous = Previous(since, spec["model_sha256"]) if since else None
+    previous = Previous(since, spec["model_sha256"], embeddings, retry_errors) if since else None
     store = ShardStore(out, spec, builder.metadata)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
@@ -215,10 +220,10 @@ def scan_ray(
 
     def run_window(number: int, members: list[tuple[int, list[Entry]]]) -> None:
         items = [
-            {"shard": shard, "index": shard * shard_size + k, "path": os.fsencode(e.path), "problem": e.problem or "",
+            {"shard": shard, "index": e.index, "path": os.fsencode(e.path), "problem": e.problem or "",
              "file_bytes": -1 if e.size is None else e.size, "mtime_ns": -1 if e.mtime_ns is None else e.mtime_ns}
             for shard, entries in members
-            for k, e in enumerate(entries)
+            for e in entries
         ]
         temp = store.temp_path(f"window-{number:06d}")
         # Blocks of ~4 batches: small enough that no actor is left with a long last block while
@@ -265,9 +270,13 @@ def scan_ray(
     members: list[tuple[int, list[Entry]]] = []
     number = 0
     listed = with_file_state(source_entries(source))
-    for shard, entries in shards(previous.new_entries(listed) if previous else listed, shard_size):
-        if store.is_done(shard, entries):
+    for shard, in_source, entries in shards_to_score(listed, shard_size, previous):
+        if store.is_done(shard, entries, in_source if previous else None):
             meter.skip(len(entries))
+            continue
+        if not entries:  # all scored before: an empty shard marks it done
+            store.write(shard, builder.table([]))
+            meter.add(builder.table([]))
             continue
         members.append((shard, entries))
         if sum(len(e) for _, e in members) >= window:

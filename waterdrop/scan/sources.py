@@ -16,7 +16,6 @@ detects that when it resumes.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -35,6 +34,7 @@ class Entry(NamedTuple):
     problem: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    index: int = -1  # its position in the source
 
 
 def with_file_state(entries: Iterable[Entry]) -> Iterator[Entry]:
@@ -110,18 +110,6 @@ def source_entries(source: str | Path) -> Iterator[Entry]:
     if suffix in IMAGE_SUFFIXES:
         raise ValueError(f"{source} is an image; give a folder, a .jsonl manifest or a text file of paths")
     return manifest_entries(source) if is_manifest(source) else read_path_list(source)
-
-
-def shards(entries: Iterable[Entry], shard_size: int) -> Iterator[tuple[int, list[Entry]]]:
-    """(shard index, its entries) for consecutive runs of ``shard_size`` entries, in order."""
-    if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, not {shard_size}")
-    iterator = iter(entries)
-    for index in itertools.count():
-        chunk = list(itertools.islice(iterator, shard_size))
-        if not chunk:
-            return
-        yield index, chunk
 
 
 class Counter(threading.Thread):

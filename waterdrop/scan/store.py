@@ -85,8 +85,11 @@ class ShardStore:
         """A hidden path in the shard folder, removed on the next start if left behind."""
         return self.shards / f".tmp-{name}"
 
-    def is_done(self, shard: int, entries: list[Entry]) -> bool:
-        """Whether the shard exists; it must then hold exactly these paths, in this order.
+    def is_done(self, shard: int, entries: list[Entry], listed: list[Entry] | None = None) -> bool:
+        """Whether the shard exists; it must then hold exactly these paths, in this order. With
+        ``listed`` (an incremental scan: the shard's entries in the source, ``entries`` those
+        to score now) any of them in order will do: a file touched while the scan was stopped
+        is left for the next scan rather than moving every later shard.
 
         Raises:
             ScanError: the source changed since the shard was written (its rows would no
@@ -96,7 +99,12 @@ class ShardStore:
         if not path.exists():
             return False
         written = pq.read_table(path, columns=["path"]).column("path").to_pylist()
-        if written != [printable(entry.path) for entry in entries]:
+        expected = [printable(entry.path) for entry in entries]
+        if listed is not None and written != expected:
+            remaining = iter(printable(entry.path) for entry in listed)
+            if all(any(path == candidate for candidate in remaining) for path in written):
+                return True
+        if written != expected:
             raise ScanError(
                 f"{path} does not hold the paths that SOURCE now gives for shard {shard} (the source "
                 "changed since that scan); scan into a new --out"
