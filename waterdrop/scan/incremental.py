@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from waterdrop.scan.rows import printable
-from waterdrop.scan.sources import Entry
-from waterdrop.scan.store import ScanError
+from waterdrop.scan.sources import Entry, source_entries, with_file_state
+from waterdrop.scan.store import Meter, ScanError, ShardStore
 
 STATE_COLUMNS = ["path", "error", "file_bytes", "mtime_ns"]
 #: States that no file has: a path a later scan found gone, an error to score again.
@@ -161,3 +161,19 @@ def shards_to_score(entries: Iterable[Entry], shard_size: int,
             chunk, shard = [], shard + 1
     if chunk:
         yield shard, chunk, [e for e in chunk if previous is None or not previous.is_current(e)]
+
+
+def shards_left(source: str | Path, shard_size: int, previous: Previous | None, store: ShardStore, meter: Meter,
+                empty: pa.Table) -> Iterator[tuple[int, list[Entry]]]:
+    """(shard, entries to score) of every shard this run scores. A shard an earlier run finished
+    is counted and passed over; one with nothing to score (all spared) is written ``empty``, so
+    that it counts as finished."""
+    listed = with_file_state(source_entries(source))
+    for shard, in_source, entries in shards_to_score(listed, shard_size, previous):
+        if store.is_done(shard, entries, in_source if previous else None):
+            meter.skip(len(entries))
+        elif not entries:
+            store.write(shard, empty)
+            meter.add(empty)
+        else:
+            yield shard, entries

@@ -29,9 +29,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from waterdrop.runtime import Predictor
-from waterdrop.scan.incremental import Previous, shards_to_score, with_since
+from waterdrop.scan.incremental import Previous, shards_left, with_since
 from waterdrop.scan.rows import Decoded, RowBuilder, decode_for_model
-from waterdrop.scan.sources import Counter, Entry, source_entries, with_file_state
+from waterdrop.scan.sources import Counter, Entry
 from waterdrop.scan.store import Meter, ShardStore, scan_spec
 
 #: Session config entries for a session that shares its cores with decoding processes.
@@ -142,16 +142,8 @@ def scan_local(
             meter.add(table)
             shard_rows.clear()
 
-    listed = with_file_state(source_entries(source))
     try:
-        for shard, in_source, entries in shards_to_score(listed, shard_size, previous):
-            if store.is_done(shard, entries, in_source if previous else None):
-                meter.skip(len(entries))
-                continue
-            if not entries:  # all scored before: an empty shard marks it done
-                store.write(shard, builder.table([]))
-                meter.add(builder.table([]))
-                continue
+        for shard, entries in shards_left(source, shard_size, previous, store, meter, builder.table([])):
             for offset in range(0, len(entries), batch_size):
                 batch = entries[offset : offset + batch_size]
                 items = [(entry.path, entry.problem) for entry in batch]

@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
-from waterdrop.scan.incremental import Previous, shards_to_score, with_since
+from waterdrop.scan.incremental import Previous, shards_left, with_since
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
-from waterdrop.scan.sources import Counter, Entry, source_entries, with_file_state
+from waterdrop.scan.sources import Counter, Entry
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
 
 
@@ -269,15 +269,7 @@ def scan_ray(
 
     members: list[tuple[int, list[Entry]]] = []
     number = 0
-    listed = with_file_state(source_entries(source))
-    for shard, in_source, entries in shards_to_score(listed, shard_size, previous):
-        if store.is_done(shard, entries, in_source if previous else None):
-            meter.skip(len(entries))
-            continue
-        if not entries:  # all scored before: an empty shard marks it done
-            store.write(shard, builder.table([]))
-            meter.add(builder.table([]))
-            continue
+    for shard, entries in shards_left(source, shard_size, previous, store, meter, builder.table([])):
         members.append((shard, entries))
         if sum(len(e) for _, e in members) >= window:
             run_window(number, members)
