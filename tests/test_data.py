@@ -159,3 +159,20 @@ def test_sampler_mixes_tasks_by_policy_and_shards_under_ddp():
     b_only = MultiTaskBatchSampler([5, 100], 10, np.array([1.0, 0.0]), seed=0)
     first_pass = next(iter(b_only))[:5]
     assert sorted(first_pass) == [0, 1, 2, 3, 4]
+
+
+def test_a_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_the_size_needed(tmp_path):
+    from waterdrop.imageio import read_image, read_with_size, reduction
+
+    pixels = np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "big.jpg"), pixels)
+    cv2.imwrite(str(tmp_path / "big.png"), pixels)
+    assert reduction((1600, 1200), 192)[0] == 4 and reduction((1600, 1200), 151)[0] == 4
+    assert reduction((1600, 1200), 149)[0] == 8 and reduction((1600, 1200), 700)[0] == 1
+    image, size = read_with_size(tmp_path / "big.jpg", 192)
+    assert image.shape == (300, 400, 3) and size == (1600, 1200)  # the file's own size, for boxes and rows
+    assert read_image(tmp_path / "big.png", 192).shape == (1200, 1600, 3)  # other formats decode whole
+    assert read_image(tmp_path / "big.jpg").shape == (1200, 1600, 3)
+    # What libjpeg's scaled decode gives is close to decoding whole and shrinking.
+    whole = cv2.resize(read_image(tmp_path / "big.jpg"), (400, 300), interpolation=cv2.INTER_AREA)
+    assert np.abs(whole.astype(int) - image.astype(int)).mean() < 8

@@ -134,7 +134,8 @@ def test_runtime_matches_torch_on_real_images(exported, demo_root):
     files = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[:3]
     results = list(Predictor(path).predict_paths(files))
     with torch.no_grad():
-        expected = net.forward_all(torch.from_numpy(to_model_input([read_image(f) for f in files], 64)))
+        # The runtime decodes a JPEG at the smallest DCT scale that keeps the input size (64 of 128 px).
+        expected = net.forward_all(torch.from_numpy(to_model_input([read_image(f, 64) for f in files], 64)))
     for row, result in enumerate(results):
         disgusting = result["tasks"]["disgusting"]
         assert disgusting["score"] == pytest.approx(float(expected["disgusting.prob"][row]), abs=1e-4)
@@ -179,7 +180,7 @@ def test_predict_cli_runs_without_torch_and_reports_bad_images(exported, demo_ro
     from waterdrop.imageio import read_image, to_model_input
 
     with torch.no_grad():
-        expected = net.forward_all(torch.from_numpy(to_model_input([read_image(good[0])], 64)))
+        expected = net.forward_all(torch.from_numpy(to_model_input([read_image(good[0], 64)], 64)))  # as it decodes
     tasks = lines[0]["tasks"]
     assert tasks["disgusting"]["score"] == pytest.approx(float(expected["disgusting.prob"][0]), abs=1e-4)
     assert isinstance(tasks["scene_tags"]["predicted_loss"], float)

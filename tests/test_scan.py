@@ -253,10 +253,10 @@ import waterdrop.imageio as imageio
 _decode = imageio.decode_image
 
 
-def decode_image(data, source="<bytes>"):
+def decode_image(data, source="<bytes>", min_side=None):
     if bytes(data[-{len(POISON)}:]) == {POISON!r}:
         os.kill(os.getpid(), signal.SIGKILL)
-    return _decode(data, source)
+    return _decode(data, source, min_side)
 
 
 imageio.decode_image = decode_image
@@ -318,7 +318,6 @@ def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
     pytest.importorskip("ray")
     import secrets
     import socket
-    import time
 
     ray_cli = Path(sys.executable).parent / "ray"
     with socket.socket() as probe:
@@ -334,17 +333,15 @@ def test_a_scan_runs_through_a_real_two_node_ray_cluster(model, pool, tmp_path):
                                "--temp-dir", temp, "--num-cpus", "1", *common], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)]
     try:
-        time.sleep(3)
         nodes.append(subprocess.Popen([str(ray_cli), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
                                        *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        probe = ("import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+                 "for _ in range(120):\n"
+                 "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n"
+                 "    time.sleep(0.5)\n"
                  "print(sum(n['Alive'] for n in ray.nodes()))")
-        for _ in range(60):
-            alive = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=env, capture_output=True,
-                                   text=True, timeout=120).stdout.strip()
-            if alive == "2":
-                break
-            time.sleep(1)
+        alive = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=env, capture_output=True,
+                               text=True, timeout=180).stdout.strip()
         assert alive == "2", "the worker node did not join"
         done = subprocess.run([sys.executable, str(REPO / "tools" / "scan.py"), str(model), str(pool), "--out",
                                str(tmp_path / "cluster"), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",

@@ -110,11 +110,29 @@ def header_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes | np.ndarray, source: str = "<bytes>") -> np.ndarray:
+#: libjpeg's DCT-domain scales OpenCV exposes (IMREAD_REDUCED_COLOR_2/4/8), largest first.
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def reduction(size: tuple[int, int], min_side: int | None) -> tuple[int, int]:
+    """(factor, OpenCV flag) of the smallest JPEG decode whose shorter side stays at or above
+    ``min_side``: libjpeg scales in the DCT domain, several times faster than decoding every
+    pixel and resizing. (1, IMREAD_COLOR) where no reduction keeps that side."""
+    if min_side:
+        for factor, flag in _REDUCED:
+            if min(size) // factor >= min_side:
+                return factor, flag
+    return 1, cv2.IMREAD_COLOR
+
+
+def decode_image(data: bytes | np.ndarray, source: str = "<bytes>", min_side: int | None = None) -> np.ndarray:
     """Decode encoded image bytes to an RGB uint8 array (H, W, 3).
 
     Grayscale becomes 3 channels, alpha is dropped, 16-bit is scaled to 8-bit and CMYK
-    JPEGs are converted, all by OpenCV's colour decode.
+    JPEGs are converted, all by OpenCV's colour decode. With ``min_side`` a JPEG is decoded at
+    the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side stays at or above it (what the
+    next step needs: the model's input size, or the smallest training crop); other formats
+    decode whole.
 
     Raises:
         ImageDecodeError: empty, truncated, corrupt, unsupported or too large.
@@ -129,8 +147,9 @@ def decode_image(data: bytes | np.ndarray, source: str = "<bytes>") -> np.ndarra
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{source}: {size[0]} x {size[1]} pixels is over the limit of {MAX_PIXELS:,} "
                                "(refused before decoding)")
+    flag = reduction(size, min_side)[1] if bytes(buffer[:2]) == b"\xff\xd8" else cv2.IMREAD_COLOR
     try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        image = cv2.imdecode(buffer, flag)
     except cv2.error as err:
         raise ImageDecodeError(f"{source}: OpenCV refused it ({str(err).strip().splitlines()[-1]})") from err
     if image is None:
@@ -138,13 +157,19 @@ def decode_image(data: bytes | np.ndarray, source: str = "<bytes>") -> np.ndarra
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Read and decode one image file to RGB uint8 (H, W, 3); see ``decode_image``."""
+    return read_with_size(path, min_side)[0]
+
+
+def read_with_size(path: str | Path, min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_image``, and the file's own (width, height), which a reduced decode does not show."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise ImageDecodeError(f"{path}: cannot read ({err.strerror or err})") from err
-    return decode_image(data, str(path))
+    image = decode_image(data, str(path), min_side)
+    return image, header_size(data) or (image.shape[1], image.shape[0])
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -170,14 +195,15 @@ def list_images(path: str | Path) -> list[Path]:
     return [path]
 
 
-def decoded_images(given: Iterable[str | Path]) -> Iterator[tuple[Path, np.ndarray | ImageDecodeError]]:
+def decoded_images(given: Iterable[str | Path],
+                   min_side: int | None = None) -> Iterator[tuple[Path, np.ndarray | ImageDecodeError]]:
     """Every image of the given files and folders (searched recursively), in order: decoded
-    (RGB uint8), or the error that says why not. A folder without images stands for itself,
-    with its error, so that it is reported too."""
+    (RGB uint8; ``min_side``: see ``decode_image``), or the error that says why not. A folder
+    without images stands for itself, with its error, so that it is reported too."""
     for path in (p for name in given for p in list_images(name) or [Path(name)]):
         try:
             if path.is_dir():
                 raise ImageDecodeError(f"{path}: a folder without images")
-            yield path, read_image(path)
+            yield path, read_image(path, min_side)
         except ImageDecodeError as err:
             yield path, err

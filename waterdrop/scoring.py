@@ -88,6 +88,7 @@ def score_outputs(predictors: dict[str, Predictor], entry: dict, source: Path, k
     decoded once for all of them; the truth, the undecodable images (left out for every model,
     as evaluation does) and the paths scored, in order."""
     paths, truth = read_labeled(source, entry)
+    needed = max(predictor.size for predictor in predictors.values())  # decoded once, for every model
     kept, bad = [], []
     outputs = {name: {key: [] for key in keys} for name in predictors}
     meter = Progress(f"{entry['name']}: scoring {source.name} with {' and '.join(predictors)}", total=len(paths))
@@ -95,7 +96,7 @@ def score_outputs(predictors: dict[str, Predictor], entry: dict, source: Path, k
         images = []
         for index in range(start, min(start + batch_size, len(paths))):
             try:
-                images.append(read_image(paths[index]))
+                images.append(read_image(paths[index], needed))
                 kept.append(index)
             except ImageDecodeError as err:
                 bad.append(str(err))
@@ -151,7 +152,7 @@ def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0
             if len(images) == count:
                 break
             try:
-                images.append(to_model_input([read_image(paths[index])], size)[0].astype(np.uint8))
+                images.append(to_model_input([read_image(paths[index], size)], size)[0].astype(np.uint8))
                 meter.update(1)
             except ImageDecodeError as err:
                 bad.append(str(err))

@@ -141,9 +141,9 @@ class PoolScores:
     undecodable: list[tuple[str, str]]  # (path, why)
 
 
-def _decode(path: Path) -> np.ndarray | str:
+def _decode(path: Path, size: int) -> np.ndarray | str:
     try:
-        return read_image(path)
+        return read_image(path, size)
     except ImageDecodeError as err:
         return str(err)
 
@@ -158,7 +158,7 @@ def score_pool(
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             images = []
-            for offset, (path, image) in enumerate(zip(chunk, pool.map(_decode, chunk))):
+            for offset, (path, image) in enumerate(zip(chunk, pool.map(_decode, chunk, [scorer.size] * len(chunk)))):
                 if isinstance(image, str):
                     bad.append((str(path), image))
                 else:

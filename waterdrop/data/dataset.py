@@ -8,6 +8,7 @@ is counted and reported per epoch, never silently dropped.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,9 @@ class TrainTransform:
 
     def __init__(self, size: int, augment: AugmentConfig):
         self.size, self.augment = size, augment
+        # The smallest crop (area crop_scale[0], aspect 4/3) still spans ``size`` pixels on its short
+        # side from a decode whose short side is this long: a reduced JPEG decode loses nothing.
+        self.min_side = math.ceil(size * math.sqrt(4 / 3 / augment.crop_scale[0]))
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray | None = None):
         aug = self.augment
@@ -148,7 +152,7 @@ class EvalTransform:
     """Plain resize, the same the runtime does (boxes are scaled along)."""
 
     def __init__(self, size: int):
-        self.size = size
+        self.size = self.min_side = size
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray | None = None):
         if boxes is None:
@@ -214,7 +218,9 @@ class TaskDataset(Dataset):
             position = (index + step) % len(self.records)
             record = self.records[position]
             try:
-                image = read_image(record.path)
+                # Boxes are in the file's pixels: a task with boxes decodes whole.
+                needed = None if self.encode_boxes else getattr(self.transform, "min_side", None)
+                image = read_image(record.path, needed)
             except ImageDecodeError:
                 skipped.append(str(record.path))
                 if not self.substitute:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from waterdrop.contract import EMBEDDING_OUTPUT
-from waterdrop.imageio import ImageDecodeError, read_image, resize, to_model_input
+from waterdrop.imageio import ImageDecodeError, read_with_size, resize, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.runtime import COMMON_RESULT_FIELDS, NO_EMBEDDING, Predictor
 
@@ -56,8 +56,8 @@ def decode_for_model(path: str, size: int, problem: str | None = None) -> Decode
     if problem:
         return None, None, problem
     try:
-        image = read_image(path)
-        return resize(image, size), (image.shape[1], image.shape[0]), None
+        image, original = read_with_size(path, size)  # a JPEG at the smallest DCT scale that keeps size
+        return resize(image, size), original, None
     except ImageDecodeError as err:
         return None, None, str(err)
     except Exception as err:  # one odd file (an OpenCV or memory error) must not stop a scan of millions
