@@ -176,3 +176,20 @@ def test_a_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_the_size_needed(tmp
     # What libjpeg's scaled decode gives is close to decoding whole and shrinking.
     whole = cv2.resize(read_image(tmp_path / "big.jpg"), (400, 300), interpolation=cv2.INTER_AREA)
     assert np.abs(whole.astype(int) - image.astype(int)).mean() < 8
+
+
+def test_a_rotated_jpeg_reports_the_size_it_is_shown_at(tmp_path):
+    """OpenCV turns an image by its EXIF orientation; boxes and sizes follow the turned image,
+    whole or reduced."""
+    from PIL import Image
+
+    from waterdrop.imageio import read_with_size
+
+    pixels = np.random.default_rng(1).integers(0, 256, (1201, 1603, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[274] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif, quality=90)
+    for min_side in (None, 192):
+        image, size = read_with_size(tmp_path / "turned.jpg", min_side)
+        assert size == (1201, 1603)
+        assert image.shape[0] > image.shape[1]  # shown upright: taller than wide

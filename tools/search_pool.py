@@ -52,7 +52,7 @@ from waterdrop.search.index import GiB, PoolIndex, SearchError, build_index
 from waterdrop.search.query import COPY_SIMILARITY, duplicate_groups, find_candidates
 
 
-def seed_images(args) -> tuple[list[str], list[np.ndarray], list[tuple[str, str]]]:
+def seed_images(args, size: int) -> tuple[list[str], list[np.ndarray], list[tuple[str, str]]]:
     """(paths, decoded images, undecodable (path, why)) of the seeds."""
     if args.manifest:
         wanted = set(args.label)
@@ -63,7 +63,7 @@ def seed_images(args) -> tuple[list[str], list[np.ndarray], list[tuple[str, str]
     else:
         given = args.seeds
     paths, images, bad = [], [], []
-    for path, image in decoded_images(given):
+    for path, image in decoded_images(given, size):  # decoded as the scanner decodes the pool
         if isinstance(image, ImageDecodeError):
             bad.append((str(path), str(image)))
         else:
@@ -89,7 +89,7 @@ def query(args) -> int:
         raise cli.UsageError(f"{args.model}: no embedding output; re-export it with tools/export.py")
     index.check_model(predictor.embedding, f"the model {args.model}")
     index.set_nprobe(args.nprobe)
-    seed_paths, images, bad = seed_images(args)
+    seed_paths, images, bad = seed_images(args, predictor.size)
     out = cli.output_path(args.out, Path(args.index) / "queries" / "query", args.overwrite)
     for _, why in bad:
         print(f"query: seed left out: {why}", file=sys.stderr)

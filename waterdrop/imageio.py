@@ -163,13 +163,21 @@ def read_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
 
 
 def read_with_size(path: str | Path, min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """``read_image``, and the file's own (width, height), which a reduced decode does not show."""
+    """``read_image``, and the image's own (width, height) as decoded whole, which a reduced
+    decode does not show: the header's, turned where the decoder applied an EXIF rotation."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise ImageDecodeError(f"{path}: cannot read ({err.strerror or err})") from err
     image = decode_image(data, str(path), min_side)
-    return image, header_size(data) or (image.shape[1], image.shape[0])
+    stored = header_size(data)
+    if stored is None:
+        return image, (image.shape[1], image.shape[0])
+    width, height = stored
+    factor = reduction(stored, min_side)[0] if bytes(data[:2]) == b"\xff\xd8" else 1
+    # libjpeg rounds a scaled side up; OpenCV turns the image by its EXIF orientation after decoding.
+    turned = (image.shape[1], image.shape[0]) == (-(-height // factor), -(-width // factor)) and width != height
+    return image, (height, width) if turned else (width, height)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -88,28 +88,31 @@ def score_outputs(predictors: dict[str, Predictor], entry: dict, source: Path, k
     decoded once for all of them; the truth, the undecodable images (left out for every model,
     as evaluation does) and the paths scored, in order."""
     paths, truth = read_labeled(source, entry)
-    needed = max(predictor.size for predictor in predictors.values())  # decoded once, for every model
+    # Each model sees what serving gives it: a decode at its own input size (a JPEG at the
+    # DCT scale that keeps it), so models of two sizes get a decode each.
+    sizes = sorted({predictor.size for predictor in predictors.values()})
     kept, bad = [], []
     outputs = {name: {key: [] for key in keys} for name in predictors}
     meter = Progress(f"{entry['name']}: scoring {source.name} with {' and '.join(predictors)}", total=len(paths))
     for start in range(0, len(paths), batch_size):
-        images = []
+        images: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
         for index in range(start, min(start + batch_size, len(paths))):
             try:
-                images.append(read_image(paths[index], needed))
-                kept.append(index)
+                decoded = {size: read_image(paths[index], size) for size in sizes}
             except ImageDecodeError as err:
                 bad.append(str(err))
-        if images:
-            batches = {}  # models of another input size get their own resize of the same images
+                continue
+            kept.append(index)
+            for size, image in decoded.items():
+                images[size].append(image)
+        if images[sizes[0]]:
+            batches = {size: to_model_input(images[size], size) for size in sizes}
             for name, predictor in predictors.items():
-                if predictor.size not in batches:
-                    batches[predictor.size] = to_model_input(images, predictor.size)
                 got = predictor.outputs(batches[predictor.size], [entry["outputs"][key] for key in keys])
                 for key in keys:
                     outputs[name][key].append(got[entry["outputs"][key]])
         tried = min(batch_size, len(paths) - start)
-        meter.update(tried, failed=tried - len(images))
+        meter.update(tried, failed=tried - len(images[sizes[0]]))
     meter.close()
     if not kept:
         raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")
