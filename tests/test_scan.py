@@ -250,16 +250,16 @@ KILLER = f"""
 import os, signal
 import waterdrop.imageio as imageio
 
-_decode = imageio.decode_image
+_decode = imageio._decode  # every decode goes through it
 
 
-def decode_image(data, source="<bytes>", min_side=None):
+def decode(data, source, min_side):
     if bytes(data[-{len(POISON)}:]) == {POISON!r}:
         os.kill(os.getpid(), signal.SIGKILL)
     return _decode(data, source, min_side)
 
 
-imageio.decode_image = decode_image
+imageio._decode = decode
 """
 
 

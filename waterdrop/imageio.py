@@ -137,6 +137,12 @@ def decode_image(data: bytes | np.ndarray, source: str = "<bytes>", min_side: in
     Raises:
         ImageDecodeError: empty, truncated, corrupt, unsupported or too large.
     """
+    return _decode(data, source, min_side)[0]
+
+
+def _decode(data: bytes | np.ndarray, source: str, min_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``decode_image``, and the image's own (width, height) as a whole decode shows it, which a
+    reduced decode does not: the header's, turned where OpenCV applied an EXIF rotation."""
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
     if buffer.size == 0:
         raise ImageDecodeError(f"{source}: empty file")
@@ -147,14 +153,17 @@ def decode_image(data: bytes | np.ndarray, source: str = "<bytes>", min_side: in
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{source}: {size[0]} x {size[1]} pixels is over the limit of {MAX_PIXELS:,} "
                                "(refused before decoding)")
-    flag = reduction(size, min_side)[1] if bytes(buffer[:2]) == b"\xff\xd8" else cv2.IMREAD_COLOR
+    factor, flag = reduction(size, min_side) if bytes(buffer[:2]) == b"\xff\xd8" else (1, cv2.IMREAD_COLOR)
     try:
         image = cv2.imdecode(buffer, flag)
     except cv2.error as err:
         raise ImageDecodeError(f"{source}: OpenCV refused it ({str(err).strip().splitlines()[-1]})") from err
     if image is None:
         raise ImageDecodeError(f"{source}: not a decodable image (corrupt or truncated)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    width, height = size
+    # libjpeg rounds a scaled side up; OpenCV turns the image by its EXIF orientation after decoding.
+    turned = (image.shape[1], image.shape[0]) == (-(-height // factor), -(-width // factor)) and width != height
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (height, width) if turned else (width, height)
 
 
 def read_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
@@ -163,21 +172,13 @@ def read_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
 
 
 def read_with_size(path: str | Path, min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """``read_image``, and the image's own (width, height) as decoded whole, which a reduced
-    decode does not show: the header's, turned where the decoder applied an EXIF rotation."""
+    """``read_image``, and the image's own (width, height) as a whole decode shows it (which a
+    reduced decode does not): for sizes and boxes in the file's pixels."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as err:
         raise ImageDecodeError(f"{path}: cannot read ({err.strerror or err})") from err
-    image = decode_image(data, str(path), min_side)
-    stored = header_size(data)
-    if stored is None:
-        return image, (image.shape[1], image.shape[0])
-    width, height = stored
-    factor = reduction(stored, min_side)[0] if bytes(data[:2]) == b"\xff\xd8" else 1
-    # libjpeg rounds a scaled side up; OpenCV turns the image by its EXIF orientation after decoding.
-    turned = (image.shape[1], image.shape[0]) == (-(-height // factor), -(-width // factor)) and width != height
-    return image, (height, width) if turned else (width, height)
+    return _decode(data, str(path), min_side)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -208,10 +209,17 @@ def decoded_images(given: Iterable[str | Path],
     """Every image of the given files and folders (searched recursively), in order: decoded
     (RGB uint8; ``min_side``: see ``decode_image``), or the error that says why not. A folder
     without images stands for itself, with its error, so that it is reported too."""
+    for path, got in decoded_with_sizes(given, min_side):
+        yield path, got if isinstance(got, ImageDecodeError) else got[0]
+
+
+def decoded_with_sizes(given: Iterable[str | Path], min_side: int | None = None
+                       ) -> Iterator[tuple[Path, tuple[np.ndarray, tuple[int, int]] | ImageDecodeError]]:
+    """``decoded_images`` with each image's own (width, height) (``read_with_size``)."""
     for path in (p for name in given for p in list_images(name) or [Path(name)]):
         try:
             if path.is_dir():
                 raise ImageDecodeError(f"{path}: a folder without images")
-            yield path, read_image(path, min_side)
+            yield path, read_with_size(path, min_side)
         except ImageDecodeError as err:
             yield path, err

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from waterdrop.contract import read_metadata
-from waterdrop.imageio import ImageDecodeError, decoded_images, list_images, read_with_size, resize, to_model_input
+from waterdrop.imageio import ImageDecodeError, decoded_with_sizes, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationGraph
 
@@ -185,56 +185,29 @@ class Predictor:
         """
         if cams and not self.cam_outputs:
             raise ValueError(NO_CAMS)
-        if not cams:
-            yield from self._predict_reduced(paths, batch_size)
-            return
-        batch_paths, batch_images = [], []
-        for path, image in decoded_images(paths):
-            if isinstance(image, ImageDecodeError):
-                yield from self._flush(batch_paths, batch_images, cams)
-                batch_paths, batch_images = [], []
-                yield {"image": str(path), "error": str(image)}
-                continue
-            batch_images.append(image)
-            batch_paths.append(path)
-            if len(batch_images) == batch_size:
-                yield from self._flush(batch_paths, batch_images, cams)
-                batch_paths, batch_images = [], []
-        yield from self._flush(batch_paths, batch_images, cams)
-
-    def _predict_reduced(self, given: Iterable[str | Path], batch_size: int) -> Iterator[dict]:
-        """``predict_paths`` without maps: JPEGs decoded at the smallest DCT scale that keeps the
-        model's input size (``imageio.decode_image``), boxes in the files' own pixels."""
+        # Maps are drawn on the whole image; a plain prediction decodes a JPEG at the smallest DCT
+        # scale that keeps the input size (``imageio.decode_image``). Boxes are in the file's pixels.
         batch: list[tuple[Path, np.ndarray, tuple[int, int]]] = []
-
-        def flush() -> Iterator[dict]:
-            if batch:
-                images = np.stack([image for _, image, _ in batch]).transpose(0, 3, 1, 2)
-                results = self.predict_batch(np.ascontiguousarray(images, dtype=np.float32),
-                                             [size for _, _, size in batch])
-                yield from ({"image": str(path), "tasks": tasks} for (path, _, _), tasks in zip(batch, results))
-                batch.clear()
-
-        for path in (p for name in given for p in list_images(name) or [Path(name)]):
-            try:
-                if path.is_dir():
-                    raise ImageDecodeError(f"{path}: a folder without images")
-                image, size = read_with_size(path, self.size)
-            except ImageDecodeError as err:
-                yield from flush()
-                yield {"image": str(path), "error": str(err)}
+        for path, got in decoded_with_sizes(paths, None if cams else self.size):
+            if isinstance(got, ImageDecodeError):
+                yield from self._flush(batch, cams)
+                batch = []
+                yield {"image": str(path), "error": str(got)}
                 continue
-            batch.append((path, resize(image, self.size), size))
+            batch.append((path, *got))
             if len(batch) == batch_size:
-                yield from flush()
-        yield from flush()
+                yield from self._flush(batch, cams)
+                batch = []
+        yield from self._flush(batch, cams)
 
-    def _flush(self, paths: list, images: list, cams: bool) -> Iterator[dict]:
-        if not images:
+    def _flush(self, batch: list[tuple[Path, np.ndarray, tuple[int, int]]], cams: bool) -> Iterator[dict]:
+        if not batch:
             return
+        paths, images, sizes = zip(*batch)
+        inputs = to_model_input(list(images), self.size)
         if not cams:
-            for path, tasks in zip(paths, self.predict_images(images)):
+            for path, tasks in zip(paths, self.predict_batch(inputs, list(sizes))):
                 yield {"image": str(path), "tasks": tasks}
             return
-        for path, image, tasks, maps in zip(paths, images, *self.explain_batch(*self._prepared(images))):
+        for path, image, tasks, maps in zip(paths, images, *self.explain_batch(inputs, list(sizes))):
             yield {"image": str(path), "tasks": tasks, "cams": maps, "rgb": image}

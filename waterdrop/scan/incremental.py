@@ -41,8 +41,8 @@ def _key(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
-def _keys(values: Iterable) -> np.ndarray:
-    return np.fromiter((_key(*value) if isinstance(value, tuple) else _key(value) for value in values), np.uint64)
+def _keys(paths: Iterable[str]) -> np.ndarray:
+    return np.fromiter((_key(path) for path in paths), np.uint64)
 
 
 class Previous:
@@ -102,20 +102,23 @@ class Previous:
 
     def is_current(self, entry: Entry) -> bool:
         """Whether the file is as its path's newest row recorded it (and that row stands)."""
-        self._note(entry)
+        path = printable(entry.path)
+        key = np.uint64(_key(path))
+        self._note(key)
         if entry.problem is not None or entry.size is None:
             return False
-        at = np.searchsorted(self.paths, np.uint64(_key(printable(entry.path))))
-        if at == len(self.paths) or self.paths[at] != np.uint64(_key(printable(entry.path))):
+        at = np.searchsorted(self.paths, key)
+        if at == len(self.paths) or self.paths[at] != key:
             return False
         state = self.states[at]
-        if state in (REMOVED, RETRY) or state != np.uint64(_key(printable(entry.path), entry.size, entry.mtime_ns)):
+        if state in (REMOVED, RETRY) or state != np.uint64(_key(path, entry.size, entry.mtime_ns)):
             return False
         self.skipped += 1
         return True
 
-    def _note(self, entry: Entry) -> None:
-        self._pending.append(_key(printable(entry.path)))
+    def _note(self, key: np.uint64) -> None:
+        """Remember a path of the source (for ``removed``), in arrays of 65,536."""
+        self._pending.append(key)
         if len(self._pending) >= 65_536:
             self._current.append(np.array(self._pending, np.uint64))
             self._pending = []

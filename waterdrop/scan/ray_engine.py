@@ -134,23 +134,28 @@ def _score_batch(scorer_args: dict, batch: dict) -> pa.Table:
     return RayScorer(**scorer_args)(batch)
 
 
-def _score_apart(ray, items: list[dict], batch_size: int, scorer_args, schema: pa.Schema) -> pa.Table:
-    """A window's rows scored batch by batch in Ray tasks that are not retried; a batch whose
-    worker dies is halved until the file that kills it is found, and that file gets an error
-    row. As the local engine does with its decoding processes."""
+def _score_apart(ray, items: list[dict], batch_size: int, scorer_args: dict, schema: pa.Schema) -> pa.Table:
+    """A window's rows scored batch by batch in Ray tasks that are not retried, all submitted at
+    once; a batch whose worker dies is halved until the file that kills it is found, and that
+    file gets an error row. As the local engine does with its decoding processes."""
     score = ray.remote(max_retries=0)(_score_batch)
+    shipped = ray.put(scorer_args)  # the model's bytes once, not once a task
 
     def columns(rows: list[dict]) -> dict:
         return {key: np.array([row[key] for row in rows], dtype=object if key in ("path", "problem") else None)
                 for key in ("shard", "index", "path", "problem", "file_bytes", "mtime_ns")}
 
-    def attempt(rows: list[dict]) -> list[pa.Table]:
+    def submitted(rows: list[dict]) -> tuple[list[dict], object]:
+        return rows, score.remote(shipped, columns(rows))
+
+    def collect(rows: list[dict], future) -> list[pa.Table]:
         try:
-            return [ray.get(score.remote(scorer_args, columns(rows)))]
+            return [ray.get(future)]
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError):
             pass  # not retried: the worker died on this batch; any other error is raised
         if len(rows) > 1:
-            return attempt(rows[: len(rows) // 2]) + attempt(rows[len(rows) // 2:])
+            halves = [submitted(rows[: len(rows) // 2]), submitted(rows[len(rows) // 2:])]
+            return [table for half in halves for table in collect(*half)]
         row = rows[0]
         path = os.fsdecode(row["path"])
         why = row["problem"] or f"{path}: the scoring process died on it (a crash or out of memory); left out"
@@ -159,7 +164,8 @@ def _score_apart(ray, items: list[dict], batch_size: int, scorer_args, schema: p
                                       schema=schema)
         return [failed.append_column("shard", pa.array([row["shard"]], pa.int64()))]
 
-    tables = [table for start in range(0, len(items), batch_size) for table in attempt(items[start:start + batch_size])]
+    batches = [submitted(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+    tables = [table for batch in batches for table in collect(*batch)]
     return pa.concat_tables(tables, promote_options="default").sort_by("index")
 
 
@@ -214,7 +220,7 @@ def scan_ray(
     store = ShardStore(out, spec, builder.metadata)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
-    scorer_args = ray.put({"model": model_bytes, "threads": threads, "embeddings": embeddings})
+    scorer_args = {"model": model_bytes, "threads": threads, "embeddings": embeddings}
     meter = Meter(progress, total=Counter(source) if progress else None,
                   passed_over=(lambda: previous.skipped) if previous else None)
 
@@ -232,7 +238,7 @@ def scan_ray(
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         dataset = dataset.map_batches(
             RayScorer,
-            fn_constructor_kwargs={"model": model_bytes, "threads": threads, "embeddings": embeddings},
+            fn_constructor_kwargs=scorer_args,
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads,
