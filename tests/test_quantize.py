@@ -15,11 +15,12 @@ import torch
 
 from tests.conftest import add_task, edit_task, write_registry
 from tests.test_export_runtime import NO_TORCH, distinct_task_norms
+from waterdrop import mixed_precision
 from waterdrop.config import load_registry
 from waterdrop.contract import METADATA_KEY
 from waterdrop.export import export_onnx
 from waterdrop.model.multitask import MultiTaskNet
-from waterdrop.quantize import quantize
+from waterdrop.quantize import prepare, quantize, quantize_file
 from waterdrop.runtime import Predictor
 from waterdrop.scoring import calibration_images, load_config, read_labeled, task_data_from_config
 
@@ -130,16 +131,18 @@ def test_gate_refuses_then_force_writes_without_torch(exported, demo_root, tmp_p
     command = [sys.executable, str(REPO / "tools" / "quantize.py"), str(model), "-o", str(out), "--calibration",
                str(calibration), *[f"--eval={name}={path}" for name, path in data.items()]]
     env = {"PYTHONPATH": f"{tmp_path / 'blocker'}:{REPO}", "PATH": "/usr/bin:/bin"}
-    refused = subprocess.run([*command, "--max-ap-drop", "-1"], env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run([*command, "--max-ap-drop", "-1", "--max-fp32-activations", "2"], env=env,
+                             capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1, refused.stderr
     assert not out.exists()
+    assert "no file with at most 2 activations in fp32 passed" in refused.stdout
     assert "refused: disgusting: ap" in refused.stderr and "the budget is -1.0" in refused.stderr
     assert "NOT written" in refused.stderr and "int8 maps" not in refused.stdout  # this file has no maps
     assert "what now:" in refused.stderr and "--calibration-images 512" in refused.stderr
     # The same net with its maps: forced through, and the maps' agreement is printed.
     command[2] = str(model.with_name("model_cam.onnx"))
-    forced = subprocess.run([*command, "--max-ap-drop", "-1", "--force"], env=env, capture_output=True, text=True,
-                            timeout=300)
+    forced = subprocess.run([*command, "--max-ap-drop", "-1", "--force", "--max-fp32-activations", "0"], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert forced.returncode == 1, forced.stderr  # written, with two undecodable calibration images
     assert "2 image(s) could not be decoded" in forced.stderr
     assert "scene_tags.cam: int8 maps vs fp32 on 40 maps: correlation" in forced.stdout
@@ -199,3 +202,83 @@ def test_the_maps_of_an_int8_file_are_compared_with_the_fp32_maps(exported, demo
     assert set(maps[0]) == set(Predictor(with_cams).cam_outputs)
     assert "cams" not in quantize(model, tmp_path / "plain.int8.onnx", [demo_root / "disgusting" / "train"], tasks,
                                   max_drop=1.0, calibration_count=8)
+
+
+def test_the_fewest_activations_are_kept_in_fp32():
+    """Growing steps find a passing count, a bisection the fewest below it."""
+    ranked = [f"a{i}" for i in range(30)]
+    asked = []
+
+    def passes(kept: list[str]) -> bool:
+        asked.append(len(kept))
+        return "a6" in kept  # the 7th most sensitive decides
+
+    kept, tried = mixed_precision.fewest_in_fp32(ranked, passes, limit=30)
+    assert kept == ranked[:7] and tried == asked
+    assert tried[:6] == [1, 2, 3, 4, 6, 8] and tried[-1] == 7
+    assert mixed_precision.fewest_in_fp32(ranked, passes, limit=5) == (None, [1, 2, 3, 4, 5])
+    assert mixed_precision.steps(0) == [] and mixed_precision.steps(1) == [1]
+
+
+def test_activations_kept_fp32_skip_quantization_and_come_closer_to_fp32(exported, demo_root, tmp_path):
+    _, model = exported
+    images, _ = calibration_images([demo_root / "disgusting" / "train", demo_root / "scene_tags" / "train"], 16, 64)
+    int8_path = tmp_path / "all.int8.onnx"
+    quantize_file(model, int8_path, images)
+    all_int8, fp32 = onnx.load(str(int8_path)), onnx.load(str(prepare(model, tmp_path / "prepared.onnx")))
+    activations = mixed_precision.quantized_activations(all_int8)
+    assert len(activations) > 10 and len(set(activations)) == len(activations)
+    outputs = {t["name"]: t["outputs"]["prob"] for t in Predictor(model).tasks}
+    ranked = mixed_precision.rank_activations(all_int8, fp32, images, outputs, ["disgusting", "scene_tags"])
+    assert sorted(entry["activation"] for entry in ranked) == sorted(activations)
+    assert [entry["gain"] for entry in ranked] == sorted((entry["gain"] for entry in ranked), reverse=True)
+    kept = mixed_precision.keep_fp32(all_int8, fp32, activations)
+    # Every node now computes in fp32, so every weight is its fp32 original again: no Q/DQ left,
+    # and the Clip/Relu that quantization had taken over are back.
+    ops = collections.Counter(node.op_type for node in kept.graph.node)
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0
+    assert ops["Conv"] == collections.Counter(node.op_type for node in all_int8.graph.node)["Conv"]
+    assert ops["Relu"] == collections.Counter(node.op_type for node in fp32.graph.node)["Relu"] > 0
+    reference = {name: ort.InferenceSession(str(model)).run([name], {"image": images.astype(np.float32)})[0]
+                 for name in outputs.values()}
+    session = mixed_precision._session
+    far = mixed_precision.task_distances(session(all_int8), images, outputs, reference)
+    near = mixed_precision.task_distances(session(kept), images, outputs, reference)
+    assert all(near[task] < 1e-4 < far[task] for task in outputs), (near, far)
+    nodes = mixed_precision.fp32_nodes(all_int8, activations[:1])
+    assert nodes and {node["op"] for node in nodes} <= {"Conv", "Add", "MaxPool", "Relu", "Clip",
+                                                        "GlobalAveragePool", "AveragePool"}
+    with pytest.raises(ValueError, match="not quantized activations"):
+        mixed_precision.keep_fp32(all_int8, fp32, ["no such tensor"])
+
+
+def test_the_gate_keeps_sensitive_activations_in_fp32_until_every_task_passes(exported, demo_root, tmp_path):
+    """A budget the all-int8 file misses: the search keeps activations in fp32, the file passes
+    on val and test, and its record names them; a budget nothing can meet is refused after at
+    most --max-fp32-activations."""
+    registry, model = exported
+    tasks = task_data_from_config(load_config(registry), Predictor(model).tasks)
+    calibration = [demo_root / "disgusting" / "train", demo_root / "scene_tags" / "train"]
+    probe = quantize(model, tmp_path / "probe.int8.onnx", calibration, tasks, max_drop=1.0, calibration_count=16,
+                     max_fp32=0)
+    worst = max(task["drop"] for task in probe["tasks"].values())
+    assert worst > 0.02, probe["tasks"]  # this untrained net loses AP in int8: the search has work to do
+    out = tmp_path / "mixed.int8.onnx"
+    record = quantize(model, out, calibration, tasks, max_drop=worst / 2, calibration_count=16)
+    mixed = record["mixed_precision"]
+    assert record["written"] and not record["failures"], record["failures"]
+    assert mixed["all_int8_over_budget"] and mixed["kept_fp32"] and mixed["nodes_fp32"]
+    assert all(task["drop"] <= worst / 2 for task in record["tasks"].values())
+    counts = [step["fp32_activations"] for step in mixed["tried"]]
+    assert len(mixed["kept_fp32"]) in counts and not next(
+        step for step in mixed["tried"] if step["fp32_activations"] == len(mixed["kept_fp32"]))["over_budget"]
+    assert all(step["over_budget"] for step in mixed["tried"] if step["fp32_activations"] < len(mixed["kept_fp32"]))
+    written = onnx.load(str(out))
+    assert not set(mixed["kept_fp32"]) & set(mixed_precision.quantized_activations(written))
+    assert _metadata(out)["quantization"]["mixed_precision"]["kept_fp32"] == mixed["kept_fp32"]
+    assert record["speed"]["images_per_s"]["int8"] > 0
+    refused = quantize(model, tmp_path / "never.int8.onnx", calibration, tasks, max_drop=-1.0, calibration_count=16,
+                       max_fp32=3)
+    assert not refused["written"] and not (tmp_path / "never.int8.onnx").exists()
+    assert [step["fp32_activations"] for step in refused["mixed_precision"]["tried"]] == [1, 2, 3]
+    assert refused["mixed_precision"]["result"] == "no file with at most 3 activations in fp32 passed"

@@ -2,15 +2,23 @@
 
     python tools/quantize.py MODEL.onnx --calibration FOLDER_OR_MANIFEST [...]
         [--registry REGISTRY_OR_RUN | --eval TASK=FOLDER_OR_MANIFEST ...] [-o MODEL.int8.onnx]
-        [--max-ap-drop 0.005] [--force] [--calibration-images 256]
+        [--max-ap-drop 0.005] [--force] [--calibration-images 256] [--calibration-method minmax]
+        [--max-fp32-activations N]
 
 Calibration images (folders, searched recursively, or JSONL manifests; training images of
-every task, not the test splits) go through the runtime's own preprocessing; undecodable ones
-are counted and skipped. Every task is scored
+every task, not the test splits) are drawn from the sources in turn, so every task's data
+weighs the same, and go through the runtime's own preprocessing; undecodable ones are
+counted and skipped. Every task is scored
 in fp32 and int8 by its kind's metric (binary: AP; multi-label: mAP; graded: mean boundary
 AP) on its test split (else val) from the registry the model was trained with: by default the
 run folder next to MODEL.onnx (its config/resolved.json); --registry names a run folder or a
 registry YAML; --eval gives each task's data instead.
+When the all-int8 file drops a task by more than --max-ap-drop, the quantized activations
+are ranked by how much each costs the tasks over the budget (each kept fp32 in turn, on 64
+calibration images), and the fewest of the most sensitive are kept in fp32 until every task
+is within the budget on its val split and its test split (at most --max-fp32-activations;
+0 turns the search off); the activations and nodes kept in fp32, the counts tried and the
+speed of both files are printed and recorded.
 The int8 file is written only when no task drops by more than --max-ap-drop (exit code 1
 otherwise, naming the task and its drop, and what to try next) unless --force. The default
 output, MODEL.int8.onnx beside MODEL, is refused when it exists, unless --overwrite. Thresholds are chosen again on the
@@ -37,7 +45,14 @@ from pathlib import Path
 from waterdrop import cli
 
 try:
-    from waterdrop.quantize import DEFAULT_MAX_DROP, quantize
+    from waterdrop.mixed_precision import ORDERS
+    from waterdrop.quantize import (
+        CALIBRATION_METHODS,
+        DEFAULT_CALIBRATION_METHOD,
+        DEFAULT_MAX_DROP,
+        DEFAULT_ORDER,
+        quantize,
+    )
     from waterdrop.scoring import TaskData, load_config, task_data_from_config
 except ModuleNotFoundError as err:  # onnx is no dependency of the runtime install
     print(f"error: quantization needs onnx beside the runtime ({err}); pip install \"waterdrop[quantize]\"",
@@ -84,14 +99,25 @@ def main() -> int:
                         help=f"largest allowed drop of any task's metric (default {DEFAULT_MAX_DROP})")
     parser.add_argument("--force", action="store_true", help="write the int8 file even when a task drops more")
     parser.add_argument("--calibration-images", type=int, default=256, help="how many images calibrate")
+    parser.add_argument("--calibration-method", choices=list(CALIBRATION_METHODS), default=DEFAULT_CALIBRATION_METHOD,
+                        help=f"how activation ranges are chosen (default {DEFAULT_CALIBRATION_METHOD})")
+    parser.add_argument("--max-fp32-activations", type=int, default=None, metavar="N",
+                        help="keep at most N quantized activations in fp32 to pass the gate (default: as many as it "
+                        "takes; 0: none, the all-int8 file or nothing)")
+    parser.add_argument("--search-order", choices=list(ORDERS), default=DEFAULT_ORDER,
+                        help="rank activations by their gain, or by their gain per share of the MACs they put in fp32 "
+                        f"(default {DEFAULT_ORDER})")
     parser.add_argument("--batch-size", type=int, default=16, help="images per onnxruntime run")
     args = cli.start(parser.parse_args())
     try:
         cli.check_onnx_file(args.model)
         cli.check_exists(args.calibration, "calibration folder or manifest")
         output = cli.output_path(args.output, Path(args.model).with_suffix(".int8.onnx"), args.overwrite, folder=False)
+        if args.max_fp32_activations is not None and args.max_fp32_activations < 0:
+            raise ValueError(f"--max-fp32-activations must be 0 or more, got {args.max_fp32_activations}")
         record = quantize(args.model, output, args.calibration, tasks_to_measure(args), args.max_ap_drop, args.force,
-                          args.calibration_images, args.batch_size)
+                          args.calibration_images, args.batch_size, args.calibration_method, args.max_fp32_activations,
+                          args.search_order)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
@@ -112,6 +138,17 @@ def main() -> int:
             print(f"{name}: thresholds per label chosen again on val; largest change from fp32 {change:.4f}")
         elif chosen:
             print(f"{name}: threshold chosen again on val: fp32 {chosen['fp32']:.4f} -> int8 {chosen['int8']:.4f}")
+    mixed = record["mixed_precision"]
+    if mixed["all_int8_over_budget"]:
+        print(f"all-int8 over the budget for {', '.join(mixed['all_int8_over_budget'])}; "
+              + mixed.get("result", "no activation kept in fp32 (--max-fp32-activations 0)"))
+        if mixed["kept_fp32"]:
+            print(f"kept in fp32: {len(mixed['kept_fp32'])} activations ({', '.join(mixed['kept_fp32'])}); "
+                  f"{len(mixed['nodes_fp32'])} nodes compute in fp32 around them, "
+                  f"{100 * mixed['fp32_mac_share']:.1f} % of the convolution MACs")
+    speed = record["speed"]
+    print(f"speed on this machine: fp32 {speed['images_per_s']['fp32']:.0f} images/s, int8 "
+          f"{speed['images_per_s']['int8']:.0f} images/s ({speed['int8_over_fp32']:.2f}x)")
     for output_name, agreement in record.get("cams", {}).items():
         correlation = "n/a" if agreement["correlation"] is None else f"{agreement['correlation']:.3f}"
         print(f"{output_name}: int8 maps vs fp32 on {agreement['maps']} maps: correlation {correlation}, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,14 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from waterdrop import mixed_precision
 from waterdrop.contract import METADATA_KEY
 from waterdrop.evaluation.metrics import json_safe
 from waterdrop.kinds import kind_of
 from waterdrop.overlay import normalize_map
 from waterdrop.progress import Progress
 from waterdrop.runtime import Predictor
-from waterdrop.scoring import TaskData, calibration_images, score_split, task_metric
+from waterdrop.scoring import LabeledImages, TaskData, calibration_images, decode_labeled, task_metric
 
 DEFAULT_MAX_DROP = 0.005
 MAP_IMAGES = 32  # calibration images on which the class activation maps are compared
@@ -44,8 +46,6 @@ MAP_IMAGES = 32  # calibration images on which the class activation maps are com
 # little): quantized, the probabilities would take 256 values at most, and the ties would move
 # AP and make thresholds coarse.
 QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool"]
-METHOD = ("onnxruntime quantize_static: QDQ, per-channel int8 weights (QInt8), uint8 activations (QUInt8), "
-          f"MinMax calibration; quantized ops: {', '.join(QUANTIZED_OPS)}")
 
 
 class ImageReader(CalibrationDataReader):
@@ -65,15 +65,44 @@ class ImageReader(CalibrationDataReader):
         self.start = 0
 
 
-def quantize_file(source: Path, target: Path, images: np.ndarray) -> None:
+CALIBRATION_METHODS = {
+    "minmax": (CalibrationMethod.MinMax, {}),
+    # Clips the rare extreme activations that stretch a MinMax range over few values.
+    "percentile": (CalibrationMethod.Percentile, {"CalibPercentile": 99.999}),
+    "entropy": (CalibrationMethod.Entropy, {}),
+}
+DEFAULT_CALIBRATION_METHOD = "minmax"
+DEFAULT_ORDER = "gain"  # see mixed_precision.rank_activations
+SENSITIVITY_IMAGES = 64  # calibration images on which each activation's sensitivity is measured
+
+
+def _options(method: str) -> dict:
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+    calibrate, extra = CALIBRATION_METHODS[method]
+    return {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8, "op_types_to_quantize": QUANTIZED_OPS, "calibrate_method": calibrate,
+            "extra_options": dict(extra)}
+
+
+def method_text(method: str) -> str:
+    return ("onnxruntime quantize_static: QDQ, per-channel int8 weights (QInt8), uint8 activations (QUInt8), "
+            f"{method} calibration; quantized ops: {', '.join(QUANTIZED_OPS)}")
+
+
+def quantize_file(source: Path, target: Path, images: np.ndarray, method: str = DEFAULT_CALIBRATION_METHOD) -> None:
     """Write the int8 QDQ model of ``source`` to ``target`` (same outputs and metadata)."""
     with tempfile.TemporaryDirectory(prefix="waterdrop-quantize-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        # Symbolic shape inference fails on these graphs; onnx's own shape inference still runs.
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(target), ImageReader(images), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=QUANTIZED_OPS, calibrate_method=CalibrationMethod.MinMax)
+        prepared = prepare(source, Path(tmp) / "prepared.onnx")
+        quantize_static(str(prepared), str(target), ImageReader(images), **_options(method))
+
+
+def prepare(source: Path, target: Path) -> Path:
+    """The fp32 file as it is quantized (BatchNorm folded, shapes inferred): the file whose
+    nodes and weights ``waterdrop.mixed_precision`` restores."""
+    # Symbolic shape inference fails on these graphs; onnx's own shape inference still runs.
+    quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    return target
 
 
 def _set_decision_threshold(model: onnx.ModelProto, output: str, value: float) -> None:
@@ -88,18 +117,72 @@ def _set_decision_threshold(model: onnx.ModelProto, output: str, value: float) -
             model.graph.initializer.remove(unused)
 
 
+class Measured:
+    """Every task's gate split (and val split, where thresholds are chosen again) decoded once,
+    and the fp32 file's scores on them; ``measure`` scores an int8 file against them."""
+
+    def __init__(self, fp32: Predictor, entries: list[dict], tasks: dict[str, TaskData], batch_size: int):
+        self.entries, self.tasks, self.batch_size = entries, tasks, batch_size
+        self.splits: dict[str, dict[str, LabeledImages]] = {}
+        self.fp32: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        for entry in entries:
+            data = tasks[entry["name"]]
+            sources = {"gate": data.gate, **({"val": data.val} if data.val is not None else {})}
+            decoded = {which: decode_labeled(path, entry, fp32.size) for which, path in sources.items()
+                       if which == "gate" or path != data.gate}
+            if "val" in sources and "val" not in decoded:
+                decoded["val"] = decoded["gate"]  # the gate is the val split itself
+            self.splits[entry["name"]] = decoded
+            self.fp32[entry["name"]] = self._scores(fp32, entry)
+
+    def measure(self, int8: Predictor) -> dict[str, dict]:
+        """Per task and split: the metric's name, fp32 and int8 values, the int8 scores and truth."""
+        found = {}
+        for entry in self.entries:
+            found[entry["name"]] = {}
+            got = self._scores(int8, entry)
+            for which in self.splits[entry["name"]]:
+                before_scores, truth = self.fp32[entry["name"]][which]
+                scores = got[which][0]
+                metric, before = task_metric(entry, before_scores, truth)
+                found[entry["name"]][which] = {"metric": metric, "fp32": before,
+                                               "int8": task_metric(entry, scores, truth)[1], "scores": scores}
+        return found
+
+    def _scores(self, predictor: Predictor, entry: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        splits = self.splits[entry["name"]]
+        gate = splits["gate"].scores(predictor, entry, self.batch_size)
+        return {which: gate if split is splits["gate"] else split.scores(predictor, entry, self.batch_size)
+                for which, split in splits.items()}
+
+    @staticmethod
+    def over_budget(found: dict[str, dict], max_drop: float, splits: tuple[str, ...] = ("gate", "val")) -> list[str]:
+        """The tasks whose metric drops more than ``max_drop`` (or cannot be measured) on any of ``splits``."""
+        return [name for name, per_split in found.items()
+                if any(not before - after <= max_drop for before, after in
+                       ((m["fp32"], m["int8"]) for which, m in per_split.items() if which in splits))]
+
+
 def quantize(model_path: str | Path, output_path: str | Path, calibration: list[str | Path], tasks: dict[str, TaskData],
              max_drop: float = DEFAULT_MAX_DROP, force: bool = False, calibration_count: int = 256,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, method: str = DEFAULT_CALIBRATION_METHOD, max_fp32: int | None = None,
+             order: str = DEFAULT_ORDER) -> dict:
     """Quantize, score both files, and write the int8 file unless a task drops more than
-    ``max_drop`` (``force`` writes it anyway). Returns the record also stored in the int8 file's
-    metadata (``quantization``), plus ``written`` and ``failures`` (one message per task over the
-    budget). A file with class activation maps also gets ``cams`` (``map_agreement``).
+    ``max_drop`` (``force`` writes it anyway). When the all-int8 file is over the budget, the
+    quantized activations are ranked by sensitivity and the fewest of them (at most
+    ``max_fp32``; None: as many as it takes, 0: none) are kept in fp32 until every task is within
+    the budget on its val split and its gate split (see ``waterdrop.mixed_precision``).
+
+    Returns the record also stored in the int8 file's metadata (``quantization``), plus
+    ``written`` and ``failures`` (one message per task over the budget). A file with class
+    activation maps also gets ``cams`` (``map_agreement``).
 
     Raises:
-        ValueError: a task without evaluation data, unreadable data, labels that disagree.
+        ValueError: a task without evaluation data, unreadable data, labels that disagree, an
+            unknown calibration method.
     """
     model_path, output_path = Path(model_path), Path(output_path)
+    options = _options(method)
     if output_path.resolve() == model_path.resolve():
         raise ValueError(f"{output_path}: the int8 file must not replace the fp32 file")
     fp32 = Predictor(model_path)
@@ -107,39 +190,105 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
     if missing:
         raise ValueError(f"no evaluation data for tasks {missing}: every task is measured before int8 is written")
     images, undecodable = calibration_images(calibration, calibration_count, fp32.size)
-    record = {"method": METHOD, "onnxruntime": onnxruntime.__version__, "source": model_path.name,
-              "calibration": {"sources": list(map(str, calibration)), "images": len(images),
+    record = {"method": method_text(method), "onnxruntime": onnxruntime.__version__, "source": model_path.name,
+              "calibration": {"sources": list(map(str, calibration)), "method": method, "images": len(images),
                               "undecodable": len(undecodable), "undecodable_files": undecodable[:20]},
               "max_drop": max_drop, "tasks": {}}
-    failures = []
+    entries = json.loads(_raw_metadata(onnx.load(str(model_path))))["tasks"]
+    measured = Measured(fp32, entries, tasks, batch_size)
     with tempfile.TemporaryDirectory(prefix="waterdrop-int8-") as tmp:
-        int8_path = Path(tmp) / "model.int8.onnx"
-        with Progress(f"quantizing: onnxruntime calibrates on {len(images)} images", total=1, unit="models",
-                      announce=True) as meter:
-            quantize_file(model_path, int8_path, images)
+        prepared, int8_path = Path(tmp) / "prepared.onnx", Path(tmp) / "model.int8.onnx"
+        with Progress(f"quantizing: onnxruntime calibrates on {len(images)} images ({method})", total=1,
+                      unit="models", announce=True) as meter:
+            quantize_static(str(prepare(model_path, prepared)), str(int8_path), ImageReader(images), **options)
             meter.update(1)
+        all_int8 = onnx.load(str(int8_path))
+        found = measured.measure(Predictor(int8_path))
+        over = measured.over_budget(found, max_drop)
+        record["mixed_precision"] = {"all_int8_over_budget": over, "kept_fp32": [], "nodes_fp32": []}
+        if over and max_fp32 != 0:
+            found = _keep_fewest_fp32(all_int8, prepared, images, entries, measured, over, max_drop, max_fp32,
+                                      int8_path, record["mixed_precision"], order) or found
         predictors = {"fp32": fp32, "int8": Predictor(int8_path)}
-        for entry in json.loads(_raw_metadata(onnx.load(str(model_path))))["tasks"]:
-            data = tasks[entry["name"]]
-            scores, truth, bad = score_split(predictors, entry, data.gate, batch_size)
-            metric, before = task_metric(entry, scores["fp32"], truth)
-            after = task_metric(entry, scores["int8"], truth)[1]
+        failures = []
+        for entry in entries:
+            data, gate = tasks[entry["name"]], found[entry["name"]]["gate"]
+            split = measured.splits[entry["name"]]["gate"]
+            before, after = gate["fp32"], gate["int8"]
             record["tasks"][entry["name"]] = {
-                "metric": metric, "split": data.gate_split, "source": str(data.gate), "images": len(truth),
-                "undecodable": len(bad), "fp32": before, "int8": after, "drop": before - after,
-                "thresholds": _thresholds(entry, data, predictors, (scores, truth), batch_size)}
+                "metric": gate["metric"], "split": data.gate_split, "source": str(data.gate),
+                "images": len(split.truth), "undecodable": len(split.undecodable), "fp32": before, "int8": after,
+                "drop": before - after, "thresholds": _thresholds(entry, data, measured, found)}
             if math.isnan(before - after):
-                failures.append(f"{entry['name']}: {metric} cannot be measured on {data.gate} (no positives?)")
+                failures.append(f"{entry['name']}: {gate['metric']} cannot be measured on {data.gate} (no positives?)")
             elif before - after > max_drop:
-                failures.append(f"{entry['name']}: {metric} {before:.4f} (fp32) -> {after:.4f} (int8) on its "
-                                f"{data.gate_split} split ({len(truth)} images), a drop of {before - after:.4f}; "
+                failures.append(f"{entry['name']}: {gate['metric']} {before:.4f} (fp32) -> {after:.4f} (int8) on its "
+                                f"{data.gate_split} split ({len(split.truth)} images), a drop of {before - after:.4f}; "
                                 f"the budget is {max_drop}")
+        record["speed"] = {"images_per_s": {which: images_per_second(predictor, images, batch_size)
+                                            for which, predictor in predictors.items()}}
+        record["speed"]["int8_over_fp32"] = record["speed"]["images_per_s"]["int8"] / record["speed"]["images_per_s"][
+            "fp32"]
         if fp32.cam_outputs:
             record["cams"] = map_agreement(predictors, images[:MAP_IMAGES], batch_size)
         record.update(forced=bool(failures) and force, written=not failures or force, failures=failures)
         if record["written"]:
             _write(int8_path, output_path, record, images[:2])
     return json_safe(record)
+
+
+def _keep_fewest_fp32(all_int8: onnx.ModelProto, prepared_path: Path, images: np.ndarray, entries: list[dict],
+                      measured: Measured, over: list[str], max_drop: float, max_fp32: int | None, int8_path: Path,
+                      record: dict, order: str) -> dict | None:
+    """Rank the quantized activations by how much they cost the tasks over the budget, then keep
+    the fewest of them in fp32 for which every task is within the budget on val and gate. The
+    passing file replaces ``int8_path``; returns its measurements (None: none passed, the
+    all-int8 file stays)."""
+    outputs = {entry["name"]: entry["outputs"]["prob"] for entry in entries}
+    prepared = onnx.load(str(prepared_path))
+    ranked = mixed_precision.rank_activations(all_int8, prepared, images[:SENSITIVITY_IMAGES], outputs, over,
+                                              order=order)
+    results: dict[int, dict] = {}
+    trial = int8_path.with_name("trial.onnx")
+
+    def passes(kept: list[str]) -> bool:
+        onnx.save(mixed_precision.keep_fp32(all_int8, prepared, kept), str(trial))
+        results[len(kept)] = measured.measure(Predictor(trial))
+        return not measured.over_budget(results[len(kept)], max_drop)
+
+    names = [entry["activation"] for entry in ranked]
+    limit = len(names) if max_fp32 is None else min(max_fp32, len(names))
+    with Progress(f"mixed precision: keeping the most sensitive of {len(names)} activations in fp32 until "
+                  f"{', '.join(over)} pass", total=None, unit="files", announce=True) as meter:
+        kept, tried = mixed_precision.fewest_in_fp32(names, lambda k: meter.update(1) or passes(k), limit)
+    shown = ranked[:max(20, len(kept or []))]
+    record["order"] = order
+    record["sensitivity"] = [{key: entry[key] for key in ("activation", "gain", "mac_share")} for entry in shown]
+    record["tried"] = [{"fp32_activations": count, "over_budget": measured.over_budget(results[count], max_drop),
+                        "drops": {name: {which: m["fp32"] - m["int8"] for which, m in per_split.items()}
+                                  for name, per_split in results[count].items()}} for count in tried]
+    if kept is None:
+        record["result"] = f"no file with at most {limit} activations in fp32 passed"
+        return None
+    chosen = mixed_precision.keep_fp32(all_int8, prepared, kept)
+    onnx.save(chosen, str(int8_path))
+    nodes = mixed_precision.fp32_nodes(all_int8, kept)
+    macs = mixed_precision.conv_macs(prepared)
+    record.update(kept_fp32=kept, nodes_fp32=nodes,
+                  fp32_mac_share=sum(macs.get(node["node"], 0) for node in nodes) / (sum(macs.values()) or 1),
+                  result=f"{len(kept)} of {len(names)} quantized activations kept in fp32")
+    return results[len(kept)]
+
+
+def images_per_second(predictor: Predictor, images: np.ndarray, batch_size: int, seconds: float = 2.0) -> float:
+    """Inference speed on ready calibration tensors (batches of ``batch_size``), after a warm-up."""
+    batch = images[:batch_size].astype(np.float32)
+    predictor.session.run(None, {"image": batch})
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predictor.session.run(None, {"image": batch})
+        done += len(batch)
+    return done / (time.perf_counter() - start)
 
 
 def map_agreement(predictors: dict[str, Predictor], images: np.ndarray, batch_size: int = 16) -> dict[str, dict]:
@@ -181,8 +330,7 @@ def _raw_metadata(model: onnx.ModelProto) -> str:
     return {p.key: p.value for p in model.metadata_props}[METADATA_KEY]
 
 
-def _thresholds(entry: dict, data: TaskData, predictors: dict[str, Predictor], gate: tuple,
-                batch_size: int) -> dict | None:
+def _thresholds(entry: dict, data: TaskData, measured: Measured, found: dict) -> dict | None:
     """The thresholds the int8 file gets: chosen again on the int8 scores of the val split with
     the kind's rule (``TaskKind.report``, as ``tools/eval.py`` chooses them) when the val split
     and the task's deploy target are known, else the fp32 file's. ``fp32_on_val`` is the same
@@ -193,9 +341,10 @@ def _thresholds(entry: dict, data: TaskData, predictors: dict[str, Predictor], g
     exported = entry[kind.threshold_key]
     if data.val is None or data.config is None:
         return {"fp32": exported, "int8": exported, "chosen_on": "kept from the fp32 file (no val split given)"}
-    scores, truth = gate if data.val == data.gate else score_split(predictors, entry, data.val, batch_size)[:2]
-    return {"fp32": exported, "int8": kind.thresholds(kind.report(data.config, scores["int8"], truth)),
-            "fp32_on_val": kind.thresholds(kind.report(data.config, scores["fp32"], truth)), "chosen_on": "val"}
+    fp32_scores, truth = measured.fp32[entry["name"]]["val"]
+    int8_scores = found[entry["name"]]["val"]["scores"]
+    return {"fp32": exported, "int8": kind.thresholds(kind.report(data.config, int8_scores, truth)),
+            "fp32_on_val": kind.thresholds(kind.report(data.config, fp32_scores, truth)), "chosen_on": "val"}
 
 
 def _write(int8_path: Path, output_path: Path, record: dict, images: np.ndarray) -> None:

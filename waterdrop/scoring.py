@@ -4,6 +4,7 @@ undecodable ones left out of all)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,18 +119,50 @@ def score_outputs(predictors: dict[str, Predictor], entry: dict, source: Path, k
         raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")
     outputs = {name: {key: np.concatenate(chunks) for key, chunks in per_key.items()}
                for name, per_key in outputs.items()}
-    truth = truth[kept]
-    if outputs[next(iter(outputs))][keys[0]].ndim == 1 or not kind_of(entry["kind"]).decisions(entry):
-        truth = truth[:, 0]  # binary and graded scores take one truth value per image
+    truth = squeeze_truth(entry, outputs[next(iter(outputs))][keys[0]], truth[kept])
     return outputs, truth, bad, [paths[index] for index in kept]
 
 
-def score_split(predictors: dict[str, Predictor], entry: dict, source: Path,
-                batch_size: int = 16) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Each model's ``prob`` output for one task over a split, the truth and the undecodable
-    images (see ``score_outputs``)."""
-    outputs, truth, bad, _ = score_outputs(predictors, entry, source, ["prob"], batch_size)
-    return {name: values["prob"] for name, values in outputs.items()}, truth, bad
+def squeeze_truth(entry: dict, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``truth`` as ``scores`` pair with it: binary and graded scores take one value per image."""
+    if scores.ndim == 1 or not kind_of(entry["kind"]).decisions(entry):
+        return truth[:, 0]
+    return truth
+
+
+@dataclass
+class LabeledImages:
+    """One task's split decoded once at a model's input size, to be scored by many files."""
+
+    source: Path
+    images: np.ndarray  # uint8 NCHW, exact: the runtime's float32 input holds the same integers
+    truth: np.ndarray  # as ``read_labeled`` gives it, undecodable images left out
+    undecodable: list[str]
+
+    def scores(self, predictor: Predictor, entry: dict, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """The task's ``prob`` output of ``predictor`` on these images, and the truth that pairs with it."""
+        name = entry["outputs"]["prob"]
+        scores = np.concatenate([predictor.outputs(self.images[start:start + batch_size].astype(np.float32),
+                                                   [name])[name] for start in range(0, len(self.images), batch_size)])
+        return scores, squeeze_truth(entry, scores, self.truth)
+
+
+def decode_labeled(source: Path, entry: dict, size: int) -> LabeledImages:
+    """A task's labeled split decoded as serving decodes it, at ``size``."""
+    paths, truth = read_labeled(source, entry)
+    images, kept, bad = [], [], []
+    with Progress(f"{entry['name']}: decoding {source.name}", total=len(paths)) as meter:
+        for index, path in enumerate(paths):
+            try:
+                images.append(to_model_input([read_image(path, size)], size)[0].astype(np.uint8))
+                kept.append(index)
+                meter.update(1)
+            except ImageDecodeError as err:
+                bad.append(str(err))
+                meter.update(0, failed=1)
+    if not images:
+        raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")
+    return LabeledImages(source, np.stack(images), truth[kept], bad)
 
 
 def task_metric(entry: dict, scores: np.ndarray, truth: np.ndarray) -> tuple[str, float]:
@@ -141,21 +174,26 @@ def task_metric(entry: dict, scores: np.ndarray, truth: np.ndarray) -> tuple[str
 
 
 def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """Up to ``count`` decodable images of folders (recursive), JSONL manifests or files, drawn in
+    """Up to ``count`` decodable images of folders (recursive), JSONL manifests or files, drawn
+    from the sources in turn (each task's training data weighs the same, however large), each in
     a seeded random order (a folder sorted by class would otherwise calibrate on one class),
     preprocessed as the runtime does (uint8 NCHW, exact: the runtime's float32 holds the same
     integers); and the undecodable ones met on the way, with the reason."""
-    paths = [path for source in map(Path, sources) for path in (
-        [record.path for record in read_unlabeled(source)] if is_manifest(source) else list_images(source))]
+    rng = np.random.default_rng(seed)
+    per_source = [[record.path for record in read_unlabeled(source)] if is_manifest(source) else list_images(source)
+                  for source in map(Path, sources)]
+    per_source = [[paths[index] for index in rng.permutation(len(paths))] for paths in per_source]
+    # In turn: the first of every source, then the second of every source, ...
+    paths = [path for turn in itertools.zip_longest(*per_source) for path in turn if path is not None]
     if not paths:
         raise ValueError(f"{', '.join(map(str, sources))}: no images found")
     images, bad = [], []
     with Progress("calibration images", total=min(count, len(paths))) as meter:
-        for index in np.random.default_rng(seed).permutation(len(paths)):
+        for path in paths:
             if len(images) == count:
                 break
             try:
-                images.append(to_model_input([read_image(paths[index], size)], size)[0].astype(np.uint8))
+                images.append(to_model_input([read_image(path, size)], size)[0].astype(np.uint8))
                 meter.update(1)
             except ImageDecodeError as err:
                 bad.append(str(err))
