@@ -216,7 +216,8 @@ def test_scan_package_imports_neither_torch_nor_ray():
     assert done.returncode == 0, done.stderr
 
 
-def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path):
+@pytest.mark.parametrize("decode", ["inside", "tasks"])
+def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path, decode):
     ray = pytest.importorskip("ray")
     from waterdrop.scan import scan_ray
 
@@ -224,11 +225,15 @@ def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path):
                embeddings="float16", progress=False)
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
+        if decode == "tasks":
+            with pytest.raises(ValueError, match="leave no 1.0 CPUs"):
+                scan_ray(model, pool, tmp_path / "ray", decode="tasks", actors=2, progress=False)
         record = scan_ray(model, pool, tmp_path / "ray", batch_size=4, shard_size=6, window=12,
-                          embeddings="float16", progress=False)
+                          embeddings="float16", decode=decode, progress=False)
     finally:
         ray.shutdown()
-    assert record["settings"]["actors"] == 2 and record["this_run"]["shards_written"] == 3
+    assert record["settings"]["actors"] == (2 if decode == "inside" else 1)
+    assert record["settings"]["decode"] == decode and record["this_run"]["shards_written"] == 3
     local, distributed = read_rows(tmp_path / "local"), read_rows(tmp_path / "ray")
     assert sorted(p.name for p in (tmp_path / "ray" / "shards").iterdir()) == sorted(
         p.name for p in (tmp_path / "local" / "shards").iterdir()
@@ -287,7 +292,8 @@ def test_a_file_that_kills_its_decoder_gets_an_error_row_and_the_scan_goes_on(mo
             assert clean[row["path"]]["disgusting.score"] == pytest.approx(row["disgusting.score"], abs=1e-6)
 
 
-def test_the_ray_engine_isolates_a_file_that_kills_its_actor(model, pool, tmp_path, monkeypatch):
+@pytest.mark.parametrize("decode", ["inside", "tasks"])
+def test_the_ray_engine_isolates_a_file_that_kills_its_decoder(model, pool, tmp_path, monkeypatch, decode):
     ray = pytest.importorskip("ray")
     from waterdrop.scan import scan_ray
 
@@ -301,7 +307,8 @@ def test_the_ray_engine_isolates_a_file_that_kills_its_actor(model, pool, tmp_pa
     monkeypatch.setenv("PYTHONPATH", f"{hooks}{os.pathsep}{REPO}")
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
-        record = scan_ray(model, poisoned, tmp_path / "out", batch_size=4, shard_size=6, window=12, progress=False)
+        record = scan_ray(model, poisoned, tmp_path / "out", batch_size=4, shard_size=6, window=12, decode=decode,
+                          progress=False)
     finally:
         ray.shutdown()
     rows = read_rows(tmp_path / "out")

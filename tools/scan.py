@@ -2,6 +2,7 @@
 
     python tools/scan.py MODEL.onnx SOURCE [--out DIR] [--engine local|ray] [--batch-size N]
         [--workers N] [--threads N] [--shard-size N] [--ray-address auto] [--window N]
+        [--ray-decode inside|tasks] [--ray-decode-cpus C]
         [--embeddings [float16|float32]] [--since EARLIER_SCAN ...] [--quiet]
 
 SOURCE is a folder (searched recursively), a .jsonl manifest ({"image": path relative to
@@ -44,6 +45,11 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=10_000, help="inputs per shard file")
     parser.add_argument("--ray-address", help="a running Ray cluster ('auto': the one this node joined)")
     parser.add_argument("--window", type=int, default=100_000, help="ray: inputs per Ray Data run")
+    parser.add_argument("--ray-decode", choices=["inside", "tasks"], default="inside",
+                        help="ray: decode inside the scoring actors (default), or in a stage of Ray tasks before them "
+                        "(the layout for GPU actors)")
+    parser.add_argument("--ray-decode-cpus", type=float, default=1.0,
+                        help="ray, --ray-decode tasks: logical CPUs a decoding task reserves (below 1 shares cores)")
     parser.add_argument("--embeddings", nargs="?", const="float16", choices=["float16", "float32"],
                         help="also write each image's embedding (default value type: float16)")
     parser.add_argument("--since", nargs="+", metavar="EARLIER_SCAN",
@@ -68,6 +74,8 @@ def main() -> int:
                 threads=args.threads or 1,
                 window=args.window,
                 address=args.ray_address,
+                decode=args.ray_decode,
+                decode_cpus=args.ray_decode_cpus,
                 **common,
             )
     except (ScanError, ValueError, ImportError) as err:

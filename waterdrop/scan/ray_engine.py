@@ -7,11 +7,17 @@ run: ``from_items`` -> ``map_batches`` over a pool of ``RayScorer`` actors ->
 as ``shard-NNNNNN.parquet``, rows sorted by input index, with the same atomic rename as
 the local engine, so both engines give the same files and one can resume the other.
 
-Decoding happens inside the actor, not in a separate stage of tasks: on CPUs, actors of
-one thread each (``threads=1``, one actor per CPU) keep every core busy with decode then
-inference, and pixels never travel through the object store (a decode stage would ship
-~110 KB per image at 192 px, across nodes on a cluster). A GPU actor would rather take
-already-decoded tensors from CPU tasks; that variant is not built here.
+Decoding runs in one of two places (``decode``):
+
+- ``inside`` (default): each actor decodes its batch, then infers. Actors of one thread each
+  (``threads=1``, one actor per CPU) keep every core busy with decode then inference, and
+  pixels never travel through the object store.
+- ``tasks``: a ``map_batches`` stage of Ray tasks decodes (``decode_cpus`` logical CPUs each)
+  and hands uint8 pixels (~110 KB an image at 192 px) to the scoring actors through the object
+  store; Ray Data's streaming executor runs both stages at once. This is the layout for an
+  accelerator: decoding on every CPU of the cluster, inference on the actors that hold it.
+  On CPUs alone the two stages share the cores, as the local engine's decoders and session do
+  (RESULTS.md, scan_speed.py, compares both layouts).
 
 Windows bound the driver's memory (a window's paths are in Ray's object store) and are
 the unit of resumption for this engine; each Ray run starts its actors anew (a few
@@ -43,6 +49,7 @@ import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
 from waterdrop.scan.incremental import Previous, shards_left, with_since
+from waterdrop.scan.local import NO_SPINNING
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
 from waterdrop.scan.sources import Counter, Entry
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
@@ -86,7 +93,7 @@ class RayScorer:
             limits and Ray's OMP_NUM_THREADS and would start one thread per core of the node.
     """
 
-    def __init__(self, model: bytes, threads: int, embeddings: str | None = None):
+    def __init__(self, model: bytes, threads: int, embeddings: str | None = None, shares_cores: bool = False):
         import cv2
 
         cv2.setNumThreads(1)  # the actor's CPUs are for onnxruntime
@@ -94,19 +101,42 @@ class RayScorer:
         with os.fdopen(handle, "wb") as stream:
             stream.write(model)
         try:
-            self.predictor = Predictor(path, threads=threads)
+            # Beside decoding tasks, spinning onnxruntime threads would take CPU time from them.
+            self.predictor = Predictor(path, threads=threads, session_config=NO_SPINNING if shares_cores else None)
         finally:
             os.remove(path)
         self.builder = RowBuilder(self.predictor, embeddings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         paths = [os.fsdecode(path) for path in batch["path"]]
-        problems = [problem or None for problem in batch["problem"]]
-        decoded = [decode_for_model(path, self.predictor.size, problem) for path, problem in zip(paths, problems)]
+        if "pixels" in batch:  # decoded by the decoding stage
+            decoded = [(pixels, (int(width), int(height)), None) if not error else (None, None, error)
+                       for pixels, width, height, error in zip(batch["pixels"], batch["width"], batch["height"],
+                                                               batch["error"])]
+        else:
+            problems = [problem or None for problem in batch["problem"]]
+            decoded = [decode_for_model(path, self.predictor.size, problem) for path, problem in zip(paths, problems)]
         states = [(None if size < 0 else int(size), None if size < 0 else int(mtime))
                   for size, mtime in zip(batch["file_bytes"], batch["mtime_ns"])]
         table = self.builder.table(self.builder.rows(batch["index"].tolist(), paths, decoded, states))
         return table.append_column("shard", pa.array(batch["shard"], pa.int64()))
+
+
+def decode_stage(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """``map_batches`` task of the decoding stage: the batch's images decoded for the model, as
+    one uint8 array (zeros where an image failed, whose ``error`` says why)."""
+    import cv2
+
+    cv2.setNumThreads(1)  # one task per CPU already
+    paths = [os.fsdecode(path) for path in batch["path"]]
+    pixels = np.zeros((len(paths), size, size, 3), np.uint8)
+    width, height, errors = np.full(len(paths), -1, np.int64), np.full(len(paths), -1, np.int64), []
+    for k, (path, problem) in enumerate(zip(paths, batch["problem"])):
+        image, original, error = decode_for_model(path, size, problem or None)
+        if image is not None:
+            pixels[k], (width[k], height[k]) = image, original
+        errors.append(error or "")
+    return {**batch, "pixels": pixels, "width": width, "height": height, "error": np.array(errors, dtype=object)}
 
 
 #: Restarts of a dead scoring actor, and retries of its batch, before the window is scored apart.
@@ -180,6 +210,8 @@ def scan_ray(
     shard_size: int = 10_000,
     window: int = 100_000,
     address: str | None = None,
+    decode: str = "inside",
+    decode_cpus: float = 1.0,
     embeddings: str | None = None,
     since: list[str | Path] | None = None,
     retry_errors: bool = False,
@@ -195,11 +227,17 @@ def scan_ray(
         window: inputs per Ray Data run (rounded up to whole shards).
         address: a running cluster (``auto`` for the local node's); None starts Ray here
             unless the caller already did.
+        decode: ``inside`` the scoring actors, or in a stage of Ray ``tasks`` before them (see
+            the module's notes).
+        decode_cpus: logical CPUs each decoding task reserves (``tasks``); below 1 lets decoding
+            share the cores the actors reserve, as the local engine's processes do.
 
     Returns:
         The scan.json record.
     """
     ray = import_ray()
+    if decode not in ("inside", "tasks"):
+        raise ValueError(f"decode={decode!r}: 'inside' the actors or in 'tasks'")
     # Ray's own INFO lines (start-up, Dataset plans, progress logged every 10 s when stderr is
     # not a terminal) would bury the scan's one progress line. The driver still shows Ray's
     # warnings and errors; actors' own output stays in Ray's log files, and an actor's
@@ -214,13 +252,19 @@ def scan_ray(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # Decoding tasks need CPUs the actors leave: by default half the cluster's go to actors.
+    actors = actors or max(1, int(cpus // threads // (2 if decode == "tasks" else 1)))
+    if decode == "tasks" and actors * threads + decode_cpus > cpus:
+        raise ValueError(f"{actors} actors of {threads} CPUs leave no {decode_cpus} CPUs of the cluster's {cpus:g} "
+                         "for a decoding task: fewer actors, or a smaller decode_cpus")
     builder = RowBuilder(Predictor(model, threads=1), embeddings)  # the driver only needs the schema
     spec = scan_spec(model, source, shard_size, embeddings, since)
     previous = Previous(since, spec["model_sha256"], embeddings, retry_errors) if since else None
     store = ShardStore(out, spec, builder.metadata)
-    actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
     model_bytes = Path(model).read_bytes()
-    scorer_args = {"model": model_bytes, "threads": threads, "embeddings": embeddings}
+    scorer_args = {"model": model_bytes, "threads": threads, "embeddings": embeddings,
+                   "shares_cores": decode == "tasks"}
     meter = Meter(progress, total=Counter(source) if progress else None,
                   passed_over=(lambda: previous.skipped) if previous else None)
 
@@ -236,6 +280,9 @@ def scan_ray(
         # the others idle, large enough that Ray's per-task overhead stays negligible.
         blocks = min(len(items), max(actors, -(-len(items) // (4 * batch_size))))
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        if decode == "tasks":
+            dataset = dataset.map_batches(decode_stage, fn_kwargs={"size": builder.predictor.size},
+                                          batch_size=batch_size, num_cpus=decode_cpus, max_retries=0)
         dataset = dataset.map_batches(
             RayScorer,
             fn_constructor_kwargs=scorer_args,
@@ -282,5 +329,6 @@ def scan_ray(
             members, number = [], number + 1
     if members:
         run_window(number, members)
-    settings = {"engine": "ray", "batch_size": batch_size, "actors": actors, "threads": threads, "window": window}
+    settings = {"engine": "ray", "batch_size": batch_size, "actors": actors, "threads": threads, "window": window,
+                "decode": decode, **({"decode_cpus": decode_cpus} if decode == "tasks" else {})}
     return store.finish(with_since(meter.close(), previous, store.out), settings, builder.metadata)
