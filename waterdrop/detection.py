@@ -8,23 +8,24 @@ import numpy as np
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), xyxy."""
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    sides = np.maximum(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0)
+    inter = sides[..., 0] * sides[..., 1]
+    size_a, size_b = np.maximum(a[:, 2:] - a[:, :2], 0), np.maximum(b[:, 2:] - b[:, :2], 0)
+    area_a, area_b = size_a[:, 0] * size_a[:, 1], size_b[:, 0] * size_b[:, 1]
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Indices of the boxes kept by greedy non-maximum suppression, highest score first."""
     order = np.argsort(-scores, kind="stable")
+    # Every overlap at once: one numpy call instead of one per kept box (a scan's hot path).
+    overlaps = box_iou(boxes[order], boxes[order])
+    remaining = np.ones(len(order), bool)
     keep = []
-    while len(order):
-        best, order = order[0], order[1:]
-        keep.append(best)
-        if len(order):
-            order = order[box_iou(boxes[best][None], boxes[order])[0] <= iou_threshold]
+    for rank in range(len(order)):
+        if remaining[rank]:
+            keep.append(order[rank])
+            remaining &= overlaps[rank] <= iou_threshold
     return np.asarray(keep, dtype=np.int64)
 
 
