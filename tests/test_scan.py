@@ -226,7 +226,7 @@ def test_ray_engine_gives_the_local_engine_rows(model, pool, tmp_path, decode):
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         if decode == "tasks":
-            with pytest.raises(ValueError, match="leave no 1.0 CPUs"):
+            with pytest.raises(ValueError, match="leave no 1 CPUs"):
                 scan_ray(model, pool, tmp_path / "ray", decode="tasks", actors=2, progress=False)
         record = scan_ray(model, pool, tmp_path / "ray", batch_size=4, shard_size=6, window=12,
                           embeddings="float16", decode=decode, progress=False)

@@ -2,7 +2,7 @@
 
     python tools/scan.py MODEL.onnx SOURCE [--out DIR] [--engine local|ray] [--batch-size N]
         [--workers N] [--threads N] [--shard-size N] [--ray-address auto] [--window N]
-        [--ray-decode inside|tasks] [--ray-decode-cpus C]
+        [--ray-decode inside|tasks] [--ray-decode-cpus C] [--ray-actor-cpus C]
         [--embeddings [float16|float32]] [--since EARLIER_SCAN ...] [--quiet]
 
 SOURCE is a folder (searched recursively), a .jsonl manifest ({"image": path relative to
@@ -49,7 +49,10 @@ def main() -> int:
                         help="ray: decode inside the scoring actors (default), or in a stage of Ray tasks before them "
                         "(the layout for GPU actors)")
     parser.add_argument("--ray-decode-cpus", type=float, default=1.0,
-                        help="ray, --ray-decode tasks: logical CPUs a decoding task reserves (below 1 shares cores)")
+                        help="ray, --ray-decode tasks: logical CPUs a decoding task reserves")
+    parser.add_argument("--ray-actor-cpus", type=float,
+                        help="ray: logical CPUs a scoring actor reserves (default: --threads; with --ray-decode tasks, "
+                        "fewer lets decoding share the actors' cores)")
     parser.add_argument("--embeddings", nargs="?", const="float16", choices=["float16", "float32"],
                         help="also write each image's embedding (default value type: float16)")
     parser.add_argument("--since", nargs="+", metavar="EARLIER_SCAN",
@@ -76,6 +79,7 @@ def main() -> int:
                 address=args.ray_address,
                 decode=args.ray_decode,
                 decode_cpus=args.ray_decode_cpus,
+                actor_cpus=args.ray_actor_cpus,
                 **common,
             )
     except (ScanError, ValueError, ImportError) as err:

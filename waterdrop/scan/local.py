@@ -34,6 +34,8 @@ from waterdrop.scan.rows import Decoded, RowBuilder, decode_for_model
 from waterdrop.scan.sources import Counter, Entry
 from waterdrop.scan.store import Meter, ShardStore, scan_spec
 
+#: How far below the scanning process the decoding processes run (``os.nice``).
+DECODER_NICENESS = 19
 #: Session config entries for a session that shares its cores with decoding processes.
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
@@ -47,6 +49,10 @@ def _start_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own pool would oversubscribe
+    # Below the session's threads: onnxruntime's threads meet at a barrier after every operator,
+    # so a decoder that preempts one of them stalls the others. Decoders still run whenever a
+    # session thread waits, and the queue of decoded batches keeps the session fed.
+    os.nice(DECODER_NICENESS)
 
 
 def _decode_batch(items: list[tuple[str, str | None]], size: int) -> list[Decoded]:

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
 from waterdrop.scan.incremental import Previous, shards_left, with_since
-from waterdrop.scan.local import NO_SPINNING
+from waterdrop.scan.local import DECODER_NICENESS, NO_SPINNING
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
 from waterdrop.scan.sources import Counter, Entry
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
@@ -128,6 +128,8 @@ def decode_stage(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     import cv2
 
     cv2.setNumThreads(1)  # one task per CPU already
+    if os.nice(0) < DECODER_NICENESS:  # as the local engine's decoders (see there); once a worker
+        os.nice(DECODER_NICENESS - os.nice(0))
     paths = [os.fsdecode(path) for path in batch["path"]]
     pixels = np.zeros((len(paths), size, size, 3), np.uint8)
     width, height, errors = np.full(len(paths), -1, np.int64), np.full(len(paths), -1, np.int64), []
@@ -212,6 +214,7 @@ def scan_ray(
     address: str | None = None,
     decode: str = "inside",
     decode_cpus: float = 1.0,
+    actor_cpus: float | None = None,
     embeddings: str | None = None,
     since: list[str | Path] | None = None,
     retry_errors: bool = False,
@@ -229,8 +232,10 @@ def scan_ray(
             unless the caller already did.
         decode: ``inside`` the scoring actors, or in a stage of Ray ``tasks`` before them (see
             the module's notes).
-        decode_cpus: logical CPUs each decoding task reserves (``tasks``); below 1 lets decoding
-            share the cores the actors reserve, as the local engine's processes do.
+        decode_cpus: logical CPUs each decoding task reserves (``tasks``).
+        actor_cpus: logical CPUs each actor reserves (default ``threads``); with ``tasks``, less
+            than ``threads`` lets decoding share the actors' cores, as the local engine's
+            decoders share its session's.
 
     Returns:
         The scan.json record.
@@ -254,10 +259,11 @@ def scan_ray(
     context.enable_progress_bars = progress
     cpus = ray.cluster_resources().get("CPU", 1)
     # Decoding tasks need CPUs the actors leave: by default half the cluster's go to actors.
-    actors = actors or max(1, int(cpus // threads // (2 if decode == "tasks" else 1)))
-    if decode == "tasks" and actors * threads + decode_cpus > cpus:
-        raise ValueError(f"{actors} actors of {threads} CPUs leave no {decode_cpus} CPUs of the cluster's {cpus:g} "
-                         "for a decoding task: fewer actors, or a smaller decode_cpus")
+    actor_cpus = threads if actor_cpus is None else actor_cpus
+    actors = actors or max(1, int(cpus // actor_cpus // (2 if decode == "tasks" else 1)))
+    if decode == "tasks" and actors * actor_cpus + decode_cpus > cpus:
+        raise ValueError(f"{actors} actors of {actor_cpus:g} CPUs leave no {decode_cpus:g} CPUs of the cluster's "
+                         f"{cpus:g} for a decoding task: fewer actors, or smaller actor_cpus or decode_cpus")
     builder = RowBuilder(Predictor(model, threads=1), embeddings)  # the driver only needs the schema
     spec = scan_spec(model, source, shard_size, embeddings, since)
     previous = Previous(since, spec["model_sha256"], embeddings, retry_errors) if since else None
@@ -288,7 +294,7 @@ def scan_ray(
             fn_constructor_kwargs=scorer_args,
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=threads,
+            num_cpus=actor_cpus,
             # Ray Data restarts a dead actor and retries its task forever by default: a file that
             # kills its decoder would loop. One retry rides out a lost node; then the window fails.
             max_restarts=ACTOR_RESTARTS,
@@ -330,5 +336,6 @@ def scan_ray(
     if members:
         run_window(number, members)
     settings = {"engine": "ray", "batch_size": batch_size, "actors": actors, "threads": threads, "window": window,
-                "decode": decode, **({"decode_cpus": decode_cpus} if decode == "tasks" else {})}
+                "actor_cpus": actor_cpus, "decode": decode,
+                **({"decode_cpus": decode_cpus} if decode == "tasks" else {})}
     return store.finish(with_since(meter.close(), previous, store.out), settings, builder.metadata)
