@@ -203,7 +203,7 @@ def test_row_builder_types_every_field_and_keeps_unknown_ones_as_json():
     image = np.zeros((8, 8, 3), np.uint8)
     rows = builder.rows([0, 1], ["a.jpg", "b.jpg"], [(image, (20, 10), None), (None, None, "b.jpg: empty file")])
     table = builder.table(rows)
-    assert table.column_names[7:] == ["sharp.grade", "sharp.score", "sharp.above", "sharp.novel"]
+    assert table.column_names[8:] == ["sharp.grade", "sharp.score", "sharp.above", "sharp.novel"]
     first, second = table.to_pylist()
     assert first["sharp.above"] == pytest.approx([0.9, 0.6]) and json.loads(first["sharp.novel"]) == {"x": [1]}
     assert (first["width"], first["height"]) == (20, 10) and second["sharp.grade"] is None
@@ -438,6 +438,42 @@ def test_an_incremental_scan_scores_only_new_and_changed_files_and_lists_the_rem
         pq.write_table(pq.read_table(shard).drop_columns(["file_bytes", "mtime_ns"]), shard)
     with pytest.raises(ScanError, match="file sizes and times"):
         scan_local(model, current, tmp_path / "day6", since=[old], **common)
+
+
+def test_a_manifest_with_content_hashes_decides_what_changed_without_looking_at_files(model, pool, tmp_path):
+    """The hash a manifest line gives is the file's state: a rewrite of the same size and time is
+    told by its new hash, and a file touched but not changed is spared; lines without a hash fall
+    back to size and time, and a hash that is not a string is that line's error row."""
+    current = tmp_path / "pool"
+    shutil.copytree(pool, current)
+    images = sorted(p for p in current.rglob("*.png"))[:4]
+    manifest = tmp_path / "pool.jsonl"
+
+    def write(hashes: list) -> None:
+        lines = [{"image": str(path), **({"content_hash": value} if value is not None else {})}
+                 for path, value in zip(images, hashes)]
+        manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+    common = {"batch_size": 4, "workers": 1, "threads": 1, "shard_size": 6, "progress": False}
+    write(["h0", "h1", "h2", None])
+    scan_local(model, manifest, tmp_path / "day1", **common)
+    day1 = {Path(r["path"]).name: r for r in read_rows(tmp_path / "day1")}
+    assert [day1[p.name]["content_hash"] for p in images] == ["h0", "h1", "h2", None]
+    assert day1[images[0].name]["file_bytes"] is None and day1[images[3].name]["file_bytes"] is not None
+    # images[0]: rewritten, same size and time, new hash; images[1]: touched, same hash;
+    # images[3] (no hash): touched, so scored again; images[2]: a hash that is not a string.
+    state = images[0].stat()
+    images[0].write_bytes(images[0].read_bytes())
+    os.utime(images[0], ns=(state.st_atime_ns, state.st_mtime_ns))
+    for touched in (images[1], images[3]):
+        os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    write(["h0-new", "h1", 7, None])
+    record = scan_local(model, manifest, tmp_path / "day2", since=[tmp_path / "day1"], **common)
+    day2 = {Path(r["path"]).name: r for r in read_rows(tmp_path / "day2")}
+    assert set(day2) == {images[0].name, images[2].name, images[3].name}
+    assert record["this_run"]["skipped_as_scored_before"] == 1
+    assert "'content_hash' must be a non-empty string, got 7" in day2[images[2].name]["error"]
+    assert day2[images[0].name]["content_hash"] == "h0-new" and day2[images[0].name]["error"] is None
 
 
 def test_the_progress_line_gives_the_share_done_the_time_left_and_the_errors(capsys, pool):

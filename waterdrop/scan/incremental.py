@@ -2,11 +2,12 @@
 
 A pool grows every day. ``Previous`` reads earlier scan folders of the same model (the model
 file's SHA-256, and the same embedding column: another model's scans are refused, so two
-models' scores never mix) and keeps, per path, the state its newest row recorded: the file's
-size and modification time, or "removed" where a later scan listed it in ``removed.parquet``.
+models' scores never mix) and keeps, per path, the state its newest row recorded: the content
+hash its manifest line gave, else the file's size and modification time, or "removed" where a
+later scan listed it in ``removed.parquet``.
 Scans count as newer by their scan.json's modification time (it is written when a scan
-finishes). A scan given them (``--since``) skips a file whose size and modification time are
-what its path's newest row recorded, scores the rest (new files, changed files, files put back),
+finishes). A scan given them (``--since``) skips a file whose state is what its path's newest
+row recorded, scores the rest (new files, changed files, files put back),
 and lists in ``removed.parquet`` the paths they hold that the source no longer has. An earlier
 error row of an unchanged file stands (the same file fails again) unless ``retry_errors``. For
 each path the newest scan's row holds: the scans together cover the pool.
@@ -31,6 +32,7 @@ from waterdrop.scan.sources import Entry, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ScanError, ShardStore
 
 STATE_COLUMNS = ["path", "error", "file_bytes", "mtime_ns"]
+HASH_COLUMN = "content_hash"  # scans written before it have none: their files compare by size and time
 #: States that no file has: a path a later scan found gone, an error to score again.
 REMOVED, RETRY = np.uint64(0), np.uint64(1)
 
@@ -39,6 +41,11 @@ def _key(*parts) -> int:
     """A 64-bit hash of the parts (a path, or a path with its size and modification time)."""
     text = "\0".join(map(str, parts)).encode("utf-8", "surrogateescape")
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def _state(path: str, size: int | None, mtime_ns: int | None, content_hash: str | None) -> int:
+    """A file's state: its content hash where the source gave one, else its size and time."""
+    return _key(path, "content", content_hash) if content_hash is not None else _key(path, size, mtime_ns)
 
 
 def _keys(paths: Iterable[str]) -> np.ndarray:
@@ -76,11 +83,15 @@ class Previous:
                 if not set(STATE_COLUMNS) <= set(pq.read_schema(shard).names):
                     raise ScanError(f"--since {scan}: written before scans recorded file sizes and times, so a "
                                     "changed file cannot be told; scan the pool whole once")
-                table = pq.read_table(shard, columns=STATE_COLUMNS).to_pydict()
-                rows = list(zip(*(table[c] for c in STATE_COLUMNS)))
+                hashed = HASH_COLUMN in pq.read_schema(shard).names
+                table = pq.read_table(shard, columns=STATE_COLUMNS + [HASH_COLUMN] * hashed).to_pydict()
+                table.setdefault(HASH_COLUMN, [None] * len(table["path"]))
+                rows = list(zip(*(table[c] for c in [*STATE_COLUMNS, HASH_COLUMN])))
                 paths.append(_keys(path for path, *_ in rows))
-                states.append(np.array([RETRY if size is None or (error is not None and retry_errors)
-                                        else _key(path, size, mtime) for path, error, size, mtime in rows], np.uint64))
+                unknown = [(size is None and content is None) or (error is not None and retry_errors)
+                           for _, error, size, _, content in rows]
+                states.append(np.array([RETRY if again else _state(path, size, mtime, content)
+                                        for again, (path, _, size, mtime, content) in zip(unknown, rows)], np.uint64))
                 order.append(np.full(len(rows), number, np.int32))
             removed = scan / "removed.parquet"
             if removed.is_file():
@@ -105,13 +116,14 @@ class Previous:
         path = printable(entry.path)
         key = np.uint64(_key(path))
         self._note(key)
-        if entry.problem is not None or entry.size is None:
+        if entry.problem is not None or (entry.size is None and entry.content_hash is None):
             return False
         at = np.searchsorted(self.paths, key)
         if at == len(self.paths) or self.paths[at] != key:
             return False
         state = self.states[at]
-        if state in (REMOVED, RETRY) or state != np.uint64(_key(path, entry.size, entry.mtime_ns)):
+        now = np.uint64(_state(path, entry.size, entry.mtime_ns, entry.content_hash))
+        if state in (REMOVED, RETRY) or state != now:
             return False
         self.skipped += 1
         return True

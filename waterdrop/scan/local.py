@@ -140,7 +140,7 @@ def scan_local(
                 pool = start_pool()
             decoded = _decode_apart(items, predictor.size, context)
         shard_rows.extend(builder.rows([e.index for e in batch], [e.path for e in batch], decoded,
-                                       [(e.size, e.mtime_ns) for e in batch]))
+                                       [(e.size, e.mtime_ns, e.content_hash) for e in batch]))
         meter.tick(len(batch))
         if last:
             table = builder.table(shard_rows)

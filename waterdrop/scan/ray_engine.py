@@ -116,8 +116,8 @@ class RayScorer:
         else:
             problems = [problem or None for problem in batch["problem"]]
             decoded = [decode_for_model(path, self.predictor.size, problem) for path, problem in zip(paths, problems)]
-        states = [(None if size < 0 else int(size), None if size < 0 else int(mtime))
-                  for size, mtime in zip(batch["file_bytes"], batch["mtime_ns"])]
+        states = [(None if size < 0 else int(size), None if size < 0 else int(mtime), content_hash or None)
+                  for size, mtime, content_hash in zip(batch["file_bytes"], batch["mtime_ns"], batch["content_hash"])]
         table = self.builder.table(self.builder.rows(batch["index"].tolist(), paths, decoded, states))
         return table.append_column("shard", pa.array(batch["shard"], pa.int64()))
 
@@ -174,8 +174,9 @@ def _score_apart(ray, items: list[dict], batch_size: int, scorer_args: dict, sch
     shipped = ray.put(scorer_args)  # the model's bytes once, not once a task
 
     def columns(rows: list[dict]) -> dict:
-        return {key: np.array([row[key] for row in rows], dtype=object if key in ("path", "problem") else None)
-                for key in ("shard", "index", "path", "problem", "file_bytes", "mtime_ns")}
+        text = ("path", "problem", "content_hash")
+        return {key: np.array([row[key] for row in rows], dtype=object if key in text else None)
+                for key in ("shard", "index", *text, "file_bytes", "mtime_ns")}
 
     def submitted(rows: list[dict]) -> tuple[list[dict], object]:
         return rows, score.remote(shipped, columns(rows))
@@ -192,6 +193,7 @@ def _score_apart(ray, items: list[dict], batch_size: int, scorer_args: dict, sch
         path = os.fsdecode(row["path"])
         why = row["problem"] or f"{path}: the scoring process died on it (a crash or out of memory); left out"
         state = {key: None if row[key] < 0 else int(row[key]) for key in ("file_bytes", "mtime_ns")}
+        state["content_hash"] = row["content_hash"] or None
         failed = pa.Table.from_pylist([{"index": row["index"], "path": printable(path), "error": why, **state}],
                                       schema=schema)
         return [failed.append_column("shard", pa.array([row["shard"]], pa.int64()))]
@@ -277,7 +279,8 @@ def scan_ray(
     def run_window(number: int, members: list[tuple[int, list[Entry]]]) -> None:
         items = [
             {"shard": shard, "index": e.index, "path": os.fsencode(e.path), "problem": e.problem or "",
-             "file_bytes": -1 if e.size is None else e.size, "mtime_ns": -1 if e.mtime_ns is None else e.mtime_ns}
+             "file_bytes": -1 if e.size is None else e.size, "mtime_ns": -1 if e.mtime_ns is None else e.mtime_ns,
+             "content_hash": e.content_hash or ""}
             for shard, entries in members
             for e in entries
         ]

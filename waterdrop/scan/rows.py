@@ -4,7 +4,8 @@ Columns, one row per input (documented in the README's pool-scan section):
 
 - ``index`` (int64): position of the input in the source's order; ``path`` (string): the
   file as opened; ``file_bytes``, ``mtime_ns`` (int64): the file's size and modification
-  time when it was listed (what an incremental scan compares); ``width``, ``height`` (int32):
+  time when it was listed, or ``content_hash`` (string): the hash a manifest line gave for it
+  (what an incremental scan compares); ``width``, ``height`` (int32):
   the original image's size; ``error`` (string): why the image was not scored, null when it was.
 - ``<task>.<field>`` for every field of the runtime's result for that task
   (``Predictor.predict_paths`` gives the same values as JSON), null on error rows:
@@ -106,6 +107,7 @@ class RowBuilder:
             pa.field("path", pa.string()),
             pa.field("file_bytes", pa.int64()),
             pa.field("mtime_ns", pa.int64()),
+            pa.field("content_hash", pa.string()),
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             pa.field("error", pa.string()),
@@ -131,7 +133,7 @@ class RowBuilder:
         self.schema = pa.schema(columns, metadata={SCAN_METADATA_KEY: json.dumps(self.metadata)})
 
     def rows(self, indices: Sequence[int], paths: Sequence[str], decoded: Sequence[Decoded],
-             states: Sequence[tuple[int | None, int | None]] | None = None) -> list[dict]:
+             states: Sequence[tuple[int | None, int | None, str | None]] | None = None) -> list[dict]:
         """One row per input, in order; the decoded images are scored in one batch. ``states``:
         each file's (size, modification time), as listed."""
         good = [k for k, (image, _, _) in enumerate(decoded) if image is not None]
@@ -149,7 +151,7 @@ class RowBuilder:
         for k, (index, path, (_, size, error)) in enumerate(zip(indices, paths, decoded)):
             row = {"index": int(index), "path": printable(path), "error": error}
             if states is not None:
-                row["file_bytes"], row["mtime_ns"] = states[k]
+                row["file_bytes"], row["mtime_ns"], row["content_hash"] = states[k]
             if k in results:
                 row["width"], row["height"] = size
                 for task, result in results[k].items():

@@ -28,20 +28,23 @@ from waterdrop.records import is_manifest, parse_manifest
 
 class Entry(NamedTuple):
     """One input of a scan: the file to open, or why the source line does not name one; its
-    size and modification time when read (``with_file_state``), to tell a changed file."""
+    size and modification time when read (``with_file_state``), to tell a changed file, or the
+    content hash a manifest line gives for it (``content_hash``), which then decides alone."""
 
     path: str
     problem: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
     index: int = -1  # its position in the source
+    content_hash: str | None = None
 
 
 def with_file_state(entries: Iterable[Entry]) -> Iterator[Entry]:
     """The entries with their files' size and modification time (None where the file cannot
-    be read: its decode reports why)."""
+    be read: its decode reports why). An entry with a content hash is not looked at: on
+    network storage a million stats cost minutes, and the hash already tells a changed file."""
     for entry in entries:
-        if entry.problem is None:
+        if entry.problem is None and entry.content_hash is None:
             try:
                 state = os.stat(entry.path)
                 entry = entry._replace(size=state.st_size, mtime_ns=state.st_mtime_ns)
@@ -86,13 +89,19 @@ def manifest_entries(manifest: str | Path) -> Iterator[Entry]:
     """The images of a manifest (read by ``waterdrop.records.parse_manifest``); other keys are ignored.
 
     A line that names no image still gives an entry (named ``MANIFEST:LINE``) whose problem
-    becomes that row's error, so a typo in line 3,000,000 costs one row, not the scan.
+    becomes that row's error, so a typo in line 3,000,000 costs one row, not the scan. A
+    ``content_hash`` string (a sha256, an object store's ETag) is the file's state for
+    incremental scans; another type is that line's problem.
     """
     for line in parse_manifest(manifest):
+        content_hash = None if line.item is None else line.item.get("content_hash")
         if line.item is None:
             yield Entry(f"{manifest}:{line.number}", f"manifest line {line.number}: {line.problem}")
+        elif content_hash is not None and (not isinstance(content_hash, str) or not content_hash):
+            yield Entry(os.path.abspath(line.item["image"]),
+                        f"manifest line {line.number}: 'content_hash' must be a non-empty string, got {content_hash!r}")
         else:
-            yield Entry(os.path.abspath(line.item["image"]))
+            yield Entry(os.path.abspath(line.item["image"]), content_hash=content_hash)
 
 
 def source_entries(source: str | Path) -> Iterator[Entry]:
