@@ -20,9 +20,9 @@ from waterdrop.config import load_registry
 from waterdrop.contract import METADATA_KEY
 from waterdrop.export import export_onnx
 from waterdrop.model.multitask import MultiTaskNet
-from waterdrop.quantize import prepare, quantize, quantize_file
+from waterdrop.quantize import QUANTIZED_OPS, prepare, quantize, quantize_file
 from waterdrop.runtime import Predictor
-from waterdrop.scoring import calibration_images, load_config, read_labeled, task_data_from_config
+from waterdrop.scoring import TaskData, calibration_images, load_config, read_labeled, task_data_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 GRADES = ["blurry", "soft", "sharp"]
@@ -229,7 +229,8 @@ def test_activations_kept_fp32_skip_quantization_and_come_closer_to_fp32(exporte
     activations = mixed_precision.quantized_activations(all_int8)
     assert len(activations) > 10 and len(set(activations)) == len(activations)
     outputs = {t["name"]: t["outputs"]["prob"] for t in Predictor(model).tasks}
-    ranked = mixed_precision.rank_activations(all_int8, fp32, images, outputs, ["disgusting", "scene_tags"])
+    ranked = mixed_precision.rank_activations(all_int8, fp32, images, outputs, ["disgusting", "scene_tags"],
+                                              QUANTIZED_OPS)
     assert sorted(entry["activation"] for entry in ranked) == sorted(activations)
     assert [entry["gain"] for entry in ranked] == sorted((entry["gain"] for entry in ranked), reverse=True)
     kept = mixed_precision.keep_fp32(all_int8, fp32, activations)
@@ -245,30 +246,40 @@ def test_activations_kept_fp32_skip_quantization_and_come_closer_to_fp32(exporte
     far = mixed_precision.task_distances(session(all_int8), images, outputs, reference)
     near = mixed_precision.task_distances(session(kept), images, outputs, reference)
     assert all(near[task] < 1e-4 < far[task] for task in outputs), (near, far)
-    nodes = mixed_precision.fp32_nodes(all_int8, activations[:1])
-    assert nodes and {node["op"] for node in nodes} <= {"Conv", "Add", "MaxPool", "Relu", "Clip",
-                                                        "GlobalAveragePool", "AveragePool"}
+    nodes = mixed_precision.fp32_nodes(all_int8, activations[:1], QUANTIZED_OPS)
+    assert nodes and {node["op"] for node in nodes} <= set(QUANTIZED_OPS)
     with pytest.raises(ValueError, match="not quantized activations"):
         mixed_precision.keep_fp32(all_int8, fp32, ["no such tensor"])
+    # A file with class activation maps: a map that leaves the graph through a DequantizeLinear
+    # keeps it, whatever is kept in fp32.
+    cams = model.with_name("model_cam.onnx")
+    quantize_file(cams, tmp_path / "cam.int8.onnx", images)
+    cam_int8, cam_fp32 = onnx.load(str(tmp_path / "cam.int8.onnx")), onnx.load(str(prepare(cams, tmp_path / "c.onnx")))
+    for kept_one in mixed_precision.quantized_activations(cam_int8)[::7]:
+        mixed_precision._session(mixed_precision.keep_fp32(cam_int8, cam_fp32, [kept_one]))
 
 
 def test_the_gate_keeps_sensitive_activations_in_fp32_until_every_task_passes(exported, demo_root, tmp_path):
-    """A budget the all-int8 file misses: the search keeps activations in fp32, the file passes
-    on val and test, and its record names them; a budget nothing can meet is refused after at
-    most --max-fp32-activations."""
+    """A budget the all-int8 file misses: the search keeps activations in fp32 until every task
+    passes on val, and the record names them; the test split then judges that file once; a
+    budget nothing can meet is refused after at most --max-fp32-activations."""
     registry, model = exported
     tasks = task_data_from_config(load_config(registry), Predictor(model).tasks)
     calibration = [demo_root / "disgusting" / "train", demo_root / "scene_tags" / "train"]
     probe = quantize(model, tmp_path / "probe.int8.onnx", calibration, tasks, max_drop=1.0, calibration_count=16,
                      max_fp32=0)
-    worst = max(task["drop"] for task in probe["tasks"].values())
-    assert worst > 0.02, probe["tasks"]  # this untrained net loses AP in int8: the search has work to do
+    worst = max(task["val"]["drop"] for task in probe["tasks"].values())
+    assert worst > 0.005, probe["tasks"]  # this untrained net loses AP in int8: the search has work to do
+    # Searched and judged on the same split (as with --eval): the file found is the file written.
+    on_val = {name: TaskData(name, data.val, "val", data.val, data.config) for name, data in tasks.items()}
     out = tmp_path / "mixed.int8.onnx"
-    record = quantize(model, out, calibration, tasks, max_drop=worst / 2, calibration_count=16)
+    record = quantize(model, out, calibration, on_val, max_drop=worst / 2, calibration_count=16)
     mixed = record["mixed_precision"]
     assert record["written"] and not record["failures"], record["failures"]
-    assert mixed["all_int8_over_budget"] and mixed["kept_fp32"] and mixed["nodes_fp32"]
+    assert mixed["all_int8_over_budget"]["val"] and mixed["kept_fp32"] and mixed["nodes_fp32"]
+    assert "no held-out check" in mixed["chosen_on"]
     assert all(task["drop"] <= worst / 2 for task in record["tasks"].values())
+    assert {node["op"] for node in mixed["nodes_fp32"]} <= set(QUANTIZED_OPS)
     counts = [step["fp32_activations"] for step in mixed["tried"]]
     assert len(mixed["kept_fp32"]) in counts and not next(
         step for step in mixed["tried"] if step["fp32_activations"] == len(mixed["kept_fp32"]))["over_budget"]
@@ -277,6 +288,14 @@ def test_the_gate_keeps_sensitive_activations_in_fp32_until_every_task_passes(ex
     assert not set(mixed["kept_fp32"]) & set(mixed_precision.quantized_activations(written))
     assert _metadata(out)["quantization"]["mixed_precision"]["kept_fp32"] == mixed["kept_fp32"]
     assert record["speed"]["images_per_s"]["int8"] > 0
+    # Chosen on val, judged on test: written exactly when every test drop is within the budget.
+    held_out = quantize(model, tmp_path / "held_out.int8.onnx", calibration, tasks, max_drop=worst / 2,
+                        calibration_count=16)
+    assert held_out["mixed_precision"]["chosen_on"] == "val" and held_out["mixed_precision"]["kept_fp32"]
+    assert all(task["val"]["drop"] <= worst / 2 for task in held_out["tasks"].values())
+    within = all(task["drop"] <= worst / 2 for task in held_out["tasks"].values())
+    assert held_out["written"] == within == (tmp_path / "held_out.int8.onnx").exists()
+    assert within or any("on its test split" in failure for failure in held_out["failures"])
     refused = quantize(model, tmp_path / "never.int8.onnx", calibration, tasks, max_drop=-1.0, calibration_count=16,
                        max_fp32=3)
     assert not refused["written"] and not (tmp_path / "never.int8.onnx").exists()

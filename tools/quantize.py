@@ -13,14 +13,15 @@ in fp32 and int8 by its kind's metric (binary: AP; multi-label: mAP; graded: mea
 AP) on its test split (else val) from the registry the model was trained with: by default the
 run folder next to MODEL.onnx (its config/resolved.json); --registry names a run folder or a
 registry YAML; --eval gives each task's data instead.
-When the all-int8 file drops a task by more than --max-ap-drop, the quantized activations
-are ranked by how much each costs the tasks over the budget (each kept fp32 in turn, on 64
-calibration images), and the fewest of the most sensitive are kept in fp32 until every task
-is within the budget on its val split and its test split (at most --max-fp32-activations;
-0 turns the search off); the activations and nodes kept in fp32, the counts tried and the
-speed of both files are printed and recorded.
-The int8 file is written only when no task drops by more than --max-ap-drop (exit code 1
-otherwise, naming the task and its drop, and what to try next) unless --force. The default
+When the all-int8 file drops a task by more than --max-ap-drop on its val split, the
+quantized activations are ranked by how much each costs the tasks over the budget (each kept
+fp32 in turn, on 64 calibration images), and the fewest of the most sensitive are kept in
+fp32 until every task is within the budget on its val split (at most --max-fp32-activations;
+0 turns the search off); the test split then judges the chosen file once. The activations
+and nodes kept in fp32, the counts tried and the speed of both files are printed and recorded.
+The int8 file is written only when no task drops by more than --max-ap-drop on its test
+split (else val) nor on its val split (exit code 1 otherwise, naming the task and its drop,
+and what to try next) unless --force. The default
 output, MODEL.int8.onnx beside MODEL, is refused when it exists, unless --overwrite. Thresholds are chosen again on the
 int8 scores of each task's val split; the int8 file's metadata records precision, calibration,
 every task's fp32 and int8 metric and drop, and the thresholds. A model exported with --cam
@@ -139,9 +140,13 @@ def main() -> int:
         elif chosen:
             print(f"{name}: threshold chosen again on val: fp32 {chosen['fp32']:.4f} -> int8 {chosen['int8']:.4f}")
     mixed = record["mixed_precision"]
-    if mixed["all_int8_over_budget"]:
-        print(f"all-int8 over the budget for {', '.join(mixed['all_int8_over_budget'])}; "
+    if mixed["all_int8_over_budget"]["val"]:
+        print(f"all-int8 over the budget on val for {', '.join(mixed['all_int8_over_budget']['val'])}; "
               + mixed.get("result", "no activation kept in fp32 (--max-fp32-activations 0)"))
+        if mixed.get("tried"):
+            steps = [f"{step['fp32_activations']} ({'over' if step['over_budget'] else 'within'})"
+                     for step in mixed["tried"]]
+            print(f"fp32 activations tried (chosen on {mixed['chosen_on']}): {', '.join(steps)}")
         if mixed["kept_fp32"]:
             print(f"kept in fp32: {len(mixed['kept_fp32'])} activations ({', '.join(mixed['kept_fp32'])}); "
                   f"{len(mixed['nodes_fp32'])} nodes compute in fp32 around them, "

@@ -15,13 +15,25 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
+#: Candidates up to which NMS computes all their overlaps at once (faster); above, the memory
+#: (N x N x 2) and the work on boxes already suppressed cost more than the loop saves.
+ALL_OVERLAPS_UP_TO = 256
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Indices of the boxes kept by greedy non-maximum suppression, highest score first."""
     order = np.argsort(-scores, kind="stable")
+    keep = []
+    if len(order) > ALL_OVERLAPS_UP_TO:  # many candidates (evaluation's low threshold): a row at a time
+        while len(order):
+            best, order = order[0], order[1:]
+            keep.append(best)
+            if len(order):
+                order = order[box_iou(boxes[best][None], boxes[order])[0] <= iou_threshold]
+        return np.asarray(keep, dtype=np.int64)
     # Every overlap at once: one numpy call instead of one per kept box (a scan's hot path).
     overlaps = box_iou(boxes[order], boxes[order])
     remaining = np.ones(len(order), bool)
-    keep = []
     for rank in range(len(order)):
         if remaining[rank]:
             keep.append(order[rank])

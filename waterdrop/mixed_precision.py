@@ -130,19 +130,21 @@ def _restore_fp32_weights(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], f
                     tensor.name = restored
                     graph.initializer.append(tensor)
                     constants.add(restored)
-    read = {name for node in nodes for name in node.input}
-    nodes[:] = [node for node in nodes if node.op_type != "DequantizeLinear" or node.output[0] in read]
+    read = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
+    nodes[:] = [node for node in nodes if node.op_type != "DequantizeLinear" or node.output[0] in read
+                or node.input[0] not in constants]
 
 
-def fp32_nodes(model: onnx.ModelProto, activations: Sequence[str]) -> list[dict]:
-    """The quantized nodes of the QDQ ``model`` (those reading a DequantizeLinear) that make or
-    read ``activations``: they compute in fp32 once the activations skip quantization."""
+def fp32_nodes(model: onnx.ModelProto, activations: Sequence[str], ops: Sequence[str]) -> list[dict]:
+    """The quantized nodes of the QDQ ``model`` (of the quantized operator types ``ops``, reading
+    a DequantizeLinear) that make or read ``activations``: they compute in fp32 once the
+    activations skip quantization."""
     graph = model.graph
     makers = {name: node for node in graph.node for name in node.output}
     readers = _consumers(graph)
 
     def quantized(node: onnx.NodeProto) -> bool:
-        return node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(
+        return node.op_type in ops and any(
             makers.get(name) is not None and makers[name].op_type == "DequantizeLinear" for name in node.input)
 
     found: dict[str, str] = {}
@@ -198,7 +200,7 @@ ORDERS = ("gain", "gain_per_mac")
 
 
 def rank_activations(int8: onnx.ModelProto, fp32: onnx.ModelProto, images: np.ndarray, outputs: dict[str, str],
-                     focus: Sequence[str], batch_size: int = 32, order: str = "gain") -> list[dict]:
+                     focus: Sequence[str], ops: Sequence[str], batch_size: int = 32, order: str = "gain") -> list[dict]:
     """Every quantized activation of ``int8`` with its gain: how much of the all-int8 file's
     distance from ``fp32`` (see ``task_distances``) disappears when that activation alone stays
     fp32, relative per task and averaged over the ``focus`` tasks; and its cost, the share of
@@ -220,7 +222,7 @@ def rank_activations(int8: onnx.ModelProto, fp32: onnx.ModelProto, images: np.nd
         for name in candidates:
             distances = task_distances(_session(keep_fp32(int8, fp32, [name])), images, outputs, reference, batch_size)
             gains = [(base[task] - distances[task]) / base[task] if base[task] > 0 else 0.0 for task in focus]
-            share = sum(macs.get(node["node"], 0) for node in fp32_nodes(int8, [name])) / total
+            share = sum(macs.get(node["node"], 0) for node in fp32_nodes(int8, [name], ops)) / total
             ranked.append({"activation": name, "gain": float(np.mean(gains)), "mac_share": share,
                            "distance": {task: distances[task] for task in focus}})
             meter.update(1)

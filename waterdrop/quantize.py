@@ -156,11 +156,13 @@ class Measured:
                 for which, split in splits.items()}
 
     @staticmethod
-    def over_budget(found: dict[str, dict], max_drop: float, splits: tuple[str, ...] = ("gate", "val")) -> list[str]:
-        """The tasks whose metric drops more than ``max_drop`` (or cannot be measured) on any of ``splits``."""
+    def over_budget(found: dict[str, dict], max_drop: float, split: str = "val") -> list[str]:
+        """The tasks whose metric drops more than ``max_drop`` on ``split`` (``val``: a task's val
+        split, its gate split where it has none; ``gate``). A metric that cannot be measured
+        (NaN: no positives) is not counted here: no file can fix it, the gate reports it."""
         return [name for name, per_split in found.items()
-                if any(not before - after <= max_drop for before, after in
-                       ((m["fp32"], m["int8"]) for which, m in per_split.items() if which in splits))]
+                if per_split.get(split, per_split["gate"])["fp32"] - per_split.get(split, per_split["gate"])["int8"]
+                > max_drop]
 
 
 def quantize(model_path: str | Path, output_path: str | Path, calibration: list[str | Path], tasks: dict[str, TaskData],
@@ -168,10 +170,12 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
              batch_size: int = 16, method: str = DEFAULT_CALIBRATION_METHOD, max_fp32: int | None = None,
              order: str = DEFAULT_ORDER) -> dict:
     """Quantize, score both files, and write the int8 file unless a task drops more than
-    ``max_drop`` (``force`` writes it anyway). When the all-int8 file is over the budget, the
-    quantized activations are ranked by sensitivity and the fewest of them (at most
-    ``max_fp32``; None: as many as it takes, 0: none) are kept in fp32 until every task is within
-    the budget on its val split and its gate split (see ``waterdrop.mixed_precision``).
+    ``max_drop`` on its gate split (test, else val) or on its val split (``force`` writes it
+    anyway). When the all-int8 file is over the budget on a val split, the quantized activations
+    are ranked by sensitivity and the fewest of them (at most ``max_fp32``; None: as many as it
+    takes, 0: none) are kept in fp32 until every task is within the budget on its val split
+    (see ``waterdrop.mixed_precision``); the test split then judges the chosen file once. A task
+    without a val split (``--eval``) is searched on its gate data, which the record says.
 
     Returns the record also stored in the int8 file's metadata (``quantization``), plus
     ``written`` and ``failures`` (one message per task over the budget). A file with class
@@ -205,7 +209,13 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
         all_int8 = onnx.load(str(int8_path))
         found = measured.measure(Predictor(int8_path))
         over = measured.over_budget(found, max_drop)
-        record["mixed_precision"] = {"all_int8_over_budget": over, "kept_fp32": [], "nodes_fp32": []}
+        unheld = [name for name, splits in measured.splits.items() if "val" not in splits or splits["val"] is
+                  splits["gate"]]
+        record["mixed_precision"] = {
+            "all_int8_over_budget": {"val": over, "gate": measured.over_budget(found, max_drop, "gate")},
+            "chosen_on": "val" + (f"; the gate split is no held-out check for {', '.join(unheld)} (no separate "
+                                  "val and test splits)" if unheld else ""),
+            "kept_fp32": [], "nodes_fp32": []}
         if over and max_fp32 != 0:
             found = _keep_fewest_fp32(all_int8, prepared, images, entries, measured, over, max_drop, max_fp32,
                                       int8_path, record["mixed_precision"], order) or found
@@ -219,12 +229,21 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
                 "metric": gate["metric"], "split": data.gate_split, "source": str(data.gate),
                 "images": len(split.truth), "undecodable": len(split.undecodable), "fp32": before, "int8": after,
                 "drop": before - after, "thresholds": _thresholds(entry, data, measured, found)}
+            if "val" in found[entry["name"]] and data.val != data.gate:
+                val = found[entry["name"]]["val"]
+                record["tasks"][entry["name"]]["val"] = {"fp32": val["fp32"], "int8": val["int8"],
+                                                         "drop": val["fp32"] - val["int8"]}
             if math.isnan(before - after):
                 failures.append(f"{entry['name']}: {gate['metric']} cannot be measured on {data.gate} (no positives?)")
             elif before - after > max_drop:
                 failures.append(f"{entry['name']}: {gate['metric']} {before:.4f} (fp32) -> {after:.4f} (int8) on its "
                                 f"{data.gate_split} split ({len(split.truth)} images), a drop of {before - after:.4f}; "
                                 f"the budget is {max_drop}")
+            elif entry["name"] in measured.over_budget(found, max_drop) and data.val is not None:
+                val = found[entry["name"]]["val"]
+                failures.append(f"{entry['name']}: {val['metric']} {val['fp32']:.4f} (fp32) -> {val['int8']:.4f} "
+                                f"(int8) on its val split, a drop of {val['fp32'] - val['int8']:.4f}; the budget is "
+                                f"{max_drop}")
         record["speed"] = {"images_per_s": {which: images_per_second(predictor, images, batch_size)
                                             for which, predictor in predictors.items()}}
         record["speed"]["int8_over_fp32"] = record["speed"]["images_per_s"]["int8"] / record["speed"]["images_per_s"][
@@ -241,13 +260,13 @@ def _keep_fewest_fp32(all_int8: onnx.ModelProto, prepared_path: Path, images: np
                       measured: Measured, over: list[str], max_drop: float, max_fp32: int | None, int8_path: Path,
                       record: dict, order: str) -> dict | None:
     """Rank the quantized activations by how much they cost the tasks over the budget, then keep
-    the fewest of them in fp32 for which every task is within the budget on val and gate. The
+    the fewest of them in fp32 for which every task is within the budget on its val split. The
     passing file replaces ``int8_path``; returns its measurements (None: none passed, the
     all-int8 file stays)."""
     outputs = {entry["name"]: entry["outputs"]["prob"] for entry in entries}
     prepared = onnx.load(str(prepared_path))
     ranked = mixed_precision.rank_activations(all_int8, prepared, images[:SENSITIVITY_IMAGES], outputs, over,
-                                              order=order)
+                                              QUANTIZED_OPS, order=order)
     results: dict[int, dict] = {}
     trial = int8_path.with_name("trial.onnx")
 
@@ -272,7 +291,7 @@ def _keep_fewest_fp32(all_int8: onnx.ModelProto, prepared_path: Path, images: np
         return None
     chosen = mixed_precision.keep_fp32(all_int8, prepared, kept)
     onnx.save(chosen, str(int8_path))
-    nodes = mixed_precision.fp32_nodes(all_int8, kept)
+    nodes = mixed_precision.fp32_nodes(all_int8, kept, QUANTIZED_OPS)
     macs = mixed_precision.conv_macs(prepared)
     record.update(kept_fp32=kept, nodes_fp32=nodes,
                   fp32_mac_share=sum(macs.get(node["node"], 0) for node in nodes) / (sum(macs.values()) or 1),

@@ -88,7 +88,9 @@ class Previous:
                 table.setdefault(HASH_COLUMN, [None] * len(table["path"]))
                 rows = list(zip(*(table[c] for c in [*STATE_COLUMNS, HASH_COLUMN])))
                 paths.append(_keys(path for path, *_ in rows))
-                unknown = [(size is None and content is None) or (error is not None and retry_errors)
+                # A hashed line's error row is tried again: its file was never looked at, so the
+                # error may be a file that was missing then, not one that fails as it is.
+                unknown = [(size is None and content is None) or (error is not None and (retry_errors or content))
                            for _, error, size, _, content in rows]
                 states.append(np.array([RETRY if again else _state(path, size, mtime, content)
                                         for again, (path, _, size, mtime, content) in zip(unknown, rows)], np.uint64))

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
 from waterdrop.scan.incremental import Previous, shards_left, with_since
-from waterdrop.scan.local import DECODER_NICENESS, NO_SPINNING
+from waterdrop.scan.local import NO_SPINNING
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
 from waterdrop.scan.sources import Counter, Entry
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
@@ -128,8 +128,6 @@ def decode_stage(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     import cv2
 
     cv2.setNumThreads(1)  # one task per CPU already
-    if os.nice(0) < DECODER_NICENESS:  # as the local engine's decoders (see there); once a worker
-        os.nice(DECODER_NICENESS - os.nice(0))
     paths = [os.fsdecode(path) for path in batch["path"]]
     pixels = np.zeros((len(paths), size, size, 3), np.uint8)
     width, height, errors = np.full(len(paths), -1, np.int64), np.full(len(paths), -1, np.int64), []
@@ -262,6 +260,8 @@ def scan_ray(
     cpus = ray.cluster_resources().get("CPU", 1)
     # Decoding tasks need CPUs the actors leave: by default half the cluster's go to actors.
     actor_cpus = threads if actor_cpus is None else actor_cpus
+    if actor_cpus <= 0 or decode_cpus <= 0:
+        raise ValueError(f"actor_cpus and decode_cpus must be above 0, got {actor_cpus} and {decode_cpus}")
     actors = actors or max(1, int(cpus // actor_cpus // (2 if decode == "tasks" else 1)))
     if decode == "tasks" and actors * actor_cpus + decode_cpus > cpus:
         raise ValueError(f"{actors} actors of {actor_cpus:g} CPUs leave no {decode_cpus:g} CPUs of the cluster's "

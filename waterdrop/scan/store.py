@@ -30,8 +30,9 @@ from waterdrop.scan.sources import Entry
 
 #: Settings that must not change between a scan and its resumption (they decide what a shard holds).
 SPEC_KEYS = ("model_sha256", "source", "shard_size", "embeddings", "since", "row_format")
-#: 2: rows carry the file's size and modification time (``file_bytes``, ``mtime_ns``).
-ROW_FORMAT = 2
+#: 2: rows carry the file's size and modification time (``file_bytes``, ``mtime_ns``);
+#: 3: and the content hash a manifest line gives (``content_hash``).
+ROW_FORMAT = 3
 
 
 class ScanError(RuntimeError):
