@@ -204,7 +204,15 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
         prepared, int8_path = Path(tmp) / "prepared.onnx", Path(tmp) / "model.int8.onnx"
         with Progress(f"quantizing: onnxruntime calibrates on {len(images)} images ({method})", total=1,
                       unit="models", announce=True) as meter:
-            quantize_static(str(prepare(model_path, prepared)), str(int8_path), ImageReader(images), **options)
+            try:
+                quantize_static(str(prepare(model_path, prepared)), str(int8_path), ImageReader(images), **options)
+            except ValueError as err:
+                if method == "minmax":
+                    raise
+                # onnxruntime's histogram calibrators fail on an activation that does not vary.
+                raise ValueError(f"{method} calibration failed inside onnxruntime ({err}): an activation of this "
+                                 "model is constant on the calibration images; use --calibration-method minmax"
+                                 ) from err
             meter.update(1)
         all_int8 = onnx.load(str(int8_path))
         found = measured.measure(Predictor(int8_path))
