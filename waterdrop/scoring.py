@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,19 +148,29 @@ class LabeledImages:
         return scores, squeeze_truth(entry, scores, self.truth)
 
 
+def _model_inputs(paths: list[Path], size: int, meter: Progress, bad: list[str]) -> Iterator[tuple[int, np.ndarray]]:
+    """(position, image) of each decodable path, decoded when asked for and preprocessed as
+    the runtime does (uint8 CHW, exact: the runtime's float32 holds the same integers); the
+    undecodable ones go to ``bad`` with the reason."""
+    for index, path in enumerate(paths):
+        try:
+            image = to_model_input([read_image(path, size)], size)[0].astype(np.uint8)
+        except ImageDecodeError as err:
+            bad.append(str(err))
+            meter.update(0, failed=1)
+            continue
+        meter.update(1)
+        yield index, image
+
+
 def decode_labeled(source: Path, entry: dict, size: int) -> LabeledImages:
     """A task's labeled split decoded as serving decodes it, at ``size``."""
     paths, truth = read_labeled(source, entry)
     images, kept, bad = [], [], []
     with Progress(f"{entry['name']}: decoding {source.name}", total=len(paths)) as meter:
-        for index, path in enumerate(paths):
-            try:
-                images.append(to_model_input([read_image(path, size)], size)[0].astype(np.uint8))
-                kept.append(index)
-                meter.update(1)
-            except ImageDecodeError as err:
-                bad.append(str(err))
-                meter.update(0, failed=1)
+        for index, image in _model_inputs(paths, size, meter, bad):
+            kept.append(index)
+            images.append(image)
     if not images:
         raise ValueError(f"task {entry['name']}: none of the {len(paths)} images of {source} could be decoded")
     return LabeledImages(source, np.stack(images), truth[kept], bad)
@@ -189,15 +200,10 @@ def calibration_images(sources: list[Path], count: int, size: int, seed: int = 0
         raise ValueError(f"{', '.join(map(str, sources))}: no images found")
     images, bad = [], []
     with Progress("calibration images", total=min(count, len(paths))) as meter:
-        for path in paths:
+        for _, image in _model_inputs(paths, size, meter, bad):
+            images.append(image)
             if len(images) == count:
                 break
-            try:
-                images.append(to_model_input([read_image(path, size)], size)[0].astype(np.uint8))
-                meter.update(1)
-            except ImageDecodeError as err:
-                bad.append(str(err))
-                meter.update(0, failed=1)
     if not images:
         raise ValueError(f"none of the {len(paths)} calibration images could be decoded")
     return np.stack(images), bad
