@@ -24,7 +24,7 @@ from waterdrop.kinds import kind_of
 from waterdrop.release.compare import Model, compare, decision_flips, paired_interval
 from waterdrop.release.repository import triton_config
 from waterdrop.runtime import Predictor
-from waterdrop.scoring import score_split
+from waterdrop.scoring import decode_labeled
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,9 @@ def models(tmp_path_factory, demo_root):
     for path in (run / "model.onnx", folder / "reversed.onnx"):
         predictor = Predictor(path)
         entry = next(t for t in predictor.tasks if t["name"] == "thriller")
-        scores, truth, _ = score_split({"model": predictor}, entry, demo_root / "thriller" / "val.jsonl")
-        aps[path] = kind_of("binary").validation_metrics(scores["model"], truth)[1]
+        scores, truth = decode_labeled(demo_root / "thriller" / "val.jsonl", entry, predictor.size).scores(predictor,
+                                                                                                          entry)
+        aps[path] = kind_of("binary").validation_metrics(scores, truth)[1]
     deployed, candidate = sorted(aps, key=aps.get, reverse=True)
     shutil.copy(deployed, folder / "deployed.onnx")
     shutil.copy(candidate, folder / "candidate.onnx")

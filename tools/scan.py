@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=100_000, help="ray: inputs per Ray Data run")
     parser.add_argument("--ray-decode", choices=["inside", "tasks"], default="inside",
                         help="ray: decode inside the scoring actors (default), or in a stage of Ray tasks before them "
-                        "(the layout for GPU actors)")
+                        "(the layout an accelerator would need)")
     parser.add_argument("--ray-decode-cpus", type=float, default=1.0,
                         help="ray, --ray-decode tasks: logical CPUs a decoding task reserves")
     parser.add_argument("--ray-actor-cpus", type=float,

@@ -15,7 +15,8 @@ Decoding runs in one of two places (``decode``):
 - ``tasks``: a ``map_batches`` stage of Ray tasks decodes (``decode_cpus`` logical CPUs each)
   and hands uint8 pixels (~110 KB an image at 192 px) to the scoring actors through the object
   store; Ray Data's streaming executor runs both stages at once. This is the layout for an
-  accelerator: decoding on every CPU of the cluster, inference on the actors that hold it.
+  accelerator: decoding on every CPU of the cluster, inference on the actors (which run
+  onnxruntime on CPU today; a CUDA actor is not built).
   On CPUs alone the two stages share the cores, as the local engine's decoders and session do
   (RESULTS.md, scan_speed.py, compares both layouts).
 
