@@ -95,8 +95,12 @@ def main() -> None:
             target = args.out / run.name / f"{args.search_method}.mixed-{order}.int8.onnx"
             started = time.perf_counter()
             label = f"{args.search_method}, mixed precision ({order})"
-            found[label] = quantize(model, target, calibration, tasks, calibration_count=args.calibration_images,
-                                    method=args.search_method, force=True, order=order, max_drop=args.max_drop)
+            try:
+                found[label] = quantize(model, target, calibration, tasks, calibration_count=args.calibration_images,
+                                        method=args.search_method, force=True, order=order, max_drop=args.max_drop)
+            except ValueError as err:
+                failed.append(f"{label}: {err}")
+                continue
             found[label]["seconds"] = time.perf_counter() - started
             files[label] = target
         images, _ = calibration_images(calibration, 64, Predictor(model).size)
@@ -107,6 +111,9 @@ def main() -> None:
              "Speed: 2 threads, batch 16, best of 3 turns.", ""]
     for name, result in results.items():
         records = result["records"]
+        if not records:
+            lines += [f"## {name}", "", *[f"- {failure}" for failure in result["failed"]], ""]
+            continue
         task_names = list(next(iter(records.values()))["tasks"])
         lines += [f"## {name} ({result['run']})", "",
                   "| file | " + " | ".join(f"{t} fp32 -> int8 (drop)" for t in task_names)

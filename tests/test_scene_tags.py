@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import edit_task
+from waterdrop import detection
 from waterdrop.config import AugmentConfig, ConfigError, load_registry
 from waterdrop.data.dataset import EvalTransform, TrainTransform, crop_boxes, rotate_boxes, rotation_matrix
 from waterdrop.data.loaders import build_datasets
@@ -242,3 +243,15 @@ def test_boxes_beyond_max_boxes_are_counted_and_reported(registry_file, tmp_path
     printed = []
     build_runner(cfg, tmp_path / "run", printer=printed.append)
     assert any(f"scene_tags: {expected} boxes in the training data are beyond" in line for line in printed)
+
+
+def test_nms_gives_the_same_boxes_with_all_overlaps_at_once_and_row_by_row(monkeypatch):
+    rng = np.random.default_rng(3)
+    corners = rng.uniform(0, 300, (600, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 80, (600, 2))], 1)
+    scores = np.round(rng.uniform(0, 1, 600), 2)  # ties too
+    for count in (40, 600):  # below and above detection.ALL_OVERLAPS_UP_TO
+        kept = nms(boxes[:count], scores[:count], 0.5)
+        monkeypatch.setattr(detection, "ALL_OVERLAPS_UP_TO", 0 if count < 256 else 10_000)
+        assert np.array_equal(kept, nms(boxes[:count], scores[:count], 0.5))
+        monkeypatch.undo()

@@ -125,9 +125,9 @@ def main() -> int:
     calibration = record["calibration"]
     print(f"calibrated on {calibration['images']} images of {', '.join(calibration['sources'])}"
           + (f"; {calibration['undecodable']} undecodable, skipped" if calibration["undecodable"] else ""))
-    print("| task | metric | split | images | fp32 | int8 | drop |\n|---|---|---|---|---|---|---|")
+    print("| task | metric | split | images | fp32 | int8 | drop | val drop |\n|---|---|---|---|---|---|---|---|")
     for name, task in record["tasks"].items():
-        values = [task["fp32"], task["int8"], task["drop"]]
+        values = [task["fp32"], task["int8"], task["drop"], task.get("val", {}).get("drop")]
         print(f"| {name} | {task['metric']} | {task['split']} | {task['images']} | "
               + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values) + " |")
     for name, task in record["tasks"].items():

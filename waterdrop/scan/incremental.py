@@ -32,7 +32,7 @@ from waterdrop.scan.sources import Entry, source_entries, with_file_state
 from waterdrop.scan.store import Meter, ScanError, ShardStore
 
 STATE_COLUMNS = ["path", "error", "file_bytes", "mtime_ns"]
-HASH_COLUMN = "content_hash"  # scans written before it have none: their files compare by size and time
+HASH_COLUMN = "content_hash"  # rows of older scans have none (a hashed line then never matches: scored once)
 #: States that no file has: a path a later scan found gone, an error to score again.
 REMOVED, RETRY = np.uint64(0), np.uint64(1)
 
@@ -88,8 +88,9 @@ class Previous:
                 table.setdefault(HASH_COLUMN, [None] * len(table["path"]))
                 rows = list(zip(*(table[c] for c in [*STATE_COLUMNS, HASH_COLUMN])))
                 paths.append(_keys(path for path, *_ in rows))
-                # A hashed line's error row is tried again: its file was never looked at, so the
-                # error may be a file that was missing then, not one that fails as it is.
+                # A hashed line's error row is tried again at every scan: its file was not looked
+                # at when listed, so the error may be a file missing then; a file that fails as it
+                # is costs a decode each time.
                 unknown = [(size is None and content is None) or (error is not None and (retry_errors or content))
                            for _, error, size, _, content in rows]
                 states.append(np.array([RETRY if again else _state(path, size, mtime, content)
