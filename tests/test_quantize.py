@@ -261,8 +261,7 @@ def test_activations_kept_fp32_skip_quantization_and_come_closer_to_fp32(exporte
 
 def test_the_gate_keeps_sensitive_activations_in_fp32_until_every_task_passes(exported, demo_root, tmp_path):
     """A budget the all-int8 file misses: the search keeps activations in fp32 until every task
-    passes on val, and the record names them; the test split then judges that file once; a
-    budget nothing can meet is refused after at most --max-fp32-activations."""
+    passes on val, and the record names them; the test split then judges that file once."""
     registry, model = exported
     tasks = task_data_from_config(load_config(registry), Predictor(model).tasks)
     calibration = [demo_root / "disgusting" / "train", demo_root / "scene_tags" / "train"]
@@ -299,8 +298,4 @@ def test_the_gate_keeps_sensitive_activations_in_fp32_until_every_task_passes(ex
     within = all(task["drop"] <= worst / 2 for task in held_out["tasks"].values())
     assert held_out["written"] == within == (tmp_path / "held_out.int8.onnx").exists()
     assert within or any("on its test split" in failure for failure in held_out["failures"])
-    refused = quantize(model, tmp_path / "never.int8.onnx", calibration, tasks, max_drop=-1.0, calibration_count=16,
-                       max_fp32=3)
-    assert not refused["written"] and not (tmp_path / "never.int8.onnx").exists()
-    assert [step["fp32_activations"] for step in refused["mixed_precision"]["tried"]] == [1, 2, 3]
-    assert refused["mixed_precision"]["result"] == "no file with at most 3 activations in fp32 passed"
+    # A budget nothing meets is refused after --max-fp32-activations: see the CLI test above.

@@ -292,9 +292,9 @@ def test_a_file_that_kills_its_decoder_gets_an_error_row_and_the_scan_goes_on(mo
             assert clean[row["path"]]["disgusting.score"] == pytest.approx(row["disgusting.score"], abs=1e-6)
 
 
-def test_the_ray_engine_isolates_a_file_that_kills_its_decoder(model, pool, tmp_path, monkeypatch, decode="tasks"):
-    """In the decoding tasks (the actors' own decoding goes through the same fallback when an
-    actor dies: ``_score_apart``)."""
+def test_the_ray_engine_isolates_a_file_that_kills_its_decoder(model, pool, tmp_path, monkeypatch, decode="inside"):
+    """Decoding inside the actors, the default; a decoding task that dies (``--ray-decode
+    tasks``) takes the same way, ``_score_apart``."""
     ray = pytest.importorskip("ray")
     from waterdrop.scan import scan_ray
 
@@ -475,19 +475,19 @@ def test_a_manifest_with_content_hashes_decides_what_changed_without_looking_at_
     assert record["this_run"]["skipped_as_scored_before"] == 1
     assert "'content_hash' must be a non-empty string, got 7" in day2[images[2].name]["error"]
     assert day2[images[0].name]["content_hash"] == "h0-new" and day2[images[0].name]["error"] is None
-    # A hashed file missing at one scan is scored at the next, once it is back: its error row
-    # says nothing of the file as it now is.
-    hidden = images[1].read_bytes()
-    images[1].unlink()
-    write(["h0-new", "h1", "h2", None])
+    # A hashed line whose file is not there yet gets an error row, and is scored at the next scan
+    # once the file is: its error row says nothing of the file as it now is.
+    late = current / "late.png"
+    images.append(late)
+    write(["h0-new", "h1", "h2", None, "h-late"])
     scan_local(model, manifest, tmp_path / "day3", since=[tmp_path / "day2", tmp_path / "day1"], **common)
     day3 = {Path(r["path"]).name: r for r in read_rows(tmp_path / "day3")}
-    assert day3[images[1].name]["error"] is not None
-    images[1].write_bytes(hidden)
+    assert day3["late.png"]["error"] is not None and "late.png" in day3["late.png"]["error"]
+    late.write_bytes(images[1].read_bytes())
     scan_local(model, manifest, tmp_path / "day4", since=[tmp_path / "day3", tmp_path / "day2", tmp_path / "day1"],
                **common)
     day4 = {Path(r["path"]).name: r for r in read_rows(tmp_path / "day4")}
-    assert images[1].name in day4 and day4[images[1].name]["error"] is None
+    assert day4["late.png"]["error"] is None and day4["late.png"]["content_hash"] == "h-late"
 
 
 def test_the_progress_line_gives_the_share_done_the_time_left_and_the_errors(capsys, pool):
