@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from waterdrop.mixed_precision import ORDERS  # noqa: E402
-from waterdrop.quantize import CALIBRATION_METHODS, DEFAULT_MAX_DROP, quantize  # noqa: E402
+from waterdrop.quantize import CALIBRATION_METHODS, DEFAULT_MAX_DROP, images_per_second, quantize  # noqa: E402
 from waterdrop.runtime import Predictor  # noqa: E402
 from waterdrop.scoring import calibration_images, load_config, task_data_from_config  # noqa: E402
 
@@ -44,17 +44,10 @@ def speed(files: dict[str, Path], images: np.ndarray, seconds: float, rounds: in
     """Images/s of each file, in turns (``rounds`` turns of ``seconds`` / ``rounds``): drift of
     the machine falls on every file alike. Best turn of each."""
     predictors = {name: Predictor(path, threads=2) for name, path in files.items()}
-    batch = images[:16].astype(np.float32)
     best = dict.fromkeys(files, 0.0)
-    for predictor in predictors.values():
-        predictor.session.run(None, {"image": batch})
     for _ in range(rounds):
         for name, predictor in predictors.items():
-            done, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / rounds:
-                predictor.session.run(None, {"image": batch})
-                done += len(batch)
-            best[name] = max(best[name], done / (time.perf_counter() - start))
+            best[name] = max(best[name], images_per_second(predictor, images, 16, seconds / rounds))
     return best
 
 

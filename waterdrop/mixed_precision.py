@@ -72,7 +72,7 @@ def keep_fp32(model: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequen
     if missing:
         raise ValueError(f"not quantized activations of this file: {sorted(missing)}")
     original_makers = {name: node for node in fp32.graph.node for name in node.output}
-    constants = {tensor.name for tensor in graph.initializer}
+    constants = {tensor.name for tensor in graph.initializer}  # kept up to date as tensors are added
     fp32_constants = {tensor.name: tensor for tensor in fp32.graph.initializer}
     remaining = []
     for node in graph.node:
@@ -93,7 +93,7 @@ def keep_fp32(model: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequen
                     if constant and constant not in constants:
                         graph.initializer.append(copy.deepcopy(fp32_constants[constant]))
                         constants.add(constant)
-    _restore_fp32_weights(graph, remaining, fp32, wanted)
+    _restore_fp32_weights(graph, remaining, fp32, wanted, constants, fp32_constants)
     del graph.node[:]
     graph.node.extend(remaining)
     # The pairs' scales and zero points, weights left for their fp32 originals: unused, and
@@ -106,13 +106,12 @@ def keep_fp32(model: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequen
 
 
 def _restore_fp32_weights(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], fp32: onnx.ModelProto,
-                          kept: set[str]) -> None:
+                          kept: set[str], constants: set[str], fp32_constants: dict[str, onnx.TensorProto]) -> None:
     """The nodes that now compute in fp32 (those making or reading a kept activation) take their
     fp32 weights back: they run in fp32 whatever their weights, so int8 weights would only add
-    error. Their weights' DequantizeLinear nodes, unread, leave ``nodes``."""
+    error. Their weights' DequantizeLinear nodes, unread, leave ``nodes``. ``constants``: the
+    names of ``graph``'s initializers (grows with those added here)."""
     originals = {node.name: node for node in fp32.graph.node}
-    fp32_constants = {tensor.name: tensor for tensor in fp32.graph.initializer}
-    constants = {tensor.name for tensor in graph.initializer}
     makers = {name: node for node in nodes for name in node.output}
     for node in nodes:
         original = originals.get(node.name)
@@ -173,11 +172,16 @@ def conv_macs(fp32: onnx.ModelProto) -> dict[str, int]:
     return macs
 
 
-def _session(model: onnx.ModelProto, threads: int | None = None) -> onnxruntime.InferenceSession:
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def _session(model: onnx.ModelProto) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _outputs(session: onnxruntime.InferenceSession, images: np.ndarray, names: list[str],
+             batch_size: int) -> dict[str, np.ndarray]:
+    """The named outputs of ``session`` on ``images`` (uint8 NCHW), ``batch_size`` at a time."""
+    runs = [session.run(names, {"image": images[start:start + batch_size].astype(np.float32)})
+            for start in range(0, len(images), batch_size)]
+    return {name: np.concatenate([run[position] for run in runs]) for position, name in enumerate(names)}
 
 
 def _logits(probabilities: np.ndarray) -> np.ndarray:
@@ -189,10 +193,7 @@ def task_distances(session: onnxruntime.InferenceSession, images: np.ndarray, ou
                    reference: dict[str, np.ndarray], batch_size: int = 32) -> dict[str, float]:
     """Per task, the mean absolute difference of the logits of its ``outputs`` (task -> output
     name) from ``reference``'s on ``images`` (uint8 NCHW)."""
-    names = list(outputs.values())
-    runs = [session.run(names, {"image": images[start:start + batch_size].astype(np.float32)})
-            for start in range(0, len(images), batch_size)]
-    got = {name: np.concatenate([run[position] for run in runs]) for position, name in enumerate(names)}
+    got = _outputs(session, images, list(outputs.values()), batch_size)
     return {task: float(np.abs(_logits(got[name]) - _logits(reference[name])).mean()) for task, name in outputs.items()}
 
 
@@ -210,10 +211,7 @@ def rank_activations(int8: onnx.ModelProto, fp32: onnx.ModelProto, images: np.nd
         raise ValueError(f"order {order!r}: one of {', '.join(ORDERS)}")
     macs = conv_macs(fp32)
     total = sum(macs.values()) or 1
-    reference_session = _session(fp32)
-    names = list(outputs.values())
-    reference = {name: np.concatenate([reference_session.run([name], {"image": images[s:s + batch_size].astype(
-        np.float32)})[0] for s in range(0, len(images), batch_size)]) for name in names}
+    reference = _outputs(_session(fp32), images, list(outputs.values()), batch_size)
     base = task_distances(_session(int8), images, outputs, reference, batch_size)
     ranked = []
     candidates = quantized_activations(int8)
@@ -223,8 +221,7 @@ def rank_activations(int8: onnx.ModelProto, fp32: onnx.ModelProto, images: np.nd
             distances = task_distances(_session(keep_fp32(int8, fp32, [name])), images, outputs, reference, batch_size)
             gains = [(base[task] - distances[task]) / base[task] if base[task] > 0 else 0.0 for task in focus]
             share = sum(macs.get(node["node"], 0) for node in fp32_nodes(int8, [name], ops)) / total
-            ranked.append({"activation": name, "gain": float(np.mean(gains)), "mac_share": share,
-                           "distance": {task: distances[task] for task in focus}})
+            ranked.append({"activation": name, "gain": float(np.mean(gains)), "mac_share": share})
             meter.update(1)
     if order == "gain":
         ranked.sort(key=lambda entry: -entry["gain"])

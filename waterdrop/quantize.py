@@ -93,8 +93,18 @@ def method_text(method: str) -> str:
 def quantize_file(source: Path, target: Path, images: np.ndarray, method: str = DEFAULT_CALIBRATION_METHOD) -> None:
     """Write the int8 QDQ model of ``source`` to ``target`` (same outputs and metadata)."""
     with tempfile.TemporaryDirectory(prefix="waterdrop-quantize-") as tmp:
-        prepared = prepare(source, Path(tmp) / "prepared.onnx")
+        _quantize_prepared(prepare(source, Path(tmp) / "prepared.onnx"), target, images, method)
+
+
+def _quantize_prepared(prepared: Path, target: Path, images: np.ndarray, method: str) -> None:
+    try:
         quantize_static(str(prepared), str(target), ImageReader(images), **_options(method))
+    except ValueError as err:
+        if method == "minmax":
+            raise
+        # onnxruntime's histogram calibrators fail on an activation that does not vary.
+        raise ValueError(f"{method} calibration failed inside onnxruntime ({err}): an activation of this model "
+                         "is constant on the calibration images; use --calibration-method minmax") from err
 
 
 def prepare(source: Path, target: Path) -> Path:
@@ -122,7 +132,7 @@ class Measured:
     and the fp32 file's scores on them; ``measure`` scores an int8 file against them."""
 
     def __init__(self, fp32: Predictor, entries: list[dict], tasks: dict[str, TaskData], batch_size: int):
-        self.entries, self.tasks, self.batch_size = entries, tasks, batch_size
+        self.entries, self.batch_size = entries, batch_size
         self.splits: dict[str, dict[str, LabeledImages]] = {}
         self.fp32: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         for entry in entries:
@@ -141,24 +151,19 @@ class Measured:
         mixed-precision search sees them: the test split judges only the file it chooses."""
         found = {}
         for entry in self.entries:
-            found[entry["name"]] = {}
             splits = self.splits[entry["name"]]
             if val_only:
                 which = "val" if "val" in splits else "gate"
-                before_scores, truth = self.fp32[entry["name"]][which]
-                scores = splits[which].scores(int8, entry, self.batch_size)[0]
-                metric, before = task_metric(entry, before_scores, truth)
-                found[entry["name"]][which] = {"metric": metric, "fp32": before,
-                                               "int8": task_metric(entry, scores, truth)[1], "scores": scores}
-                continue
-            got = self._scores(int8, entry)
-            for which in splits:
-                before_scores, truth = self.fp32[entry["name"]][which]
-                scores = got[which][0]
-                metric, before = task_metric(entry, before_scores, truth)
-                found[entry["name"]][which] = {"metric": metric, "fp32": before,
-                                               "int8": task_metric(entry, scores, truth)[1], "scores": scores}
+                got = {which: splits[which].scores(int8, entry, self.batch_size)}
+            else:
+                got = self._scores(int8, entry)
+            found[entry["name"]] = {which: self._compared(entry, which, scores) for which, (scores, _) in got.items()}
         return found
+
+    def _compared(self, entry: dict, which: str, scores: np.ndarray) -> dict:
+        before_scores, truth = self.fp32[entry["name"]][which]
+        metric, before = task_metric(entry, before_scores, truth)
+        return {"metric": metric, "fp32": before, "int8": task_metric(entry, scores, truth)[1], "scores": scores}
 
     def _scores(self, predictor: Predictor, entry: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         splits = self.splits[entry["name"]]
@@ -198,7 +203,7 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
             unknown calibration method.
     """
     model_path, output_path = Path(model_path), Path(output_path)
-    options = _options(method)
+    _options(method)  # an unknown method is refused before anything is decoded
     if output_path.resolve() == model_path.resolve():
         raise ValueError(f"{output_path}: the int8 file must not replace the fp32 file")
     fp32 = Predictor(model_path)
@@ -216,15 +221,7 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
         prepared, int8_path = Path(tmp) / "prepared.onnx", Path(tmp) / "model.int8.onnx"
         with Progress(f"quantizing: onnxruntime calibrates on {len(images)} images ({method})", total=1,
                       unit="models", announce=True) as meter:
-            try:
-                quantize_static(str(prepare(model_path, prepared)), str(int8_path), ImageReader(images), **options)
-            except ValueError as err:
-                if method == "minmax":
-                    raise
-                # onnxruntime's histogram calibrators fail on an activation that does not vary.
-                raise ValueError(f"{method} calibration failed inside onnxruntime ({err}): an activation of this "
-                                 "model is constant on the calibration images; use --calibration-method minmax"
-                                 ) from err
+            _quantize_prepared(prepare(model_path, prepared), int8_path, images, method)
             meter.update(1)
         all_int8 = onnx.load(str(int8_path))
         found = measured.measure(Predictor(int8_path))
@@ -240,7 +237,7 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
             found = _keep_fewest_fp32(all_int8, prepared, images, entries, measured, over, max_drop, max_fp32,
                                       int8_path, record["mixed_precision"], order) or found
         predictors = {"fp32": fp32, "int8": Predictor(int8_path)}
-        failures = []
+        failures, over_on_val = [], measured.over_budget(found, max_drop)
         for entry in entries:
             data, gate = tasks[entry["name"]], found[entry["name"]]["gate"]
             split = measured.splits[entry["name"]]["gate"]
@@ -259,7 +256,7 @@ def quantize(model_path: str | Path, output_path: str | Path, calibration: list[
                 failures.append(f"{entry['name']}: {gate['metric']} {before:.4f} (fp32) -> {after:.4f} (int8) on its "
                                 f"{data.gate_split} split ({len(split.truth)} images), a drop of {before - after:.4f}; "
                                 f"the budget is {max_drop}")
-            elif entry["name"] in measured.over_budget(found, max_drop) and data.val is not None:
+            elif entry["name"] in over_on_val and data.val is not None:
                 val = found[entry["name"]]["val"]
                 failures.append(f"{entry['name']}: {val['metric']} {val['fp32']:.4f} (fp32) -> {val['int8']:.4f} "
                                 f"(int8) on its val split, a drop of {val['fp32'] - val['int8']:.4f}; the budget is "

@@ -117,10 +117,18 @@ class RayScorer:
         else:
             problems = [problem or None for problem in batch["problem"]]
             decoded = [decode_for_model(path, self.predictor.size, problem) for path, problem in zip(paths, problems)]
-        states = [(None if size < 0 else int(size), None if size < 0 else int(mtime), content_hash or None)
-                  for size, mtime, content_hash in zip(batch["file_bytes"], batch["mtime_ns"], batch["content_hash"])]
+        states = [_file_state(*state) for state in zip(batch["file_bytes"], batch["mtime_ns"], batch["content_hash"])]
         table = self.builder.table(self.builder.rows(batch["index"].tolist(), paths, decoded, states))
         return table.append_column("shard", pa.array(batch["shard"], pa.int64()))
+
+
+#: An item's file state: size and time (-1: not known), the manifest's content hash ("": none).
+STATE_KEYS = ("file_bytes", "mtime_ns", "content_hash")
+
+
+def _file_state(size: int, mtime_ns: int, content_hash: str) -> tuple[int | None, int | None, str | None]:
+    """A file's state as rows record it, from an item's placeholders."""
+    return None if size < 0 else int(size), None if mtime_ns < 0 else int(mtime_ns), content_hash or None
 
 
 def decode_stage(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -191,8 +199,7 @@ def _score_apart(ray, items: list[dict], batch_size: int, scorer_args: dict, sch
         row = rows[0]
         path = os.fsdecode(row["path"])
         why = row["problem"] or f"{path}: the scoring process died on it (a crash or out of memory); left out"
-        state = {key: None if row[key] < 0 else int(row[key]) for key in ("file_bytes", "mtime_ns")}
-        state["content_hash"] = row["content_hash"] or None
+        state = dict(zip(STATE_KEYS, _file_state(*(row[key] for key in STATE_KEYS))))
         failed = pa.Table.from_pylist([{"index": row["index"], "path": printable(path), "error": why, **state}],
                                       schema=schema)
         return [failed.append_column("shard", pa.array([row["shard"]], pa.int64()))]

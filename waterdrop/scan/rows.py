@@ -135,7 +135,7 @@ class RowBuilder:
     def rows(self, indices: Sequence[int], paths: Sequence[str], decoded: Sequence[Decoded],
              states: Sequence[tuple[int | None, int | None, str | None]] | None = None) -> list[dict]:
         """One row per input, in order; the decoded images are scored in one batch. ``states``:
-        each file's (size, modification time), as listed."""
+        each file's (size, modification time, content hash), as listed."""
         good = [k for k, (image, _, _) in enumerate(decoded) if image is not None]
         results, vectors = {}, {}
         if good:
