@@ -9,20 +9,22 @@ RUN := work_dirs/demo
 LABEL_STUDIO := .venv-labelstudio
 LABEL_STUDIO_VERSION := 1.23.2
 
-.PHONY: install label-studio demo test runtime-check lint bench clean
+.PHONY: install label-studio demo test runtime-check lint bench clean lock
 
-$(VENV)/.installed: setup.py pyproject.toml
+# The constraints files hold every version this project was last tested with, so a release of
+# some dependency of a dependency cannot break a fresh install; `make lock` refreshes them.
+$(VENV)/.installed: setup.py pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[train,dev,scan,release]"
+	$(PY) -m pip install -q -c constraints/dev.txt -e ".[train,dev,scan,release]"
 	touch $@
 
 install: $(VENV)/.installed
 
 # Label Studio (Apache-2.0) in its own venv: its pinned Django stack never meets ours. The
 # labelling round trip (tools/label_studio.py) is tested against a server started from it.
-$(LABEL_STUDIO)/.installed:
+$(LABEL_STUDIO)/.installed: constraints/label-studio.txt
 	$(PYTHON) -m venv $(LABEL_STUDIO)
-	$(LABEL_STUDIO)/bin/python -m pip install -q "label-studio==$(LABEL_STUDIO_VERSION)"
+	$(LABEL_STUDIO)/bin/python -m pip install -q -c constraints/label-studio.txt "label-studio==$(LABEL_STUDIO_VERSION)"
 	touch $@
 
 label-studio: $(LABEL_STUDIO)/.installed
@@ -40,7 +42,7 @@ test: install label-studio
 runtime-check: install
 	rm -rf .venv-runtime work_dirs/runtime-check
 	$(PYTHON) -m venv .venv-runtime
-	.venv-runtime/bin/python -m pip install -q .
+	.venv-runtime/bin/python -m pip install -q -c constraints/dev.txt .
 	$(PY) tests/make_runtime_fixture.py work_dirs/runtime-check
 	cd work_dirs && ../.venv-runtime/bin/python -c "import importlib.util, sys; \
 		assert importlib.util.find_spec('torch') is None, 'torch is installed'; \
@@ -62,3 +64,8 @@ bench: install
 
 clean:
 	rm -rf work_dirs demo_data
+
+# Refresh the constraints from the installed venvs (after a deliberate upgrade that passed `make test`).
+lock: install label-studio
+	$(PY) -m pip freeze --exclude-editable | grep -vi "^waterdrop" > constraints/dev.txt
+	$(LABEL_STUDIO)/bin/python -m pip freeze --exclude-editable > constraints/label-studio.txt
