@@ -112,15 +112,15 @@ def photo_id(package: str, path: str) -> str:
     return f"{package}:{path.rsplit('.', 1)[0].replace('/', '-')}"
 
 
-def fetch_deb(package: str, debs: Path) -> Path:
+def fetch_deb(package: str, debs: Path, packages: dict[str, tuple[str, str]] = PACKAGES) -> Path:
     """The pinned ``.deb`` of ``package`` in ``debs``, downloaded with ``apt-get download`` if missing."""
-    version = PACKAGES[package][0]
-    name = f"{package}_{version.replace(':', '%3a')}_all.deb"
-    if not (debs / name).exists():
+    version = packages[package][0]
+    pattern = f"{package}_{version.replace(':', '%3a')}_*.deb"  # _all or, for a few, the machine's _amd64
+    if not list(debs.glob(pattern)):
         debs.mkdir(parents=True, exist_ok=True)
         print(f"download {package}={version}")
         subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=debs, check=True)
-    return debs / name
+    return next(debs.glob(pattern))
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -130,17 +130,17 @@ def decode(data: bytes) -> np.ndarray:
     return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
 
 
-def cache_photos(cache: Path) -> dict[str, Path]:
+def cache_photos(cache: Path, photos: dict = PHOTOS, packages: dict = PACKAGES) -> dict[str, Path]:
     """Every allow-listed photo decoded, downscaled to ``MAX_SIDE`` and cached as PNG; id -> file."""
     cached: dict[str, Path] = {}
-    for package, (folder, files) in PHOTOS.items():
+    for package, (folder, files) in photos.items():
         wanted = {f"./{folder}/{path}": photo_id(package, path) for path in files}
         targets = {member: cache / "photos" / f"{pid.replace(':', '__')}.png" for member, pid in wanted.items()}
         cached.update({wanted[m]: t for m, t in targets.items()})
         missing = {m for m, t in targets.items() if not t.exists()}
         if not missing:
             continue
-        deb = fetch_deb(package, cache / "debs")
+        deb = fetch_deb(package, cache / "debs", packages)
         print(f"decode {len(missing)} photos from {deb.name}")
         # Stream the package's file-system tar: no install and no extracted copy of the whole package.
         proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)

@@ -24,18 +24,22 @@ listed in summary.json and eval/metrics.json); 2 a bad registry, data or run fol
 message says which file and key), before training starts.
 """
 
-import json
-import os
-import sys
-from pathlib import Path
+import time
 
-from waterdrop import cli
-from waterdrop.config import ConfigError, load_registry
-from waterdrop.data.demo import ensure_demo_data
-from waterdrop.engine.checkpoint import RunFolderError
-from waterdrop.engine.lifecycle import PlanError
-from waterdrop.engine.train import run_training
-from waterdrop.records import DataError
+STARTED = time.time()  # before the imports below: loading torch is part of a run's start-up
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from waterdrop import cli  # noqa: E402
+from waterdrop.config import ConfigError, load_registry  # noqa: E402
+from waterdrop.data.demo import ensure_demo_data  # noqa: E402
+from waterdrop.engine.checkpoint import RunFolderError  # noqa: E402
+from waterdrop.engine.lifecycle import PlanError  # noqa: E402
+from waterdrop.engine.train import run_training  # noqa: E402
+from waterdrop.records import DataError  # noqa: E402
 
 # Where each launcher puts this process's rank; the process group, which knows it too, starts later.
 RANK_VARIABLES = {"pytorch": "RANK", "slurm": "SLURM_PROCID", "mpi": "OMPI_COMM_WORLD_RANK"}
@@ -74,7 +78,7 @@ def main() -> int:
             cli.check_run(args.parent)
         prepare_demo_data(args.registry, args.launcher)
         report = run_training(args.registry, work_dir, args.epochs, args.resume, args.launcher, parent=args.parent,
-                              tasks=args.tasks, retire=args.retire)
+                              tasks=args.tasks, retire=args.retire, started=STARTED)
     except (ConfigError, DataError, PlanError, RunFolderError, cli.UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE

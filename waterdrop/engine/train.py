@@ -38,6 +38,7 @@ from waterdrop.engine.lifecycle import PlanError, TaskPlan, describe, plan_train
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers the optimizer constructor)
+from waterdrop.engine.timing import PhaseClock
 from waterdrop.evaluation.evaluate import evaluate, format_report
 from waterdrop.model.lineage import inherit, model_hash, output_differences, task_hashes
 from waterdrop.model.multitask import MultiTaskNet
@@ -224,7 +225,7 @@ def record_lineage(cfg: RegistryConfig, net: MultiTaskNet, work_dir: Path, plan:
 
 def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
                  launcher: str = "none", printer=print, parent: str | Path | None = None,
-                 tasks: list[str] | None = None, retire: list[str] = ()) -> dict | None:
+                 tasks: list[str] | None = None, retire: list[str] = (), started: float | None = None) -> dict | None:
     """Train the tasks of ``registry``, then evaluate the best checkpoint into
     ``work_dir/eval`` and write ``lineage.json``. Returns the evaluation report (None on ranks
     other than 0).
@@ -232,8 +233,11 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     Without ``parent`` every task trains jointly. With ``parent`` (the run of the model in
     production) only ``tasks`` train, and the tasks the registry adds (see
     ``waterdrop.engine.lifecycle``); ``retire`` names the parent's tasks left out on purpose.
-    A resumed run keeps the plan it started with.
+    A resumed run keeps the plan it started with. ``timing.json`` splits the wall time since
+    ``started`` (default: now) into start-up, training, validation, checkpoints and the final
+    evaluation.
     """
+    clock = PhaseClock(started)
     cfg = load_registry(registry)
     work_dir = Path(work_dir)
     plan, parent_net = None, None
@@ -255,16 +259,22 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     if plan is not None and rank == 0:
         printer(describe(plan))
     runner = build_runner(cfg, work_dir, epochs, resume, launcher, printer, plan, parent_net)
+    for hook in clock.hooks():
+        runner.register_hook(hook)
     if rank == 0 and not resume:  # a resumed run keeps the record of the run it continues
         _record_run(cfg, work_dir)
     runner.train()
     finish_distributed()  # rank 0 evaluates alone, outside the group
     if rank != 0:
         return None
+    clock.begin("final_evaluation")
     checkpoint = best_checkpoint(work_dir)
     net, cfg, _ = load_net(checkpoint)
     report = evaluate(net, cfg, work_dir / "eval", "cuda" if torch.cuda.is_available() else "cpu", checkpoint,
                       kept_thresholds=plan.parent_thresholds if plan else None)
     printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
     record_lineage(cfg, net, work_dir, plan, printer, parent_net)
+    clock.end("final_evaluation")
+    clock.write(work_dir)
+    printer(clock.summary())
     return report

@@ -1,0 +1,135 @@
+"""Recipes on the real-photo quality suite: the plain loop a team would write, and registry recipes.
+
+    python benchmarks/quality_suite.py                   # builds work_dirs/quality_suite once
+    python benchmarks/suite.py [--rows plain default] [--tasks blur noise ...] [--seeds 0 1 2]
+        [--copy NEW=ROW] [--set ROW:dotted.key=value] [--out work_dirs/suite] [--table]
+
+Every task is trained alone from one minimal task YAML, as ``transfer.py`` does; ``plain`` is
+``plain_finetune.py`` (same weights, size and epochs, nothing else). AP is on ``test``, whose
+photographs no run saw; val chose nothing for ``plain`` and the checkpoint for registry rows.
+Results accumulate in ``<out>/results.json`` (a finished row/task/seed is not run again);
+``--table`` prints the table of what is there: per task the mean test AP over seeds (and the
+spread, max - min, with more than one seed), the worst task, and the wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plain_finetune  # noqa: E402
+from ablation import REPO, machine  # noqa: E402
+from quality_suite import TASKS  # noqa: E402
+from transfer import row_registries, set_key, task_yaml  # noqa: E402
+
+
+def run_registry_row(registry: dict, task: str, data: Path, folder: Path, seed: int) -> dict:
+    """``tools/train.py`` on a one-task registry, as a user runs it: the whole wall time counts."""
+    registry = yaml.safe_load(yaml.safe_dump(registry))
+    set_key(registry, "train.seed", seed)
+    task_file = task_yaml(task, data)
+    for key, value in registry.pop("task", {}).items():
+        task_file[key] = {**task_file.get(key, {}), **value} if isinstance(value, dict) else value
+    registry.update(demo_data=None, tasks=["task.yaml"])
+    if folder.exists():
+        shutil.rmtree(folder)  # a run that did not finish left no result: start it again
+    folder.mkdir(parents=True)
+    (folder / "task.yaml").write_text(yaml.safe_dump(task_file))
+    (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
+    began = time.time()
+    subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(folder / "registry.yaml"), "--work-dir",
+                    str(folder / "run"), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    total = time.time() - began
+    report = json.loads((folder / "run" / "eval" / "metrics.json").read_text())[task]
+    timing = json.loads((folder / "run" / "timing.json").read_text())
+    return {"test_ap": report["ap"], "val_ap": report.get("val_summary", {}).get("AP"),
+            "train_seconds": timing["training_s"], "total_seconds": round(total, 1), "timing": timing}
+
+
+def print_table(results: dict, rows: list[str], tasks: list[str]) -> None:
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for key, result in results.items():
+        row, task, _ = key.split("/")
+        cells.setdefault((row, task), []).append(result)
+    rows = [r for r in rows if any((r, t) in cells for t in tasks)]
+    print("| recipe | " + " | ".join(tasks) + " | worst | mean | train s / task | run s / task |")
+    print("|---|" + "---|" * (len(tasks) + 4))
+    for row in rows:
+        aps, line, train, total = [], [], [], []
+        for task in tasks:
+            runs = cells.get((row, task), [])
+            if not runs:
+                line.append("-")
+                continue
+            values = [r["test_ap"] for r in runs]
+            aps.append(statistics.mean(values))
+            spread = f" ±{(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else ""
+            line.append(f"{statistics.mean(values):.4f}{spread}")
+            train += [r["train_seconds"] for r in runs]
+            total += [r.get("total_seconds", r["train_seconds"]) for r in runs]
+        worst = f"{min(aps):.4f}" if len(aps) == len(tasks) else "-"
+        mean = f"{statistics.mean(aps):.4f}" if len(aps) == len(tasks) else "-"
+        print(f"| {row} | " + " | ".join(line) + f" | {worst} | {mean} | {statistics.mean(train):.0f} | "
+              f"{statistics.mean(total):.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO / "work_dirs" / "quality_suite"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--rows", nargs="+", default=["plain", "default"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--copy", dest="copies", action="append", default=[], metavar="NEW=ROW")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="ROW:dotted.key=value")
+    parser.add_argument("--out", default=str(REPO / "work_dirs" / "suite"))
+    parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
+    args = parser.parse_args()
+    data, out = Path(args.data).resolve(), Path(args.out)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.table:
+        print_table(results, args.rows, args.tasks)
+        return
+    if not (data / "manifest.json").is_file():
+        sys.exit(f"{data}: no suite data; run benchmarks/quality_suite.py first")
+    torch.set_num_threads(2)
+    base = yaml.safe_load((REPO / "registry.yaml").read_text())
+    def alias(row: str) -> str:  # transfer.py calls the repository's registry "finetune"
+        return "finetune" if row == "default" else row
+
+    copies = [f"{new}={alias(old)}" for new, old in (c.split("=", 1) for c in args.copies)]
+    sets = [f"{alias(row)}:{change}" for row, change in (s.split(":", 1) for s in args.sets)]
+    wanted = [r for r in args.rows if r != "plain"]
+    made = row_registries(base, copies, sets, [alias(r) for r in wanted])
+    registries = {row: made[alias(row)] for row in wanted}
+    for seed in args.seeds:
+        for task in args.tasks:
+            for row in args.rows:
+                key = f"{row}/{task}/{seed}"
+                if key in results:
+                    continue
+                if row == "plain":
+                    result = plain_finetune.run(data / task, seed)
+                else:
+                    result = run_registry_row(registries[row], task, data, out / row / task / str(seed), seed)
+                result["machine"] = machine()
+                results[key] = result
+                out.mkdir(parents=True, exist_ok=True)
+                results_file.write_text(json.dumps(results, indent=1))
+                print(f"{key}: test AP {result['test_ap']:.4f}  train {result['train_seconds']:.0f} s  "
+                      f"whole {result['total_seconds']:.0f} s", flush=True)
+    print_table(results, args.rows, args.tasks)
+
+
+if __name__ == "__main__":
+    main()
