@@ -53,6 +53,7 @@ setup(
         "waterdrop.release",
         "waterdrop.scan",
         "waterdrop.search",
+        "waterdrop.tuning",
     ],
     package_dir={"waterdrop.heads": "heads"},
     # Partner teams serving the ONNX file install the runtime alone: `pip install waterdrop`.

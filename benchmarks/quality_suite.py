@@ -346,6 +346,8 @@ def build(out: Path, cache: Path, seed: int, tasks: list[str]) -> dict:
     print("photos per split: " + ", ".join(f"{name} {len(ids)}" for name, ids in splits.items()))
     loaded = {pid: cv2.imread(str(path), cv2.IMREAD_COLOR) for pid, path in files.items()}
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if previous.get("splits", splits) != splits:  # images made from other splits' photos would leak across
+        raise SystemExit(f"{out} was built from another photo list or split; pick another --out or delete it")
     manifest = {"seed": seed, "photos": len(files), "splits": splits,
                 "packages": {**{n: v for n, (v, _) in real_photos.PACKAGES.items()},
                              **{n: v for n, (v, _) in suite_photos.PACKAGES.items()},

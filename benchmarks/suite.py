@@ -8,8 +8,11 @@ Every task is trained alone from one minimal task YAML, as ``transfer.py`` does;
 ``plain_finetune.py`` (same weights, size and epochs, nothing else). AP is on ``test``, whose
 photographs no run saw; val chose nothing for ``plain`` and the checkpoint for registry rows.
 Results accumulate in ``<out>/results.json`` (a finished row/task/seed is not run again);
-``--table`` prints the table of what is there: per task the mean test AP over seeds (and the
-spread, max - min, with more than one seed), the worst task, and the wall times.
+``--table`` prints the table of what is there: per task the mean test AP over seeds (and, with
+more than one seed, ± half the range max - min), the worst task, and the wall times. Registry
+rows run ``tools/train.py`` as a command (their whole time counts Python's start-up and the
+imports); ``plain`` runs in this process (its whole time is its loop and its test scoring).
+``--loto ROW ...`` with ``--table``: leave-one-task-out over those rows.
 """
 
 from __future__ import annotations
@@ -83,6 +86,33 @@ def print_table(results: dict, rows: list[str], tasks: list[str]) -> None:
               f"{statistics.mean(total):.0f} |")
 
 
+def mean_ap(results: dict, row: str, task: str) -> float | None:
+    values = [r["test_ap"] for key, r in results.items() if key.startswith(f"{row}/{task}/")]
+    return statistics.mean(values) if values else None
+
+
+def leave_one_task_out(results: dict, candidates: list[str], tasks: list[str]) -> None:
+    """Each task judges the recipe the OTHER tasks chose (by their worst AP): how a default chosen
+    on known tasks holds on the next one. The default to ship maximises the worst task of all."""
+    table = {(c, t): mean_ap(results, c, t) for c in candidates for t in tasks}
+    candidates = [c for c in candidates if all(table[c, t] is not None for t in tasks)]
+    if not candidates:
+        print("leave-one-task-out: no candidate has results on every task")
+        return
+    print("\n| held-out task | chosen by the other tasks | its AP there | best candidate for it |")
+    print("|---|---|---|---|")
+    held_out = []
+    for task in tasks:
+        others = [t for t in tasks if t != task]
+        chosen = max(candidates, key=lambda c: min(table[c, t] for t in others))
+        best = max(candidates, key=lambda c: table[c, task])
+        held_out.append(table[chosen, task])
+        print(f"| {task} | {chosen} | {table[chosen, task]:.4f} | {best} ({table[best, task]:.4f}) |")
+    default = max(candidates, key=lambda c: min(table[c, t] for t in tasks))
+    print(f"worst held-out task AP {min(held_out):.4f}, mean {statistics.mean(held_out):.4f}; the default by "
+          f"the worst task over all tasks: {default} (worst {min(table[default, t] for t in tasks):.4f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO / "work_dirs" / "quality_suite"))
@@ -93,12 +123,15 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="ROW:dotted.key=value")
     parser.add_argument("--out", default=str(REPO / "work_dirs" / "suite"))
     parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
+    parser.add_argument("--loto", nargs="+", metavar="ROW", help="with --table: leave-one-task-out over these rows")
     args = parser.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if args.table:
         print_table(results, args.rows, args.tasks)
+        if args.loto:
+            leave_one_task_out(results, args.loto, args.tasks)
         return
     if not (data / "manifest.json").is_file():
         sys.exit(f"{data}: no suite data; run benchmarks/quality_suite.py first")

@@ -4,10 +4,13 @@
                          [--max-trials N] [--seed S]
 
 Each trial trains TASK alone under a recipe drawn from the search space (Optuna's TPE sampler)
-and reports its val score after every epoch; trials that trail the others at the same epoch
-are stopped early (successive halving, a third carried on at each rung). The winner is the
-trial with the best val score; its checkpoint is then evaluated on TASK's test split, once:
-test never chooses. The default space: backbone (lite0/1/2), input size, epochs, learning
+and reports its val score after every epoch; a trial that trails the others at 30 % and at
+60 % of its epochs is stopped early (successive halving: half go on at each). The winner is
+the complete trial with the best val score; its checkpoint is then evaluated on TASK's test
+split, once: test never chooses (without a test split: on val, marked in-sample). A trial
+that fails (out of memory, a combination the model refuses) is recorded and the search goes
+on. No trial starts after the budget is spent, and one still running then is stopped; the
+winner's evaluation comes on top. The default space: backbone (lite0/1/2), input size, epochs, learning
 rate, trunk multiplier, a frozen first epoch, crop scale, colour strength, flips. A space
 file narrows or widens it, one dotted key per line:
 
@@ -23,17 +26,19 @@ task.* keys. model.* and train.* are shared by every task of a registry: applyin
 the other tasks' training too (the tool says which keys and tasks), so retrain them all and
 compare, or keep only the task.* keys.
 
-Exit codes: 0 searched; 2 a bad registry, task, space or budget (said before any trial runs).
+Exit codes: 0 searched; 2 a bad registry, task, space or budget (said before any trial runs),
+or no trial finished within the budget (trials.csv says what each did).
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 from waterdrop import cli
 from waterdrop.config import ConfigError, load_registry
 from waterdrop.data.demo import ensure_demo_data
-from waterdrop.engine.tuning import TuneError, parse_budget, run_search
 from waterdrop.records import DataError
+from waterdrop.tuning import TuneError, parse_budget, run_search
 
 
 def main() -> int:
@@ -53,6 +58,11 @@ def main() -> int:
         if args.max_trials is not None and args.max_trials < 1:
             raise cli.UsageError(f"--max-trials {args.max_trials}: at least 1")
         out = cli.output_path(args.out, Path("work_dirs") / "tune" / args.task, args.overwrite)
+        if out.exists() and args.overwrite:  # a new search, not trials mixed with an old one's
+            if any(out.iterdir()) and not (out / "trials.csv").is_file():
+                raise cli.UsageError(f"--out {out}: not the folder of an earlier search (no trials.csv); "
+                                     "--overwrite replaces only those")
+            shutil.rmtree(out)
         demo = load_registry(args.registry).demo_data
         if demo is not None and ensure_demo_data(demo):
             print(f"generated the demo data in {demo}")
@@ -61,8 +71,9 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return cli.EXIT_USAGE
     winner = summary["winner"]
-    print(f"\n{summary['trials']} trials in {summary['took_s']:.0f} s ({summary['complete']} complete, "
-          f"{summary['pruned']} stopped early); winner: trial {winner['trial']}, val {winner['best_val']:.4f}")
+    states = ", ".join(f"{n} {state}" for state, n in summary["states"].items() if n)
+    print(f"\n{summary['trials']} trials in {summary['took_s']:.0f} s ({states}); winner: trial {winner['trial']}, "
+          f"val {winner['best_val']:.4f}")
     for key, value in winner["values"].items():
         print(f"  {key}: {value}")
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in winner["metrics"].items() if isinstance(v, float))
