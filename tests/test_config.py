@@ -56,6 +56,12 @@ def test_repository_registry_and_every_task_yaml_load():
          "is for multi-label tasks"),
         (lambda t: t["data"].update(tset="x"), "task", "data.tset", "allowed here: test, train, unlabeled, val"),
         (lambda t: t["deploy"].pop("target"), "task", "deploy.target", "missing (required)"),
+        (lambda t: t["augment"].update(preserve=["sharpness", "focus"]), "task", "augment.preserve",
+         "scale, sharpness, colour, composition"),
+        # disgusting.yaml sets crop_scale [0.6, 1.0] and color 0.3: a preserved property they change is an error
+        (lambda t: t["augment"].update(preserve=["composition"]), "task", "augment.crop_scale",
+         "[1.0, 1.0], because preserve names composition and this crop_scale would change it"),
+        (lambda t: t["augment"].update(preserve=["colour"]), "task", "augment.color", "0.0, because"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(registry_file, change, where, key, words):
@@ -166,3 +172,17 @@ def test_every_package_folder_is_installed():
     folders = {"waterdrop." + ".".join(p.parent.relative_to(REPO / "waterdrop").parts)
                for p in (REPO / "waterdrop").rglob("__init__.py") if p.parent != REPO / "waterdrop"}
     assert folders | {"waterdrop", "waterdrop.heads"} == listed
+
+
+def test_preserved_properties_turn_off_the_augmentations_that_would_change_them(registry_file):
+    task_file = registry_file.parent / "tasks" / "thriller.yaml"
+    _edit(task_file, lambda t: t.update(augment={"preserve": ["sharpness"], "color": 0.2}))
+    thriller = {t.name: t for t in load_registry(registry_file).tasks}["thriller"].augment
+    assert thriller.preserve == ["sharpness"]
+    assert (thriller.crop_scale, thriller.rotation, thriller.erasing, thriller.cutmix) == ((1.0, 1.0), 0.0, 0.0, 0.0)
+    assert thriller.color == 0.2 and thriller.hflip  # colour and flips do not touch sharpness
+    _edit(task_file, lambda t: t.update(augment={"preserve": ["colour"]}))
+    thriller = {t.name: t for t in load_registry(registry_file).tasks}["thriller"].augment
+    assert thriller.color == 0.0 and thriller.crop_scale == (0.6, 1.0)
+    _edit(task_file, lambda t: t.update(augment={"preserve": ["scale"], "crop_scale": [1.0, 1.0]}))
+    assert {t.name: t for t in load_registry(registry_file).tasks}["thriller"].augment.crop_scale == (1.0, 1.0)

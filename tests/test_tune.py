@@ -188,3 +188,17 @@ def test_cli_says_what_is_wrong_and_exits_2(tmp_path, registry_file):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "--budget 'soon': a positive duration" in result.stderr
+
+
+def test_the_built_in_space_leaves_out_what_the_task_preserves(registry_file):
+    from waterdrop.tuning.setup import Search
+    from waterdrop.tuning.space import read_space
+
+    task_file = registry_file.parent / "tasks" / "thriller.yaml"
+    task = yaml.safe_load(task_file.read_text())
+    task["augment"] = {"preserve": ["composition"], "color": 0.2}
+    task_file.write_text(yaml.safe_dump(task))
+    keys = [k.key for k in Search(registry_file, "thriller", read_space(None), default_space=True).knobs]
+    assert "task.augment.crop_scale" not in keys and "task.augment.color" in keys and "model.input_size" in keys
+    with pytest.raises(TuneError, match="task.augment.crop_scale = \\[0.3, 1.0\\]: .*preserve names composition"):
+        Search(registry_file, "thriller", read_space(None))

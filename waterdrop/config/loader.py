@@ -18,6 +18,7 @@ from waterdrop.config.schema import (
     DIVERGENCES,
     FEATURE_SETTINGS,
     LOSS_WEIGHTINGS,
+    PRESERVED_BY,
     REPEAT_FUNCTIONS,
     SAMPLERS,
     TARGET_METRICS,
@@ -264,6 +265,24 @@ def _check_features(task: TaskConfig, kind) -> None:
                           "teacher's consistency target would be the unmixed image); set one of them off")
 
 
+def _load_augment(sec: Section) -> AugmentConfig:
+    """The task's augmentations, with every one that would change a property in ``preserve``
+    turned off; one the YAML sets to a value that would change it is an error, not overridden."""
+    augment = read_settings(sec, AugmentConfig)
+    given = set(sec.data or {})
+    for prop in augment.preserve:
+        for key, keeping in PRESERVED_BY[prop].items():
+            value = getattr(augment, key)
+            if value == keeping:
+                continue
+            if key in given:
+                raise sec.fail(key, list(value) if isinstance(value, tuple) else value,
+                               f"{list(keeping) if isinstance(keeping, tuple) else keeping}, because preserve names "
+                               f"{prop} and this {key} would change it (or leave {prop} out of preserve)")
+            setattr(augment, key, keeping)
+    return augment
+
+
 def load_task(path: Path, root: Path) -> TaskConfig:
     """Read one task YAML; data paths are resolved against ``root``."""
     sec = Section(read_yaml(path), path)
@@ -288,7 +307,7 @@ def load_task(path: Path, root: Path) -> TaskConfig:
         sampler=_load_sampler(sec),
         loss_weight=sec.number("loss_weight", 1.0, low=0),
         deploy=_load_deploy(sec.section("deploy"), labels, kind),
-        augment=read_settings(sec.section("augment"), AugmentConfig),
+        augment=_load_augment(sec.section("augment")),
         relations=_load_relations(sec, path.parent, labels, parents),
     )
     for key, settings in FEATURE_SETTINGS.items():

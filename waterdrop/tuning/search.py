@@ -80,7 +80,7 @@ def run_search(registry_file: str | Path, task_name: str, budget_s: float, out: 
                seed: int = 0, max_trials: int | None = None, printer=print) -> dict:
     """Search, evaluate the winner on test, write the outputs under ``out``; returns the summary."""
     started = time.time()
-    search = Search(Path(registry_file).resolve(), task_name, read_space(space))
+    search = Search(Path(registry_file).resolve(), task_name, read_space(space), default_space=space is None)
     out.mkdir(parents=True, exist_ok=True)
     probe = search.files(search.cheapest()).write(out / "probe")
     cheapest = load_registry(probe)

@@ -15,6 +15,7 @@ import yaml
 
 from waterdrop.config import ConfigError, RegistryConfig, TaskConfig, load_registry
 from waterdrop.config.reader import resolve_path
+from waterdrop.config.schema import PRESERVED_BY
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.records import read_records
 from waterdrop.tuning.space import SHARED_SECTIONS, TASK_PREFIX, Knob, TuneError, set_dotted
@@ -71,6 +72,9 @@ class Search:
     registry_file: Path
     task_name: str
     knobs: list[Knob]
+    #: The built-in space: its augmentation keys that the task's ``augment.preserve`` forbids are left
+    #: out (a space the user wrote that names one is refused instead).
+    default_space: bool = False
     cfg: RegistryConfig = field(init=False)
     base_registry: dict = field(init=False)
     base_task: dict = field(init=False)
@@ -83,6 +87,9 @@ class Search:
         if self.task_name not in tasks:
             raise TuneError(f"--task {self.task_name}: not in {self.registry_file}; its tasks: {', '.join(tasks)}")
         task = tasks[self.task_name]
+        if self.default_space:
+            fixed = {f"task.augment.{key}" for prop in task.augment.preserve for key in PRESERVED_BY[prop]}
+            self.knobs = [k for k in self.knobs if k.key not in fixed]
         self.train_images, self.val_images = self._check_splits(task)
         registry = portable_registry(self.registry_file, self.cfg)
         registry["demo_data"] = None
@@ -137,7 +144,7 @@ class Search:
                 for value in knob.extremes():
                     try:
                         cfg = load_registry(self.files({knob.key: value}).write(Path(scratch)))
-                        if knob.key.startswith("model."):  # a backbone timm lacks fails only when built
+                        if knob.key == "model.backbone":  # a backbone timm lacks fails only when built
                             WaterdropModel(cfg)
                     except ConfigError as err:
                         raise TuneError(f"search space key {knob.key} = {value!r}: {err}") from err
