@@ -35,8 +35,10 @@ demo: install
 	$(PY) tools/predict.py $(RUN)/model.onnx demo_data/disgusting/val/00000.jpg demo_data/disgusting/val/00001.jpg \
 		demo_data/scene_tags/val/00000.jpg demo_data/scene_tags/val/00001.jpg
 
+# Two workers, a test file each at a time (a file's fixtures are built once): many tests wait on a
+# subprocess, a server or a cluster to start, and the other worker runs meanwhile.
 test: install label-studio
-	WATERDROP_REQUIRE_LABEL_STUDIO=1 $(PY) -m pytest tests
+	WATERDROP_REQUIRE_LABEL_STUDIO=1 $(PY) -m pytest tests -n 2 --dist loadfile
 
 # A runtime-only install (no torch) in its own venv scores images with a model exported here.
 runtime-check: install

@@ -61,7 +61,7 @@ setup(
     install_requires=RUNTIME,
     # `scan` (tools/scan.py): Parquet shards; Ray Data (its `data` extra brings pandas) for cluster scans;
     # faiss (MIT) for tools/search_pool.py's index of a scan's embeddings.
-    extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "ruff>=0.6"],
+    extras_require={"train": TORCH_STACK, "dev": ["pytest>=8", "pytest-xdist==3.8.0", "ruff>=0.6"],
                     "quantize": ["onnx==1.23.2"],  # tools/quantize.py beside the runtime install (no torch)
                     "scan": ["pyarrow==26.0.1", "ray[data]==2.60.0", "faiss-cpu==1.15.1"],
                     # tools/compare.py and tools/release.py beside the runtime install: the report's plot,

@@ -41,8 +41,30 @@ def _tool(name, *args, timeout=600):
     return done.stdout
 
 
-def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path):
+class InProcess:
+    """A tool's ``main()`` run in this process: the same code path as the command line without
+    a fresh interpreter (importing torch again costs seconds a call)."""
+
+    def __init__(self, capsys, monkeypatch):
+        self.capsys, self.monkeypatch = capsys, monkeypatch
+
+    def run(self, name, *args) -> subprocess.CompletedProcess:
+        main = runpy.run_path(str(REPO / "tools" / name))["main"]
+        self.capsys.readouterr()
+        self.monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
+        code = main()
+        captured = self.capsys.readouterr()
+        return subprocess.CompletedProcess([name, *args], code, captured.out, captured.err)
+
+    def __call__(self, name, *args) -> str:
+        done = self.run(name, *args)
+        assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+
+def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path, capsys, monkeypatch):
     work = tmp_path / "run"
+    in_process = InProcess(capsys, monkeypatch)  # the first training and predict.py run as commands
     out = _tool("train.py", registry_file, "--work-dir", work, "--epochs", "1")
     assert "epoch 1/1" in out and "disgusting: AP" in out and "scene_tags: mAP" in out
     for produced in ("results.csv", "summary.json", "run.json", "eval/metrics.json", "eval/thresholds.json",
@@ -63,20 +85,20 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     assert set(detector["classes"]) == {"glasses", "ball"} and "micro_after_relations" in metrics["scene_tags"]
     assert "detector mAP@0.5" in out and "after the relation graph" in out
 
-    out = _tool("train.py", registry_file, "--work-dir", work, "--epochs", "2", "--resume")
+    out = in_process("train.py", registry_file, "--work-dir", work, "--epochs", "2", "--resume")
     assert "epoch 2/2" in out and "epoch 1/2" not in out
     with open(work / "results.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
 
     edit_task(registry_file, "disgusting", loss_weight=2.0)  # a changed config cannot continue this run
-    done = _run_tool("train.py", registry_file, "--work-dir", work, "--epochs", "3", "--resume", timeout=300)
+    done = in_process.run("train.py", registry_file, "--work-dir", work, "--epochs", "3", "--resume")
     assert done.returncode == 2 and "config changed since this run started" in done.stderr
     assert "loss_weight: 1.0 -> 2.0" in done.stderr
     edit_task(registry_file, "disgusting", loss_weight=1.0)
 
     checkpoint = best_checkpoint(work)
     written = checkpoint.stat().st_mtime_ns
-    out = _tool("eval.py", work, "--out", tmp_path / "eval2")
+    out = in_process("eval.py", work, "--out", tmp_path / "eval2")
     assert "disgusting: AP" in out
     # The tool gives the numbers training reported for the same checkpoint.
     trained = json.loads((work / "eval" / "metrics.json").read_text())
@@ -86,23 +108,23 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     assert evaluated["disgusting"]["threshold"] == pytest.approx(trained["disgusting"]["threshold"], abs=1e-6)
     # Outputs: a default folder that has files gets a numbered sibling; a named one is refused
     # unless --overwrite; the checkpoint is written once, by training.
-    out = _tool("eval.py", work)
+    out = in_process("eval.py", work)
     assert (work / "eval-2" / "thresholds.json").is_file() and str(work / "eval-2") in out
-    done = _run_tool("eval.py", work, "--out", tmp_path / "eval2", timeout=300)
+    done = in_process.run("eval.py", work, "--out", tmp_path / "eval2")
     assert done.returncode == 2 and "exists already; pass --overwrite" in done.stderr
-    _tool("eval.py", work, "--out", tmp_path / "eval2", "--overwrite")
+    in_process("eval.py", work, "--out", tmp_path / "eval2", "--overwrite")
     assert checkpoint.stat().st_mtime_ns == written and "thresholds" not in load_checkpoint(checkpoint)["meta"].get(
         "waterdrop", {})
-    out = _tool("export.py", work, "-o", tmp_path / "model.onnx")
+    out = in_process("export.py", work, "-o", tmp_path / "model.onnx")
     assert "disgusting.prob" in out and "scene_tags.prob" in out
     assert "thresholds from " + str(work / "eval" / "thresholds.json") in out  # beside the checkpoint
-    done = _run_tool("export.py", work, "-o", tmp_path / "model.onnx", timeout=300)
+    done = in_process.run("export.py", work, "-o", tmp_path / "model.onnx")
     assert done.returncode == 2 and "model.onnx: the file exists already" in done.stderr
     # eval/ holds the best checkpoint's thresholds: another checkpoint of the run is not given them.
     other = sorted(work.glob("epoch_*.pth"))[0]
-    done = _run_tool("export.py", other, "-o", tmp_path / "other.onnx", timeout=300)
+    done = in_process.run("export.py", other, "-o", tmp_path / "other.onnx")
     assert done.returncode == 2 and "holds the thresholds chosen for best_" in done.stderr
-    out = _tool("export.py", work, "--cam")  # beside model.onnx, never over it
+    out = in_process("export.py", work, "--cam")  # beside model.onnx, never over it
     assert (work / "model.cam.onnx").is_file() and not (work / "model.onnx").exists()
     image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
     out = _tool("predict.py", tmp_path / "model.onnx", image)
