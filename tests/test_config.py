@@ -58,6 +58,7 @@ def test_repository_registry_and_every_task_yaml_load():
         (lambda t: t["deploy"].pop("target"), "task", "deploy.target", "missing (required)"),
         (lambda t: t["augment"].update(preserve=["sharpness", "focus"]), "task", "augment.preserve",
          "scale, sharpness, colour, composition"),
+        (lambda t: t["augment"].update(preserve=["scale", "scale"]), "task", "augment.preserve", "each once"),
         # disgusting.yaml sets crop_scale [0.6, 1.0] and color 0.3: a preserved property they change is an error
         (lambda t: t["augment"].update(preserve=["composition"]), "task", "augment.crop_scale",
          "[1.0, 1.0], because preserve names composition and this crop_scale would change it"),
@@ -176,13 +177,32 @@ def test_every_package_folder_is_installed():
 
 def test_preserved_properties_turn_off_the_augmentations_that_would_change_them(registry_file):
     task_file = registry_file.parent / "tasks" / "thriller.yaml"
-    _edit(task_file, lambda t: t.update(augment={"preserve": ["sharpness"], "color": 0.2}))
+    _edit(task_file, lambda t: t.update(augment={"preserve": ["composition"], "color": 0.2}))
     thriller = {t.name: t for t in load_registry(registry_file).tasks}["thriller"].augment
-    assert thriller.preserve == ["sharpness"]
+    assert thriller.preserve == ["composition"]
     assert (thriller.crop_scale, thriller.rotation, thriller.erasing, thriller.cutmix) == ((1.0, 1.0), 0.0, 0.0, 0.0)
-    assert thriller.color == 0.2 and thriller.hflip  # colour and flips do not touch sharpness
+    assert thriller.color == 0.2 and thriller.hflip  # colour and flips do not touch composition
     _edit(task_file, lambda t: t.update(augment={"preserve": ["colour"]}))
     thriller = {t.name: t for t in load_registry(registry_file).tasks}["thriller"].augment
     assert thriller.color == 0.0 and thriller.crop_scale == (0.6, 1.0)
+    _edit(task_file, lambda t: t.update(augment={"preserve": ["sharpness"], "hflip": True}))
+    thriller = {t.name: t for t in load_registry(registry_file).tasks}["thriller"].augment
+    assert (thriller.crop_scale, thriller.rotation, thriller.color) == ((1.0, 1.0), 0.0, 0.0) and thriller.hflip
     _edit(task_file, lambda t: t.update(augment={"preserve": ["scale"], "crop_scale": [1.0, 1.0]}))
     assert {t.name: t for t in load_registry(registry_file).tasks}["thriller"].augment.crop_scale == (1.0, 1.0)
+
+
+def test_without_a_crop_training_sees_the_image_as_evaluation_does():
+    import numpy as np
+
+    from waterdrop.config import AugmentConfig
+    from waterdrop.data.dataset import EvalTransform, TrainTransform
+
+    image = np.random.default_rng(0).integers(0, 256, (320, 480, 3), dtype=np.uint8)  # 3:2, as photos are
+    plain = TrainTransform(64, AugmentConfig(crop_scale=(1.0, 1.0), hflip=False))
+    assert plain.min_side == 64
+    for _ in range(5):  # a full-area crop at a random aspect would cut up to a third of one side
+        assert np.array_equal(plain(image), EvalTransform(64)(image))
+    boxes = np.array([[10.0, 20.0, 110.0, 220.0]])
+    _, moved, kept = plain(image, boxes)
+    assert list(kept) == [0] and np.allclose(moved, boxes * ([64 / 480, 64 / 320] * 2))

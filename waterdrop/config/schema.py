@@ -227,19 +227,21 @@ def area_fractions(scale: Any, context: dict) -> str | None:
 
 #: What a quality label can depend on, and the augmentation values that keep each intact: a crop
 #: zooms (scale, and sharpness: upscaling softens), rotation resamples and moves the frame, erasing
-#: and cutmix paste rectangles into the picture, colour jitter shifts colour.
+#: and cutmix paste rectangles (noise, another photo) into the picture, colour jitter shifts colour.
 PRESERVED_BY: dict[str, dict[str, Any]] = {
-    "scale": {"crop_scale": (1.0, 1.0)},
-    "sharpness": {"crop_scale": (1.0, 1.0), "rotation": 0.0, "erasing": 0.0, "cutmix": 0.0},
-    "colour": {"color": 0.0},
+    "scale": {"crop_scale": (1.0, 1.0), "rotation": 0.0},
+    # colour jitter scales contrast (and so noise) and requantises: not for noise or compression labels
+    "sharpness": {"crop_scale": (1.0, 1.0), "rotation": 0.0, "erasing": 0.0, "cutmix": 0.0, "color": 0.0},
+    "colour": {"color": 0.0, "erasing": 0.0, "cutmix": 0.0},
     "composition": {"crop_scale": (1.0, 1.0), "rotation": 0.0, "erasing": 0.0, "cutmix": 0.0},
 }
 
 
 def preserved_properties(value: Any, context: dict) -> str | None:
     """A ``check`` of ``augment.preserve``."""
-    if not isinstance(value, list) or not all(isinstance(v, str) and v in PRESERVED_BY for v in value):
-        return "a list of the properties the label depends on: " + ", ".join(PRESERVED_BY)
+    if (not isinstance(value, list) or not all(isinstance(v, str) and v in PRESERVED_BY for v in value)
+            or len(set(value)) != len(value)):
+        return "a list of the properties the label depends on, each once: " + ", ".join(PRESERVED_BY)
     return None
 
 

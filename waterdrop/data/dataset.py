@@ -43,7 +43,8 @@ def parse_boxes(boxes) -> tuple[list[str], np.ndarray]:
 class TrainTransform:
     """The training augmentations of a task, in this order:
 
-    RandomResizedCrop (area fraction in ``crop_scale``, aspect 3/4..4/3), horizontal flip,
+    RandomResizedCrop (area fraction in ``crop_scale``, aspect 3/4..4/3; [1, 1]: none, the whole
+    image resized as in evaluation), horizontal flip,
     rotation by up to +-``rotation`` degrees, colour distortion of strength ``color``
     (brightness, contrast and saturation factors in 1 +- color, hue shifted by up to
     color x 18 degrees), and random erasing with probability ``erasing`` (a rectangle of
@@ -56,18 +57,24 @@ class TrainTransform:
 
     def __init__(self, size: int, augment: AugmentConfig):
         self.size, self.augment = size, augment
+        # crop_scale [1, 1] is no crop at all: the whole image, as evaluation sees it (a full-area crop
+        # at a random aspect would still cut up to a third of one side off, and a frame with it).
+        self.crops = tuple(augment.crop_scale) != (1.0, 1.0)
         # The smallest crop (area crop_scale[0], aspect 4/3) still spans ``size`` pixels on its short
         # side from a decode whose short side is this long: a reduced JPEG decode loses nothing.
-        self.min_side = math.ceil(size * math.sqrt(4 / 3 / augment.crop_scale[0]))
+        self.min_side = math.ceil(size * math.sqrt(4 / 3 / augment.crop_scale[0])) if self.crops else size
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray | None = None):
         aug = self.augment
         height, width = image.shape[:2]
-        area = height * width * random.uniform(*aug.crop_scale)
-        aspect = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
-        crop_w = int(min(width, max(1, round(np.sqrt(area * aspect)))))
-        crop_h = int(min(height, max(1, round(np.sqrt(area / aspect)))))
-        top, left = random.randint(0, height - crop_h), random.randint(0, width - crop_w)
+        if self.crops:
+            area = height * width * random.uniform(*aug.crop_scale)
+            aspect = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
+            crop_w = int(min(width, max(1, round(np.sqrt(area * aspect)))))
+            crop_h = int(min(height, max(1, round(np.sqrt(area / aspect)))))
+            top, left = random.randint(0, height - crop_h), random.randint(0, width - crop_w)
+        else:
+            crop_w, crop_h, top, left = width, height, 0, 0
         image = resize(image[top:top + crop_h, left:left + crop_w], self.size)
         kept = None
         if boxes is not None:
