@@ -38,8 +38,8 @@ class PhaseClock:
 
     def record(self) -> dict:
         total = time.time() - self.started
-        rounded = {f"{phase}_s": round(value, 1) for phase, value in self.seconds.items()}
-        return {**rounded, "other_s": round(total - sum(self.seconds.values()), 1), "total_s": round(total, 1),
+        rounded = {f"{phase}_s": round(value, 2) for phase, value in self.seconds.items()}
+        return {**rounded, "other_s": round(total - sum(self.seconds.values()), 2), "total_s": round(total, 2),
                 "total_over_training": round(total / self.seconds["training"], 2) if self.seconds["training"] else None}
 
     def write(self, work_dir: Path) -> dict:
@@ -47,8 +47,9 @@ class PhaseClock:
         (Path(work_dir) / "timing.json").write_text(json.dumps(record, indent=2))
         return record
 
-    def summary(self) -> str:
-        r = self.record()
+    def summary(self, r: dict | None = None) -> str:
+        """One line; of ``r`` (what ``write`` returned) where given, so the line and the file agree."""
+        r = r or self.record()
         parts = ", ".join(f"{phase.replace('_', ' ')} {r[f'{phase}_s']:.0f} s" for phase in PHASES)
         ratio = f" ({r['total_over_training']:.2f}x the training loop)" if r["total_over_training"] else ""
         return f"wall time {r['total_s']:.0f} s{ratio}: {parts}, other {r['other_s']:.0f} s"

@@ -275,6 +275,5 @@ def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None 
     printer(f"evaluated {checkpoint.name}:\n{format_report(report)}")
     record_lineage(cfg, net, work_dir, plan, printer, parent_net)
     clock.end("final_evaluation")
-    clock.write(work_dir)
-    printer(clock.summary())
+    printer(clock.summary(clock.write(work_dir)))
     return report
