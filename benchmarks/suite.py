@@ -33,24 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_finetune  # noqa: E402
 from ablation import REPO, machine  # noqa: E402
 from quality_suite import TASKS  # noqa: E402
-from transfer import row_registries, set_key, task_yaml  # noqa: E402
+from transfer import row_registries, set_key, task_yaml, write_run_files  # noqa: E402
 
 
 def run_registry_row(registry: dict, task: str, data: Path, folder: Path, seed: int) -> dict:
     """``tools/train.py`` on a one-task registry, as a user runs it: the whole wall time counts."""
     registry = yaml.safe_load(yaml.safe_dump(registry))
     set_key(registry, "train.seed", seed)
-    task_file = task_yaml(task, data)
-    for key, value in registry.pop("task", {}).items():
-        task_file[key] = {**task_file.get(key, {}), **value} if isinstance(value, dict) else value
-    registry.update(demo_data=None, tasks=["task.yaml"])
     if folder.exists():
         shutil.rmtree(folder)  # a run that did not finish left no result: start it again
-    folder.mkdir(parents=True)
-    (folder / "task.yaml").write_text(yaml.safe_dump(task_file))
-    (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
+    registry_file = write_run_files(registry, task_yaml(task, data), folder)
     began = time.time()
-    subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(folder / "registry.yaml"), "--work-dir",
+    subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), str(registry_file), "--work-dir",
                     str(folder / "run"), "--quiet"], check=True, stdout=subprocess.DEVNULL)
     total = time.time() - began
     report = json.loads((folder / "run" / "eval" / "metrics.json").read_text())[task]

@@ -78,16 +78,22 @@ def row_registries(base: dict, copies: list[str], sets: list[str], names: list[s
     return {name: rows[name] for name in names}
 
 
-def run_one(registry: dict, task: dict, folder: Path) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    registry = copy.deepcopy(registry)
+def write_run_files(registry: dict, task: dict, folder: Path) -> Path:
+    """``folder/registry.yaml`` training ``task`` alone; the registry's ``task.`` keys go into its YAML."""
+    registry, task = copy.deepcopy(registry), copy.deepcopy(task)
     for key, value in registry.pop("task", {}).items():
         task[key] = {**task.get(key, {}), **value} if isinstance(value, dict) else value
-    (folder / "task.yaml").write_text(yaml.safe_dump(task))
     registry.update(demo_data=None, tasks=["task.yaml"])
-    registry["train"]["log_interval"] = 1000
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "task.yaml").write_text(yaml.safe_dump(task))
     (folder / "registry.yaml").write_text(yaml.safe_dump(registry))
-    cfg = load_registry(folder / "registry.yaml")
+    return folder / "registry.yaml"
+
+
+def run_one(registry: dict, task: dict, folder: Path) -> dict:
+    registry = copy.deepcopy(registry)
+    registry["train"]["log_interval"] = 1000
+    cfg = load_registry(write_run_files(registry, task, folder))
     runner = build_runner(cfg, fresh_run_folder(folder), printer=lambda *a, **k: None)
     with Usage() as usage:
         runner.train()

@@ -47,9 +47,9 @@ class PhaseClock:
         (Path(work_dir) / "timing.json").write_text(json.dumps(record, indent=2))
         return record
 
-    def summary(self, r: dict | None = None) -> str:
-        """One line; of ``r`` (what ``write`` returned) where given, so the line and the file agree."""
-        r = r or self.record()
+    @staticmethod
+    def summary(r: dict) -> str:
+        """One line of a record (what ``write`` returned, so the line and the file agree)."""
         parts = ", ".join(f"{phase.replace('_', ' ')} {r[f'{phase}_s']:.0f} s" for phase in PHASES)
         ratio = f" ({r['total_over_training']:.2f}x the training loop)" if r["total_over_training"] else ""
         return f"wall time {r['total_s']:.0f} s{ratio}: {parts}, other {r['other_s']:.0f} s"

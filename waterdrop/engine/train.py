@@ -154,6 +154,15 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     return runner
 
 
+def code_commit() -> str | None:
+    """The git commit of this code, None outside a checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:
     """Copy the registry and task files and note the code version, so a run can be
     understood later."""
@@ -164,12 +173,7 @@ def _record_run(cfg: RegistryConfig, work_dir: Path) -> None:
         shutil.copy(task.file, config_dir / "tasks" / task.file.name)
     # Everything resolved (labels, relations, preprocessing): what the checkpoints hold too.
     (config_dir / "resolved.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
-    run = {"waterdrop_version": __version__, "git_commit": commit, "registry": str(cfg.file),
+    run = {"waterdrop_version": __version__, "git_commit": code_commit(), "registry": str(cfg.file),
            "torch": torch.__version__, "cuda": torch.cuda.is_available(), "malloc": allocator.state()}
     (work_dir / "run.json").write_text(json.dumps(run, indent=2))
 

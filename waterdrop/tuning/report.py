@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import optuna
 
 from waterdrop import __version__
+from waterdrop.engine.train import code_commit
 from waterdrop.tuning.setup import Search
 from waterdrop.tuning.space import shown
 
@@ -39,11 +39,6 @@ def summary(search: Search, records: list[dict], winner: dict, values: dict, win
     counts = {state: sum(_state(r) == state for r in records)
               for state in ("complete", "pruned", "stopped at the budget", "failed")}
     on = "val (no test split: in-sample)" if winner_report.get("in_sample") else "test"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
     return {
         "task": search.task_name, "registry": str(search.registry_file), "budget_s": budget_s,
         "took_s": round(took_s, 1), "trials": len(records), "states": counts, "seed": seed,
@@ -52,7 +47,7 @@ def summary(search: Search, records: list[dict], winner: dict, values: dict, win
         "winner": {"trial": winner["trial"], "values": values, "best_val": winner["best_val"], "reported_on": on,
                    "metrics": {k: winner_report[k] for k in ("ap", "roc_auc", "map") if k in winner_report}},
         "shared_keys": search.shared_keys(), "other_tasks": search.other_tasks,
-        "waterdrop": __version__, "git_commit": commit, "optuna": optuna.__version__,
+        "waterdrop": __version__, "git_commit": code_commit(), "optuna": optuna.__version__,
     }
 
 
