@@ -7,7 +7,8 @@
 Every task is trained alone from one minimal task YAML, as ``transfer.py`` does; ``plain`` is
 ``plain_finetune.py`` (same weights, size and epochs, nothing else). AP is on ``test``, whose
 photographs no run saw; val chose nothing for ``plain`` and the checkpoint for registry rows.
-Results accumulate in ``<out>/results.json`` (a finished row/task/seed is not run again);
+Results accumulate in ``<out>/results.json`` (a finished row/task/seed is not run again; each result
+keeps a fingerprint of its recipe, and a row name reused with another recipe is refused);
 ``--table`` prints the table of what is there: per task the mean test AP over seeds (and, with
 more than one seed, ± half the range max - min), the worst task, and the wall times. Registry
 rows run ``tools/train.py`` as a command (their whole time counts Python's start-up and the
@@ -18,6 +19,7 @@ imports); ``plain`` runs in this process (its whole time is its loop and its tes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -34,6 +36,14 @@ import plain_finetune  # noqa: E402
 from ablation import REPO, machine  # noqa: E402
 from quality_suite import TASKS  # noqa: E402
 from transfer import row_registries, set_key, task_yaml, write_run_files  # noqa: E402
+
+from waterdrop.engine.train import code_commit  # noqa: E402
+
+
+def fingerprint(recipe) -> str:
+    """What a cached result was made with: the row's registry, or the plain loop's source."""
+    text = recipe if isinstance(recipe, str) else json.dumps(recipe, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_registry_row(registry: dict, task: str, data: Path, folder: Path, seed: int) -> dict:
@@ -139,6 +149,13 @@ def main() -> None:
     wanted = [r for r in args.rows if r != "plain"]
     made = row_registries(base, copies, sets, [alias(r) for r in wanted])
     registries = {row: made[alias(row)] for row in wanted}
+    recipes = {row: fingerprint(registries[row]) for row in wanted}
+    recipes["plain"] = fingerprint((REPO / "benchmarks" / "plain_finetune.py").read_text())
+    for key, result in results.items():
+        row = key.split("/")[0]
+        if row in args.rows and result.get("recipe", recipes[row]) != recipes[row]:
+            sys.exit(f"{key} in {results_file} was made with another recipe than row {row!r} now has; "
+                     f"give the new recipe a new row name (--copy NEW={row}) or delete the old results")
     for seed in args.seeds:
         for task in args.tasks:
             for row in args.rows:
@@ -149,7 +166,7 @@ def main() -> None:
                     result = plain_finetune.run(data / task, seed)
                 else:
                     result = run_registry_row(registries[row], task, data, out / row / task / str(seed), seed)
-                result["machine"] = machine()
+                result.update(machine=machine(), recipe=recipes[row], commit=code_commit())
                 results[key] = result
                 out.mkdir(parents=True, exist_ok=True)
                 results_file.write_text(json.dumps(results, indent=1))

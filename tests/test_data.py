@@ -193,3 +193,20 @@ def test_a_rotated_jpeg_reports_the_size_it_is_shown_at(tmp_path):
         image, size = read_with_size(tmp_path / "turned.jpg", min_side)
         assert size == (1201, 1603)
         assert image.shape[0] > image.shape[1]  # shown upright: taller than wide
+
+
+def test_shrinking_averages_every_pixel_so_fine_marks_do_not_alias():
+    """A 1-px pattern shrunk 1.9x: area averaging turns it into its mean grey; linear sampling,
+    near 2x, all but skips every other column and shows stripes that are not in the picture."""
+    from waterdrop.imageio import resize
+
+    stripes = np.zeros((365, 365, 3), np.uint8)
+    stripes[:, ::2] = 255
+    shrunk = resize(stripes, 192).astype(float)
+    assert abs(shrunk.mean() - 127.5) < 2 and shrunk.std() < 10
+    sampled = cv2.resize(stripes, (192, 192), interpolation=cv2.INTER_LINEAR).astype(float)
+    assert sampled.std() > 60  # what the rule avoids
+    # Growing uses linear interpolation: a smooth ramp stays smooth and keeps its ends.
+    ramp = np.repeat(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], 96, axis=0).repeat(3, axis=2)
+    grown = resize(ramp, 192)
+    assert grown.shape == (192, 192, 3) and grown[0, 0, 0] <= 2 and grown[0, -1, 0] >= 253

@@ -182,9 +182,14 @@ def read_with_size(path: str | Path, min_side: int | None = None) -> tuple[np.nd
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize to size x size; INTER_AREA when shrinking a lot (less aliasing), else linear."""
+    """Stretch to size x size: cv2.INTER_AREA when the longer side shrinks, else INTER_LINEAR.
+
+    Linear interpolation weighs 2x2 source pixels per output pixel unevenly and, shrinking near 2x, all
+    but skips every other row and column: fine marks (a faint watermark, small text) alias. Area
+    averaging weighs every source pixel alike.
+    """
     height, width = image.shape[:2]
-    shrink = max(height, width) > 2 * size
+    shrink = max(height, width) > size
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
