@@ -41,9 +41,11 @@ from waterdrop.engine.train import code_commit  # noqa: E402
 
 
 def fingerprint(recipe) -> str:
-    """What a cached result was made with: the row's registry, or the plain loop's source."""
-    text = recipe if isinstance(recipe, str) else json.dumps(recipe, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """What a cached result was made with: the row's registry (less its task list, which each run
+    replaces), or the plain loop's source. Code changes are not in it: each result names its commit."""
+    if not isinstance(recipe, str):
+        recipe = json.dumps({k: v for k, v in recipe.items() if k not in ("tasks", "demo_data")}, sort_keys=True)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
 def run_registry_row(registry: dict, task: str, data: Path, folder: Path, seed: int) -> dict:
@@ -88,6 +90,9 @@ def print_table(results: dict, rows: list[str], tasks: list[str]) -> None:
         mean = f"{statistics.mean(aps):.4f}" if len(aps) == len(tasks) else "-"
         print(f"| {row} | " + " | ".join(line) + f" | {worst} | {mean} | {statistics.mean(train):.0f} | "
               f"{statistics.mean(total):.0f} |")
+    for row in rows:  # a row whose results span commits may mix code changes into its seed spread
+        commits = sorted({str(r.get("commit"))[:8] for t in tasks for r in cells.get((row, t), [])})
+        print(f"{row}: results from commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}")
 
 
 def mean_ap(results: dict, row: str, task: str) -> float | None:
@@ -153,9 +158,10 @@ def main() -> None:
     recipes["plain"] = fingerprint((REPO / "benchmarks" / "plain_finetune.py").read_text())
     for key, result in results.items():
         row = key.split("/")[0]
-        if row in args.rows and result.get("recipe", recipes[row]) != recipes[row]:
-            sys.exit(f"{key} in {results_file} was made with another recipe than row {row!r} now has; "
-                     f"give the new recipe a new row name (--copy NEW={row}) or delete the old results")
+        if row in args.rows and result.get("recipe") != recipes[row]:
+            rename = "" if row == "plain" else f"give the new recipe a new row name (--copy NEW={row}) or "
+            sys.exit(f"{key} in {results_file} was made with another recipe than row {row!r} now has (or "
+                     f"names none); {rename}move the old results away")
     for seed in args.seeds:
         for task in args.tasks:
             for row in args.rows:

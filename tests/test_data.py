@@ -195,18 +195,28 @@ def test_a_rotated_jpeg_reports_the_size_it_is_shown_at(tmp_path):
         assert image.shape[0] > image.shape[1]  # shown upright: taller than wide
 
 
-def test_shrinking_averages_every_pixel_so_fine_marks_do_not_alias():
-    """A 1-px pattern shrunk 1.9x: area averaging turns it into its mean grey; linear sampling,
-    near 2x, all but skips every other column and shows stripes that are not in the picture."""
+def test_a_side_that_shrinks_is_averaged_and_one_that_grows_is_interpolated():
+    """1-px stripes shrunk 1.9x: area averaging turns them into their mean grey, where linear
+    sampling, near 2x, all but skips every other column and shows stripes that are not there."""
     from waterdrop.imageio import resize
 
-    stripes = np.zeros((365, 365, 3), np.uint8)
-    stripes[:, ::2] = 255
-    shrunk = resize(stripes, 192).astype(float)
+    def stripes(height, width):
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:, ::2] = 255
+        return image
+
+    def ramp(height, width):  # grows down the rows
+        column = np.linspace(0, 255, height).astype(np.uint8)
+        return np.repeat(np.repeat(column[:, None, None], width, axis=1), 3, axis=2)
+
+    shrunk = resize(stripes(365, 365), 192).astype(float)
     assert abs(shrunk.mean() - 127.5) < 2 and shrunk.std() < 10
-    sampled = cv2.resize(stripes, (192, 192), interpolation=cv2.INTER_LINEAR).astype(float)
-    assert sampled.std() > 60  # what the rule avoids
-    # Growing uses linear interpolation: a smooth ramp stays smooth and keeps its ends.
-    ramp = np.repeat(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], 96, axis=0).repeat(3, axis=2)
-    grown = resize(ramp, 192)
-    assert grown.shape == (192, 192, 3) and grown[0, 0, 0] <= 2 and grown[0, -1, 0] >= 253
+    assert cv2.resize(stripes(365, 365), (192, 192), interpolation=cv2.INTER_LINEAR).std() > 60
+    # Wide and short: the width is averaged even though the height grows.
+    assert resize(stripes(150, 365), 192).astype(float).std() < 10
+    # A side that grows is interpolated, never repeated: a ramp keeps rising row by row.
+    for image in (ramp(96, 96), ramp(150, 365)):
+        rows = resize(image, 192)[:, 0, 0].astype(int)
+        assert rows.shape == (192,) and rows[0] <= 2 and rows[-1] >= 253
+        assert (np.diff(rows) == 0).mean() < 0.1
+    assert np.array_equal(resize(ramp(192, 192), 192), ramp(192, 192))

@@ -58,7 +58,7 @@ def metadata(tasks: list[dict], backbone: str, size: int, mean: list[float], std
         "backbone": backbone,
         "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 255],
                   "size": size,
-                  "resize": "stretch to size x size (cv2.resize: INTER_AREA if the longer side shrinks, else LINEAR)",
+                  "resize": "stretch to size x size (cv2.resize: INTER_AREA on a side that shrinks, else LINEAR)",
                   "normalization": {"mean": mean, "std": std, "applied": "inside the model"}},
         "tasks": tasks,
     }

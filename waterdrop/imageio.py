@@ -182,15 +182,21 @@ def read_with_size(path: str | Path, min_side: int | None = None) -> tuple[np.nd
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Stretch to size x size: cv2.INTER_AREA when the longer side shrinks, else INTER_LINEAR.
+    """Stretch to size x size: each side that shrinks by area averaging, each that grows linearly.
 
     Linear interpolation weighs 2x2 source pixels per output pixel unevenly and, shrinking near 2x, all
     but skips every other row and column: fine marks (a faint watermark, small text) alias. Area
-    averaging weighs every source pixel alike.
+    averaging weighs every source pixel alike, but OpenCV's INTER_AREA repeats pixels on a side that
+    grows, so a wide image that is also short is shrunk across first, then grown down.
     """
     height, width = image.shape[:2]
-    shrink = max(height, width) > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if height >= size and width >= size:
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    if height <= size and width <= size:
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    across = (size, height) if width > size else (width, size)
+    return cv2.resize(cv2.resize(image, across, interpolation=cv2.INTER_AREA), (size, size),
+                      interpolation=cv2.INTER_LINEAR)
 
 
 def to_model_input(images: list[np.ndarray], size: int) -> np.ndarray:
