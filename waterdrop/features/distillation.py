@@ -160,7 +160,9 @@ class Distillation(TaskFeature):
         self.teacher.eval()
         seen = batch.extras.get("large_inputs", batch.images)[rows].float()
         if seen.shape[-1] != self.input_size or seen.shape[-2] != self.input_size:
-            seen = F.interpolate(seen, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+            # Antialiased when shrinking: the teacher learnt on area-averaged images (imageio.resize).
+            seen = F.interpolate(seen, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                                 antialias=seen.shape[-1] > self.input_size)
         with torch.no_grad():
             # Positive-congruent weights judge the teacher's whole decision (a cascade's second network too).
             teacher_outputs = self.teacher.forward_tasks(seen, mapped[rows],
