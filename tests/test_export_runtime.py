@@ -126,6 +126,25 @@ def test_file_is_single_self_describing_and_batch_is_dynamic(exported):
     assert "stage2_prob >= threshold" in tasks["thriller"]["cascade"]["rule"]
 
 
+def test_a_model_exported_under_another_resize_rule_is_flagged(exported, tmp_path):
+    import warnings
+
+    from waterdrop.runtime import Predictor
+
+    _, _, path, _ = exported
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Predictor(path)  # exported here: the same rule, no warning
+    model = onnx.load(str(path))
+    prop = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    meta["input"]["resize"] = "stretch to size x size"  # what files said before the area rule
+    prop.value = json.dumps(meta)
+    onnx.save(model, str(tmp_path / "older.onnx"))
+    with pytest.warns(UserWarning, match="another rule.*'stretch to size x size'"):
+        Predictor(tmp_path / "older.onnx")
+
+
 def test_runtime_matches_torch_on_real_images(exported, demo_root):
     from waterdrop.imageio import read_image, to_model_input
     from waterdrop.runtime import Predictor

@@ -16,6 +16,8 @@ from typing import Any
 
 METADATA_KEY = "waterdrop"
 METADATA_FORMAT = 1
+#: How images reach the model's size (imageio.resize); files exported under an older rule say theirs.
+RESIZE_RULE = "stretch to size x size (cv2.resize: INTER_AREA on a side that shrinks, else LINEAR)"
 #: The one output that belongs to no task (a task name cannot hold a dot, so no task output is named so).
 EMBEDDING_OUTPUT = "embedding"
 
@@ -57,8 +59,7 @@ def metadata(tasks: list[dict], backbone: str, size: int, mean: list[float], std
         "waterdrop_version": version,
         "backbone": backbone,
         "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 255],
-                  "size": size,
-                  "resize": "stretch to size x size (cv2.resize: INTER_AREA on a side that shrinks, else LINEAR)",
+                  "size": size, "resize": RESIZE_RULE,
                   "normalization": {"mean": mean, "std": std, "applied": "inside the model"}},
         "tasks": tasks,
     }

@@ -16,13 +16,14 @@ arrays beside the results, never inside the JSON-ready task results.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from waterdrop.contract import read_metadata
+from waterdrop.contract import RESIZE_RULE, read_metadata
 from waterdrop.imageio import ImageDecodeError, decoded_with_sizes, to_model_input
 from waterdrop.kinds import kind_of
 from waterdrop.relations import RelationGraph
@@ -81,6 +82,12 @@ class Predictor:
             if task.get("relations"):
                 task["relation_graph"] = RelationGraph(task["labels"], **task["relations"])
         self.size = int(self.meta["input"]["size"])
+        if self.meta["input"].get("resize") != RESIZE_RULE:
+            # Its thresholds were set on images resized another way: scores move a little here.
+            warnings.warn(f"{model_path} was exported when training resized with another rule "
+                          f"({self.meta['input'].get('resize')!r}) than this runtime's ({RESIZE_RULE!r}); "
+                          "retrain it, or compare its scores here with tools/compare.py before trusting its "
+                          "thresholds", stacklevel=2)
         self.output_names = [o.name for o in self.session.get_outputs()]
         #: Map name (``<task>``, ``<task>.stage2``) -> output name of its class activation map.
         self.cam_outputs: dict[str, str] = {}
