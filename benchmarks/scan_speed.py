@@ -1,7 +1,7 @@
 """Pool-scan throughput against the combined limit of decoding and onnxruntime on shared cores.
 
     python benchmarks/scan_speed.py [--images 5000] [--model work_dirs/demo/model.onnx] [--side 640]
-        [--batch-size 32] [--workers N] [--threads N] [--with-predict] [--out work_dirs/scan_speed]
+        [--batch-size 32] [--workers N] [--threads N] [--with-predict] [--with-ray-tasks] [--out work_dirs/scan_speed]
 
 Builds (once) a pool of ``--images`` JPEGs re-encoded from the real photographs of
 ``benchmarks/real_photos.py`` (``work_dirs/real_photos/*/*/*/*.jpg``; the demo data when
@@ -14,7 +14,10 @@ own process so that none distorts another:
 (c) ``tools/predict.py`` on the pool folder (one process, decoding and inference in turn;
     only with ``--with-predict``);
 (d) ``tools/scan.py --engine local`` (``--workers`` decoders, ``--threads`` ORT threads);
-(e) ``tools/scan.py --engine ray`` (one single-thread actor per CPU, decoding inside).
+(e) ``tools/scan.py --engine ray`` (one single-thread actor per CPU, decoding inside);
+(f) the Ray engine with decoding in a stage of Ray tasks before the actors (``--ray-decode
+    tasks``, one single-thread actor per CPU reserving half a CPU, which leaves CPUs to one
+    decoding task per two actors on the same cores; only with ``--with-ray-tasks``, 2 CPUs or more).
 
 Decoding and inference need the same CPUs, so the limit of a scan on these cores is not the
 smaller of (a) and (b) but 1 / (1/a + 1/b): each image costs the CPU time of both. Aims: the
@@ -154,9 +157,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decoding processes")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="onnxruntime threads")
     parser.add_argument("--with-predict", action="store_true", help="also time tools/predict.py")
+    parser.add_argument("--with-ray-tasks", action="store_true", help="also time the Ray engine's decoding tasks")
     parser.add_argument("--out", type=Path, default=REPO / "work_dirs/scan_speed")
     parser.add_argument("--measure", choices=["decode", "ort"], help=argparse.SUPPRESS)  # one setting, in a child
     args = parser.parse_args()
+    if args.with_ray_tasks and len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--with-ray-tasks needs 2 CPUs or more (two half-CPU actors and a decoding task)")
     if not args.model.exists():
         raise SystemExit(f"{args.model} is missing: `make demo` writes work_dirs/demo/model.onnx, or pass --model")
     pool = args.out / f"pool-{args.images}-{args.side}px"
@@ -173,10 +179,16 @@ def main() -> None:
     count = len(build_pool(pool, args.images, args.side))
     host = machine()  # before the measurements load the machine
     model, common = str(args.model), ["--batch-size", str(args.batch_size), "--quiet"]
-    scans = {engine: args.out / f"scan-{engine}" for engine in ("local", "ray")}
+    scans = {engine: args.out / f"scan-{engine}" for engine in ("local", "ray", "ray-tasks")}
     for folder in scans.values():
         shutil.rmtree(folder, ignore_errors=True)
-    engine_args = {"local": ["--workers", str(args.workers), "--threads", str(args.threads)], "ray": []}
+    cpus = len(os.sched_getaffinity(0))
+    engine_args = {
+        "local": ["--engine", "local", "--workers", str(args.workers), "--threads", str(args.threads)],
+        "ray": ["--engine", "ray"],
+        "ray-tasks": ["--engine", "ray", "--ray-decode", "tasks", "--workers", str(cpus), "--threads", "1",
+                      "--ray-actor-cpus", "0.5"],
+    }
     results = {
         "(a) decode limit": measure_in_subprocess("decode", args),
         "(b) ORT limit": measure_in_subprocess("ort", args),
@@ -187,8 +199,10 @@ def main() -> None:
              "--threads", str(args.threads)],
             count,
         )
-    for label, engine in (("(d) local engine", "local"), ("(e) Ray engine", "ray")):
-        command = ["tools/scan.py", model, str(pool), "--out", str(scans[engine]), "--engine", engine, *common]
+    engines = [("(d) local engine", "local"), ("(e) Ray engine", "ray")]
+    engines += [("(f) Ray engine, decoding tasks", "ray-tasks")] if args.with_ray_tasks else []
+    for label, engine in engines:
+        command = ["tools/scan.py", model, str(pool), "--out", str(scans[engine]), *common]
         results[label] = run_tool(command + engine_args[engine], count, scans[engine] / "scan.json")
     decode, infer = results["(a) decode limit"]["images_per_s"], results["(b) ORT limit"]["images_per_s"]
     limit = 1 / (1 / decode + 1 / infer)
@@ -212,7 +226,7 @@ def main() -> None:
     ]
     for label, result in results.items():
         wall = f"{result['wall_images_per_s']:.1f}" if "wall_images_per_s" in result else "-"
-        engine = label.endswith("engine")
+        engine = "engine" in label
         lines.append(
             f"| {label} | {result['images_per_s']:.1f} | {wall} | "
             + (f"{100 * result['images_per_s'] / limit:.0f} % | " if engine else "- | ")

@@ -2,10 +2,13 @@
 
 The driver streams the source and cuts it into windows of whole shards (``window``
 inputs, rounded up to shards; finished shards are skipped). Each window is one Ray Data
-run: ``from_items`` -> ``map_batches`` over a pool of ``RayScorer`` actors ->
-``write_parquet`` into a hidden folder. The driver then writes each shard of the window
-as ``shard-NNNNNN.parquet``, rows sorted by input index, with the same atomic rename as
-the local engine, so both engines give the same files and one can resume the other.
+run: ``from_items`` -> ``map_batches`` over a pool of ``RayScorer`` actors, whose rows
+(scores, and embeddings where asked) stream back to the driver. The driver writes each
+shard of the window as ``shard-NNNNNN.parquet``, rows sorted by input index, with the same
+atomic rename as the local engine, so both engines give the same files and one can resume
+the other. (Ray Data's ``write_parquet`` was dropped: its write tasks start a Python worker
+every few seconds that Ray's idle-worker reaper then kills, about 1.2 s of CPU each, a fifth
+of a 2-core machine; RESULTS.md, scan_speed.py.)
 
 Decoding runs in one of two places (``decode``):
 
@@ -20,12 +23,13 @@ Decoding runs in one of two places (``decode``):
   On CPUs alone the two stages share the cores, as the local engine's decoders and session do
   (RESULTS.md, scan_speed.py, compares both layouts).
 
-Windows bound the driver's memory (a window's paths are in Ray's object store) and are
+Windows bound the driver's memory (a window's paths and rows are in Ray's object store) and are
 the unit of resumption for this engine; each Ray run starts its actors anew (a few
 seconds), so a window should hold a few minutes of work for the whole cluster.
 
-On a cluster, the model is shipped through the object store, but the images and OUT must
-be on storage that every node sees at the same path (NFS or similar).
+On a cluster, the model is shipped through the object store and the rows come back to the
+driver, which writes OUT; the images must be on storage that every node sees at the same
+path (NFS or similar).
 
 A file that kills its actor (a decoder crash, the out-of-memory killer): Ray Data would
 restart the actor and retry the batch forever; here the actor is restarted once, then the
@@ -37,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,11 +49,10 @@ from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from waterdrop.runtime import Predictor
 from waterdrop.scan.incremental import Previous, shards_left, with_since
-from waterdrop.scan.local import NO_SPINNING
+from waterdrop.scan.local import DECODER_NICENESS, NO_SPINNING
 from waterdrop.scan.rows import RowBuilder, decode_for_model, printable
 from waterdrop.scan.sources import Counter, Entry
 from waterdrop.scan.store import Meter, ScanError, ShardStore, scan_spec
@@ -137,6 +139,11 @@ def decode_stage(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     import cv2
 
     cv2.setNumThreads(1)  # one task per CPU already
+    # As the local engine's decoders: below the actors' onnxruntime threads (which meet at a
+    # barrier after every operator), 109 -> 122 images/s on 2 cores. The worker keeps it for
+    # later tasks (Ray never reuses a task worker for an actor): in a scan, decoding tasks again
+    # or a window scored apart; tasks of a caller that shares its Ray instance too.
+    os.setpriority(os.PRIO_PROCESS, 0, DECODER_NICENESS)
     paths = [os.fsdecode(path) for path in batch["path"]]
     pixels = np.zeros((len(paths), size, size, 3), np.uint8)
     width, height, errors = np.full(len(paths), -1, np.int64), np.full(len(paths), -1, np.int64), []
@@ -292,7 +299,6 @@ def scan_ray(
             for shard, entries in members
             for e in entries
         ]
-        temp = store.temp_path(f"window-{number:06d}")
         # Blocks of ~4 batches: small enough that no actor is left with a long last block while
         # the others idle, large enough that Ray's per-task overhead stays negligible.
         blocks = min(len(items), max(actors, -(-len(items) // (4 * batch_size))))
@@ -312,16 +318,16 @@ def scan_ray(
             max_task_retries=ACTOR_RESTARTS,
         )
         try:
-            # Writing is light; zero CPUs keeps it from waiting for the CPUs the actors hold.
-            dataset.write_parquet(str(temp), ray_remote_args={"num_cpus": 0})
-            table = pq.read_table(temp).sort_by("index")
+            tables = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
         except Exception as err:  # Ray wraps an actor's death in several types, by version
             if isinstance(err, ray.exceptions.RayTaskError) and not _died(err):
                 raise  # a Python error in the scorer is a bug to show, not a file to isolate
             logging.getLogger(__name__).warning("scan: an actor died in window %d (%s); scoring its batches apart",
                                                 number, type(err).__name__)
-            shutil.rmtree(temp, ignore_errors=True)
             table = _score_apart(ray, items, batch_size, scorer_args, builder.schema)
+        else:
+            table = pa.concat_tables(tables).sort_by("index")
+            del tables  # views of object-store memory: the sorted copy is what stays
         start = 0
         for shard, entries in members:
             rows = table.slice(start, len(entries))
@@ -335,7 +341,6 @@ def scan_ray(
             meter.tick(len(rows))
         if start != len(table):
             raise ScanError(f"Ray returned {len(table)} rows for a window of {start} inputs")
-        shutil.rmtree(temp, ignore_errors=True)
 
     members: list[tuple[int, list[Entry]]] = []
     number = 0
