@@ -47,11 +47,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from cpu_usage import run_measured  # noqa: E402
 
+from waterdrop.scan.local import available_cpus  # noqa: E402
+
 
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cpus()
     load = f", load average {os.getloadavg()[0]:.2f} at start" if hasattr(os, "getloadavg") else ""
     return f"{cores}-core {names[0] if names else platform.processor() or platform.machine()}, CPU only{load}"
 
@@ -81,7 +83,7 @@ def build_pool(folder: Path, count: int, side: int) -> list[Path]:
     if not sources:
         raise SystemExit("no photographs: run benchmarks/real_photos.py or make demo first")
     jobs = [(sources[k % len(sources)], k // len(sources), side, folder / f"{k:06d}.jpg") for k in range(count)]
-    with Pool(len(os.sched_getaffinity(0))) as pool:
+    with Pool(available_cpus()) as pool:
         pool.map(_write_pool_image, jobs, chunksize=64)
     marker.write_text(json.dumps({"count": count, "side": side}))
     return sorted(folder.glob("*.jpg"))
@@ -149,19 +151,20 @@ def measure_in_subprocess(setting: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    cpus = available_cpus()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--model", type=Path, default=REPO / "work_dirs/demo/model.onnx")
     parser.add_argument("--side", type=int, default=640, help="longer side of the pool's JPEGs, px")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decoding processes")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="onnxruntime threads")
+    parser.add_argument("--workers", type=int, default=cpus, help="decoding processes")
+    parser.add_argument("--threads", type=int, default=cpus, help="onnxruntime threads")
     parser.add_argument("--with-predict", action="store_true", help="also time tools/predict.py")
     parser.add_argument("--with-ray-tasks", action="store_true", help="also time the Ray engine's decoding tasks")
     parser.add_argument("--out", type=Path, default=REPO / "work_dirs/scan_speed")
     parser.add_argument("--measure", choices=["decode", "ort"], help=argparse.SUPPRESS)  # one setting, in a child
     args = parser.parse_args()
-    if args.with_ray_tasks and len(os.sched_getaffinity(0)) < 2:
+    if args.with_ray_tasks and cpus < 2:
         raise SystemExit("--with-ray-tasks needs 2 CPUs or more (two half-CPU actors and a decoding task)")
     if not args.model.exists():
         raise SystemExit(f"{args.model} is missing: `make demo` writes work_dirs/demo/model.onnx, or pass --model")
@@ -182,7 +185,6 @@ def main() -> None:
     scans = {engine: args.out / f"scan-{engine}" for engine in ("local", "ray", "ray-tasks")}
     for folder in scans.values():
         shutil.rmtree(folder, ignore_errors=True)
-    cpus = len(os.sched_getaffinity(0))
     engine_args = {
         "local": ["--engine", "local", "--workers", str(args.workers), "--threads", str(args.threads)],
         "ray": ["--engine", "ray"],
