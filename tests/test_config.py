@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import write_registry
 from waterdrop.config import ConfigError, config_from_dict, config_to_dict, load_registry
 from waterdrop.config.plugins import head_declarations, kind_declarations
 from waterdrop.engine.checkpoint import RunFolderError, check_resumable
@@ -206,3 +207,16 @@ def test_without_a_crop_training_sees_the_image_as_evaluation_does():
     boxes = np.array([[10.0, 20.0, 110.0, 220.0]])
     _, moved, kept = plain(image, boxes)
     assert list(kept) == [0] and np.allclose(moved, boxes * ([64 / 480, 64 / 320] * 2))
+
+
+def test_a_snapshot_before_head_conv_rebuilds_a_trunk_without_it(tmp_path, demo_root):
+    cfg = load_registry(write_registry(tmp_path, demo_root, head_conv=True))
+    assert config_from_dict(config_to_dict(cfg)).model.head_conv is True
+    old = config_to_dict(cfg)
+    del old["model"]["head_conv"]
+    assert config_from_dict({**old, "snapshot_format": 3}).model.head_conv is False
+    # models without it keep the task and embedding hashes they had before the key existed
+    from waterdrop.model.lineage import model_identity
+
+    assert model_identity(cfg)["head_conv"] is True
+    assert "head_conv" not in model_identity(config_from_dict({**old, "snapshot_format": 3}))

@@ -248,3 +248,13 @@ def test_predict_gives_one_error_line_per_bad_file_and_goes_on(exported, tmp_pat
     assert set(lines) == {p.name for p in good + bad}
     assert all("tasks" in lines[p.name] for p in good)
     assert all("error" in lines[p.name] and "tasks" not in lines[p.name] for p in bad)
+
+
+def test_a_trunk_with_its_head_convolution_exports_with_parity(tmp_path, demo_root):
+    cfg = load_registry(write_registry(tmp_path, demo_root, backbone="test_efficientnet", head_conv=True))
+    torch.manual_seed(0)
+    net = MultiTaskNet(cfg).eval()
+    distinct_task_norms(net)  # the head convolution's norm is per task too
+    assert net.channels[-1] == 256
+    parity = export_onnx(net, cfg, THRESHOLDS, tmp_path / "model.onnx")
+    assert "embedding" in parity and max(parity.values()) <= 1e-4

@@ -164,3 +164,46 @@ def test_task_bn_blocks_branches_only_the_last_blocks_of_the_level(tmp_path, dem
     with pytest.raises(ConfigError, match="task_bn_blocks.*has 5 blocks"):
         MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone="tf_efficientnet_lite0",
                                                   task_bn_blocks=6)))
+
+
+def test_head_conv_ends_the_deepest_level_as_timm_forward_features_does(tmp_path, demo_root):
+    import timm
+
+    reference = timm.create_model("test_efficientnet").eval()
+    weights = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), weights)
+    cfg = load_registry(write_registry(tmp_path, demo_root, backbone="test_efficientnet", pretrained=str(weights),
+                                       head_conv=True, task_bn_blocks=1))
+    net = MultiTaskNet(cfg).eval()
+    assert net.channels[-1] == reference.num_features != MultiTaskNet(load_registry(write_registry(
+        tmp_path, demo_root, backbone="test_efficientnet", head_conv=False))).channels[-1]
+    images = _images(2)
+    with torch.no_grad():
+        deepest = net.forward_features(images, torch.tensor([0, 0]))[-1]
+        expected = reference.forward_features(net.normalize(images))
+    torch.testing.assert_close(deepest, expected)
+    # the head convolution is one block: task_bn_blocks=1 branches it alone
+    per_task = [m for m in net.modules() if isinstance(m, TaskBatchNorm)]
+    assert len(per_task) == 1 and per_task[0] in list(net.trunk.blocks(4)[-1].modules())
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("conv_head.")}
+    torch.save(state, weights)
+    with pytest.raises(ConfigError, match="has no head convolution .*for head_conv: true; set it false"):
+        MultiTaskNet(cfg)
+
+
+def test_head_conv_loads_the_packaged_imagenet_weights_and_is_refused_where_there_is_none(tmp_path, demo_root):
+    import timm
+
+    from waterdrop.model.pretrained import load_packaged
+    from waterdrop.model.trunk import Trunk
+
+    trunk = Trunk("tf_efficientnet_lite0", "imagenet", head_conv=True).eval()
+    reference = timm.create_model("tf_efficientnet_lite0").eval()
+    reference.load_state_dict(load_packaged("tf_efficientnet_lite0", reference.state_dict()))
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(images)[-1], reference.forward_features(images))
+    # ResNet has no head convolution; MobileNetV3's conv_head runs after pooling
+    for backbone in ("test_resnet", "mobilenetv3_small_050"):
+        with pytest.raises(ConfigError, match=f"head_conv: true needs .*{backbone} has none"):
+            MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone=backbone, head_conv=True)))

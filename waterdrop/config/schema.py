@@ -116,6 +116,7 @@ class ModelConfig:
     backbone: str = setting()
     pretrained: Path | str | None = None  # a local file, "imagenet" (packaged weights) or None; read with mean, std
     cbam: str = setting("none", choices=CBAM_MODES)
+    head_conv: bool = setting(False)
     task_bn_stages: list[int] = setting([-1], check=_stages)
     task_bn_blocks: int | None = setting(None, low=1)
     input_size: int = setting(224, low=32)

@@ -16,6 +16,7 @@ from typing import Any
 
 from waterdrop.config.schema import (
     FEATURE_SETTINGS,
+    ModelConfig,
     RegistryConfig,
     TaskConfig,
     TrainConfig,
@@ -26,7 +27,8 @@ from waterdrop.weights import IMAGENET
 # 2: loss_weighting.lr is recorded as the method reads it (format 1 wrote GradNorm's 0.025 for
 # every method). 3: a task's features are under "features" (before: cascade, mean_teacher and
 # loss_prediction beside the task's other keys, and the detector among the head's arguments).
-SNAPSHOT_FORMAT = 3
+# 4: model.head_conv is recorded (before it, no trunk had the head convolution).
+SNAPSHOT_FORMAT = 4
 # The detector's defaults when it was a head argument (format < 3 stored what the YAML gave).
 _OLD_DETECTOR_DEFAULTS = {"levels": [-3, -2], "anchor_scale": 2.0, "fusion": "max", "max_boxes": 10,
                           "loss_weight": 1.0, "score_threshold": 0.3, "nms_iou": 0.45}
@@ -110,5 +112,6 @@ def config_from_dict(data: dict) -> RegistryConfig:
     if snapshot_format < 2 and weighting.get("type") == "uncertainty" and weighting.get("lr") == 0.025:
         weighting["lr"] = None  # format 1's default, which uncertainty weighting did not read
     train["loss_weighting"] = weighting
-    return _rebuild(RegistryConfig, data, train=_rebuild(TrainConfig, train),
+    model = {"head_conv": False, **data["model"]} if snapshot_format < 4 else data["model"]
+    return _rebuild(RegistryConfig, data, model=_rebuild(ModelConfig, model), train=_rebuild(TrainConfig, train),
                     tasks=[_task(task) for task in data["tasks"]])

@@ -75,6 +75,8 @@ def model_identity(cfg: RegistryConfig) -> dict:
     """The model section without where its weights first came from (a child takes them from its parent)."""
     model = config_to_dict(cfg)["model"]
     model.pop("pretrained", None)
+    if not model.get("head_conv"):  # a key added later: models without it keep the hashes they had
+        model.pop("head_conv", None)
     if model.get("fusion"):
         model["fusion"].pop("pretrained", None)
     return model

@@ -46,7 +46,7 @@ class MultiTaskNet(nn.Module):
         model = cfg.model
         self.task_names = cfg.task_names
         with blamed_on(cfg.file, "model"):
-            self.trunk = Trunk(model.backbone, model.pretrained, model.cbam)
+            self.trunk = Trunk(model.backbone, model.pretrained, model.cbam, model.head_conv)
         levels = len(self.trunk.levels)
         self.fusion = None
         self.channels = list(self.trunk.channels)

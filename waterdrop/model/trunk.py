@@ -7,7 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import EfficientNetFeatures, FeatureListNet, MobileNetV3Features
+from timm.models import EfficientNet, EfficientNetFeatures, FeatureListNet, MobileNetV3Features, load_state_dict
 from torch import nn
 
 from waterdrop.model.cbam import CBAM
@@ -38,19 +38,26 @@ def load_beside_cbam(features: nn.Module, path: Path) -> None:
     """Load a plain weights file into a trunk with CBAM inside its blocks: the CBAM
     parameters, and only they, may be missing from the file (classifier weights in it are
     ignored). Raises RuntimeError naming the first other missing key."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    state = load_state_dict(str(path))  # timm's reader: safetensors, wrapped and DDP-prefixed files
     attention = {f"{name}.{param}" for name, module in features.named_modules() if isinstance(module, CBAM)
                  for param, _ in module.named_parameters()}
     missing = [key for key in features.load_state_dict(state, strict=False).missing_keys if key not in attention]
     if missing:
         raise RuntimeError(f"{len(missing)} trunk tensors are not in the file, first '{missing[0]}' (only the CBAM "
                            "parameters may be missing)")
+
+
+class HeadConv(nn.Module):
+    """The pretrained 1x1 convolution, BatchNorm and activation that EfficientNet-family models
+    run after their last block and before pooling (320 -> 1280 channels at lite0), kept as one
+    block so that ``model.task_bn_blocks`` counts it as one."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.conv, self.norm = conv, norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
 
 
 class Trunk(nn.Module):
@@ -64,14 +71,19 @@ class Trunk(nn.Module):
       downloaded.
     * ``cbam="blocks"`` puts CBAM inside every residual block (timm ResNet-family only);
       ``cbam="stages"`` puts one CBAM after every level but the stem; ``"none"`` adds nothing.
+    * ``head_conv`` ends the deepest level with the backbone's own pretrained head convolution
+      (``HeadConv``) where it has one (EfficientNet, MobileNetV2 families), as timm's
+      ``forward_features`` does; ``features_only`` drops it.
 
     Args:
         backbone: timm model name.
         pretrained: local weights file, "imagenet", or None for random initialisation.
         cbam: "none", "blocks" or "stages".
+        head_conv: keep the head convolution where the backbone has one.
     """
 
-    def __init__(self, backbone: str, pretrained: Path | str | None = None, cbam: str = "none"):
+    def __init__(self, backbone: str, pretrained: Path | str | None = None, cbam: str = "none",
+                 head_conv: bool = False):
         super().__init__()
         if backbone not in timm.list_models():
             raise ValueError(f"unknown timm backbone '{backbone}'")
@@ -89,12 +101,24 @@ class Trunk(nn.Module):
                 load_beside_cbam(features, Path(pretrained))
         except RuntimeError as err:
             raise ValueError(f"could not load pretrained weights from {pretrained}: {err}") from err
+        # timm builds MobileNetV3 apart: its conv_head runs after pooling, on the pooled vector.
+        if head_conv and not isinstance(features, EfficientNetFeatures):
+            raise ValueError(f"head_conv: true needs a backbone with a head convolution before pooling (the "
+                             f"EfficientNet, MobileNetV2, MNASNet families), and {backbone} has none; set it false")
+        whole = timm.create_model(backbone) if head_conv or pretrained == IMAGENET else None
         if pretrained == IMAGENET:
-            mapped = load_packaged(backbone, timm.create_model(backbone).state_dict())
+            mapped = load_packaged(backbone, whole.state_dict())
             own = features.state_dict()
             features.load_state_dict({k: v for k, v in mapped.items() if k in own})
+            whole.load_state_dict(mapped)
+        elif local_file and head_conv:
+            self._load_head_conv(whole, Path(pretrained))
         children, ends = _ordered_children(features)
         self.channels: list[int] = features.feature_info.channels()
+        if head_conv:
+            children.insert(ends[-1] + 1, ("head_conv", HeadConv(whole.conv_head, whole.bn2)))
+            ends[-1] += 1
+            self.channels[-1] = whole.num_features
         self.reductions: list[int] = features.feature_info.reduction()
         levels, start = [], 0
         for end in ends:
@@ -104,6 +128,17 @@ class Trunk(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.attention = nn.ModuleList(
             CBAM(c) if cbam == "stages" and i > 0 else nn.Identity() for i, c in enumerate(self.channels))
+
+    @staticmethod
+    def _load_head_conv(whole: EfficientNet, path: Path) -> None:
+        head = {k: v for k, v in load_state_dict(str(path)).items() if k.startswith(("conv_head.", "bn2."))}
+        try:
+            missing = whole.load_state_dict(head, strict=False).missing_keys
+        except RuntimeError as err:  # a shape mismatch: weights of another model
+            raise ValueError(f"could not load the head convolution from {path}: {err}") from err
+        if any(k.startswith(("conv_head.", "bn2.")) for k in missing):
+            raise ValueError(f"{path} has no head convolution (conv_head, bn2) for head_conv: true; set it false "
+                             "or use weights of the whole model")
 
     def blocks(self, level: int) -> list[nn.Module]:
         """A level's blocks in order (its sequential children opened one step), so that a level can
