@@ -6,6 +6,7 @@ one-cycle schedule, binary cross-entropy, batch 32, the last epoch's weights (no
 Test AP is on the task's ``test`` split (``positive/`` vs ``normal/``).
 
     python benchmarks/plain_finetune.py work_dirs/quality_suite/blur [--seed 0] [--epochs 3] [--size 192]
+        [--no-head-conv]
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ class Folder(Dataset):
         return tensor, torch.tensor(label)
 
 
-def lite0(seed: int) -> torch.nn.Module:
+def lite0(seed: int, head_conv: bool = True) -> torch.nn.Module:
+    """timm's whole classifier; without ``head_conv`` the classifier reads the last block's 320 channels
+    instead of the pretrained 1x1 head convolution's 1280 (what timm's ``features_only`` gives)."""
     torch.manual_seed(seed)
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
     model.load_state_dict(load_packaged("tf_efficientnet_lite0", model.state_dict()))
     model.reset_classifier(1)
+    if not head_conv:
+        channels = model.conv_head.in_channels
+        model.conv_head, model.bn2 = torch.nn.Identity(), torch.nn.Identity()
+        model.classifier = torch.nn.Linear(channels, 1)
+        torch.manual_seed(seed)
     return model
 
 
@@ -63,13 +71,13 @@ def scores(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.n
     return np.concatenate(out), np.concatenate(truth)
 
 
-def run(task: Path, seed: int = 0, epochs: int = 3, size: int = 192, lr: float = 1e-3) -> dict:
+def run(task: Path, seed: int = 0, epochs: int = 3, size: int = 192, lr: float = 1e-3, head_conv: bool = True) -> dict:
     began = time.time()
     random.seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train = DataLoader(Folder(task / "train", size, True), batch_size=32, shuffle=True, num_workers=2,
                        generator=generator, drop_last=True)
-    model = lite0(seed)
+    model = lite0(seed, head_conv)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(train))
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -87,7 +95,7 @@ def run(task: Path, seed: int = 0, epochs: int = 3, size: int = 192, lr: float =
     test_scores, test_truth = scores(model, test)
     return {"test_ap": average_precision(test_scores, test_truth), "train_seconds": round(train_s, 1),
             "total_seconds": round(time.time() - began, 1), "seed": seed, "epochs": epochs, "input_size": size,
-            "lr": lr}
+            "lr": lr, "head_conv": head_conv}
 
 
 def main() -> None:
@@ -96,9 +104,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--no-head-conv", action="store_true", help="drop the pretrained head convolution")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(json.dumps(run(args.task, args.seed, args.epochs, args.size), indent=1))
+    print(json.dumps(run(args.task, args.seed, args.epochs, args.size, head_conv=not args.no_head_conv), indent=1))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
         [--copy NEW=ROW] [--set ROW:dotted.key=value] [--out work_dirs/suite] [--table]
 
 Every task is trained alone from one minimal task YAML, as ``transfer.py`` does; ``plain`` is
-``plain_finetune.py`` (same weights, size and epochs, nothing else). AP is on ``test``, whose
+``plain_finetune.py`` (same weights, size and epochs, nothing else; ``plain_nohead`` the same loop
+without timm's pretrained head convolution, as ``features_only`` trunks are). AP is on ``test``, whose
 photographs no run saw; val chose nothing for ``plain`` and the checkpoint for registry rows.
 Results accumulate in ``<out>/results.json`` (a finished row/task/seed is not run again; each result
 keeps a fingerprint of its recipe, and a row name reused with another recipe is refused);
@@ -38,6 +39,9 @@ from quality_suite import TASKS  # noqa: E402
 from transfer import row_registries, set_key, task_yaml, write_run_files  # noqa: E402
 
 from waterdrop.engine.train import code_commit  # noqa: E402
+
+#: Rows of the plain loop, run in-process, and whether each keeps the pretrained head convolution.
+PLAIN_ROWS = {"plain": True, "plain_nohead": False}
 
 
 def fingerprint(recipe) -> str:
@@ -151,15 +155,17 @@ def main() -> None:
 
     copies = [f"{new}={alias(old)}" for new, old in (c.split("=", 1) for c in args.copies)]
     sets = [f"{alias(row)}:{change}" for row, change in (s.split(":", 1) for s in args.sets)]
-    wanted = [r for r in args.rows if r != "plain"]
+    wanted = [r for r in args.rows if r not in PLAIN_ROWS]
     made = row_registries(base, copies, sets, [alias(r) for r in wanted])
     registries = {row: made[alias(row)] for row in wanted}
     recipes = {row: fingerprint(registries[row]) for row in wanted}
-    recipes["plain"] = fingerprint((REPO / "benchmarks" / "plain_finetune.py").read_text())
+    plain_source = (REPO / "benchmarks" / "plain_finetune.py").read_text()
+    recipes.update({row: fingerprint(plain_source + ("" if head_conv else "\nhead_conv=False"))
+                    for row, head_conv in PLAIN_ROWS.items()})
     for key, result in results.items():
         row = key.split("/")[0]
         if row in args.rows and result.get("recipe") != recipes[row]:
-            rename = "" if row == "plain" else f"give the new recipe a new row name (--copy NEW={row}) or "
+            rename = "" if row in PLAIN_ROWS else f"give the new recipe a new row name (--copy NEW={row}) or "
             sys.exit(f"{key} in {results_file} was made with another recipe than row {row!r} now has (or "
                      f"names none); {rename}move the old results away")
     for seed in args.seeds:
@@ -168,8 +174,8 @@ def main() -> None:
                 key = f"{row}/{task}/{seed}"
                 if key in results:
                     continue
-                if row == "plain":
-                    result = plain_finetune.run(data / task, seed)
+                if row in PLAIN_ROWS:
+                    result = plain_finetune.run(data / task, seed, head_conv=PLAIN_ROWS[row])
                 else:
                     result = run_registry_row(registries[row], task, data, out / row / task / str(seed), seed)
                 result.update(machine=machine(), recipe=recipes[row], commit=code_commit())
