@@ -72,14 +72,14 @@ class Trunk(nn.Module):
     * ``cbam="blocks"`` puts CBAM inside every residual block (timm ResNet-family only);
       ``cbam="stages"`` puts one CBAM after every level but the stem; ``"none"`` adds nothing.
     * ``head_conv`` ends the deepest level with the backbone's own pretrained head convolution
-      (``HeadConv``) where it has one (EfficientNet, MobileNetV2 families), as timm's
-      ``forward_features`` does; ``features_only`` drops it.
+      (``HeadConv``), as timm's ``forward_features`` does (``features_only`` drops it); a
+      backbone without one before pooling (ResNet, DenseNet, MobileNetV3) is refused.
 
     Args:
         backbone: timm model name.
         pretrained: local weights file, "imagenet", or None for random initialisation.
         cbam: "none", "blocks" or "stages".
-        head_conv: keep the head convolution where the backbone has one.
+        head_conv: keep the head convolution (EfficientNet, MobileNetV2, MNASNet families).
     """
 
     def __init__(self, backbone: str, pretrained: Path | str | None = None, cbam: str = "none",
@@ -110,7 +110,8 @@ class Trunk(nn.Module):
             mapped = load_packaged(backbone, whole.state_dict())
             own = features.state_dict()
             features.load_state_dict({k: v for k, v in mapped.items() if k in own})
-            whole.load_state_dict(mapped)
+            if head_conv:
+                whole.load_state_dict(mapped)
         elif local_file and head_conv:
             self._load_head_conv(whole, Path(pretrained))
         children, ends = _ordered_children(features)
