@@ -42,7 +42,8 @@ def write_outliers(recorded: SampleLosses, found: np.ndarray, out: Path, task_na
     mean probability shown is the one ``label_outliers`` chose them by (same ``settle_epochs``)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"outliers": out / f"{task_name}_outliers.csv"}
-    mean_prob = np.nanmean(recorded.label_prob[settle_epochs:], axis=0)
+    # only the outliers' columns: a sample never drawn after settling is all NaN, and no outlier
+    mean_prob = dict(zip(found.tolist(), np.nanmean(recorded.label_prob[settle_epochs:, found], axis=0)))
     with open(files["outliers"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "path", "labels", "label_prob_mean", "label_prob_last"])

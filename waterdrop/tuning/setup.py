@@ -144,7 +144,8 @@ class Search:
                 for value in knob.extremes():
                     try:
                         cfg = load_registry(self.files({knob.key: value}).write(Path(scratch)))
-                        if knob.key == "model.backbone":  # a backbone timm lacks fails only when built
+                        # a backbone timm lacks, or a head convolution it or the weights lack, fails only when built
+                        if knob.key in ("model.backbone", "model.head_conv", "model.pretrained"):
                             WaterdropModel(cfg)
                     except ConfigError as err:
                         raise TuneError(f"search space key {knob.key} = {value!r}: {err}") from err
