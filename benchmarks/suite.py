@@ -2,14 +2,15 @@
 
     python benchmarks/quality_suite.py                   # builds work_dirs/quality_suite once
     python benchmarks/suite.py [--rows plain default] [--tasks blur noise ...] [--seeds 0 1 2]
-        [--copy NEW=ROW] [--set ROW:dotted.key=value] [--out work_dirs/suite] [--table]
+        [--copy NEW=ROW] [--set ROW:dotted.key=value] [--out work_dirs/suite] [--results FILE] [--table]
 
 Every task is trained alone from one minimal task YAML, as ``transfer.py`` does; ``plain`` is
 ``plain_finetune.py`` (same weights, size and epochs, nothing else; ``plain_nohead`` the same loop
 without timm's pretrained head convolution, as ``features_only`` trunks are). AP is on ``test``, whose
 photographs no run saw; val chose nothing for ``plain`` and the checkpoint for registry rows.
-Results accumulate in ``<out>/results.json`` (a finished row/task/seed is not run again; each result
-keeps a fingerprint of its recipe, and a row name reused with another recipe is refused);
+Results accumulate in ``benchmarks/suite_results.json``, kept in the repository because they
+take hours to make (a finished row/task/seed is not run again; each result keeps a fingerprint of
+its recipe, and a row name reused with another recipe is refused); run folders go under ``--out``;
 ``--table`` prints the table of what is there: per task the mean test AP over seeds (and, with
 more than one seed, ± half the range max - min), the worst task, and the wall times. Registry
 rows run ``tools/train.py`` as a command (their whole time counts Python's start-up and the
@@ -38,6 +39,7 @@ from ablation import REPO, machine  # noqa: E402
 from quality_suite import TASKS  # noqa: E402
 from transfer import row_registries, set_key, task_yaml, write_run_files  # noqa: E402
 
+from waterdrop.engine.checkpoint import best_checkpoint, last_checkpoint  # noqa: E402
 from waterdrop.engine.train import code_commit  # noqa: E402
 
 #: Rows of the plain loop, run in-process, and whether each keeps the pretrained head convolution.
@@ -66,14 +68,29 @@ def run_registry_row(registry: dict, task: str, data: Path, folder: Path, seed: 
     report = json.loads((folder / "run" / "eval" / "metrics.json").read_text())[task]
     timing = json.loads((folder / "run" / "timing.json").read_text())
     return {"test_ap": report["ap"], "val_ap": report.get("val_summary", {}).get("AP"),
+            "best_checkpoint": best_checkpoint(folder / "run").name,
+            "test_ap_last": last_epoch_ap(folder / "run", task),
             "train_seconds": timing["training_s"], "total_seconds": round(total, 1), "timing": timing}
 
 
-def print_table(results: dict, rows: list[str], tasks: list[str]) -> None:
+def last_epoch_ap(run: Path, task: str) -> float:
+    """Test AP of the last epoch's weights, as the plain loop keeps them: what picking on val changed."""
+    last = last_checkpoint(run)
+    if best_checkpoint(run).name.endswith(f"_{last.stem}.pth"):  # best_val_score_epoch_3.pth is epoch_3.pth
+        return json.loads((run / "eval" / "metrics.json").read_text())[task]["ap"]
+    subprocess.run([sys.executable, str(REPO / "tools" / "eval.py"), str(last), "--out", str(run / "eval-last"),
+                    "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    return json.loads((run / "eval-last" / "metrics.json").read_text())[task]["ap"]
+
+
+def print_table(results: dict, rows: list[str], tasks: list[str], last: bool = False) -> None:
     cells: dict[tuple[str, str], list[dict]] = {}
     for key, result in results.items():
         row, task, _ = key.split("/")
-        cells.setdefault((row, task), []).append(result)
+        if last:  # the plain loop keeps its last epoch anyway
+            result = {**result, "test_ap": result.get("test_ap_last", result["test_ap"] if row in PLAIN_ROWS else None)}
+        if result["test_ap"] is not None:
+            cells.setdefault((row, task), []).append(result)
     rows = [r for r in rows if any((r, t) in cells for t in tasks)]
     print("| recipe | " + " | ".join(tasks) + " | worst | mean | train s / task | run s / task |")
     print("|---|" + "---|" * (len(tasks) + 4))
@@ -134,15 +151,18 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--copy", dest="copies", action="append", default=[], metavar="NEW=ROW")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="ROW:dotted.key=value")
-    parser.add_argument("--out", default=str(REPO / "work_dirs" / "suite"))
+    parser.add_argument("--out", default=str(REPO / "work_dirs" / "suite"), help="run folders")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "suite_results.json"))
     parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
     parser.add_argument("--loto", nargs="+", metavar="ROW", help="with --table: leave-one-task-out over these rows")
+    parser.add_argument("--last", action="store_true", help="with --table: the last epoch's test AP, not the "
+                        "val-picked checkpoint's (results recorded since that was kept)")
     args = parser.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
-    results_file = out / "results.json"
+    results_file = Path(args.results)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if args.table:
-        print_table(results, args.rows, args.tasks)
+        print_table(results, args.rows, args.tasks, args.last)
         if args.loto:
             leave_one_task_out(results, args.loto, args.tasks)
         return
@@ -180,7 +200,6 @@ def main() -> None:
                     result = run_registry_row(registries[row], task, data, out / row / task / str(seed), seed)
                 result.update(machine=machine(), recipe=recipes[row], commit=code_commit())
                 results[key] = result
-                out.mkdir(parents=True, exist_ok=True)
                 results_file.write_text(json.dumps(results, indent=1))
                 print(f"{key}: test AP {result['test_ap']:.4f}  train {result['train_seconds']:.0f} s  "
                       f"whole {result['total_seconds']:.0f} s", flush=True)
