@@ -15,7 +15,8 @@ its recipe, and a row name reused with another recipe is refused); run folders g
 more than one seed, ± half the range max - min), the worst task, and the wall times. Registry
 rows run ``tools/train.py`` as a command (their whole time counts Python's start-up and the
 imports); ``plain`` runs in this process (its whole time is its loop and its test scoring).
-``--loto ROW ...`` with ``--table``: leave-one-task-out over those rows.
+``--loto ROW ...`` with ``--table``: leave-one-task-out over those rows. A registry row's results also
+give ``ROW@last`` in tables: the same runs scored with the last epoch's weights, not the val-picked ones.
 """
 
 from __future__ import annotations
@@ -83,14 +84,22 @@ def last_epoch_ap(run: Path, task: str) -> float:
     return json.loads((run / "eval-last" / "metrics.json").read_text())[task]["ap"]
 
 
-def print_table(results: dict, rows: list[str], tasks: list[str], last: bool = False) -> None:
+def with_last_epoch_rows(results: dict) -> dict:
+    """``ROW@last``: each registry result's last-epoch test AP as a row of its own, so that keeping the
+    last epoch is judged like any recipe (the same training; only the checkpoint differs)."""
+    last = {}
+    for key, result in results.items():
+        if "test_ap_last" in result:
+            row, rest = key.split("/", 1)
+            last[f"{row}@last/{rest}"] = {**result, "test_ap": result["test_ap_last"]}
+    return {**results, **last}
+
+
+def print_table(results: dict, rows: list[str], tasks: list[str]) -> None:
     cells: dict[tuple[str, str], list[dict]] = {}
     for key, result in results.items():
         row, task, _ = key.split("/")
-        if last:  # the plain loop keeps its last epoch anyway
-            result = {**result, "test_ap": result.get("test_ap_last", result["test_ap"] if row in PLAIN_ROWS else None)}
-        if result["test_ap"] is not None:
-            cells.setdefault((row, task), []).append(result)
+        cells.setdefault((row, task), []).append(result)
     rows = [r for r in rows if any((r, t) in cells for t in tasks)]
     print("| recipe | " + " | ".join(tasks) + " | worst | mean | train s / task | run s / task |")
     print("|---|" + "---|" * (len(tasks) + 4))
@@ -155,14 +164,13 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "suite_results.json"))
     parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
     parser.add_argument("--loto", nargs="+", metavar="ROW", help="with --table: leave-one-task-out over these rows")
-    parser.add_argument("--last", action="store_true", help="with --table: the last epoch's test AP, not the "
-                        "val-picked checkpoint's (results recorded since that was kept)")
     args = parser.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
     results_file = Path(args.results)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if args.table:
-        print_table(results, args.rows, args.tasks, args.last)
+        results = with_last_epoch_rows(results)
+        print_table(results, args.rows, args.tasks)
         if args.loto:
             leave_one_task_out(results, args.loto, args.tasks)
         return

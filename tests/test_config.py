@@ -41,8 +41,10 @@ def test_repository_registry_and_every_task_yaml_load():
         (lambda r: r["train"].update(epoch=3), "registry", "train.epoch", "unknown key"),
         (lambda r: r["model"].pop("backbone"), "registry", "model.backbone", "missing"),
         (lambda r: r["model"].update(cbam="yes"), "registry", "model.cbam", "none, blocks, stages"),
+        (lambda r: r["model"].update(head_conv="yes"), "registry", "model.head_conv", "auto, true or false"),
         (lambda r: r["model"].update(pretrained="nowhere.pth"), "registry", "model.pretrained", "local weights"),
         (lambda r: r["train"]["optimizer"].update(lr=0), "registry", "train.optimizer.lr", "> 0"),
+        (lambda r: r["train"].update(checkpoint="latest"), "registry", "train.checkpoint", "best, last"),
         (lambda r: r["train"]["task_sampling"].update(weights={"nope": 1}), "registry",
          "train.task_sampling.weights", "unknown task 'nope'"),
         (lambda t: t["head"].update(type="NoSuchHead"), "task", "head.type", "BinaryHead"),
@@ -215,6 +217,8 @@ def test_a_snapshot_before_head_conv_rebuilds_a_trunk_without_it(tmp_path, demo_
     old = config_to_dict(cfg)
     del old["model"]["head_conv"]
     assert config_from_dict({**old, "snapshot_format": 3}).model.head_conv is False
+    auto = load_registry(write_registry(tmp_path, demo_root, head_conv="auto"))
+    assert config_from_dict(config_to_dict(auto)).model.head_conv == "auto"
     # models without it keep the task and embedding hashes they had before the key existed
     from waterdrop.model.lineage import model_identity
 

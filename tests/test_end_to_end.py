@@ -355,3 +355,12 @@ def test_validation_scores_follow_the_training_labels(tmp_path):
         assert (report["count"], report["positives"]) == (24, 12)
         auc[inverted] = report["roc_auc"]
     assert auc[False] >= 0.9 and auc[True] <= 0.1, auc
+
+
+def test_checkpoint_last_keeps_and_evaluates_the_last_epoch(registry_file, tmp_path):
+    edit_train(registry_file, checkpoint="last")
+    printed = []
+    run_training(registry_file, tmp_path / "run", epochs=2, printer=lambda *text, **_: printed.extend(text))
+    assert not list((tmp_path / "run").glob("best_*.pth"))
+    assert best_checkpoint(tmp_path / "run") == tmp_path / "run" / "epoch_2.pth"  # what export and --from read
+    assert any(str(line).startswith("evaluated epoch_2.pth") for line in printed)

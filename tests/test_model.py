@@ -149,7 +149,8 @@ def test_the_cascade_trunk_starts_from_the_registry_weights_and_cbam(tmp_path, d
 
 
 def test_task_bn_blocks_branches_only_the_last_blocks_of_the_level(tmp_path, demo_root):
-    cfg = load_registry(write_registry(tmp_path, demo_root, backbone="tf_efficientnet_lite0", task_bn_blocks=1))
+    cfg = load_registry(write_registry(tmp_path, demo_root, backbone="tf_efficientnet_lite0", task_bn_blocks=1,
+                                       head_conv=False))
     net = MultiTaskNet(cfg).eval()
     blocks = net.trunk.blocks(4)
     assert net.shared_blocks == len(blocks) - 1 == 4
@@ -163,7 +164,7 @@ def test_task_bn_blocks_branches_only_the_last_blocks_of_the_level(tmp_path, dem
     assert torch.allclose(net.task_predictions("thriller", routed)["prob"], stacked["thriller.prob"], atol=1e-6)
     with pytest.raises(ConfigError, match="task_bn_blocks.*has 5 blocks"):
         MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone="tf_efficientnet_lite0",
-                                                  task_bn_blocks=6)))
+                                                  task_bn_blocks=6, head_conv=False)))
 
 
 def test_head_conv_ends_the_deepest_level_as_timm_forward_features_does(tmp_path, demo_root):
@@ -187,7 +188,7 @@ def test_head_conv_ends_the_deepest_level_as_timm_forward_features_does(tmp_path
     assert len(per_task) == 1 and per_task[0] in list(net.trunk.blocks(4)[-1].modules())
     state = {k: v for k, v in reference.state_dict().items() if not k.startswith("conv_head.")}
     torch.save(state, weights)
-    with pytest.raises(ConfigError, match="has no head convolution .*for head_conv: true; set it false"):
+    with pytest.raises(ConfigError, match="has no head convolution .*set head_conv: false"):
         MultiTaskNet(cfg)
 
 
@@ -207,3 +208,10 @@ def test_head_conv_loads_the_packaged_imagenet_weights_and_is_refused_where_ther
     for backbone in ("test_resnet", "mobilenetv3_small_050"):
         with pytest.raises(ConfigError, match=f"head_conv: true needs .*{backbone} has none"):
             MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone=backbone, head_conv=True)))
+        # auto: taken where the backbone has one (before pooling), else left out without a word
+        assert not MultiTaskNet(load_registry(write_registry(tmp_path, demo_root, backbone=backbone,
+                                                             head_conv="auto"))).trunk.head_conv
+    auto = Trunk("tf_efficientnet_lite0", "imagenet", head_conv="auto").eval()
+    assert auto.head_conv and auto.channels[-1] == 1280
+    with torch.no_grad():
+        torch.testing.assert_close(auto(images)[-1], reference.forward_features(images))

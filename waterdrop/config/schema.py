@@ -13,6 +13,7 @@ from waterdrop.relations import RelationGraph
 CBAM_MODES = ("none", "blocks", "stages")
 SAMPLING_POLICIES = ("size", "uniform", "weights")
 OPTIMIZERS = ("AdamW", "SGD")
+CHECKPOINT_CHOICES = ("best", "last")
 TARGET_METRICS = ("recall", "precision")
 SAMPLERS = ("plain", "balanced", "repeat_factor")
 REPEAT_FUNCTIONS = ("sqrt", "uniform")
@@ -106,6 +107,10 @@ class FusionConfig:
     std: list[float]
 
 
+def _head_conv(value: Any, context: dict) -> str | None:
+    return None if value == "auto" or isinstance(value, bool) else "auto, true or false"
+
+
 def _stages(stages: Any, context: dict) -> str | None:
     problem = level_problem(stages)
     return problem + ", such as [-1]" if problem and stages != [] else None  # []: every BatchNorm shared
@@ -116,7 +121,7 @@ class ModelConfig:
     backbone: str = setting()
     pretrained: Path | str | None = None  # a local file, "imagenet" (packaged weights) or None; read with mean, std
     cbam: str = setting("none", choices=CBAM_MODES)
-    head_conv: bool = setting(False)
+    head_conv: bool | str = setting(False, check=_head_conv)
     task_bn_stages: list[int] = setting([-1], check=_stages)
     task_bn_blocks: int | None = setting(None, low=1)
     input_size: int = setting(224, low=32)
@@ -190,6 +195,7 @@ class TrainConfig:
     warmup_epochs: float = setting(1, low=0)
     trunk_lr_mult: float = setting(1.0, low=0, at="optimizer.trunk_lr_mult")
     freeze_trunk_epochs: int = setting(0, low=0)
+    checkpoint: str = setting("best", choices=CHECKPOINT_CHOICES)
     amp: str = setting("auto", check=_amp, convert=lambda value: {True: "on", False: "off"}.get(value, "auto"))
     sampling_policy: str = setting("size", choices=SAMPLING_POLICIES, at="task_sampling.policy")
     sampling_weights: dict[str, float] = setting({}, check=_task_weights, at="task_sampling.weights",

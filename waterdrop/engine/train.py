@@ -134,7 +134,9 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
                                                                         "loss_weight_lr": train.loss_weighting.lr}},
         param_scheduler=schedulers,
         default_hooks={
-            "checkpoint": {"type": "CheckpointHook", "interval": 1, "save_best": "val/score", "rule": "greater",
+            # Without a best_*.pth, best_checkpoint() and every tool reading a run folder take the last one.
+            "checkpoint": {"type": "CheckpointHook", "interval": 1, "rule": "greater",
+                           "save_best": "val/score" if train.checkpoint == "best" else None,
                            "max_keep_ckpts": 2},
             "logger": {"type": "LoggerHook", "interval": train.log_interval},
         },
@@ -230,7 +232,7 @@ def record_lineage(cfg: RegistryConfig, net: MultiTaskNet, work_dir: Path, plan:
 def run_training(registry: str | Path, work_dir: str | Path, epochs: int | None = None, resume: bool = False,
                  launcher: str = "none", printer=print, parent: str | Path | None = None,
                  tasks: list[str] | None = None, retire: list[str] = (), started: float | None = None) -> dict | None:
-    """Train the tasks of ``registry``, then evaluate the best checkpoint into
+    """Train the tasks of ``registry``, then evaluate the kept checkpoint (``train.checkpoint``) into
     ``work_dir/eval`` and write ``lineage.json``. Returns the evaluation report (None on ranks
     other than 0).
 

@@ -72,18 +72,20 @@ class Trunk(nn.Module):
     * ``cbam="blocks"`` puts CBAM inside every residual block (timm ResNet-family only);
       ``cbam="stages"`` puts one CBAM after every level but the stem; ``"none"`` adds nothing.
     * ``head_conv`` ends the deepest level with the backbone's own pretrained head convolution
-      (``HeadConv``), as timm's ``forward_features`` does (``features_only`` drops it); a
-      backbone without one before pooling (ResNet, DenseNet, MobileNetV3) is refused.
+      (``HeadConv``), as timm's ``forward_features`` does (``features_only`` drops it): ``True``
+      refuses a backbone without one before pooling (ResNet, DenseNet, MobileNetV3), ``"auto"``
+      takes it where the backbone has one.
 
     Args:
         backbone: timm model name.
         pretrained: local weights file, "imagenet", or None for random initialisation.
         cbam: "none", "blocks" or "stages".
-        head_conv: keep the head convolution (EfficientNet, MobileNetV2, MNASNet families).
+        head_conv: True, False or "auto": keep the head convolution (EfficientNet, MobileNetV2,
+            MNASNet families). ``self.head_conv`` says whether it was kept.
     """
 
     def __init__(self, backbone: str, pretrained: Path | str | None = None, cbam: str = "none",
-                 head_conv: bool = False):
+                 head_conv: bool | str = False):
         super().__init__()
         if backbone not in timm.list_models():
             raise ValueError(f"unknown timm backbone '{backbone}'")
@@ -102,7 +104,9 @@ class Trunk(nn.Module):
         except RuntimeError as err:
             raise ValueError(f"could not load pretrained weights from {pretrained}: {err}") from err
         # timm builds MobileNetV3 apart: its conv_head runs after pooling, on the pooled vector.
-        if head_conv and not isinstance(features, EfficientNetFeatures):
+        has_head_conv = isinstance(features, EfficientNetFeatures)
+        head_conv = self.head_conv = has_head_conv if head_conv == "auto" else bool(head_conv)
+        if head_conv and not has_head_conv:
             raise ValueError(f"head_conv: true needs a backbone with a head convolution before pooling (the "
                              f"EfficientNet, MobileNetV2, MNASNet families), and {backbone} has none; set it false")
         whole = timm.create_model(backbone) if head_conv or pretrained == IMAGENET else None
@@ -138,8 +142,8 @@ class Trunk(nn.Module):
         except RuntimeError as err:  # a shape mismatch: weights of another model
             raise ValueError(f"could not load the head convolution from {path}: {err}") from err
         if any(k.startswith(("conv_head.", "bn2.")) for k in missing):
-            raise ValueError(f"{path} has no head convolution (conv_head, bn2) for head_conv: true; set it false "
-                             "or use weights of the whole model")
+            raise ValueError(f"{path} has no head convolution (conv_head, bn2) for head_conv (auto takes it where "
+                             "the backbone has one); set head_conv: false or use weights of the whole model")
 
     def blocks(self, level: int) -> list[nn.Module]:
         """A level's blocks in order (its sequential children opened one step), so that a level can
