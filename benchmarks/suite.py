@@ -76,8 +76,8 @@ def run_registry_row(registry: dict, task: str, data: Path, folder: Path, seed: 
 
 def last_epoch_ap(run: Path, task: str) -> float:
     """Test AP of the last epoch's weights, as the plain loop keeps them: what picking on val changed."""
-    last = last_checkpoint(run)
-    if best_checkpoint(run).name.endswith(f"_{last.stem}.pth"):  # best_val_score_epoch_3.pth is epoch_3.pth
+    last, best = last_checkpoint(run), best_checkpoint(run)
+    if best == last or best.name.endswith(f"_{last.stem}.pth"):  # best_val_score_epoch_3.pth is epoch_3.pth
         return json.loads((run / "eval" / "metrics.json").read_text())[task]["ap"]
     subprocess.run([sys.executable, str(REPO / "tools" / "eval.py"), str(last), "--out", str(run / "eval-last"),
                     "--quiet"], check=True, stdout=subprocess.DEVNULL)
@@ -167,6 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
     results_file = Path(args.results)
+    results_file.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if args.table:
         results = with_last_epoch_rows(results)
@@ -211,7 +212,7 @@ def main() -> None:
                 results_file.write_text(json.dumps(results, indent=1))
                 print(f"{key}: test AP {result['test_ap']:.4f}  train {result['train_seconds']:.0f} s  "
                       f"whole {result['total_seconds']:.0f} s", flush=True)
-    print_table(results, args.rows, args.tasks)
+    print_table(with_last_epoch_rows(results), args.rows, args.tasks)
 
 
 if __name__ == "__main__":

@@ -224,3 +224,8 @@ def test_a_snapshot_before_head_conv_rebuilds_a_trunk_without_it(tmp_path, demo_
 
     assert model_identity(cfg)["head_conv"] is True
     assert "head_conv" not in model_identity(config_from_dict({**old, "snapshot_format": 3}))
+    # identity is of the model as built: "auto" is false on test_resnet, true on an EfficientNet
+    assert model_identity(auto) == model_identity(config_from_dict({**old, "snapshot_format": 3}))
+    lite = {head_conv: model_identity(load_registry(write_registry(
+        tmp_path, demo_root, backbone="test_efficientnet", head_conv=head_conv))) for head_conv in ("auto", True)}
+    assert lite["auto"] == lite[True] and lite["auto"]["head_conv"] is True

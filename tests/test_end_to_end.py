@@ -364,3 +364,5 @@ def test_checkpoint_last_keeps_and_evaluates_the_last_epoch(registry_file, tmp_p
     assert not list((tmp_path / "run").glob("best_*.pth"))
     assert best_checkpoint(tmp_path / "run") == tmp_path / "run" / "epoch_2.pth"  # what export and --from read
     assert any(str(line).startswith("evaluated epoch_2.pth") for line in printed)
+    (tmp_path / "run").rename(tmp_path / "moved")  # mmengine's record still names the old folder
+    assert best_checkpoint(tmp_path / "moved") == tmp_path / "moved" / "epoch_2.pth"

@@ -119,6 +119,8 @@ def test_a_trial_that_fails_is_recorded_and_the_search_goes_on(tmp_path, registr
     ({"task.augment.sharpen": [1, 2]}, "task.augment.sharpen"),
     ({"model.backbone": ["test_resnet", "no_such_backbone"]}, "unknown timm backbone 'no_such_backbone'"),
     ({"model.head_conv": [False, True]}, "model.head_conv = True: .*test_resnet has none"),
+    ({"model.backbone": ["test_efficientnet", "test_resnet"], "model.head_conv": [True]},
+     "keys model.backbone = 'test_resnet', model.head_conv = True: .*test_resnet has none"),
     ({"task.mean_teacher.ema_decay": [0.99]}, "mean_teacher is off in disgusting's YAML; turn it on there first"),
 ])
 def test_a_bad_space_is_refused_before_any_trial(tmp_path, registry_file, space, message):
@@ -179,6 +181,8 @@ def test_trial_hook_prunes_before_the_last_epoch_only_and_stops_at_the_deadline(
     hook.scores = [float("nan"), 0.4]
     hook.after_val_epoch(runner, {"val/score": 0.6})  # the last epoch: the trial is complete, not pruned
     assert hook.trial.reported == [(100, 0.6)] and hook.best == 0.6  # a NaN epoch does not hide the best
+    hook.scores, hook.keep_last = [0.7, 0.6], True  # train.checkpoint: last keeps the last epoch
+    assert hook.best == 0.6
     with pytest.raises(BudgetSpent):
         TrialHook(FakeTrial(prune=False), deadline=time.time() - 1).after_train_iter(runner, 0)
 

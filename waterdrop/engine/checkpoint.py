@@ -83,9 +83,14 @@ def _with_data_of(trained: RegistryConfig, other: RegistryConfig, checkpoint_pat
 
 
 def last_checkpoint(work_dir: Path) -> Path | None:
-    """The checkpoint mmengine saved last in a run folder (its ``last_checkpoint`` record)."""
-    record = work_dir / "last_checkpoint"
-    return Path(record.read_text().strip()) if record.is_file() else None
+    """The checkpoint mmengine saved last in a run folder (its ``last_checkpoint`` record). The
+    record holds an absolute path: in a folder moved or copied since, the file of that name here."""
+    record = Path(work_dir) / "last_checkpoint"
+    if not record.is_file():
+        return None
+    recorded = Path(record.read_text().strip())
+    here = Path(work_dir) / recorded.name
+    return here if here.is_file() else recorded
 
 
 def check_resumable(work_dir: Path, cfg: RegistryConfig) -> None:

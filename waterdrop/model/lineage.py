@@ -20,6 +20,7 @@ from torch import nn
 from waterdrop.config import RegistryConfig, TaskConfig, config_to_dict
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.task_bn import TaskBatchNorm
+from waterdrop.model.trunk import resolved_head_conv
 
 _BRANCH = re.compile(r"\.branches\.(\d+)\.")
 
@@ -75,8 +76,11 @@ def model_identity(cfg: RegistryConfig) -> dict:
     """The model section without where its weights first came from (a child takes them from its parent)."""
     model = config_to_dict(cfg)["model"]
     model.pop("pretrained", None)
-    if not model.get("head_conv"):  # a key added later: models without it keep the hashes they had
-        model.pop("head_conv", None)
+    # as built ("auto" is true or false by the backbone); a key added later: models without it keep
+    # the hashes they had
+    model["head_conv"] = resolved_head_conv(model["backbone"], model.get("head_conv", False))
+    if not model["head_conv"]:
+        model.pop("head_conv")
     if model.get("fusion"):
         model["fusion"].pop("pretrained", None)
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from pathlib import Path
 
@@ -60,6 +61,19 @@ class HeadConv(nn.Module):
         return self.norm(self.conv(x))
 
 
+@functools.cache
+def has_head_conv(backbone: str) -> bool:
+    """Whether ``backbone`` has a head convolution before pooling, which ``head_conv`` can keep.
+    Built on the meta device: no weights, no memory, no draw from the random generator."""
+    with torch.device("meta"):
+        return isinstance(timm.create_model(backbone, features_only=True), EfficientNetFeatures)
+
+
+def resolved_head_conv(backbone: str, head_conv: bool | str) -> bool:
+    """``model.head_conv`` as built: ``"auto"`` is whether the backbone has one."""
+    return has_head_conv(backbone) if head_conv == "auto" else bool(head_conv)
+
+
 class Trunk(nn.Module):
     """A timm CNN as a list of feature levels (level 0 is the stem, the last is the deepest).
 
@@ -104,9 +118,9 @@ class Trunk(nn.Module):
         except RuntimeError as err:
             raise ValueError(f"could not load pretrained weights from {pretrained}: {err}") from err
         # timm builds MobileNetV3 apart: its conv_head runs after pooling, on the pooled vector.
-        has_head_conv = isinstance(features, EfficientNetFeatures)
-        head_conv = self.head_conv = has_head_conv if head_conv == "auto" else bool(head_conv)
-        if head_conv and not has_head_conv:
+        has_one = isinstance(features, EfficientNetFeatures)
+        head_conv = self.head_conv = has_one if head_conv == "auto" else bool(head_conv)
+        if head_conv and not has_one:
             raise ValueError(f"head_conv: true needs a backbone with a head convolution before pooling (the "
                              f"EfficientNet, MobileNetV2, MNASNet families), and {backbone} has none; set it false")
         whole = timm.create_model(backbone) if head_conv or pretrained == IMAGENET else None

@@ -50,6 +50,7 @@ class TrialHook(Hook):
     def __init__(self, trial: optuna.Trial, deadline: float):
         self.trial, self.deadline = trial, deadline
         self.scores: list[float] = []
+        self.keep_last = False  # train.checkpoint: last keeps the last epoch, whatever val said before
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if time.time() > self.deadline:
@@ -65,6 +66,9 @@ class TrialHook(Hook):
 
     @property
     def best(self) -> float:
+        """The val score of the checkpoint the trial keeps: its best epoch's, or with ``keep_last`` its last's."""
+        if self.keep_last:
+            return self.scores[-1] if self.scores else float("nan")
         finite = [s for s in self.scores if math.isfinite(s)]
         return max(finite) if finite else float("nan")
 
@@ -115,6 +119,7 @@ def run_search(registry_file: str | Path, task_name: str, budget_s: float, out: 
         try:
             cfg = load_registry(search.files(values).write(trial_folder(record)))
             record["epochs"] = cfg.train.epochs
+            hook.keep_last = cfg.train.checkpoint == "last"
             runner = build_runner(cfg, trial_folder(record) / "run", printer=lambda *a, **k: None)
             runner.register_hook(hook)
             runner.train()

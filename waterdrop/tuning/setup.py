@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from waterdrop.config.schema import PRESERVED_BY
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.records import read_records
 from waterdrop.tuning.space import SHARED_SECTIONS, TASK_PREFIX, Knob, TuneError, set_dotted
+
+#: Search-space keys whose values can fail only when the model is built.
+BUILT_KEYS = ("model.backbone", "model.head_conv", "model.pretrained")
 
 
 def portable_registry(registry_file: Path, cfg: RegistryConfig) -> dict:
@@ -143,12 +147,19 @@ class Search:
             for knob in self.knobs:
                 for value in knob.extremes():
                     try:
-                        cfg = load_registry(self.files({knob.key: value}).write(Path(scratch)))
-                        # a backbone timm lacks, or a head convolution it or the weights lack, fails only when built
-                        if knob.key in ("model.backbone", "model.head_conv", "model.pretrained"):
-                            WaterdropModel(cfg)
+                        load_registry(self.files({knob.key: value}).write(Path(scratch)))
                     except ConfigError as err:
                         raise TuneError(f"search space key {knob.key} = {value!r}: {err}") from err
+            # A backbone timm lacks, or a head convolution the backbone or its weights lack, fails only when
+            # built, and only in some combinations (a ResNet with head_conv: true): every combination is built.
+            built = [knob for knob in self.knobs if knob.key in BUILT_KEYS]
+            for combination in itertools.product(*(knob.extremes() for knob in built)) if built else ():
+                values = dict(zip((knob.key for knob in built), combination))
+                try:
+                    WaterdropModel(load_registry(self.files(values).write(Path(scratch))))
+                except ConfigError as err:
+                    named = ", ".join(f"{key} = {value!r}" for key, value in values.items())
+                    raise TuneError(f"search space key{'s' if len(values) > 1 else ''} {named}: {err}") from err
 
     def cheapest(self) -> dict[str, Any]:
         """The values of the keys that set a trial's cost, at their cheapest."""
