@@ -63,8 +63,9 @@ class HeadConv(nn.Module):
 
 @functools.cache
 def has_head_conv(backbone: str) -> bool:
-    """Whether ``backbone`` has a head convolution before pooling, which ``head_conv`` can keep.
-    Built on the meta device: no weights, no memory, no draw from the random generator."""
+    """Whether ``backbone`` has a head convolution before pooling, which ``head_conv`` can keep (timm
+    builds MobileNetV3 apart: its conv_head runs after pooling, on the pooled vector). Built on the
+    meta device: no weights, no memory, no draw from the random generator."""
     with torch.device("meta"):
         return isinstance(timm.create_model(backbone, features_only=True), EfficientNetFeatures)
 
@@ -117,10 +118,8 @@ class Trunk(nn.Module):
                 load_beside_cbam(features, Path(pretrained))
         except RuntimeError as err:
             raise ValueError(f"could not load pretrained weights from {pretrained}: {err}") from err
-        # timm builds MobileNetV3 apart: its conv_head runs after pooling, on the pooled vector.
-        has_one = isinstance(features, EfficientNetFeatures)
-        head_conv = self.head_conv = has_one if head_conv == "auto" else bool(head_conv)
-        if head_conv and not has_one:
+        head_conv = self.head_conv = resolved_head_conv(backbone, head_conv)
+        if head_conv and not has_head_conv(backbone):
             raise ValueError(f"head_conv: true needs a backbone with a head convolution before pooling (the "
                              f"EfficientNet, MobileNetV2, MNASNet families), and {backbone} has none; set it false")
         whole = timm.create_model(backbone) if head_conv or pretrained == IMAGENET else None
