@@ -60,8 +60,19 @@ def load_base(registry: str | None, task_name: str):
         task_cfg.file.read_text())
 
 
+def cpu_model() -> str:
+    """The CPU's model name: runs on two 2-core machines of different CPUs do not reproduce each other."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    return (f"{cpu_model()}, {torch.get_num_threads()} threads, "
             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
 
 
