@@ -120,10 +120,11 @@ def test_train_eval_export_predict_and_resume(registry_file, demo_root, tmp_path
     assert "thresholds from " + str(work / "eval" / "thresholds.json") in out  # beside the checkpoint
     done = in_process.run("export.py", work, "-o", tmp_path / "model.onnx")
     assert done.returncode == 2 and "model.onnx: the file exists already" in done.stderr
-    # eval/ holds the best checkpoint's thresholds: another checkpoint of the run is not given them.
+    # eval/ holds the kept checkpoint's thresholds: another checkpoint of the run is not given them.
     other = sorted(work.glob("epoch_*.pth"))[0]
+    assert other != checkpoint
     done = in_process.run("export.py", other, "-o", tmp_path / "other.onnx")
-    assert done.returncode == 2 and "holds the thresholds chosen for best_" in done.stderr
+    assert done.returncode == 2 and f"holds the thresholds chosen for {checkpoint.name}," in done.stderr
     out = in_process("export.py", work, "--cam")  # beside model.onnx, never over it
     assert (work / "model.cam.onnx").is_file() and not (work / "model.onnx").exists()
     image = sorted((demo_root / "disgusting" / "val").glob("*.jpg"))[0]
@@ -364,5 +365,9 @@ def test_checkpoint_last_keeps_and_evaluates_the_last_epoch(registry_file, tmp_p
     assert not list((tmp_path / "run").glob("best_*.pth"))
     assert best_checkpoint(tmp_path / "run") == tmp_path / "run" / "epoch_2.pth"  # what export and --from read
     assert any(str(line).startswith("evaluated epoch_2.pth") for line in printed)
+    # The report does not claim that validation chose these weights.
+    assert "it also picked the thresholds; add data.test" in "\n".join(map(str, printed))
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert not any(task["val_picked_checkpoint"] for task in metrics.values())
     (tmp_path / "run").rename(tmp_path / "moved")  # mmengine's record still names the old folder
     assert best_checkpoint(tmp_path / "moved") == tmp_path / "moved" / "epoch_2.pth"

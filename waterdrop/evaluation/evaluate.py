@@ -69,13 +69,16 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
 
     Thresholds are always chosen on ``val``. A task with a ``test`` split is reported on it,
     at those thresholds; a task without one is reported on ``val`` and marked in-sample
-    (``val`` also picked the checkpoint and the thresholds, which flatters the figures).
+    (``val`` also picked the thresholds, and the checkpoint where it is a val-picked ``best_*``
+    one, which flatters the figures).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     val, skipped, details = predict_split(net, cfg, "val", device)
     has_test = any(task.test is not None for task in cfg.tasks)
     test, test_skipped, test_details = predict_split(net, cfg, "test", device) if has_test else ({}, {}, {})
+    # Which weights val chose: a best_* file, or the run's kept one when none is named.
+    val_picked = Path(checkpoint).name.startswith("best_") if checkpoint else cfg.train.checkpoint == "best"
     report = {}
     for task in cfg.tasks:
         if task.name not in val:
@@ -97,6 +100,7 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
         result["kind"] = kind.name
         result["split"] = split
         result["in_sample"] = split == "val"
+        result["val_picked_checkpoint"] = val_picked
         result["skipped_images"] = sorted(set(skipped.get(task.name, [])) | set(test_skipped.get(task.name, [])))
         report[task.name] = result
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
@@ -115,13 +119,13 @@ def format_report(report: dict) -> str:
     """A short human-readable summary, one block per task."""
     lines = []
     for task, r in report.items():
+        picked = "the checkpoint and the thresholds" if r.get("val_picked_checkpoint", True) else "the thresholds"
         if r.get("split") == "test":
             val = ", ".join(f"{k} {v:.3f}" for k, v in r["val_summary"].items() if k != "count")
-            lines.append(f"{task}: on its test split ({r['count']} images; validation picked the checkpoint and "
-                         f"the thresholds, {val} there)")
+            lines.append(f"{task}: on its test split ({r['count']} images; validation picked {picked}, {val} there)")
         elif r.get("in_sample"):
-            lines.append(f"{task}: IN-SAMPLE on its validation split (it also picked the checkpoint and the "
-                         "thresholds; add data.test to the task YAML for an honest figure)")
+            lines.append(f"{task}: IN-SAMPLE on its validation split (it also picked {picked}; add data.test to the "
+                         "task YAML for an honest figure)")
         lines += kind_of(r["kind"]).format(task, r)
         for key, feature in registered_features().items():
             if isinstance(r.get(key), dict):
