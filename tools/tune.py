@@ -10,9 +10,9 @@ the complete trial with the best val score; its checkpoint is then evaluated on 
 split, once: test never chooses (without a test split: on val, marked in-sample). A trial
 that fails (out of memory, a combination the model refuses) is recorded and the search goes
 on. No trial starts after the budget is spent, and one still running then is stopped; the
-winner's evaluation comes on top. The default space: backbone (lite0/1/2), input size, epochs, learning
-rate, trunk multiplier, a frozen first epoch, crop scale, colour strength, flips. A space
-file narrows or widens it, one dotted key per line:
+winner's evaluation comes on top. The default space: backbone (lite0/1/2), input size, the head
+convolution (auto or none), epochs, learning rate, trunk multiplier, a frozen first epoch, crop
+scale, colour strength, flips. A space file narrows or widens it, one dotted key per line:
 
     model.input_size: [192, 224, 256]          # choices
     train.optimizer.lr: {low: 0.0005, high: 0.004, log: true}   # a range (ints: an int range)
