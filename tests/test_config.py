@@ -45,6 +45,7 @@ def test_repository_registry_and_every_task_yaml_load():
         (lambda r: r["model"].update(pretrained="nowhere.pth"), "registry", "model.pretrained", "local weights"),
         (lambda r: r["train"]["optimizer"].update(lr=0), "registry", "train.optimizer.lr", "> 0"),
         (lambda r: r["train"].update(checkpoint="latest"), "registry", "train.checkpoint", "best, last"),
+        (lambda r: r["train"].update(schedule="linear"), "registry", "train.schedule", "cosine, onecycle"),
         (lambda r: r["train"]["task_sampling"].update(weights={"nope": 1}), "registry",
          "train.task_sampling.weights", "unknown task 'nope'"),
         (lambda t: t["head"].update(type="NoSuchHead"), "task", "head.type", "BinaryHead"),

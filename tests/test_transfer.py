@@ -119,3 +119,42 @@ def test_a_frozen_trunk_keeps_its_weights_while_the_heads_learn_then_thaws(regis
     assert any(not torch.equal(v, trunk_before[k]) for k, v in net.trunk.named_parameters())  # thawed in epoch 2
     trunk_group, head_group = runner.optim_wrapper.optimizer.param_groups
     assert trunk_group["initial_lr"] == pytest.approx(0.5 * head_group["initial_lr"])
+
+
+def test_onecycle_schedule_is_torchs_one_cycle_per_group_and_resumes_exactly(registry_file, tmp_path):
+    """``train.schedule: onecycle`` gives every group torch's OneCycleLR (rate and beta1) scaled to
+    its own rate, and a scheduler restored mid-run continues the same curve."""
+    text = yaml.safe_load(registry_file.read_text())
+    text["train"].update(schedule="onecycle", warmup_epochs=0.9, epochs=3)
+    text["train"]["optimizer"]["trunk_lr_mult"] = 0.1
+    registry_file.write_text(yaml.safe_dump(text))
+    runner = build_runner(load_registry(registry_file), tmp_path / "run", printer=lambda *a, **k: None)
+    runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+    schedulers = runner.build_param_scheduler(runner.param_schedulers)
+    optimizer = runner.optim_wrapper.optimizer
+    steps = 3 * len(runner.train_dataloader)
+    reference_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=text["train"]["optimizer"]["lr"])
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=text["train"]["optimizer"]["lr"],
+                                                    total_steps=steps, pct_start=0.3)
+    rates = []
+    for step in range(steps):
+        trunk, heads = optimizer.param_groups[:2]
+        expected = reference_optimizer.param_groups[0]
+        assert heads["lr"] == pytest.approx(expected["lr"], rel=1e-9), step
+        assert trunk["lr"] == pytest.approx(0.1 * expected["lr"], rel=1e-9), step
+        assert trunk["betas"][0] == heads["betas"][0] == pytest.approx(expected["betas"][0], rel=1e-9), step
+        rates.append(heads["lr"])
+        if step == steps // 2:
+            saved = [scheduler.state_dict() for scheduler in schedulers]
+        runner.optim_wrapper.step()  # counted: the schedulers check the order
+        reference_optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        if step < steps - 1:
+            reference.step()
+    assert rates[-1] < rates[0] / 1000 < max(rates) / 1000
+    runner.optim_wrapper.step()
+    for scheduler, state in zip(schedulers, saved):  # a resumed run: the curve from the saved step on
+        scheduler.load_state_dict(state)
+        scheduler.step()
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(rates[steps // 2 + 1], rel=1e-9)

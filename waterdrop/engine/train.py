@@ -38,6 +38,7 @@ from waterdrop.engine.lifecycle import PlanError, TaskPlan, describe, plan_train
 from waterdrop.engine.metric import TaskMetric
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers the optimizer constructor)
+from waterdrop.engine.schedule import param_schedulers
 from waterdrop.engine.timing import PhaseClock
 from waterdrop.evaluation.evaluate import evaluate, format_report
 from waterdrop.model.lineage import inherit, model_hash, output_differences, task_hashes
@@ -107,16 +108,7 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     optimizer = {"type": train.optimizer, "lr": train.lr, "weight_decay": train.weight_decay}
     if train.optimizer == "SGD":
         optimizer["momentum"] = train.momentum
-    warmup = min(train.warmup_epochs, epochs)
-    if warmup * len(batch_sampler) < 1:  # a warm-up shorter than one iteration is none (mmengine refuses it)
-        warmup = 0
-    schedulers = []
-    if warmup > 0:
-        schedulers.append({"type": "LinearLR", "start_factor": 0.01, "by_epoch": True, "begin": 0, "end": warmup,
-                           "convert_to_iter_based": True})
-    if epochs > warmup:
-        schedulers.append({"type": "CosineAnnealingLR", "by_epoch": True, "begin": warmup, "end": epochs,
-                           "T_max": epochs - warmup, "eta_min_ratio": 0.01, "convert_to_iter_based": True})
+    schedulers = param_schedulers(train.schedule, epochs, train.warmup_epochs, len(batch_sampler))
     hook = WaterdropHook(config_to_dict(cfg), train.log_interval, printer, train.freeze_trunk_epochs, train.seed,
                          plan.to_dict() if plan else None)
     kinds = {name: head.kind for name, head in model.net.heads.items()}
