@@ -34,7 +34,8 @@ SMALL_OBJECTS = ["glasses", "ball"]
 THRILLER_SUBCLASSES = ["horror_makeup_and_monsters", "gore_and_blood", "sick_tissue_and_organs",
                        "dense_insects_frogs_snakes", "other"]
 # images, fraction of positives
-# val picks the thresholds (and the checkpoint, with train.checkpoint: best); test, drawn the same way, is what the report is on.
+# val picks the thresholds (and the checkpoint, with train.checkpoint: best); test, drawn the same way,
+# is what the report is on.
 SPLITS = {"train": (1400, 0.5), "val": (800, 0.25), "unlabeled": (600, 0.25), "test": (800, 0.25)}
 THRILLER_SPLITS = {"train": (1000, 0.5), "val": (600, 0.25), "test": (600, 0.25)}
 TAG_SPLITS = {"train": 1400, "val": 600, "test": 600}
