@@ -358,16 +358,22 @@ def test_validation_scores_follow_the_training_labels(tmp_path):
     assert auc[False] >= 0.9 and auc[True] <= 0.1, auc
 
 
-def test_checkpoint_last_keeps_and_evaluates_the_last_epoch(registry_file, tmp_path):
-    edit_train(registry_file, checkpoint="last")
+@pytest.mark.parametrize("kept", ["last", "best"])
+def test_the_kept_checkpoint_is_the_one_evaluated_and_the_report_says_who_chose_it(registry_file, tmp_path, kept):
+    edit_train(registry_file, checkpoint=kept)
     printed = []
     run_training(registry_file, tmp_path / "run", epochs=2, printer=lambda *text, **_: printed.extend(text))
-    assert not list((tmp_path / "run").glob("best_*.pth"))
-    assert best_checkpoint(tmp_path / "run") == tmp_path / "run" / "epoch_2.pth"  # what export and --from read
-    assert any(str(line).startswith("evaluated epoch_2.pth") for line in printed)
-    # The report does not claim that validation chose these weights.
-    assert "it also picked the thresholds; add data.test" in "\n".join(map(str, printed))
+    best_files = list((tmp_path / "run").glob("best_*.pth"))
+    chosen = best_checkpoint(tmp_path / "run")  # what export and --from read
+    if kept == "last":
+        assert not best_files and chosen == tmp_path / "run" / "epoch_2.pth"
+    else:
+        assert best_files == [chosen]
+    assert any(str(line).startswith(f"evaluated {chosen.name}") for line in printed)
+    # The report claims that validation chose the weights only where it did.
+    picked = "the checkpoint and the thresholds" if kept == "best" else "the thresholds"
+    assert f"it also picked {picked}; add data.test" in "\n".join(map(str, printed))
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
-    assert not any(task["val_picked_checkpoint"] for task in metrics.values())
+    assert all(task["val_picked_checkpoint"] == (kept == "best") for task in metrics.values())
     (tmp_path / "run").rename(tmp_path / "moved")  # mmengine's record still names the old folder
-    assert best_checkpoint(tmp_path / "moved") == tmp_path / "moved" / "epoch_2.pth"
+    assert best_checkpoint(tmp_path / "moved") == tmp_path / "moved" / chosen.name

@@ -16,6 +16,7 @@ from waterdrop.config import ConfigError, load_registry
 from waterdrop.engine.checkpoint import load_checkpoint
 from waterdrop.engine.model import WaterdropModel
 from waterdrop.engine.optim import TrunkLrConstructor  # noqa: F401  (registers it)
+from waterdrop.engine.schedule import param_schedulers
 from waterdrop.engine.train import build_runner
 from waterdrop.model.multitask import MultiTaskNet
 from waterdrop.model.pretrained import load_packaged, map_state_dict
@@ -152,9 +153,19 @@ def test_onecycle_schedule_is_torchs_one_cycle_per_group_and_resumes_exactly(reg
             scheduler.step()
         if step < steps - 1:
             reference.step()
-    assert rates[-1] < rates[0] / 1000 < max(rates) / 1000
+    assert rates[-1] < rates[0] / 1000 and max(rates) == pytest.approx(text["train"]["optimizer"]["lr"], rel=1e-2)
     runner.optim_wrapper.step()
     for scheduler, state in zip(schedulers, saved):  # a resumed run: the curve from the saved step on
         scheduler.load_state_dict(state)
         scheduler.step()
     assert optimizer.param_groups[1]["lr"] == pytest.approx(rates[steps // 2 + 1], rel=1e-9)
+
+
+def test_onecycle_refuses_a_rise_that_never_ends_and_cycles_only_adamw_momentum():
+    with pytest.raises(ValueError, match="must end before the last of 3 epochs"):
+        param_schedulers("onecycle", 3, 3.0, 10)
+    adamw = [s["type"] for s in param_schedulers("onecycle", 3, 0.9, 10)]
+    sgd = [s["type"] for s in param_schedulers("onecycle", 3, 0.9, 10, cycle_momentum=False)]
+    assert adamw == ["CosineCycleLR", "CosineCycleMomentum"] and sgd == ["CosineCycleLR"]
+    assert [s["type"] for s in param_schedulers("cosine", 3, 0.5, 10)] == ["LinearLR", "CosineAnnealingLR"]
+    assert [s["type"] for s in param_schedulers("cosine", 3, 0.01, 10)] == ["CosineAnnealingLR"]  # < 1 iteration

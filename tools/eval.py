@@ -24,7 +24,7 @@ from waterdrop.records import DataError
 
 def main() -> int:
     parser = cli.parser(__doc__)
-    parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
+    parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its kept checkpoint, train.checkpoint)")
     parser.add_argument("--registry", help="take the tasks' data paths from this registry (same tasks, other data); "
                         "everything else comes from the config stored in the checkpoint")
     parser.add_argument("--out", help="output folder (default: <run folder>/eval, or eval-2, ... when it has files)")

@@ -3,7 +3,7 @@
     python tools/explain.py RUN IMAGE [IMAGE ...] [--task T] [--label L] [--stage 1|2] [--level I]
                             [--out DIR] [--batch-size N] [--device cpu|cuda] [--quiet]
 
-RUN is a run folder (its best checkpoint) or a checkpoint file; IMAGE are image files or
+RUN is a run folder (its kept checkpoint) or a checkpoint file; IMAGE are image files or
 folders (searched recursively). Into DIR (default: <run folder>/explain; -2, -3, ... when it
 has files) it writes
 
@@ -107,7 +107,7 @@ def explain_images(net: MultiTaskNet, jobs: list, level: int, paths: list[Path],
 
 def main() -> int:
     parser = cli.parser(__doc__)
-    parser.add_argument("run", help="a run folder (its best checkpoint) or a .pth checkpoint")
+    parser.add_argument("run", help="a run folder (its kept checkpoint) or a .pth checkpoint")
     parser.add_argument("images", nargs="+", help="images or folders")
     parser.add_argument("--task", help="explain this task only (default: every task)")
     parser.add_argument("--label", help="only this sub-class of a binary task or tag of a multi-label task (needs "

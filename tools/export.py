@@ -44,7 +44,7 @@ def choose_thresholds(given: str | None, checkpoint: Path, meta: dict, net, cfg)
 
 def main() -> int:
     parser = cli.parser(__doc__)
-    parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its best checkpoint)")
+    parser.add_argument("checkpoint", help="a .pth checkpoint, or a run folder (its kept checkpoint, train.checkpoint)")
     parser.add_argument("-o", "--output",
                         help="ONNX file (default: <run folder>/model.onnx; model.cam.onnx with --cam)")
     parser.add_argument("--registry", help="take the tasks' data paths from this registry (same tasks, other data); "

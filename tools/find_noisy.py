@@ -6,7 +6,7 @@ re-check the top of the list. Nothing of the task's data is modified.
         [--top K] [--drop FRACTION] [--quiet]
 
 Without --from the network starts from the registry's weights and trains --normal-epochs
-(default 2) before the cycles; with --from it starts from that run's best checkpoint (the
+(default 2) before the cycles; with --from it starts from that run's kept checkpoint (the
 task's data paths still come from REGISTRY) and the normal phase defaults to 0. --cycles
 must be at least 2: the restarts of the learning rate are what set noisy samples apart.
 Writes into DIR (default: <run folder>/noisy/<task> with --from, else

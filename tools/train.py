@@ -16,7 +16,7 @@ RUN's (0: bit for bit).
 The run folder (default: work_dirs/<registry name>) must hold no other run's checkpoints:
 a second run needs another --work-dir, or --resume to continue the one there. Progress: a
 line every train.log_interval iterations (epoch, each loss term, lr, images/s, time left,
-memory), a validation line per epoch, a progress line while the best checkpoint is
+memory), a validation line per epoch, a progress line while the kept checkpoint is
 evaluated; --quiet keeps only the validation lines and the final report. The last line says
 where the wall time went (start-up, training, validation, checkpoints, final evaluation), and
 timing.json keeps it.

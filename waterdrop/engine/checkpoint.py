@@ -170,7 +170,8 @@ def check_run_folder(work_dir: Path, resume: bool, checkpoint_bytes: int = 0) ->
 
 
 def best_checkpoint(work_dir: str | Path) -> Path:
-    """The best checkpoint of a run folder (a checkpoint file is returned as is).
+    """The kept checkpoint of a run folder: its val-picked ``best_*.pth``, else the last one (a checkpoint
+    file is returned as is).
 
     mmengine's CheckpointHook keeps exactly one ``best_*.pth`` per run and deletes the one it
     replaces, so more than one means two runs were mixed: that is an error, not a guess.

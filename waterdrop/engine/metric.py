@@ -12,7 +12,7 @@ from waterdrop.kinds import kind_of
 
 def primary_scores(results: list[dict], kinds: dict[str, str]) -> dict[str, float]:
     """Each kind's validation metrics as ``<task>/<metric>`` and ``score``, the mean of the
-    tasks' primary metrics (AP, mAP, boundary AP), which picks the best checkpoint."""
+    tasks' primary metrics (AP, mAP, boundary AP), which picks the best checkpoint (train.checkpoint: best)."""
     grouped = defaultdict(list)
     for sample in results:
         grouped[sample["task"]].append(sample)

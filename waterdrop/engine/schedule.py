@@ -48,21 +48,27 @@ class CosineCycleMomentum(MomentumSchedulerMixin, CosineCycle):
     """Cycles SGD's momentum, or beta1 of the Adam family."""
 
 
-def param_schedulers(schedule: str, epochs: int, warmup_epochs: float, iters_per_epoch: int) -> list[dict]:
+def param_schedulers(schedule: str, epochs: int, warmup_epochs: float, iters_per_epoch: int,
+                     cycle_momentum: bool = True) -> list[dict]:
     """mmengine ``param_scheduler`` configs.
 
     ``cosine``: a linear warm-up from lr / 100 over ``warmup_epochs``, then cosine decay to lr / 100.
     ``onecycle``: torch's OneCycleLR, as a plain fine-tuning loop runs it: the rate rises (half-cosine,
-    from lr / 25) for ``warmup_epochs``, falls to almost 0 by the end, and momentum cycles against it.
+    from lr / 25) for ``warmup_epochs``, falls to almost 0 by the end, and with ``cycle_momentum``
+    (AdamW's beta1; SGD keeps the momentum it was given) momentum cycles against it.
     """
+    if schedule == "onecycle" and warmup_epochs >= epochs:
+        raise ValueError(f"with schedule onecycle the rise ({warmup_epochs} epochs) must end before the last of "
+                         f"{epochs} epochs, or the rate never decays")
     warmup = min(warmup_epochs, epochs)
     if warmup * iters_per_epoch < 1:  # a warm-up shorter than one iteration is none (mmengine refuses it)
         warmup = 0
     if schedule == "onecycle":
         steps = epochs * iters_per_epoch
         cycle = {"total_steps": steps, "peak_share": warmup / epochs, "by_epoch": False, "begin": 0, "end": steps}
+        momentum = [{"type": "CosineCycleMomentum", "values": ONECYCLE_MOMENTUM, "relative": False, **cycle}]
         return [{"type": "CosineCycleLR", "values": ONECYCLE_LR_FACTORS, "relative": True, **cycle},
-                {"type": "CosineCycleMomentum", "values": ONECYCLE_MOMENTUM, "relative": False, **cycle}]
+                *(momentum if cycle_momentum else [])]
     schedulers = []
     if warmup > 0:
         schedulers.append({"type": "LinearLR", "start_factor": 0.01, "by_epoch": True, "begin": 0, "end": warmup,

@@ -18,7 +18,7 @@ from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
 from waterdrop import __version__, allocator
-from waterdrop.config import RegistryConfig, config_to_dict, load_registry
+from waterdrop.config import RegistryConfig, blamed_on, config_to_dict, load_registry
 from waterdrop.data.dataset import collate
 from waterdrop.data.loaders import build_datasets, eval_loader, network_needs, task_streams
 from waterdrop.data.sampler import MultiTaskBatchSampler, task_sampling_probabilities
@@ -108,7 +108,9 @@ def build_runner(cfg: RegistryConfig, work_dir: str | Path, epochs: int | None =
     optimizer = {"type": train.optimizer, "lr": train.lr, "weight_decay": train.weight_decay}
     if train.optimizer == "SGD":
         optimizer["momentum"] = train.momentum
-    schedulers = param_schedulers(train.schedule, epochs, train.warmup_epochs, len(batch_sampler))
+    with blamed_on(cfg.file, "train.warmup_epochs"):
+        schedulers = param_schedulers(train.schedule, epochs, train.warmup_epochs, len(batch_sampler),
+                                      cycle_momentum=train.optimizer == "AdamW")
     hook = WaterdropHook(config_to_dict(cfg), train.log_interval, printer, train.freeze_trunk_epochs, train.seed,
                          plan.to_dict() if plan else None)
     kinds = {name: head.kind for name, head in model.net.heads.items()}

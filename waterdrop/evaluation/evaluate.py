@@ -61,11 +61,13 @@ def feature_reports(net: MultiTaskNet, task: str, details: dict, truth: np.ndarr
 
 
 def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device: str = "cpu",
-             checkpoint: str | Path | None = None, kept_thresholds: dict | None = None) -> dict:
+             checkpoint: str | Path | None = None, kept_thresholds: dict | None = None,
+             val_picked: bool | None = None) -> dict:
     """Write ``metrics.json``, ``thresholds.json`` and PNG plots under ``out_dir``; return the metrics.
     With ``checkpoint``, ``evaluated.json`` records which file the thresholds were chosen for.
     ``kept_thresholds``: tasks whose thresholds are given, not chosen (a task carried over
-    unchanged from a parent model keeps the parent's).
+    unchanged from a parent model keeps the parent's). ``val_picked``: whether val chose these weights
+    (a tuning winner); None: a ``best_*`` file did, or the run's kept one with ``train.checkpoint: best``.
 
     Thresholds are always chosen on ``val``. A task with a ``test`` split is reported on it,
     at those thresholds; a task without one is reported on ``val`` and marked in-sample
@@ -77,8 +79,8 @@ def evaluate(net: MultiTaskNet, cfg: RegistryConfig, out_dir: str | Path, device
     val, skipped, details = predict_split(net, cfg, "val", device)
     has_test = any(task.test is not None for task in cfg.tasks)
     test, test_skipped, test_details = predict_split(net, cfg, "test", device) if has_test else ({}, {}, {})
-    # Which weights val chose: a best_* file, or the run's kept one when none is named.
-    val_picked = Path(checkpoint).name.startswith("best_") if checkpoint else cfg.train.checkpoint == "best"
+    if val_picked is None:
+        val_picked = Path(checkpoint).name.startswith("best_") if checkpoint else cfg.train.checkpoint == "best"
     report = {}
     for task in cfg.tasks:
         if task.name not in val:

@@ -50,7 +50,7 @@ class TaskKind:
 
     def validation_metrics(self, scores: np.ndarray, truth: np.ndarray) -> tuple[dict[str, float], float]:
         """Metrics logged each epoch (short names), and the primary one (higher is better)
-        that picks the best checkpoint."""
+        that picks the best checkpoint (train.checkpoint: best)."""
         raise NotImplementedError
 
     def report(self, task, scores: np.ndarray, truth: np.ndarray, thresholds: Any = None) -> dict:

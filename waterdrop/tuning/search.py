@@ -163,7 +163,8 @@ def run_search(registry_file: str | Path, task_name: str, budget_s: float, out: 
                         "failed")
     winner_values = {k.key: leader[k.key] for k in search.knobs}
     net, cfg, _ = load_net(best_checkpoint(trial_folder(leader) / "run"))
-    winner_report = evaluate(net, cfg, out / "winner_eval", "cuda" if torch.cuda.is_available() else "cpu")[task_name]
+    winner_report = evaluate(net, cfg, out / "winner_eval", "cuda" if torch.cuda.is_available() else "cpu",
+                             val_picked=True)[task_name]  # val chose the winning trial, and so its weights
     search.write_recipe(out / "recipe", winner_values)
     summary = report.summary(search, records, leader, winner_values, winner_report, budget_s, time.time() - started,
                              seed)
