@@ -66,6 +66,7 @@ def test_search_picks_on_val_reads_test_once_and_writes_a_recipe(tmp_path, regis
     # Only the winner was evaluated (thresholds on val, the report on the test manifest); no trial was.
     evaluated = json.loads((out / "winner_eval" / "metrics.json").read_text())["disgusting"]
     assert evaluated["split"] == "test" and evaluated["count"] == test_images
+    assert evaluated["val_picked_checkpoint"]  # val chose the winning trial, whatever train.checkpoint says
     assert not list((out / "trials").glob("*/run/eval"))
     assert list((out / "trials" / f"{winner['trial']:03d}" / "run").glob("*.pth"))
     losers = [r for r in rows if int(r["trial"]) != winner["trial"]]
