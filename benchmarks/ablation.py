@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import shutil
 import statistics
 from pathlib import Path
 
 import torch
 import yaml
+from cpu_usage import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,17 +58,6 @@ def load_base(registry: str | None, task_name: str):
     task_cfg = next(t for t in cfg.tasks if t.name == task_name)
     return registry_path, yaml.safe_load(registry_path.read_text()), cfg, task_cfg, yaml.safe_load(
         task_cfg.file.read_text())
-
-
-def cpu_model() -> str:
-    """The CPU's model name: runs on two 2-core machines of different CPUs do not reproduce each other."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> str:

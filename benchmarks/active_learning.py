@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import REPO, fresh_run_folder, write_run_registry  # noqa: E402
+from cpu_usage import cpu_model  # noqa: E402
 from moderation_ablation import AUGMENT  # noqa: E402
 from transfer import task_yaml  # noqa: E402
 
@@ -66,14 +66,7 @@ STRATEGIES = ("random", "band", "loss", "union")
 def machine(note: str) -> str:
     import torch
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or platform.machine(),
-    )
+    cpu = cpu_model()
     device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU only"
     return f"{torch.get_num_threads()}-core {cpu}, {device}" + (f", {note}" if note else "")
 

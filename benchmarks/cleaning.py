@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
+from cpu_usage import cpu_model
 
 from waterdrop.curation.cleaning import clean, hamming, phash
 from waterdrop.imageio import list_images, read_image
@@ -39,9 +39,7 @@ COUNTS = {"border": 24, "tiny": 10, "exact": 12, "near": 24, "leak_exact": 8, "l
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    return f"{os.cpu_count()}-core {names[0] if names else platform.processor()}, CPU only"
+    return f"{os.cpu_count()}-core {cpu_model()}, CPU only"
 
 
 def write(path: Path, image: np.ndarray, quality: int = 90) -> None:

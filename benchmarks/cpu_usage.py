@@ -10,11 +10,23 @@ tree from ``/proc`` (Linux).
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (runs on 2-core machines of different CPUs do not reproduce each other)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _rusage() -> tuple[float, float, int, int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cpu_usage import cpu_model  # noqa: E402
+
 from waterdrop.mixed_precision import ORDERS  # noqa: E402
 from waterdrop.quantize import CALIBRATION_METHODS, DEFAULT_MAX_DROP, images_per_second, quantize  # noqa: E402
 from waterdrop.runtime import Predictor  # noqa: E402
@@ -35,9 +36,7 @@ from waterdrop.scoring import calibration_images, load_config, task_data_from_co
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    return f"{os.cpu_count()}-core {names[0] if names else platform.machine()}, CPU only"
+    return f"{os.cpu_count()}-core {cpu_model()}, CPU only"
 
 
 def speed(files: dict[str, Path], images: np.ndarray, seconds: float, rounds: int = 3) -> dict[str, float]:

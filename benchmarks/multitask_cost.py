@@ -10,7 +10,6 @@ torch eager, batch of random images, median of timed repeats after warm-up.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from cpu_usage import cpu_model
 
 from waterdrop.config import load_registry
 from waterdrop.model.multitask import MultiTaskNet
@@ -72,9 +72,7 @@ def main() -> None:
         separate = [build(args.backbone, args.size, 1, Path(tmp) / f"single{i}") for i in range(4)]
         rows.append(("4 separate single-task models", 4, seconds_per_batch(separate, images, args.repeats)))
     separate_speed = args.batch / rows[-1][2]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}")
+    print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}")
     print(f"{args.backbone} at {args.size} px, batch {args.batch}, eval, median of {args.repeats}")
     print("| setting | tasks served | ms / batch | images/s (all tasks) | vs 4 separate |")
     print("|---|---|---|---|---|")

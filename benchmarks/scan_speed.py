@@ -32,7 +32,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,17 +44,15 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from cpu_usage import run_measured  # noqa: E402
+from cpu_usage import cpu_model, run_measured  # noqa: E402
 
 from waterdrop.scan.local import available_cpus  # noqa: E402
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
     cores = available_cpus()
     load = f", load average {os.getloadavg()[0]:.2f} at start" if hasattr(os, "getloadavg") else ""
-    return f"{cores}-core {names[0] if names else platform.processor() or platform.machine()}, CPU only{load}"
+    return f"{cores}-core {cpu_model()}, CPU only{load}"
 
 
 def _write_pool_image(job: tuple[str, int, int, Path]) -> None:
